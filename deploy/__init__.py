@@ -1,0 +1,1 @@
+"""How beeldportaal is run: the local platform, the operator CLI, compose and Kubernetes files."""

@@ -1,0 +1,82 @@
+"""`beeldportaal platform up|down|status`: the local Kafka, S3 and PostgreSQL as one unit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from deploy.local.config import LocalConfig
+from deploy.local.kafka import Kafka
+from deploy.local.postgres import Postgres
+from deploy.local.processes import PlatformError
+from deploy.local.s3 import S3Server
+from shared import migrations
+
+
+class Platform:
+    def __init__(self, config: LocalConfig | None = None, out: Callable[[str], None] = print) -> None:
+        self.config = config or LocalConfig.from_env()
+        self.kafka = Kafka(self.config)
+        self.s3 = S3Server(self.config)
+        self.postgres = Postgres(self.config)
+        self.out = out
+
+    def up(self) -> None:
+        """Install what is missing, start what is not running, provision; safe to repeat."""
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config.state_dir.chmod(0o755)
+        env = self.config.client_env()
+        try:
+            self.out(f"kafka:    {self.kafka.start()}")
+            actions = self.kafka.provision()
+            changed = {k: v for k, v in actions.items() if v != "up to date"}
+            self.out(f"topics:   {len(actions)} declared" + (f", {changed}" if changed else ""))
+            self.out(f"s3:       {self.s3.start()}")
+            made = self.s3.create_buckets()
+            self.out("buckets:  " + (f"created {made}" if made else "present"))
+            self.out(f"postgres: {self.postgres.start()}")
+            applied = migrations.migrate(env["BEELDPORTAAL_POSTGRES_DSN"])
+            self.out("schema:   " + (f"applied {applied}" if applied else "up to date"))
+        except PlatformError:
+            self.out("start-up failed; `beeldportaal platform down` stops what did start")
+            raise
+        env_file = self.config.write_env_file()
+        self.out("")
+        self.out(f"Kafka      {env['BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS']}")
+        self.out(f"S3         http://{env['BEELDPORTAAL_S3_ENDPOINT']}  (bucket {env['BEELDPORTAAL_S3_BUCKET']})")
+        self.out(f"PostgreSQL {env['BEELDPORTAAL_POSTGRES_DSN']}")
+        self.out(f"settings   {env_file}  (source it, or `eval $(beeldportaal platform env)`)")
+
+    def down(self) -> None:
+        # Reverse order of start; each stops only the pid it recorded.
+        for name, component in (("postgres", self.postgres), ("s3", self.s3), ("kafka", self.kafka)):
+            self.out(f"{name + ':':9} {'stopped' if component.stop() else 'was not running'}")
+
+    def status(self) -> bool:
+        healthy = True
+        for name, component in (("kafka", self.kafka), ("s3", self.s3), ("postgres", self.postgres)):
+            state = component.status()
+            healthy &= state.startswith("ready")
+            self.out(f"{name + ':':9} {state}")
+        return healthy
+
+    def env(self) -> dict[str, str]:
+        return self.config.client_env()
+
+
+def main(action: str) -> int:
+    platform = Platform()
+    try:
+        if action == "up":
+            platform.up()
+        elif action == "down":
+            platform.down()
+        elif action == "status":
+            return 0 if platform.status() else 1
+        elif action == "env":
+            for key, value in sorted(platform.env().items()):
+                print(f"export {key}={value}")
+        return 0
+    except PlatformError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

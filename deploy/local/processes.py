@@ -1,0 +1,144 @@
+"""Start, identify and stop the platform's own processes by recorded pid (never by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PlatformError(RuntimeError):
+    """A platform component could not be installed, started or reached; the message says why."""
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    """A long-running server the platform starts: its pid file, log file and a marker in its argv.
+
+    The marker (a path unique to this checkout's state directory) is checked against
+    /proc/<pid>/cmdline before any signal is sent, so a recycled pid is never killed.
+    """
+
+    name: str
+    pid_file: Path
+    log_file: Path
+    marker: str
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if self._is_ours(pid) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    def start(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+    ) -> int:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                user=user,
+                # Own session: the server outlives the CLI and a Ctrl-C in the terminal.
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        # Until exec() completes, /proc/<pid>/cmdline is still ours (Python's): wait for it, so
+        # that running() is truthful from here on.
+        deadline = time.monotonic() + 10
+        while not self._is_ours(proc.pid) and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise PlatformError(f"{self.name}: started process never showed {self.marker}")
+            time.sleep(0.02)
+        return proc.pid
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM, wait, then SIGKILL. Returns whether a process of ours was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # a zombie is gone for our purposes
+            return False
+        return self.marker.encode() in cmdline
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            # Reap it if it is our child (when started in this very process).
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, proc: ManagedProcess | None = None
+) -> None:
+    """Poll ``check`` until true; fail with the process's log tail if it died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and not proc.running():
+            raise PlatformError(f"{what}: process exited during start-up\n{proc.log_tail()}")
+        time.sleep(0.25)
+    tail = f"\n{proc.log_tail()}" if proc is not None else ""
+    raise PlatformError(f"{what}: not ready after {timeout:.0f}s{tail}")
+
+
+def run(argv: Sequence[str], what: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run a set-up command to completion; on failure raise with its output."""
+    result = subprocess.run(list(argv), capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        out = (result.stdout + result.stderr).strip()[-4000:]
+        raise PlatformError(f"{what} failed (exit {result.returncode}): {' '.join(argv)}\n{out}")
+    return result

@@ -1,0 +1,1 @@
+"""The five beeldportaal services, each its own process: ingest, consent, routing, notify, timeline."""

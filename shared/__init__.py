@@ -1,0 +1,1 @@
+"""Code every beeldportaal service shares: event contracts, codec, topics, settings and adapters."""

@@ -1,0 +1,103 @@
+"""The envelope every event shares, and the registry that maps schema names to models."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Model(BaseModel):
+    """Frozen, strict-about-unknown-fields base for everything that travels on the bus."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Event(Model):
+    """An immutable fact. Subclasses name their schema (``x.y.v1``) and the topic they live on.
+
+    The schema name travels as a Kafka header, never a Python class path, so a class can be
+    renamed or moved without breaking consumers (faust's docs warn about that coupling).
+    """
+
+    schema_name: ClassVar[str]
+    topic: ClassVar[str]
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    # Follows one study through every hop; usually the Study Instance UID's first event id.
+    correlation_id: str = Field(min_length=1, max_length=128)
+    # The service (and replica) that emitted it, e.g. "ingest".
+    producer: str = Field(min_length=1, max_length=64)
+
+    def partition_key(self) -> str:
+        """The Kafka message key: events of one aggregate share it so they stay ordered."""
+        raise NotImplementedError(f"{type(self).__name__} must define partition_key()")
+
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class SchemaRegistry:
+    """Schema name -> model, plus upcasters that lift an old version's payload to the next one."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, type[Event]] = {}
+        self._upcasters: dict[str, tuple[str, Upcaster]] = {}
+
+    def register(self, model: type[Event]) -> None:
+        name = model.schema_name
+        if name in self._models and self._models[name] is not model:
+            raise ValueError(f"schema {name!r} is already registered to {self._models[name]!r}")
+        if name in self._upcasters:
+            raise ValueError(f"schema {name!r} is both a model and an upcast source")
+        self._models[name] = model
+
+    def register_upcaster(self, old: str, new: str, upcast: Upcaster) -> None:
+        """Payloads named ``old`` are rewritten by ``upcast`` and then read as ``new``."""
+        if old in self._models:
+            raise ValueError(f"schema {old!r} still has a model; retire it before upcasting")
+        self._upcasters[old] = (new, upcast)
+
+    def model(self, name: str) -> type[Event] | None:
+        return self._models.get(name)
+
+    def upcast(self, name: str, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Follow the upcaster chain from ``name`` until a registered model is reached."""
+        seen = {name}
+        while name not in self._models and name in self._upcasters:
+            name, step = self._upcasters[name]
+            if name in seen:
+                raise ValueError(f"upcaster cycle at {name!r}")
+            seen.add(name)
+            payload = step(payload)
+        return name, payload
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def models(self) -> list[type[Event]]:
+        return [self._models[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models or name in self._upcasters
+
+
+# The project's events register themselves here at import (shared.events imports every family).
+registry = SchemaRegistry()
+
+
+E = TypeVar("E", bound=type[Event])
+
+
+def event(model: E) -> E:
+    """Class decorator: add an event model to the project registry."""
+    registry.register(model)
+    return model

@@ -1,0 +1,174 @@
+"""Kafka adapters: topic provisioning from shared.topics and an idempotent event publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from shared.codec import Codec
+from shared.errors import TransientError
+from shared.events import Event
+from shared.settings import KafkaSettings
+from shared.topics import TopicSpec
+
+
+class EventPublisher(Protocol):
+    """Port: publish events and return only once the broker acknowledged them (acks=all)."""
+
+    async def publish(self, event: Event) -> None: ...
+
+    async def publish_many(self, events: Sequence[Event]) -> None: ...
+
+
+class KafkaEventPublisher:
+    """aiokafka producer with the project's defaults: idempotent, acks=all, codec headers."""
+
+    def __init__(
+        self, settings: KafkaSettings, client_id: str, codec: Codec | None = None, **overrides: Any
+    ) -> None:
+        self._settings = settings
+        self._codec = codec or Codec()
+        self._config: dict[str, Any] = {
+            "bootstrap_servers": settings.bootstrap_list,
+            "client_id": f"{settings.client_id_prefix}-{client_id}",
+            "acks": "all",
+            "enable_idempotence": True,
+            "compression_type": settings.compression,
+            "max_request_size": settings.max_message_bytes,
+            "request_timeout_ms": settings.request_timeout_ms,
+            "linger_ms": 5,
+        }
+        self._config.update(overrides)
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        if self._producer is None:
+            producer = AIOKafkaProducer(**self._config)
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                await producer.stop()
+                raise TransientError(f"Kafka unavailable: {exc}") from exc
+            self._producer = producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    async def __aenter__(self) -> KafkaEventPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("publisher not started")
+        return self._producer
+
+    async def send(self, event: Event, topic: str | None = None) -> asyncio.Future[Any]:
+        """Enqueue without waiting for the acknowledgement; await the returned future for it."""
+        record = self._codec.encode(event)
+        return await self.producer.send(
+            topic or record.topic, value=record.value, key=record.key, headers=list(record.headers)
+        )
+
+    async def publish(self, event: Event, topic: str | None = None) -> None:
+        try:
+            await (await self.send(event, topic))
+        except KafkaError as exc:
+            raise TransientError(f"publishing {type(event).schema_name} failed: {exc}") from exc
+
+    async def publish_many(self, events: Sequence[Event], topic: str | None = None) -> None:
+        try:
+            futures = [await self.send(e, topic) for e in events]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise TransientError(f"publishing {len(events)} events failed: {exc}") from exc
+
+
+async def provision_topics(
+    bootstrap_servers: Sequence[str], specs: Iterable[TopicSpec], replication_factor: int = 1
+) -> dict[str, str]:
+    """Create missing topics, grow partition counts and apply configs. Returns name -> action.
+
+    Idempotent: running it against an up-to-date cluster changes nothing. Partitions are never
+    reduced (Kafka cannot), and a topic's key -> partition mapping changes when they grow, which
+    is why counts are chosen generously up front (see shared.topics).
+    """
+    specs = list(specs)
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(bootstrap_servers))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        actions: dict[str, str] = {}
+        missing = [s for s in specs if s.name not in existing]
+        for spec in missing:
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            spec.name,
+                            num_partitions=spec.partitions,
+                            replication_factor=replication_factor,
+                            topic_configs=spec.config(),
+                        )
+                    ]
+                )
+                actions[spec.name] = "created"
+            except TopicAlreadyExistsError:
+                actions[spec.name] = "exists"
+        present = [s for s in specs if s.name in existing]
+        if present:
+            described = await admin.describe_topics([s.name for s in present])
+            counts = {d["topic"]: len(d["partitions"]) for d in described}
+            grow = {
+                s.name: NewPartitions(s.partitions)
+                for s in present
+                if counts.get(s.name, s.partitions) < s.partitions
+            }
+            if grow:
+                await admin.create_partitions(grow)
+            await admin.alter_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, s.name, s.config()) for s in present]
+            )
+            for s in present:
+                actions[s.name] = "partitions raised" if s.name in grow else "up to date"
+        return actions
+    finally:
+        await admin.close()
+
+
+async def broker_ready(bootstrap_servers: Sequence[str], timeout_ms: int = 3000) -> bool:
+    """True once a client can fetch cluster metadata from the broker."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=list(bootstrap_servers), request_timeout_ms=timeout_ms
+    )
+    # While the broker starts, aiokafka logs every refused connection at ERROR: expected here.
+    quiet = logging.getLogger("aiokafka")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        await asyncio.wait_for(admin.start(), timeout_ms / 1000)
+        await asyncio.wait_for(admin.describe_cluster(), timeout_ms / 1000)
+        return True
+    except (KafkaError, OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        quiet.setLevel(level)
+        await admin.close()
