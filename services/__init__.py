@@ -1,1 +1,1 @@
-"""The five beeldportaal services, each its own process: ingest, consent, routing, notify, timeline."""
+"""The five services, each its own process: ingest, consent, routing, notify, timeline."""

@@ -20,4 +20,4 @@ class TransientError(BeeldportaalError):
 
 
 class FatalError(BeeldportaalError):
-    """The process cannot go on (misconfiguration, lost invariant): crash, the supervisor restarts."""
+    """The process cannot go on (misconfiguration, broken invariant): crash and be restarted."""

@@ -167,7 +167,7 @@ async def broker_ready(bootstrap_servers: Sequence[str], timeout_ms: int = 3000)
         await asyncio.wait_for(admin.start(), timeout_ms / 1000)
         await asyncio.wait_for(admin.describe_cluster(), timeout_ms / 1000)
         return True
-    except (KafkaError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, KafkaError, OSError):
         return False
     finally:
         quiet.setLevel(level)

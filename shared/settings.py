@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class KafkaSettings(BaseSettings):
     """Where the Kafka cluster is and how producers behave."""
 
-    model_config = SettingsConfigDict(env_prefix="BEELDPORTAAL_KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_KAFKA_", extra="ignore", hide_input_in_errors=True
+    )
 
     bootstrap_servers: str = "127.0.0.1:19092"
     client_id_prefix: str = "beeldportaal"
@@ -31,7 +33,9 @@ class KafkaSettings(BaseSettings):
 class S3Settings(BaseSettings):
     """The S3 server holding the DICOM bytes (any S3: versitygw locally, AWS/Ceph/... elsewhere)."""
 
-    model_config = SettingsConfigDict(env_prefix="BEELDPORTAAL_S3_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_S3_", extra="ignore", hide_input_in_errors=True
+    )
 
     endpoint: str = "127.0.0.1:19000"
     access_key: str = "beeldportaal"
@@ -44,15 +48,24 @@ class S3Settings(BaseSettings):
 class PostgresSettings(BaseSettings):
     """The PostgreSQL database holding the read models (timeline, audit)."""
 
-    model_config = SettingsConfigDict(env_prefix="BEELDPORTAAL_POSTGRES_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_POSTGRES_", extra="ignore", hide_input_in_errors=True
+    )
 
-    dsn: str = "postgresql://beeldportaal@127.0.0.1:15432/beeldportaal"
+    # A DSN may carry a password: kept secret so it never shows in a repr or a log line.
+    dsn: SecretStr = SecretStr("postgresql://beeldportaal@127.0.0.1:15432/beeldportaal")
+
+    @property
+    def conninfo(self) -> str:
+        return self.dsn.get_secret_value()
 
 
 class PrivacySettings(BaseSettings):
     """Secrets that keep a BSN out of every event, log line and key."""
 
-    model_config = SettingsConfigDict(env_prefix="BEELDPORTAAL_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_", extra="ignore", hide_input_in_errors=True
+    )
 
     # Keyed HMAC of the BSN. Required: there is deliberately no default, a missing key is fatal.
     pseudonym_key: SecretStr
@@ -68,7 +81,9 @@ class PrivacySettings(BaseSettings):
 class ServiceSettings(BaseSettings):
     """Base of every service's settings: its name, log level, metrics and the platform it uses."""
 
-    model_config = SettingsConfigDict(env_prefix="BEELDPORTAAL_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_", extra="ignore", hide_input_in_errors=True
+    )
 
     service_name: str = "beeldportaal"
     log_level: str = "INFO"

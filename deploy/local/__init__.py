@@ -1,1 +1,1 @@
-"""The local platform: real Kafka, S3 (versitygw) and PostgreSQL started from the package registries."""
+"""The local platform: real Kafka, S3 (versitygw) and PostgreSQL from package registries."""

@@ -1,4 +1,4 @@
-"""Apache Kafka (KRaft, one combined broker+controller) from Maven Central jars, cached by version."""
+"""Apache Kafka (KRaft, combined broker+controller) from Maven Central jars, cached by version."""
 
 from __future__ import annotations
 

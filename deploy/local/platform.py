@@ -14,7 +14,9 @@ from shared import migrations
 
 
 class Platform:
-    def __init__(self, config: LocalConfig | None = None, out: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, config: LocalConfig | None = None, out: Callable[[str], None] = print
+    ) -> None:
         self.config = config or LocalConfig.from_env()
         self.kafka = Kafka(self.config)
         self.s3 = S3Server(self.config)
@@ -43,18 +45,27 @@ class Platform:
         env_file = self.config.write_env_file()
         self.out("")
         self.out(f"Kafka      {env['BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS']}")
-        self.out(f"S3         http://{env['BEELDPORTAAL_S3_ENDPOINT']}  (bucket {env['BEELDPORTAAL_S3_BUCKET']})")
+        bucket = env["BEELDPORTAAL_S3_BUCKET"]
+        self.out(f"S3         http://{env['BEELDPORTAAL_S3_ENDPOINT']}  (bucket {bucket})")
         self.out(f"PostgreSQL {env['BEELDPORTAAL_POSTGRES_DSN']}")
         self.out(f"settings   {env_file}  (source it, or `eval $(beeldportaal platform env)`)")
 
     def down(self) -> None:
         # Reverse order of start; each stops only the pid it recorded.
-        for name, component in (("postgres", self.postgres), ("s3", self.s3), ("kafka", self.kafka)):
+        for name, component in (
+            ("postgres", self.postgres),
+            ("s3", self.s3),
+            ("kafka", self.kafka),
+        ):
             self.out(f"{name + ':':9} {'stopped' if component.stop() else 'was not running'}")
 
     def status(self) -> bool:
         healthy = True
-        for name, component in (("kafka", self.kafka), ("s3", self.s3), ("postgres", self.postgres)):
+        for name, component in (
+            ("kafka", self.kafka),
+            ("s3", self.s3),
+            ("postgres", self.postgres),
+        ):
             state = component.status()
             healthy &= state.startswith("ready")
             self.out(f"{name + ':':9} {state}")

@@ -1,4 +1,4 @@
-"""PostgreSQL 15 (Debian package): a project-owned cluster in the state directory on its own port."""
+"""PostgreSQL 15 (Debian package): a project-owned cluster in the state directory, own port."""
 
 from __future__ import annotations
 
@@ -35,7 +35,14 @@ class Postgres:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         run(["apt-get", "update", "-q"], "apt-get update", env=env)
         run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", f"postgresql-{POSTGRES_MAJOR}"],
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                f"postgresql-{POSTGRES_MAJOR}",
+            ],
             "installing PostgreSQL",
             env=env,
         )
@@ -90,9 +97,15 @@ class Postgres:
 
     def _create_database(self) -> None:
         with self._connect() as conn:
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (DB_USER,)).fetchone() is None:
+            if (
+                conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (DB_USER,)).fetchone()
+                is None
+            ):
                 conn.execute(f'CREATE ROLE "{DB_USER}" LOGIN CREATEDB')
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
+            if (
+                conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+                is None
+            ):
                 conn.execute(f'CREATE DATABASE "{DATABASE}" OWNER "{DB_USER}"')
 
     def stop(self) -> bool:
@@ -101,4 +114,8 @@ class Postgres:
     def status(self) -> str:
         if not self.process.running():
             return "stopped"
-        return f"ready on 127.0.0.1:{self.config.postgres_port}" if self.ready() else "running, not ready"
+        return (
+            f"ready on 127.0.0.1:{self.config.postgres_port}"
+            if self.ready()
+            else "running, not ready"
+        )

@@ -15,7 +15,9 @@ from deploy.local.processes import ManagedProcess, PlatformError, run, wait_unti
 
 
 def _go() -> str:
-    found = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    found = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
     if found is None:
         raise PlatformError("go not found: versitygw is built with `go install` (Go >= 1.24)")
     return found

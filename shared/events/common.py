@@ -9,15 +9,14 @@ from typing import Annotated
 from pydantic import AwareDatetime, Field, StringConstraints
 
 from shared.events.base import Model
+from shared.identifiers import Pseudonym, Ura, UziNumber
+
+__all__ = ["Pseudonym", "Ura", "UziNumber"]  # re-exported for the event families
 
 # PS3.5 §9.1: dotted numeric components without leading zeros, at most 64 characters.
 DicomUid = Annotated[
     str, StringConstraints(pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$", max_length=64)
 ]
-Ura = Annotated[str, StringConstraints(pattern=r"^[0-9]{8}$")]
-UziNumber = Annotated[str, StringConstraints(pattern=r"^[0-9]{9}$")]
-# Keyed HMAC of a BSN (shared.identifiers.Pseudonymizer); never the BSN itself.
-Pseudonym = Annotated[str, StringConstraints(pattern=r"^psn1-[a-z0-9]{16,128}$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ObjectKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._\-/]{1,1024}$")]
 
@@ -60,7 +59,7 @@ class DeliveryChannel(StrEnum):
 
 
 class InstanceRef(Model):
-    """One stored DICOM instance: where its exact received bytes are (claim check) and their hash."""
+    """One stored DICOM instance: where its exact received bytes are (claim check), their hash."""
 
     sop_instance_uid: DicomUid
     sop_class_uid: DicomUid

@@ -1,0 +1,52 @@
+# beeldportaal — the two commands that matter: `make up` (run it) and `make test` (prove it).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: help install up down status test test-unit lint bench-bus clean
+
+help:
+	@echo "make up        install what is missing and start the local platform (Kafka, S3, PostgreSQL)"
+	@echo "make down      stop exactly what 'make up' started"
+	@echo "make status    health of each platform component"
+	@echo "make test      install, start the platform, run every test tier, stop what it started"
+	@echo "make test-unit the unit tier only (no platform needed)"
+	@echo "make lint      ruff"
+	@echo "make bench-bus round-trip 100,000 events through Kafka; prints JSON"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "beeldportaal needs Python >= 3.11 (set PYTHON=...)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+up: install
+	$(BIN)/beeldportaal platform up
+
+down:
+	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform down; \
+		else echo "nothing to stop (not installed)"; fi
+
+status: install
+	$(BIN)/beeldportaal platform status
+
+test: install
+	deploy/local/run-tests.sh $(BIN)
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check shared services deploy tests benchmarks
+	$(BIN)/ruff format --check shared services deploy tests benchmarks
+
+bench-bus: install
+	deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.bus
+
+clean: down
+	rm -rf .state $(VENV)

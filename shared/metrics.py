@@ -1,0 +1,157 @@
+"""Prometheus metrics every service shares, on a registry per service, with patient-free labels."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal, get_args
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    gc_collector,
+    platform_collector,
+    process_collector,
+)
+from prometheus_client.exposition import choose_encoder
+
+from shared.identifiers import contains_bsn, contains_pseudonym
+
+PREFIX = "beeldportaal_"
+# From 1 ms (a cache hit) to 60 s (a slow STOW-RS delivery); beyond that it is a timeout anyway.
+# fmt: off
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# fmt: on
+
+# The error taxonomy of style.md: dead-letter, retry with backoff, crash.
+ErrorClass = Literal["poison", "transient", "fatal"]
+ERROR_CLASSES: tuple[str, ...] = get_args(ErrorClass)
+
+
+class UnsafeLabel(ValueError):
+    """A label value that looks like patient data. The message never repeats the value."""
+
+
+def safe_label(value: str) -> str:
+    """Return ``value`` if it may be a label value; raise :class:`UnsafeLabel` if it holds a
+    BSN (a 9-digit run passing the 11-proof) or a pseudonym.
+
+    Label values end up in Prometheus, dashboards and alert texts, kept far longer than logs, and
+    a per-patient label would also explode the series count.
+    """
+    if not isinstance(value, str):
+        raise UnsafeLabel(f"a label value must be a str, not {type(value).__name__}")
+    if contains_bsn(value):
+        raise UnsafeLabel("label value looks like a BSN")
+    if contains_pseudonym(value):
+        raise UnsafeLabel("label value looks like a patient pseudonym")
+    return value
+
+
+def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """Body and Content-Type for ``/metrics``, honouring the scraper's Accept (OpenMetrics)."""
+    # Encoder and content type come as a pair: prometheus-client >= 0.22 advertises text format
+    # 1.0.0 in CONTENT_TYPE_LATEST while generate_latest() still writes 0.0.4.
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+class ServiceMetrics:
+    """The metrics every service exports, on its own registry (never the global default one).
+
+    A service with more metrics subclasses this and adds them with :meth:`counter`,
+    :meth:`gauge` and :meth:`histogram`, which put them on the same registry with the prefix.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        version: str,
+        *,
+        registry: CollectorRegistry | None = None,
+        runtime_collectors: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        if runtime_collectors:
+            # What the default registry would have given: CPU, memory, fds, GC, Python version.
+            process_collector.ProcessCollector(registry=self.registry)
+            platform_collector.PlatformCollector(registry=self.registry)
+            gc_collector.GCCollector(registry=self.registry)
+
+        self.service_info = Info(
+            f"{PREFIX}service", "The running service and its version.", registry=self.registry
+        )
+        self.service_info.info({"service": safe_label(service), "version": safe_label(version)})
+        self.events_consumed = self.counter(
+            "events_consumed",
+            "Events taken from Kafka, by how handling ended.",
+            ["topic", "schema", "outcome"],
+        )
+        self.events_produced = self.counter(
+            "events_produced", "Events sent to Kafka.", ["topic", "schema"]
+        )
+        self.events_failed = self.counter(
+            "events_failed",
+            "Events whose handling failed, by error class.",
+            ["topic", "error_class"],
+        )
+        self.handler_duration = self.histogram(
+            "handler_duration_seconds",
+            "Time spent in a handler per event.",
+            ["handler"],
+            buckets=DURATION_BUCKETS,
+        )
+
+    # --- building blocks for service-specific metrics --------------------------------------------
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(PREFIX + name, documentation, labels, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(PREFIX + name, documentation, labels, registry=self.registry)
+
+    def histogram(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] = DURATION_BUCKETS,
+    ) -> Histogram:
+        return Histogram(
+            PREFIX + name, documentation, labels, registry=self.registry, buckets=buckets
+        )
+
+    # --- recording, every label value through safe_label -----------------------------------------
+
+    def consumed(self, topic: str, schema: str, outcome: str = "ok") -> None:
+        self.events_consumed.labels(
+            safe_label(topic), safe_label(schema), safe_label(outcome)
+        ).inc()
+
+    def produced(self, topic: str, schema: str) -> None:
+        self.events_produced.labels(safe_label(topic), safe_label(schema)).inc()
+
+    def failed(self, topic: str, error_class: ErrorClass) -> None:
+        if error_class not in ERROR_CLASSES:
+            raise ValueError(f"error_class must be one of {', '.join(ERROR_CLASSES)}")
+        self.events_failed.labels(safe_label(topic), error_class).inc()
+
+    @contextmanager
+    def time_handler(self, handler: str) -> Iterator[None]:
+        """Observe the duration of the block, also when it raises (slow failures matter most)."""
+        child = self.handler_duration.labels(safe_label(handler))
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            child.observe(time.perf_counter() - start)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        return render(self.registry, accept)

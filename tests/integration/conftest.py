@@ -1,0 +1,106 @@
+"""Integration tier: adapters against the real Kafka, S3 and PostgreSQL of `platform up`.
+
+Connection settings come from BEELDPORTAAL_* variables (exported by `make test`) or else from
+the running platform's env file. A missing platform fails the tests: nothing skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from deploy.local.config import LocalConfig, read_env_file
+from shared.kafka import broker_ready
+from shared.settings import KafkaSettings, PostgresSettings, S3Settings
+
+pytestmark = pytest.mark.integration
+
+
+def _platform_env() -> dict[str, str]:
+    if "BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS" in os.environ:
+        return {k: v for k, v in os.environ.items() if k.startswith("BEELDPORTAAL_")}
+    env_file = LocalConfig.from_env().env_file
+    if not env_file.exists():
+        pytest.fail(
+            f"no platform settings ({env_file} missing): run `beeldportaal platform up` "
+            "or `make test`",
+            pytrace=False,
+        )
+    return read_env_file(env_file)
+
+
+@pytest.fixture(scope="session")
+def platform_env() -> dict[str, str]:
+    return _platform_env()
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(platform_env: dict[str, str]) -> KafkaSettings:
+    settings = KafkaSettings(bootstrap_servers=platform_env["BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS"])
+    if not asyncio.run(broker_ready(settings.bootstrap_list)):
+        pytest.fail(f"Kafka at {settings.bootstrap_servers} is not reachable", pytrace=False)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def s3_settings(platform_env: dict[str, str]) -> S3Settings:
+    return S3Settings(
+        endpoint=platform_env["BEELDPORTAAL_S3_ENDPOINT"],
+        access_key=platform_env["BEELDPORTAAL_S3_ACCESS_KEY"],
+        secret_key=platform_env["BEELDPORTAAL_S3_SECRET_KEY"],
+        region=platform_env.get("BEELDPORTAAL_S3_REGION", "us-east-1"),
+        bucket=platform_env.get("BEELDPORTAAL_S3_BUCKET", "dicom"),
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_settings(platform_env: dict[str, str]) -> PostgresSettings:
+    settings = PostgresSettings(dsn=platform_env["BEELDPORTAAL_POSTGRES_DSN"])
+    try:
+        psycopg.connect(settings.conninfo, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable: {exc}", pytrace=False)
+    return settings
+
+
+@pytest.fixture
+def scratch_database(postgres_settings: PostgresSettings) -> Iterator[str]:
+    """A database of its own for one test, dropped afterwards; yields its DSN."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = postgres_settings.conninfo.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def make_topic(kafka_settings: KafkaSettings) -> AsyncIterator[object]:
+    """Factory: ``await make_topic(partitions=3)`` creates a unique topic, deleted afterwards."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_list)
+    await admin.start()
+    created: list[str] = []
+
+    async def make(partitions: int = 1, prefix: str = "test") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        await admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1)]
+        )
+        created.append(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        if created:
+            await admin.delete_topics(created)
+        await admin.close()

@@ -1,0 +1,310 @@
+"""JSON log lines, correlation ids, Kafka positions and BSN scrubbing (shared.logging)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.identifiers import find_bsns, parse_bsn
+from shared.logging import (
+    SCRUBBED_BSN,
+    configure_logging,
+    correlation_context,
+    current_correlation_id,
+    get_logger,
+    kafka_position,
+    scrub_bsns,
+)
+
+VALID_BSN = "123456782"
+OTHER_VALID_BSN = "999990019"
+NOT_A_BSN = "123456789"  # nine digits, fails the 11-proof
+
+Configure = Callable[..., io.StringIO]
+
+
+@pytest.fixture
+def configure() -> Iterator[Configure]:
+    """configure_logging into a StringIO; restores stdlib and structlog configuration afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_structlog = structlog.get_config()
+
+    def _configure(service: str = "ingest", level: str = "INFO", json: bool = True) -> io.StringIO:
+        stream = io.StringIO()
+        configure_logging(service, level, json, stream=stream)
+        return stream
+
+    try:
+        yield _configure
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(saved_level)
+        structlog.reset_defaults()
+        structlog.configure(**saved_structlog)
+        structlog.contextvars.clear_contextvars()
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def only_line(stream: io.StringIO) -> dict[str, object]:
+    [line] = lines(stream)
+    return line
+
+
+class TestJsonLines:
+    def test_a_structlog_event_becomes_one_json_line_with_the_common_fields(
+        self, configure: Configure
+    ) -> None:
+        stream = configure(service="consent")
+        with correlation_context("cid-1"):
+            get_logger("consent.handlers").info("consent checked", study="1.2.3")
+        line = only_line(stream)
+        assert line["event"] == "consent checked"
+        assert line["service"] == "consent"
+        assert line["level"] == "info"
+        assert line["logger"] == "consent.handlers"
+        assert line["correlation_id"] == "cid-1"
+        assert line["study"] == "1.2.3"
+        timestamp = datetime.fromisoformat(str(line["timestamp"]))
+        assert timestamp.utcoffset() == timedelta(0)
+
+    def test_a_library_logging_through_stdlib_comes_out_as_the_same_json(
+        self, configure: Configure
+    ) -> None:
+        stream = configure(service="notify")
+        with correlation_context("cid-2"):
+            logging.getLogger("aiokafka.consumer").warning(
+                "rebalance in %s", "group-1", extra={"generation": 7}
+            )
+        line = only_line(stream)
+        assert line["event"] == "rebalance in group-1"
+        assert line["service"] == "notify"
+        assert line["level"] == "warning"
+        assert line["logger"] == "aiokafka.consumer"
+        assert line["correlation_id"] == "cid-2"
+        assert line["generation"] == 7
+        assert "timestamp" in line
+
+    def test_an_exception_is_logged_as_a_traceback_string(self, configure: Configure) -> None:
+        stream = configure()
+        try:
+            raise RuntimeError("broker gone")
+        except RuntimeError:
+            get_logger("test").exception("publish failed")
+        line = only_line(stream)
+        assert line["level"] == "error"
+        assert "RuntimeError: broker gone" in str(line["exception"])
+
+    def test_events_below_the_configured_level_are_dropped(self, configure: Configure) -> None:
+        stream = configure(level="warning")
+        get_logger("test").info("not shown")
+        logging.getLogger("lib").info("not shown either")
+        get_logger("test").warning("shown")
+        assert [line["event"] for line in lines(stream)] == ["shown"]
+
+    def test_an_unknown_level_is_refused(self, configure: Configure) -> None:
+        with pytest.raises(ValueError, match="unknown log level"):
+            configure(level="chatty")
+
+    def test_a_logger_made_before_configuration_follows_the_configuration(
+        self, configure: Configure
+    ) -> None:
+        early = get_logger("made.at.import")
+        stream = configure(service="routing")
+        early.info("hello")
+        assert only_line(stream)["service"] == "routing"
+
+    def test_the_console_renderer_is_used_when_json_is_off(self, configure: Configure) -> None:
+        stream = configure(json=False)
+        get_logger("test").info("human readable", bsn=VALID_BSN)
+        text = stream.getvalue()
+        assert "human readable" in text and not text.startswith("{")
+        assert VALID_BSN not in text and SCRUBBED_BSN in text
+
+
+class TestIdempotentConfiguration:
+    def test_configuring_twice_leaves_one_handler_and_uses_the_latest_settings(
+        self, configure: Configure
+    ) -> None:
+        first = configure(service="first")
+        second = configure(service="second")
+        get_logger("test").info("once")
+        assert first.getvalue() == ""
+        assert only_line(second)["service"] == "second"
+        ours = [
+            h
+            for h in logging.getLogger().handlers
+            if h.formatter is not None
+            and isinstance(h.formatter, structlog.stdlib.ProcessorFormatter)
+        ]
+        assert len(ours) == 1
+
+    def test_handlers_installed_by_others_are_kept(self, configure: Configure) -> None:
+        other = logging.NullHandler()
+        logging.getLogger().addHandler(other)
+        configure()
+        configure()
+        assert other in logging.getLogger().handlers
+
+
+class TestBsnScrubbing:
+    def test_a_bsn_in_the_message_is_scrubbed(self, configure: Configure) -> None:
+        stream = configure()
+        get_logger("test").info(f"patient {VALID_BSN} arrived")
+        get_logger("test").info("patient %s arrived", OTHER_VALID_BSN)
+        assert [line["event"] for line in lines(stream)] == ["patient [BSN] arrived"] * 2
+
+    def test_a_bsn_in_an_extra_field_at_any_depth_is_scrubbed(self, configure: Configure) -> None:
+        stream = configure()
+        get_logger("test").info(
+            "ids", patient_id=VALID_BSN, others=[{"id": OTHER_VALID_BSN}], pair=("x", VALID_BSN)
+        )
+        line = only_line(stream)
+        assert line["patient_id"] == SCRUBBED_BSN
+        assert line["others"] == [{"id": SCRUBBED_BSN}]
+        assert line["pair"] == ["x", SCRUBBED_BSN]
+        assert VALID_BSN not in stream.getvalue() and OTHER_VALID_BSN not in stream.getvalue()
+
+    def test_a_bsn_in_an_exception_message_is_scrubbed(self, configure: Configure) -> None:
+        stream = configure()
+        try:
+            raise ValueError(f"no consent for {VALID_BSN}")
+        except ValueError:
+            get_logger("test").exception("decision failed")
+            logging.getLogger("library").exception("library failed")
+        assert VALID_BSN not in stream.getvalue()
+        for line in lines(stream):
+            assert "ValueError: no consent for [BSN]" in str(line["exception"])
+
+    def test_a_bsn_logged_by_a_library_in_args_or_extra_is_scrubbed(
+        self, configure: Configure
+    ) -> None:
+        stream = configure()
+        logging.getLogger("pynetdicom").info("PatientID=%s", VALID_BSN, extra={"pid": VALID_BSN})
+        line = only_line(stream)
+        assert line["event"] == "PatientID=[BSN]"
+        assert line["pid"] == SCRUBBED_BSN
+
+    def test_a_bsn_inside_an_arbitrary_object_is_scrubbed_from_its_repr(
+        self, configure: Configure
+    ) -> None:
+        @dataclass
+        class Patient:
+            patient_id: str
+
+        stream = configure()
+        get_logger("test").info("patient", patient=Patient(VALID_BSN))
+        assert str(only_line(stream)["patient"]).endswith("Patient(patient_id='[BSN]')")
+
+    def test_a_bsn_value_object_is_already_masked(self, configure: Configure) -> None:
+        stream = configure()
+        bsn = parse_bsn(VALID_BSN)
+        get_logger("test").info("patient %s", bsn, bsn=bsn)
+        line = only_line(stream)
+        assert line["event"] == "patient Bsn(***)"
+        assert line["bsn"] == "Bsn(***)"
+
+    def test_a_nine_digit_number_failing_the_11_proof_is_left_alone(
+        self, configure: Configure
+    ) -> None:
+        stream = configure()
+        get_logger("test").info(f"accession {NOT_A_BSN}", accession=NOT_A_BSN)
+        line = only_line(stream)
+        assert line["event"] == f"accession {NOT_A_BSN}"
+        assert line["accession"] == NOT_A_BSN
+
+    def test_numbers_stay_numbers_even_when_they_pass_the_11_proof(
+        self, configure: Configure
+    ) -> None:
+        stream = configure()
+        get_logger("test").info("stored", size=int(VALID_BSN), ratio=0.5, ok=True)
+        line = only_line(stream)
+        assert (line["size"], line["ratio"], line["ok"]) == (int(VALID_BSN), 0.5, True)
+
+    def test_a_kafka_offset_that_passes_the_11_proof_is_kept(self, configure: Configure) -> None:
+        stream = configure()
+        position = kafka_position("study-received", 3, int(VALID_BSN))
+        get_logger("test").error(f"poison at {position}", position=position)
+        line = only_line(stream)
+        assert line["position"] == f"study-received[3]@{VALID_BSN}"
+        assert line["event"] == f"poison at study-received[3]@{VALID_BSN}"
+
+    def test_only_exact_nine_digit_runs_are_scrubbed(self) -> None:
+        assert scrub_bsns(f"{VALID_BSN}0 0{VALID_BSN} {VALID_BSN}") == (
+            f"{VALID_BSN}0 0{VALID_BSN} [BSN]"
+        )
+        assert scrub_bsns(f"a{VALID_BSN}b,{OTHER_VALID_BSN}") == "a[BSN]b,[BSN]"
+
+    @given(
+        st.text(alphabet=st.characters(blacklist_categories=["Nd"]), max_size=20),
+        st.sampled_from([VALID_BSN, OTHER_VALID_BSN, "999991772", "111222333"]),
+        st.text(alphabet=st.characters(blacklist_categories=["Nd"]), max_size=20),
+    )
+    def test_a_valid_bsn_between_any_non_digits_never_survives(
+        self, before: str, bsn: str, after: str
+    ) -> None:
+        scrubbed = scrub_bsns(before + bsn + after)
+        if before.endswith("]@"):
+            assert scrubbed == before + bsn + after  # the documented Kafka-offset exception
+        else:
+            assert scrubbed == before + SCRUBBED_BSN + after
+
+    @given(st.text(alphabet="0123456789 x]@", max_size=60))
+    def test_after_scrubbing_no_valid_bsn_is_left_but_a_kafka_offset(self, text: str) -> None:
+        scrubbed = scrub_bsns(text)
+        for match in find_bsns(scrubbed):
+            assert scrubbed[match.start() - 2 : match.start()] == "]@"
+        if next(find_bsns(text), None) is None:
+            assert scrubbed == text
+
+
+class TestCorrelationId:
+    def test_a_given_correlation_id_is_bound_and_removed_afterwards(self) -> None:
+        assert current_correlation_id() is None
+        with correlation_context("abc") as cid:
+            assert cid == "abc"
+            assert current_correlation_id() == "abc"
+        assert current_correlation_id() is None
+
+    def test_without_an_id_a_fresh_one_is_made(self) -> None:
+        with correlation_context() as first, correlation_context() as second:
+            assert first and second and first != second
+            assert current_correlation_id() == second
+
+    def test_a_nested_context_restores_the_outer_id(self) -> None:
+        with correlation_context("outer"):
+            with correlation_context("inner"):
+                assert current_correlation_id() == "inner"
+            assert current_correlation_id() == "outer"
+
+    def test_concurrent_tasks_keep_their_own_correlation_id(self) -> None:
+        async def handle(cid: str) -> str | None:
+            with correlation_context(cid):
+                await asyncio.sleep(0)
+                return current_correlation_id()
+
+        async def main() -> list[str | None]:
+            return list(await asyncio.gather(handle("a"), handle("b"), handle("c")))
+
+        assert asyncio.run(main()) == ["a", "b", "c"]
+
+
+class TestKafkaPosition:
+    def test_a_position_reads_topic_partition_at_offset(self) -> None:
+        assert kafka_position("consent-checked", 0, 42) == "consent-checked[0]@42"
