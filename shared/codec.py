@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared.errors import PoisonEvent
+from shared.errors import FatalError, PoisonEvent
 from shared.events import Event, SchemaRegistry
 from shared.events import registry as default_registry
 
@@ -42,6 +42,7 @@ class Codec:
     """
 
     def __init__(self, registry: SchemaRegistry = default_registry) -> None:
+        registry.check()
         self._registry = registry
 
     def encode(self, event: Event) -> Record:
@@ -72,26 +73,30 @@ class Codec:
         except UnicodeDecodeError as exc:
             raise PoisonEvent(f"{SCHEMA_HEADER!r} header is not UTF-8") from exc
         if name not in self._registry:
-            raise PoisonEvent(f"unknown schema {name!r}")
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise PoisonEvent(f"unknown schema {shown!r}")
         if value is None:
             raise PoisonEvent(f"{name}: record has no value (tombstone)")
         try:
             payload: Any = json.loads(value)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PoisonEvent(f"{name}: value is not JSON ({exc})") from exc
+            raise PoisonEvent(f"{name}: value is not JSON ({exc})") from None
+        except RecursionError:
+            raise PoisonEvent(f"{name}: value nests too deeply") from None
         if not isinstance(payload, dict):
             raise PoisonEvent(f"{name}: value is JSON {type(payload).__name__}, not an object")
         try:
             current, payload = self._registry.upcast(name, payload)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PoisonEvent(f"{name}: upcasting failed ({exc})") from exc
+        except Exception as exc:  # an upcaster meeting data it cannot lift: that record is poison
+            raise PoisonEvent(f"{name}: upcasting failed ({type(exc).__name__})") from None
         model = self._registry.model(current)
-        if model is None:
-            raise PoisonEvent(f"{name}: upcasts to {current!r}, which has no model")
+        if model is None:  # registry.check() at start-up rules this out
+            raise FatalError(f"{name}: upcasts to {current!r}, which has no model")
         try:
             return model.model_validate(payload)
         except ValidationError as exc:
-            raise PoisonEvent(f"{current}: invalid payload: {_summarise(exc)}") from exc
+            # `from None`: the chained error's text would repeat input values (patient data).
+            raise PoisonEvent(f"{current}: invalid payload: {_summarise(exc)}") from None
 
     def decode_record(self, record: Any) -> Event:
         """Decode an aiokafka ``ConsumerRecord`` (or anything with ``value`` and ``headers``)."""
@@ -102,8 +107,12 @@ def _summarise(exc: ValidationError, limit: int = 5) -> str:
     # Field locations and messages only: input values could hold patient data.
     parts = []
     for err in exc.errors(include_input=False, include_url=False)[:limit]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            # The location of an unknown field is the key itself, which is input: not repeated.
+            loc = (*loc[:-1], "<unknown field>")
+        where = ".".join(str(p) for p in loc) or "<root>"
+        parts.append(f"{where}: {err['msg']}")
     more = exc.error_count() - limit
     if more > 0:
         parts.append(f"and {more} more")

@@ -104,7 +104,10 @@ class KafkaEventPublisher:
 
 
 async def provision_topics(
-    bootstrap_servers: Sequence[str], specs: Iterable[TopicSpec], replication_factor: int = 1
+    bootstrap_servers: Sequence[str],
+    specs: Iterable[TopicSpec],
+    replication_factor: int = 1,
+    min_insync_replicas: int = 1,
 ) -> dict[str, str]:
     """Create missing topics, grow partition counts and apply configs. Returns name -> action.
 
@@ -127,7 +130,7 @@ async def provision_topics(
                             spec.name,
                             num_partitions=spec.partitions,
                             replication_factor=replication_factor,
-                            topic_configs=spec.config(),
+                            topic_configs=spec.config(min_insync_replicas),
                         )
                     ]
                 )
@@ -146,7 +149,10 @@ async def provision_topics(
             if grow:
                 await admin.create_partitions(grow)
             await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, s.name, s.config()) for s in present]
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, s.name, s.config(min_insync_replicas))
+                    for s in present
+                ]
             )
             for s in present:
                 actions[s.name] = "partitions raised" if s.name in grow else "up to date"

@@ -24,6 +24,10 @@ class KafkaSettings(BaseSettings):
     max_message_bytes: int = 16 * 1024 * 1024
     compression: str = "gzip"
     request_timeout_ms: int = 30_000
+    # Durability of every topic we create (ours and faust's changelogs). 1/1 suits the local
+    # single broker; production sets 3/2 so acks=all survives the loss of one broker.
+    replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int = Field(default=1, ge=1)
 
     @property
     def bootstrap_list(self) -> list[str]:

@@ -26,12 +26,12 @@ class TopicSpec:
     purpose: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
-    def config(self) -> dict[str, str]:
+    def config(self, min_insync_replicas: int = 1) -> dict[str, str]:
         cfg = {
             "cleanup.policy": "compact" if self.compacted else "delete",
             "retention.ms": str(self.retention_ms),
             "max.message.bytes": str(MAX_MESSAGE_BYTES),
-            "min.insync.replicas": "1",
+            "min.insync.replicas": str(min_insync_replicas),
         }
         cfg.update(self.extra)
         return cfg

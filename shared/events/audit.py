@@ -8,7 +8,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from shared.events.base import Event, event
-from shared.events.common import DicomUid, Pseudonym, Ura, UziNumber
+from shared.events.common import DicomUid
+from shared.identifiers import Pseudonym, Ura, UziNumber
 
 
 class AuditAction(StrEnum):

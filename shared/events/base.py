@@ -17,7 +17,8 @@ def utcnow() -> datetime:
 class Model(BaseModel):
     """Frozen, strict-about-unknown-fields base for everything that travels on the bus."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: JSON has no infinity; pydantic would write null and poison the topic.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Event(Model):
@@ -64,7 +65,29 @@ class SchemaRegistry:
         """Payloads named ``old`` are rewritten by ``upcast`` and then read as ``new``."""
         if old in self._models:
             raise ValueError(f"schema {old!r} still has a model; retire it before upcasting")
+        if old in self._upcasters:
+            raise ValueError(f"schema {old!r} already has an upcaster")
+        name, seen = new, {old}
+        while name in self._upcasters:
+            if name in seen:
+                raise ValueError(f"upcaster cycle at {name!r}")
+            seen.add(name)
+            name = self._upcasters[name][0]
+        if name in seen:
+            raise ValueError(f"upcaster cycle at {name!r}")
         self._upcasters[old] = (new, upcast)
+
+    def check(self) -> None:
+        """Every upcaster chain must end in a registered model (checked at start-up)."""
+        for old in self._upcasters:
+            name, seen = old, set()
+            while name in self._upcasters and name not in seen:
+                seen.add(name)
+                name = self._upcasters[name][0]
+            if name not in self._models:
+                raise ValueError(
+                    f"upcaster chain from {old!r} ends at {name!r}, which has no model"
+                )
 
     def model(self, name: str) -> type[Event] | None:
         return self._models.get(name)

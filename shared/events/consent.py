@@ -9,7 +9,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from shared.events.base import Event, event
-from shared.events.common import Pseudonym, StudySnapshot, Ura
+from shared.events.common import StudySnapshot
+from shared.identifiers import Pseudonym, Ura
 
 
 class Provision(StrEnum):

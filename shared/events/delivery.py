@@ -7,7 +7,8 @@ from typing import ClassVar
 from pydantic import AwareDatetime, Field
 
 from shared.events.base import Event, Model, event
-from shared.events.common import DeliveryChannel, DicomUid, Ura
+from shared.events.common import DeliveryChannel, DicomUid
+from shared.identifiers import Ura
 
 
 class InstanceOutcomes(Model):

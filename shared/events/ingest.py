@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import ClassVar
 
 from pydantic import Field
@@ -13,10 +14,9 @@ from shared.events.common import (
     InstanceRef,
     PatientRef,
     StudySnapshot,
-    Ura,
     Urgency,
-    UziNumber,
 )
+from shared.identifiers import Ura, UziNumber
 
 
 @event
@@ -40,7 +40,7 @@ class InstanceStored(Event):
     recipient_ura: Ura
     patient: PatientRef
     accession_number: str | None = Field(default=None, max_length=16)
-    study_date: str | None = Field(default=None, max_length=8)
+    study_date: date | None = None
     study_time: str | None = Field(default=None, max_length=16)
     study_description: str | None = Field(default=None, max_length=64)
     institution_name: str | None = Field(default=None, max_length=64)

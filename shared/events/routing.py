@@ -7,8 +7,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from shared.events.base import Event, Model, event
-from shared.events.common import DeliveryChannel, DicomUid, StudySnapshot, Ura, Urgency
+from shared.events.common import DeliveryChannel, DicomUid, StudySnapshot, Urgency
 from shared.events.consent import Basis
+from shared.identifiers import Ura
 
 
 class Destination(Model):

@@ -92,9 +92,7 @@ async def make_topic(kafka_settings: KafkaSettings) -> AsyncIterator[object]:
 
     async def make(partitions: int = 1, prefix: str = "test") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        await admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1)]
-        )
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
         created.append(name)
         return name
 

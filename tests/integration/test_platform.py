@@ -46,9 +46,7 @@ async def test_provisioning_twice_changes_nothing_and_grows_partitions_when_decl
     spec = TopicSpec(name, 2, 60_000)
     try:
         assert await provision_topics(kafka_settings.bootstrap_list, [spec]) == {name: "created"}
-        assert await provision_topics(kafka_settings.bootstrap_list, [spec]) == {
-            name: "up to date"
-        }
+        assert await provision_topics(kafka_settings.bootstrap_list, [spec]) == {name: "up to date"}
         grown = TopicSpec(name, 4, 60_000)
         assert await provision_topics(kafka_settings.bootstrap_list, [grown]) == {
             name: "partitions raised"

@@ -47,7 +47,9 @@ class TestDefaults:
         assert settings.s3.endpoint == "127.0.0.1:19000"
         assert settings.s3.bucket == "dicom"
         assert settings.s3.secure is False
-        assert settings.postgres.conninfo == "postgresql://beeldportaal@127.0.0.1:15432/beeldportaal"
+        assert (
+            settings.postgres.conninfo == "postgresql://beeldportaal@127.0.0.1:15432/beeldportaal"
+        )
 
     def test_kafka_producer_defaults_allow_large_study_events(self) -> None:
         kafka = KafkaSettings()

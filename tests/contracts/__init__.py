@@ -1,0 +1,1 @@
+"""Abstract contract suites, one per port, subclassed per adapter."""
