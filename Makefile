@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "beeldportaal needs Python >= 3.11 (set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@echo "installing beeldportaal into $(VENV)" >&2
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' >&2
 	@rm -f $(VENV)/.installed-* && touch $@
 
 up: install
@@ -46,7 +47,7 @@ lint: install
 	$(BIN)/ruff format --check shared services deploy tests benchmarks
 
 bench-bus: install
-	deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.bus
+	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.bus
 
 clean: down
 	rm -rf .state $(VENV)

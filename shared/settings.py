@@ -22,7 +22,12 @@ class KafkaSettings(BaseSettings):
     client_id_prefix: str = "beeldportaal"
     # A study's event can list thousands of instances; topics allow this size too (shared.topics).
     max_message_bytes: int = 16 * 1024 * 1024
-    compression: str = "gzip"
+    # lz4 (via cramjam): several times cheaper than aiokafka's gzip, which is fixed at level 9.
+    compression: str = "lz4"
+    # aiokafka's 16 KB default batch holds ~12 events and caps a producer at a few thousand
+    # events/s (it sends one request per broker at a time); 256 KB measured 2-3x faster.
+    max_batch_bytes: int = 256 * 1024
+    linger_ms: int = 5
     request_timeout_ms: int = 30_000
     # Durability of every topic we create (ours and faust's changelogs). 1/1 suits the local
     # single broker; production sets 3/2 so acks=all survives the loss of one broker.

@@ -54,7 +54,8 @@ class TestDefaults:
     def test_kafka_producer_defaults_allow_large_study_events(self) -> None:
         kafka = KafkaSettings()
         assert kafka.max_message_bytes == 16 * 1024 * 1024
-        assert kafka.compression == "gzip"
+        assert kafka.compression == "lz4"
+        assert kafka.max_batch_bytes == 256 * 1024
         assert kafka.client_id_prefix == "beeldportaal"
         assert kafka.request_timeout_ms == 30_000
 

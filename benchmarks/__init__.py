@@ -1,0 +1,1 @@
+"""Benchmarks run against the real platform (see ``make bench-*``); not part of the test suite."""
