@@ -49,5 +49,6 @@ lint: install
 bench-bus: install
 	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.bus
 
-clean: down
+clean:
+	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform purge; fi
 	rm -rf .state $(VENV)

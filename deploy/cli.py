@@ -21,9 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     platform.add_argument(
         "action",
-        choices=("up", "down", "status", "env"),
+        choices=("up", "down", "status", "env", "purge"),
         help="up: install+start+provision (idempotent); down: stop what up started; "
-        "status: health of each component (exit 1 unless all ready); env: print settings exports",
+        "status: health of each component (exit 1 unless all ready); env: print settings "
+        "exports; purge: down, then delete all platform state (data, logs, secrets)",
     )
     platform.set_defaults(handler=_platform)
     return parser

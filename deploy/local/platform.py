@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
 
@@ -59,6 +60,14 @@ class Platform:
         ):
             self.out(f"{name + ':':9} {'stopped' if component.stop() else 'was not running'}")
 
+    def purge(self) -> None:
+        """Stop everything, then delete every byte of state (data, logs, secrets)."""
+        self.down()
+        homes = {self.config.state_dir, self.postgres.home}
+        for path in homes:
+            shutil.rmtree(path, ignore_errors=True)
+            self.out(f"removed   {path}")
+
     def status(self) -> bool:
         healthy = True
         for name, component in (
@@ -84,6 +93,8 @@ def main(action: str) -> int:
             platform.down()
         elif action == "status":
             return 0 if platform.status() else 1
+        elif action == "purge":
+            platform.purge()
         elif action == "env":
             for key, value in sorted(platform.env().items()):
                 print(f"export {key}={value}")

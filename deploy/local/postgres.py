@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
+import subprocess
 from pathlib import Path
 
 import psycopg
@@ -19,13 +21,47 @@ class Postgres:
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
         self.dir = config.state_dir / "postgres"
-        self.data = self.dir / "data"
-        self.sockets = self.dir / "run"
-        self.process = ManagedProcess(
-            "postgres", self.dir / "postgres.pid", self.dir / "postgres.log", marker=str(self.data)
-        )
         # PostgreSQL refuses to run as root: then the cluster belongs to the `postgres` user.
         self.user = "postgres" if os.geteuid() == 0 else None
+
+    @property
+    def home(self) -> Path:
+        """Where the cluster lives: the state directory, unless the postgres user cannot reach it.
+
+        Running as root in a checkout under a private directory (e.g. /root, mode 0700), the
+        `postgres` user cannot traverse to .state/; the cluster then lives in a directory of its
+        own under /var/lib/postgresql, keyed by this state directory, recorded in ``home``.
+        """
+        pointer = self.dir / "home"
+        return Path(pointer.read_text().strip()) if pointer.exists() else self.dir
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def sockets(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess(
+            "postgres", self.dir / "postgres.pid", self.dir / "postgres.log", marker=str(self.data)
+        )
+
+    def _choose_home(self) -> None:
+        pointer = self.dir / "home"
+        if pointer.exists() or self.user is None:
+            return
+        reachable = subprocess.run(
+            ["runuser", "-u", self.user, "--", "test", "-w", str(self.dir)], check=False
+        )
+        if reachable.returncode != 0:
+            digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
+            home = Path(f"/var/lib/postgresql/beeldportaal/{digest}")
+            home.mkdir(parents=True, exist_ok=True)
+            self._own(home.parent, home)
+            pointer.write_text(f"{home}\n")
 
     def install(self) -> None:
         if (BIN / "postgres").exists():
@@ -58,9 +94,11 @@ class Postgres:
         if self.process.running():
             return "already running"
         self.install()
-        for path in (self.dir, self.sockets):
-            path.mkdir(parents=True, exist_ok=True)
-        self._own(self.dir, self.sockets)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._own(self.dir)
+        self._choose_home()
+        self.sockets.mkdir(parents=True, exist_ok=True)
+        self._own(self.home, self.sockets)
         if not (self.data / "PG_VERSION").exists():
             shutil.rmtree(self.data, ignore_errors=True)
             run(
