@@ -11,6 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# Popen objects of the servers this process started, by pid: kept so that they are waited for
+# (no zombie, no ResourceWarning) when this same process stops them.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class PlatformError(RuntimeError):
     """A platform component could not be installed, started or reached; the message says why."""
@@ -60,6 +64,7 @@ class ManagedProcess:
                 # Own session: the server outlives the CLI and a Ctrl-C in the terminal.
                 start_new_session=True,
             )
+        _CHILDREN[proc.pid] = proc
         self.pid_file.write_text(f"{proc.pid}\n")
         # Until exec() completes, /proc/<pid>/cmdline is still ours (Python's): wait for it, so
         # that running() is truthful from here on.
@@ -80,6 +85,10 @@ class ManagedProcess:
         if not _wait_gone(pid, timeout):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, 10)
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
         self.pid_file.unlink(missing_ok=True)
         return True
 
