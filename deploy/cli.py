@@ -12,6 +12,12 @@ def _platform(args: argparse.Namespace) -> int:
     return main(args.action)
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    from services.ingest import main
+
+    return main.serve() if args.action == "serve" else main.assemble()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beeldportaal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
         "exports; purge: down, then delete all platform state (data, logs, secrets)",
     )
     platform.set_defaults(handler=_platform)
+
+    ingest = commands.add_parser(
+        "ingest", help="the ingest service (settings: BEELDPORTAAL_INGEST_*)"
+    )
+    ingest.add_argument(
+        "action",
+        choices=("serve", "assemble"),
+        help="serve: STOW-RS + C-STORE SCP; assemble: the study assembly agent (faust worker)",
+    )
+    ingest.set_defaults(handler=_ingest)
+
+    from deploy.tokens import add_token_commands
+
+    add_token_commands(commands)
     return parser
 
 

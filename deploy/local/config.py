@@ -86,7 +86,13 @@ class LocalConfig:
                 f"postgresql://{DB_USER}@127.0.0.1:{self.postgres_port}/{DATABASE}"
             ),
             "BEELDPORTAAL_PSEUDONYM_KEY": self.secret("pseudonym-key", 48),
+            # Services verify bearer tokens minted by `beeldportaal token mint` (dev issuer).
+            "BEELDPORTAAL_AUTH_PUBLIC_KEYS": str(self.dev_jwt_dir / "dev-jwt.pub"),
         }
+
+    @property
+    def dev_jwt_dir(self) -> Path:
+        return self.state_dir / "secrets" / "dev-jwt"
 
     def write_env_file(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from deploy.local.postgres import Postgres
 from deploy.local.processes import PlatformError
 from deploy.local.s3 import S3Server
 from shared import migrations
+from shared.auth import ensure_dev_keypair
 
 
 class Platform:
@@ -43,6 +44,7 @@ class Platform:
         except PlatformError:
             self.out("start-up failed; `beeldportaal platform down` stops what did start")
             raise
+        ensure_dev_keypair(self.config.dev_jwt_dir)
         env_file = self.config.write_env_file()
         self.out("")
         self.out(f"Kafka      {env['BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS']}")

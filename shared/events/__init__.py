@@ -3,11 +3,14 @@
 from shared.events.audit import AccessLogged, AuditAction, AuditOutcome
 from shared.events.base import Event, Model, SchemaRegistry, registry
 from shared.events.common import (
+    REPORT_SOP_CLASSES,
     BsnStatus,
     DeliveryChannel,
     IngestChannel,
     InstanceRef,
     PatientRef,
+    ReportKind,
+    ReportRef,
     SeriesSummary,
     StudySnapshot,
     Urgency,
@@ -28,6 +31,7 @@ from shared.events.ingest import InstanceStored, StudyReceived
 from shared.events.routing import Destination, RouteFailed, RouteResolved
 
 __all__ = [
+    "REPORT_SOP_CLASSES",
     "AccessLogged",
     "AuditAction",
     "AuditOutcome",
@@ -50,6 +54,8 @@ __all__ = [
     "PatientRef",
     "Provision",
     "Purpose",
+    "ReportKind",
+    "ReportRef",
     "RouteFailed",
     "RouteResolved",
     "SchemaRegistry",

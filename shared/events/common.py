@@ -91,6 +91,29 @@ class SeriesSummary(Model):
     number_of_instances: int = Field(ge=0)
 
 
+class ReportKind(StrEnum):
+    STRUCTURED_REPORT = "sr"
+    PDF = "pdf"
+
+
+# SOP classes that are reports rather than images (shown as their own timeline entry).
+REPORT_SOP_CLASSES: dict[str, ReportKind] = {
+    "1.2.840.10008.5.1.4.1.1.88.11": ReportKind.STRUCTURED_REPORT,  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22": ReportKind.STRUCTURED_REPORT,  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33": ReportKind.STRUCTURED_REPORT,  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34": ReportKind.STRUCTURED_REPORT,  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.104.1": ReportKind.PDF,  # Encapsulated PDF
+}
+
+
+class ReportRef(Model):
+    """A report instance in a study (DICOM SR or Encapsulated PDF)."""
+
+    sop_instance_uid: DicomUid
+    series_instance_uid: DicomUid
+    kind: ReportKind
+
+
 class StudySnapshot(Model):
     """A study as assembled by ingest at one version: what later stages carry forward.
 
@@ -111,7 +134,11 @@ class StudySnapshot(Model):
     institution_name: str | None = Field(default=None, max_length=64)
     modalities: tuple[str, ...] = ()
     series: tuple[SeriesSummary, ...] = ()
+    # The manifest: every instance of the study so far (claim checks into S3).
     instances: tuple[InstanceRef, ...] = ()
+    # The instances this version adds (all of them in version 1).
+    new_sop_instance_uids: tuple[DicomUid, ...] = ()
+    reports: tuple[ReportRef, ...] = ()
     urgency: Urgency = Urgency.ROUTINE
     # A free-text note from the sender to the recipient; never shown on the timeline.
     sender_note: str | None = Field(default=None, max_length=2000)

@@ -1,0 +1,1 @@
+"""Ingest adapters: multipart/related streaming, the peer directory."""

@@ -1,0 +1,46 @@
+"""Settings of the ingest service (``BEELDPORTAAL_INGEST_*``), read once in main()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class IngestSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_INGEST_", extra="ignore", hide_input_in_errors=True
+    )
+
+    service_name: str = "ingest"
+
+    # STOW-RS (and /healthz, /readyz, /metrics).
+    http_host: str = "127.0.0.1"
+    http_port: int = 8081
+    # Base of RetrieveURLs in STOW responses: the public address of the DICOMweb API.
+    public_base_url: str = "http://127.0.0.1:8081"
+
+    # C-STORE SCP.
+    dimse_host: str = "127.0.0.1"
+    dimse_port: int = 11112
+    dimse_max_associations: int = 16
+
+    # Who may send and who can receive: organisations, their AE titles and peer addresses.
+    peers_file: Path | None = None
+
+    # Received parts are spooled in memory up to this size, then to disk in spool_dir.
+    spool_memory_bytes: int = 8 * 1024 * 1024
+    spool_dir: Path | None = None
+    max_instance_bytes: int = 8 * 1024**3
+    max_instances_per_request: int = 10_000
+    # Instances of one request processed concurrently (S3 write + Kafka acknowledgement).
+    store_concurrency: int = 8
+
+    # Study assembly: announce a study once no instance arrived for this long.
+    stable_age_seconds: float = Field(default=15.0, gt=0)
+    assembly_check_interval_seconds: float = Field(default=1.0, gt=0)
+    # Table state of the assembly agent (rocksdb); None keeps it in memory (tests).
+    state_dir: Path | None = None

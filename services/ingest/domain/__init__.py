@@ -1,0 +1,1 @@
+"""Pure ingest rules: DICOM header checks, patient identity, object keys, statuses, assembly."""

@@ -1,0 +1,1 @@
+"""Ingest entrypoints: STOW-RS routes, the C-STORE SCP, the study assembly agent."""

@@ -1,0 +1,273 @@
+"""STOW-RS routes (``/dicomweb/to/{URA}/studies[/{uid}]``) plus /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+
+from services.ingest.adapters.multipart import (
+    MalformedMultipart,
+    RelatedType,
+    SpooledPart,
+    UnsupportedMediaType,
+    iter_parts,
+    parse_content_type,
+)
+from services.ingest.bootstrap import Ingest
+from services.ingest.domain.status import Status
+from services.ingest.domain.stow_response import InstanceResult, http_status, response_body
+from services.ingest.handlers.store import Outcome, Received, Submission
+from shared.auth import Principal
+from shared.events import IngestChannel, Urgency
+from shared.logging import correlation_context, get_logger
+
+log = get_logger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NOTE_HEADER = "X-Beeldportaal-Note"
+URGENCY_HEADER = "X-Beeldportaal-Urgency"
+COMPLETE_HEADER = "X-Beeldportaal-Study-Complete"
+
+
+def build_router(ingest: Ingest) -> APIRouter:
+    router = APIRouter()
+    principal = ingest.principal_dependency
+
+    async def stow(
+        request: Request,
+        ura: str,
+        study_uid: str | None,
+        sender: Principal,
+        note: str | None,
+        urgency: str | None,
+        complete: str | None,
+    ) -> Response:
+        started = time.perf_counter()
+        # 404 before a single body byte is read or stored.
+        if not ingest.peers.knows(ura):
+            raise HTTPException(404, f"no organisation with URA {ura} receives through this portal")
+        try:
+            related = parse_content_type(request.headers.get("content-type"))
+        except UnsupportedMediaType as exc:
+            raise HTTPException(415, str(exc)) from None
+        submission = Submission(
+            sender_ura=sender.organisation_ura,
+            recipient_ura=ura,
+            channel=IngestChannel.STOW_RS,
+            correlation_id=request.state.correlation_id,
+            sender_user=sender.user_uzi,
+            sender_endpoint=sender.client_id,
+            urgency=_urgency(urgency),
+            sender_note=_note(note),
+            completes_study=_flag(complete),
+            expected_study_uid=study_uid,
+        )
+        try:
+            results = await _store_parts(ingest, request, related, submission)
+        except MalformedMultipart as exc:  # 400, or 413 (PayloadTooLarge) for the limits
+            ingest.metrics.requests.labels(str(exc.status_code)).inc()
+            raise HTTPException(exc.status_code, f"multipart/related body refused: {exc}") from None
+        status = http_status(results)
+        study_url = _study_url(ingest, results, study_uid)
+        headers = _warning_headers(results)
+        if status == 503:
+            headers["Retry-After"] = "5"
+        ingest.metrics.requests.labels(str(status)).inc()
+        ingest.metrics.request_duration.labels("stow-rs").observe(time.perf_counter() - started)
+        return JSONResponse(
+            response_body(results, study_url),
+            status_code=status,
+            media_type=DICOM_JSON,
+            headers=headers,
+        )
+
+    @router.post("/dicomweb/to/{ura}/studies", tags=["STOW-RS"], summary="Store instances")
+    async def store_instances(
+        request: Request,
+        ura: str,
+        sender: Principal = Depends(principal),  # noqa: B008  (a local: see shared.auth)
+        note: Annotated[str | None, Header(alias=NOTE_HEADER)] = None,
+        urgency: Annotated[str | None, Header(alias=URGENCY_HEADER)] = None,
+        complete: Annotated[str | None, Header(alias=COMPLETE_HEADER)] = None,
+    ) -> Response:
+        return await stow(request, ura, None, sender, note, urgency, complete)
+
+    @router.post(
+        "/dicomweb/to/{ura}/studies/{study_uid}",
+        tags=["STOW-RS"],
+        summary="Store instances of one study",
+    )
+    async def store_study_instances(
+        request: Request,
+        ura: str,
+        study_uid: str,
+        sender: Principal = Depends(principal),  # noqa: B008  (a local: see shared.auth)
+        note: Annotated[str | None, Header(alias=NOTE_HEADER)] = None,
+        urgency: Annotated[str | None, Header(alias=URGENCY_HEADER)] = None,
+        complete: Annotated[str | None, Header(alias=COMPLETE_HEADER)] = None,
+    ) -> Response:
+        return await stow(request, ura, study_uid, sender, note, urgency, complete)
+
+    return router
+
+
+async def _store_parts(
+    ingest: Ingest, request: Request, related: RelatedType, submission: Submission
+) -> list[InstanceResult]:
+    settings = ingest.settings
+    slots = asyncio.Semaphore(settings.store_concurrency)
+    tasks: list[asyncio.Task[InstanceResult]] = []
+
+    async def one(part: SpooledPart) -> InstanceResult:
+        try:
+            if part.content_type is not None and part.media_type != "application/dicom":
+                return InstanceResult(
+                    Status.CANNOT_UNDERSTAND,
+                    f"part {part.index + 1} is {part.media_type}, not application/dicom",
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            outcome = await ingest.store.store(
+                Received(part.file, part.size, part.sha256), submission
+            )
+            return _result(ingest, outcome)
+        finally:
+            part.close()
+            slots.release()
+
+    try:
+        async for part in iter_parts(
+            request.stream(),
+            related,
+            spool_memory=settings.spool_memory_bytes,
+            max_part_bytes=settings.max_instance_bytes,
+            max_parts=settings.max_instances_per_request,
+            spool_dir=str(settings.spool_dir) if settings.spool_dir else None,
+        ):
+            # Backpressure: at most store_concurrency parts are spooled and in flight.
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(part)))
+    finally:
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    results: list[InstanceResult] = []
+    for item in done:
+        if isinstance(item, BaseException):
+            log.error("storing a part failed unexpectedly", error=repr(item))
+            results.append(
+                InstanceResult(Status.PROCESSING_FAILURE, "internal error", None, None, None, None)
+            )
+        else:
+            results.append(item)
+    return results
+
+
+def _result(ingest: Ingest, outcome: Outcome) -> InstanceResult:
+    url = None
+    if outcome.ok:
+        url = (
+            f"{ingest.retrieve_base}/studies/{outcome.study_instance_uid}"
+            f"/series/{outcome.stored.series_instance_uid}"  # type: ignore[union-attr]
+            f"/instances/{outcome.sop_instance_uid}"
+        )
+    return InstanceResult(
+        outcome.status,
+        outcome.reason,
+        outcome.sop_class_uid,
+        outcome.sop_instance_uid,
+        outcome.study_instance_uid,
+        url,
+    )
+
+
+def _study_url(ingest: Ingest, results: list[InstanceResult], study_uid: str | None) -> str | None:
+    studies = {r.study_instance_uid for r in results if r.retrieve_url}
+    uid = study_uid or (next(iter(studies)) if len(studies) == 1 else None)
+    return f"{ingest.retrieve_base}/studies/{uid}" if uid else None
+
+
+def _warning_headers(results: list[InstanceResult]) -> dict[str, str]:
+    reasons = sorted({f"{int(r.status):04X} {r.reason}" for r in results if r.retrieve_url is None})
+    if not reasons:
+        return {}
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    text = shown.replace('"', "'").encode("latin-1", "replace").decode("latin-1")
+    return {"Warning": f'299 beeldportaal "{text}"'}
+
+
+def _urgency(value: str | None) -> Urgency:
+    if value is None or not value.strip():
+        return Urgency.ROUTINE
+    try:
+        return Urgency(value.strip().lower())
+    except ValueError:
+        allowed = ", ".join(u.value for u in Urgency)
+        raise HTTPException(400, f"{URGENCY_HEADER} must be one of {allowed}") from None
+
+
+def _note(value: str | None) -> str | None:
+    # HTTP header values are Latin-1; a note in any language is sent percent-encoded UTF-8.
+    if value is None or not value.strip():
+        return None
+    note = urllib.parse.unquote(value.strip(), errors="strict")
+    if len(note) > 2000:
+        raise HTTPException(400, f"{NOTE_HEADER} is longer than 2000 characters")
+    return note
+
+
+def _flag(value: str | None) -> bool:
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in {"true", "1", "yes"}:
+        return True
+    if lowered in {"false", "0", "no", ""}:
+        return False
+    raise HTTPException(400, f"{COMPLETE_HEADER} must be true or false")
+
+
+def add_operational_routes(app: FastAPI, ingest: Ingest) -> None:
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> Response:
+        checks = await ingest.readiness()
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics(request: Request) -> Response:
+        body, content_type = ingest.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+
+def create_app(ingest: Ingest) -> FastAPI:
+    app = FastAPI(
+        title="beeldportaal ingest",
+        description="DICOMweb STOW-RS front door: hospitals send studies addressed to a provider.",
+        version="0.1.0",
+        lifespan=ingest.lifespan,
+    )
+
+    @app.middleware("http")
+    async def correlation(request: Request, call_next):  # type: ignore[no-untyped-def]
+        offered = request.headers.get("x-correlation-id")
+        with correlation_context(offered if offered and _SAFE_ID.match(offered) else None) as cid:
+            request.state.correlation_id = cid
+            response = await call_next(request)
+            response.headers["X-Correlation-Id"] = cid
+            return response
+
+    app.include_router(build_router(ingest))
+    add_operational_routes(app, ingest)
+    return app

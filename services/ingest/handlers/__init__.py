@@ -1,0 +1,1 @@
+"""Ingest use cases: store one received instance (validate, S3, announce)."""

@@ -1,0 +1,55 @@
+"""Process entry points of ingest: `serve` (STOW-RS + C-STORE SCP) and `assemble` (faust agent)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+from services.ingest.bootstrap import build
+from services.ingest.config import IngestSettings
+from shared.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+async def _serve(settings: IngestSettings) -> None:
+    from services.ingest.entrypoints.http import create_app
+    from services.ingest.entrypoints.scp import StoreSCP
+
+    ingest = build(settings)
+    ingest.scp = StoreSCP()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(ingest),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,  # our JSON logging
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+        )
+    )
+    log.info(
+        "ingest starting",
+        stow=f"http://{settings.http_host}:{settings.http_port}/dicomweb/to/{{URA}}/studies",
+        dimse=f"{settings.dimse_host}:{settings.dimse_port}",
+    )
+    # uvicorn handles SIGTERM/SIGINT: it stops accepting, drains requests in flight, then runs
+    # the lifespan exit, which stops the SCP (finishing open associations) and then the producer.
+    await server.serve()
+
+
+def serve(settings: IngestSettings | None = None) -> int:
+    settings = settings or IngestSettings()
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+def assemble(settings: IngestSettings | None = None) -> int:
+    from services.ingest.entrypoints.assembly import main
+
+    settings = settings or IngestSettings()
+    configure_logging(f"{settings.service_name}-assembly", settings.log_level, settings.log_json)
+    return int(main(settings) or 0)

@@ -1,0 +1,74 @@
+"""Object keys for received instances: sender, study, series, instance, and nothing personal."""
+
+import dataclasses
+import io
+
+import pytest
+from pydantic import TypeAdapter
+
+from services.ingest.domain.dicom import InstanceHeader, read_header
+from services.ingest.domain.keys import object_key
+from shared.events.common import ObjectKey
+from tests.dicom_samples import bsn_item, make_dicom_bytes
+
+SENDER_URA = "12345678"
+
+
+def header(**attrs: object) -> InstanceHeader:
+    data = make_dicom_bytes(**attrs)
+    return read_header(io.BytesIO(data), len(data))
+
+
+def test_the_key_is_sender_study_series_and_instance() -> None:
+    h = header()
+    key = object_key(SENDER_URA, h)
+    assert key == (
+        f"{SENDER_URA}/{h.study_instance_uid}/{h.series_instance_uid}/{h.sop_instance_uid}.dcm"
+    )
+
+
+def test_the_key_is_a_valid_object_key_for_the_events() -> None:
+    key = object_key(SENDER_URA, header())
+    assert TypeAdapter(ObjectKey).validate_python(key) == key
+
+
+def test_the_key_holds_no_patient_data() -> None:
+    h = header(patient=bsn_item("999990019"), PatientName="Jansen^Anna")
+    key = object_key(SENDER_URA, h)
+    assert "999990019" not in key
+    assert "Jansen" not in key
+
+
+def test_two_senders_reusing_a_uid_get_different_keys() -> None:
+    h = header()
+    assert object_key("12345678", h) != object_key("87654321", h)
+
+
+def test_uids_of_the_maximum_length_fit_in_a_key() -> None:
+    uid = "1." + "2" * 62
+    h = dataclasses.replace(
+        header(), study_instance_uid=uid, series_instance_uid=uid, sop_instance_uid=uid
+    )
+    assert object_key(SENDER_URA, h).count(uid) == 3
+
+
+@pytest.mark.parametrize("ura", ["1234567", "123456789", "abcdefgh", "1234567/", "../12345"])
+def test_a_sender_ura_that_is_not_eight_digits_is_refused(ura: str) -> None:
+    with pytest.raises(ValueError, match="URA"):
+        object_key(ura, header())
+
+
+@pytest.mark.parametrize(
+    ("field", "uid"),
+    [
+        ("study_instance_uid", "../../etc"),
+        ("series_instance_uid", "1.2/3.4"),
+        ("sop_instance_uid", ".."),
+        ("sop_instance_uid", "1.2.03"),
+        ("study_instance_uid", "1." + "2" * 63),
+    ],
+)
+def test_a_uid_that_is_not_valid_never_becomes_part_of_a_key(field: str, uid: str) -> None:
+    h = dataclasses.replace(header(), **{field: uid})
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        object_key(SENDER_URA, h)
