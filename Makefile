@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install up down status test test-unit lint bench-bus clean
+.PHONY: help install up down status test test-unit lint bench-bus bench-ingest clean
 
 help:
 	@echo "make up        install what is missing and start the local platform (Kafka, S3, PostgreSQL)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-unit the unit tier only (no platform needed)"
 	@echo "make lint      ruff"
 	@echo "make bench-bus round-trip 100,000 events through Kafka; prints JSON"
+	@echo "make bench-ingest 2,000 instances over STOW-RS into beeldportaal and Orthanc; prints JSON"
 
 install: $(STAMP)
 
@@ -48,6 +49,9 @@ lint: install
 
 bench-bus: install
 	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.bus
+
+bench-ingest: install
+	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.ingest
 
 clean:
 	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform purge; fi

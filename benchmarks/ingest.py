@@ -43,11 +43,13 @@ import platform
 import queue
 import re
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -223,6 +225,124 @@ def orthanc_target(state_dir: Path | None = None) -> Iterator[tuple[Target, Orth
         peer.start()
         log(f"orthanc {peer.rest('GET', '/system')['Version']} pid {peer.pid} on {peer.base_url}")
         yield Target("orthanc", peer.stow_url, {}, peer.pid), peer
+
+
+BENCH_SENDER = "00000001"
+BENCH_RECIPIENT = "00000002"
+
+
+@contextlib.contextmanager
+def beeldportaal_target() -> Iterator[tuple[Target, Any]]:
+    """``beeldportaal ingest serve`` as its own process against the running local platform.
+
+    It writes to a bucket of its own (deleted afterwards); the second value counts what is
+    durably in that bucket, to check that every acknowledged instance really was stored.
+    """
+    from minio import Minio
+
+    from deploy.local.config import LocalConfig, read_env_file
+    from shared.auth import mint_token
+
+    config = LocalConfig.from_env()
+    if not config.env_file.exists():
+        raise SystemExit("the local platform is not up: run `beeldportaal platform up` first")
+    env = {**os.environ, **read_env_file(config.env_file)}
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-")))
+        peers = work / "peers.json"
+        peers.write_text(
+            json.dumps(
+                {
+                    "organisations": [
+                        {"ura": BENCH_SENDER, "name": "Bench sender"},
+                        {"ura": BENCH_RECIPIENT, "name": "Bench recipient"},
+                    ]
+                }
+            )
+        )
+        http_port, dimse_port = _free_port(), _free_port()
+        env.update(
+            BEELDPORTAAL_S3_BUCKET=bucket,
+            BEELDPORTAAL_INGEST_HTTP_PORT=str(http_port),
+            BEELDPORTAAL_INGEST_PUBLIC_BASE_URL=f"http://127.0.0.1:{http_port}",
+            BEELDPORTAAL_INGEST_DIMSE_PORT=str(dimse_port),
+            BEELDPORTAAL_INGEST_PEERS_FILE=str(peers),
+            BEELDPORTAAL_INGEST_SPOOL_DIR=str(work),
+            BEELDPORTAAL_INGEST_LOG_LEVEL="WARNING",
+        )
+        log_file = open(work / "ingest.log", "wb")  # noqa: SIM115 - closed by the stack
+        stack.callback(log_file.close)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "ingest", "serve"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop() -> None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+
+        stack.callback(stop)
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    "beeldportaal ingest did not become ready:\n"
+                    + (work / "ingest.log").read_text(errors="replace")[-3000:]
+                )
+            time.sleep(0.2)
+        s3 = Minio(
+            env["BEELDPORTAAL_S3_ENDPOINT"],
+            access_key=env["BEELDPORTAAL_S3_ACCESS_KEY"],
+            secret_key=env["BEELDPORTAAL_S3_SECRET_KEY"],
+            region=env.get("BEELDPORTAAL_S3_REGION", "us-east-1"),
+            secure=False,
+        )
+
+        def drop_bucket() -> None:
+            for obj in s3.list_objects(bucket, recursive=True):
+                s3.remove_object(bucket, obj.object_name)
+            s3.remove_bucket(bucket)
+
+        stack.callback(drop_bucket)
+
+        def durable_instances() -> int:
+            return sum(
+                1
+                for obj in s3.list_objects(bucket, prefix=f"{BENCH_SENDER}/", recursive=True)
+                if obj.object_name.endswith(".dcm")
+            )
+
+        token = mint_token(config.dev_jwt_dir / "dev-jwt.key", ura=BENCH_SENDER)
+        log(f"beeldportaal ingest pid {server.pid} on {base}")
+        yield (
+            Target(
+                "beeldportaal",
+                f"{base}/dicomweb/to/{BENCH_RECIPIENT}/studies",
+                {"Authorization": f"Bearer {token}"},
+                server.pid,
+            ),
+            durable_instances,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -500,12 +620,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the built-in Orthanc")
     parser.add_argument(
+        "--no-beeldportaal",
+        action="store_true",
+        help="skip the built-in beeldportaal ingest (needs `beeldportaal platform up`)",
+    )
+    parser.add_argument(
         "--orthanc-state", type=Path, help="state directory for Orthanc (default: a temp dir)"
     )
     args = parser.parse_args(argv)
-    if args.no_orthanc and not args.target:
-        parser.error("--no-orthanc needs at least one --target")
-    names = [t.name for t in args.target] + ([] if args.no_orthanc else ["orthanc"])
+    if args.no_orthanc and args.no_beeldportaal and not args.target:
+        parser.error("nothing to measure")
+    names = (
+        [t.name for t in args.target]
+        + ([] if args.no_orthanc else ["orthanc"])
+        + ([] if args.no_beeldportaal else ["beeldportaal"])
+    )
     if len(set(names)) != len(names):
         parser.error(f"target names must be unique (orthanc is built in): {names}")
     return args
@@ -548,6 +677,17 @@ def main(argv: list[str] | None = None) -> int:
         ok &= result["verified"] and result["failures"] == 0
         report["targets"]["orthanc"] = result
         log(f"orthanc: {result['instances_per_s']} instances/s, {count} stored")
+    if not args.no_beeldportaal:
+        built = bodies()
+        with beeldportaal_target() as (target, durable_instances):
+            log(f"beeldportaal: {args.instances} instances in {len(built)} requests")
+            result = measure(target, built, args.clients)
+            count = durable_instances()
+            result["verified_instances"] = count
+            result["verified"] = count == args.instances
+        ok &= result["verified"] and result["failures"] == 0
+        report["targets"]["beeldportaal"] = result
+        log(f"beeldportaal: {result['instances_per_s']} instances/s, {count} durable in S3")
     for target in args.target:
         built = bodies()
         log(f"{target.name}: {args.instances} instances to {target.stow_url}")

@@ -23,6 +23,8 @@ from typing import Any
 
 import pydicom.data
 from pydicom import config, dcmwrite
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
@@ -242,15 +244,16 @@ def patient_id_item(
 ) -> Dataset:
     """A Patient ID with its issuer, as the data set's own or as an Other Patient IDs item."""
     item = Dataset()
-    if patient_id is not None:
-        item.PatientID = patient_id
-    if issuer is not None:
-        item.IssuerOfPatientID = issuer
-    if qualifiers_oid is not None:
-        qualifier = Dataset()
-        qualifier.UniversalEntityID = qualifiers_oid
-        qualifier.UniversalEntityIDType = qualifiers_type
-        item.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
+    with lenient_writing():
+        if patient_id is not None:
+            item.PatientID = patient_id
+        if issuer is not None:
+            item.IssuerOfPatientID = issuer
+        if qualifiers_oid is not None:
+            qualifier = Dataset()
+            qualifier.UniversalEntityID = qualifiers_oid
+            qualifier.UniversalEntityIDType = qualifiers_type
+            item.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
     return item
 
 
@@ -281,7 +284,8 @@ def make_dataset(
     other_patient_ids: Iterable[Dataset] = (),
     **attrs: Any,
 ) -> Dataset:
-    """A valid instance of ``sop_class_uid`` with fresh UIDs; ``attrs`` by keyword (None removes).
+    """A valid instance of ``sop_class_uid`` with fresh UIDs; ``attrs`` by keyword (None removes,
+    a DataElement from ``unparsable`` is set as is).
 
     ``patient`` replaces the default hospital Patient ID (see ``patient_id_item``/``bsn_item``).
     Values are not validated, so ``attrs`` may be invalid on purpose.
@@ -344,9 +348,18 @@ def _make_dataset(
         if value is None:
             if keyword in ds:
                 del ds[keyword]
+        elif isinstance(value, DataElement):
+            ds[value.tag] = value
         else:
             setattr(ds, keyword, value)
     return ds
+
+
+def unparsable(keyword: str, text: str) -> DataElement:
+    """An element holding ``text`` as is, where pydicom would refuse it (an IS of '1A')."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return DataElement(tag, dictionary_VR(tag), text, already_converted=True)
 
 
 def make_dicom_bytes(

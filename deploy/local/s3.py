@@ -63,7 +63,15 @@ class S3Server:
             ROOT_SECRET_KEY=env["BEELDPORTAAL_S3_SECRET_KEY"],
         )
         self.process.start(
-            [str(self.binary), "--port", self.endpoint, "--quiet", "posix", str(self.root)],
+            [
+                str(self.binary),
+                "--port",
+                self.endpoint,
+                "--quiet",
+                "--keep-alive",
+                "posix",
+                str(self.root),
+            ],
             env=child_env,
         )
         wait_until(self.ready, 60, "S3 (versitygw)", self.process)

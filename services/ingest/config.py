@@ -38,6 +38,8 @@ class IngestSettings(ServiceSettings):
     max_instances_per_request: int = 10_000
     # Instances of one request processed concurrently (S3 write + Kafka acknowledgement).
     store_concurrency: int = 8
+    # Threads for blocking work (header reads, S3 calls): enough for every request in flight.
+    io_threads: int = Field(default=32, ge=4)
 
     # Study assembly: announce a study once no instance arrived for this long.
     stable_age_seconds: float = Field(default=15.0, gt=0)

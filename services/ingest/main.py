@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import uvicorn
 
@@ -43,6 +44,8 @@ async def _serve(settings: IngestSettings) -> None:
 def serve(settings: IngestSettings | None = None) -> int:
     settings = settings or IngestSettings()
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    # pynetdicom logs a line per received instance at INFO; our own log says what matters.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     asyncio.run(_serve(settings))
     return 0
 

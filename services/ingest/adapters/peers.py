@@ -12,6 +12,7 @@ routing service feeds it::
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,20 @@ from shared.identifiers import Ura
 _AE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # PS3.5 AE VR: 16 chars, no backslash or control chars
 
 
+def _ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title cannot be blank")
+    return stripped
+
+
+def _peer_address(host: str) -> str:
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return str(address)
+
+
 class _DimseSender(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     ae_title: str = Field(pattern=_AE)
@@ -32,7 +47,13 @@ class _DimseSender(BaseModel):
     @field_validator("ae_title")
     @classmethod
     def _strip(cls, value: str) -> str:
-        return value.strip()
+        return _ae_title(value)
+
+    @field_validator("hosts")
+    @classmethod
+    def _addresses(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        # A typo must fail loudly at start-up, not silently deny a hospital at 3 a.m.
+        return tuple(str(ipaddress.ip_address(h.strip())) for h in hosts)
 
 
 class _Organisation(BaseModel):
@@ -41,6 +62,11 @@ class _Organisation(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     receive_ae_title: str | None = Field(default=None, pattern=_AE)
     dimse_senders: tuple[_DimseSender, ...] = ()
+
+    @field_validator("receive_ae_title")
+    @classmethod
+    def _strip_ae(cls, value: str | None) -> str | None:
+        return _ae_title(value) if value is not None else None
 
 
 class _PeersFile(BaseModel):
@@ -113,4 +139,9 @@ class PeerDirectory:
         if entry is None:
             return None
         ura, hosts = entry
-        return ura if not hosts or host in hosts else None
+        if not hosts:
+            return ura
+        try:
+            return ura if _peer_address(host) in hosts else None
+        except ValueError:
+            return None

@@ -172,6 +172,9 @@ class InstanceHeader:
     series_description: str | None = None
     instance_number: int | None = None
     report_kind: ReportKind | None = None
+    # Where the data set starts (after preamble and File Meta): the same instance sent twice,
+    # e.g. once by STOW-RS and once by C-STORE, differs only in the bytes before this offset.
+    data_set_offset: int = 0
 
 
 def is_valid_uid(value: str) -> bool:
@@ -214,6 +217,7 @@ def _read(fp: BinaryIO, size: int) -> InstanceHeader:
     if prefix[128:] != b"DICM":
         raise _Malformed("not a DICOM Part 10 file: no 'DICM' prefix after the preamble")
     meta = _read_file_meta(raw)
+    data_set_offset = raw.pos
 
     transfer_syntax = _required_uid(meta, _TRANSFER_SYNTAX, "Transfer Syntax UID")
     if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
@@ -252,18 +256,35 @@ def _read(fp: BinaryIO, size: int) -> InstanceHeader:
         study_instance_uid=study,
         series_instance_uid=series,
         transfer_syntax_uid=transfer_syntax,
-        patient=find_bsn(Dataset({tag: kept[tag] for tag in PATIENT_ID_TAGS if tag in kept})),
+        patient=_find_bsn(kept),
         modality=_limit(_ascii(kept.get(_MODALITY)), CODE_MAX),
         study_date=_date(_ascii(kept.get(_STUDY_DATE))),
         study_time=_time(_ascii(kept.get(_STUDY_TIME))),
-        accession_number=_limit(_text(kept.get(_ACCESSION_NUMBER), encodings), 16),
+        accession_number=_limit(
+            _text(kept.get(_ACCESSION_NUMBER), encodings), ACCESSION_NUMBER_MAX
+        ),
         study_description=_limit(_text(kept.get(_STUDY_DESCRIPTION), encodings), TEXT_MAX),
         institution_name=_limit(_text(kept.get(_INSTITUTION_NAME), encodings), TEXT_MAX),
         series_number=_integer_string(_ascii(kept.get(_SERIES_NUMBER))),
         series_description=_limit(_text(kept.get(_SERIES_DESCRIPTION), encodings), TEXT_MAX),
         instance_number=_integer_string(_ascii(kept.get(_INSTANCE_NUMBER))),
         report_kind=REPORT_SOP_CLASSES.get(sop_class),
+        data_set_offset=data_set_offset,
     )
+
+
+def _find_bsn(kept: dict[int, RawDataElement]) -> BsnFinding:
+    patient = Dataset({BaseTag(tag): kept[tag] for tag in PATIENT_ID_TAGS if tag in kept})
+    try:
+        return find_bsn(patient)
+    except Exception:
+        # pydicom parses the kept sequences itself and sniffs each item's VR encoding. The walk
+        # has checked them in the declared encoding, so this is not expected; should pydicom
+        # still disagree with untrusted bytes, refuse them rather than crash. The cause is
+        # dropped on purpose: pydicom's messages may quote values.
+        raise Rejected(
+            Status.CANNOT_UNDERSTAND, "the patient identification sequences cannot be parsed"
+        ) from None
 
 
 def _read_file_meta(raw: _FileStream) -> dict[int, RawDataElement]:
@@ -271,7 +292,7 @@ def _read_file_meta(raw: _FileStream) -> dict[int, RawDataElement]:
     meta: dict[int, RawDataElement] = {}
     start = raw.pos
     try:
-        while (peeked := raw.peek(2)) and struct.unpack("<H", peeked)[0] == 0x0002:
+        while len(peeked := raw.peek(2)) == 2 and struct.unpack("<H", peeked)[0] == 0x0002:
             tag, vr, length = _element_header(raw, _EXPLICIT_LE)
             if length == _UNDEFINED_LENGTH or raw.pos + length - start > MAX_FILE_META_BYTES:
                 raise _Malformed("the File Meta Information is malformed or implausibly large")

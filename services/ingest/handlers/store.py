@@ -4,13 +4,21 @@ Both front doors (STOW-RS and the C-STORE SCP) call :meth:`InstanceStore.store`.
 reported stored only once its bytes are durable in S3 *and* Kafka acknowledged its
 ``instance-stored`` event; every other outcome is a DICOM status with a reason, never an
 exception, and never leaves an announcement for bytes that are not stored.
+
+Resends: the object key is derived from the UIDs, so identical bytes find their object already
+there. The event id is derived from what was stored, so announcing them again is announcing the
+*same* event; study assembly ignores it. A bounded memory of recent announcements spares even
+that for the usual case (a client retrying the same request). Nothing per instance is written
+besides the object itself: on these machines every extra S3 PUT costs as much as the instance.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,12 +35,16 @@ from shared.kafka import EventPublisher
 from shared.logging import get_logger
 from shared.storage.port import (
     ChecksumMismatch,
+    ObjectInfo,
     ObjectStore,
     ObjectStoreError,
     ObjectStoreUnavailable,
 )
 
 log = get_logger(__name__)
+
+# S3 user metadata: sha256 of the data set alone (the bytes after the File Meta).
+DATA_SET_SHA256 = "dataset-sha256"
 
 # Event ids of instance-stored are derived from what was stored, so a re-announcement after a
 # crash is recognisably the same event.
@@ -99,9 +111,15 @@ class InstanceStore:
         self._metrics = metrics
         self._producer = producer
         self._clock = clock
+        self._announced = _BoundedSet(100_000)
+        self._key_locks = [threading.Lock() for _ in range(256)]
 
     async def store(self, received: Received, submission: Submission) -> Outcome:
-        outcome = await self._store(received, submission)
+        try:
+            outcome = await self._store(received, submission)
+        except Exception:  # the contract: a status for the peer, never an exception
+            log.exception("storing an instance failed unexpectedly", channel=submission.channel)
+            outcome = Outcome(Status.PROCESSING_FAILURE, "internal error while storing")
         channel = submission.channel.value
         self._metrics.instance_size.observe(received.size)
         if outcome.ok:
@@ -124,8 +142,66 @@ class InstanceStore:
         return outcome
 
     async def _store(self, received: Received, submission: Submission) -> Outcome:
+        # Header check and S3 write in one trip to a worker thread: both block.
+        persisted = await asyncio.to_thread(self._persist, received, submission)
+        if isinstance(persisted, Outcome):
+            return persisted
+        header, key, info, created = persisted
+
+        def failed(status: Status, reason: str) -> Outcome:
+            return Outcome(
+                status,
+                reason,
+                header.sop_class_uid,
+                header.sop_instance_uid,
+                header.study_instance_uid,
+            )
+
+        # What is stored is what the claim check names: for a resend, the first copy.
+        ref = InstanceRef(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            series_instance_uid=header.series_instance_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            object_key=key,
+            size=info.size,
+            sha256=info.sha256 or received.sha256,
+        )
+        memory_key = (submission.sender_ura, submission.recipient_ura, key, ref.sha256)
+        if not created and memory_key in self._announced:
+            return Outcome(
+                Status.SUCCESS,
+                "already received",
+                header.sop_class_uid,
+                header.sop_instance_uid,
+                header.study_instance_uid,
+                stored=ref,
+                announced=False,
+            )
+
+        event = self._event(header, ref, submission)
         try:
-            header = await asyncio.to_thread(_read, received)
+            await self._publisher.publish(event)
+        except TransientError:
+            # The bytes stay in S3 under their key; a retry finds them and announces them then.
+            return failed(Status.OUT_OF_RESOURCES, "the event bus is unavailable; retry later")
+        self._metrics.produced(InstanceStored.topic, InstanceStored.schema_name)
+        self._announced.add(memory_key)
+        return Outcome(
+            Status.SUCCESS,
+            "stored",
+            header.sop_class_uid,
+            header.sop_instance_uid,
+            header.study_instance_uid,
+            stored=ref,
+            announced=True,
+        )
+
+    def _persist(
+        self, received: Received, submission: Submission
+    ) -> Outcome | tuple[InstanceHeader, str, ObjectInfo, bool]:
+        try:
+            header = _read(received)
         except Rejected as exc:
             return Outcome(exc.status, exc.reason)
 
@@ -145,16 +221,20 @@ class InstanceStore:
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "Study Instance UID does not match the study in the request URL",
             )
-
         key = object_key(submission.sender_ura, header)
         try:
-            info, created = await asyncio.to_thread(
-                self._objects.put_if_absent,
-                key,
-                received.file,
-                received.size,
-                sha256=received.sha256,
-            )
+            # S3 servers differ in how atomic a conditional write is under a race (versitygw
+            # checks at the start of an upload, not at its end): writers of one key within this
+            # process take turns, so "never overwrite" does not depend on the server.
+            data_set_sha256 = _data_set_sha256(received, header.data_set_offset)
+            with self._key_locks[hash(key) % len(self._key_locks)]:
+                info, created = self._objects.put_if_absent(
+                    key,
+                    received.file,
+                    received.size,
+                    metadata={DATA_SET_SHA256: data_set_sha256},
+                    sha256=received.sha256,
+                )
         except ObjectStoreUnavailable:
             return failed(Status.OUT_OF_RESOURCES, "object storage is unavailable; retry later")
         except ChecksumMismatch:
@@ -162,52 +242,19 @@ class InstanceStore:
         except ObjectStoreError as exc:
             log.error("object store refused an instance", error=str(exc), key=key)
             return failed(Status.OUT_OF_RESOURCES, "object storage refused the write; retry later")
-
-        if not created and info.sha256 != received.sha256:
+        # Other bytes under this key: the same instance with another File Meta (another channel
+        # or toolkit wrapped it) is still the same instance; anything else is not.
+        if (
+            not created
+            and info.sha256 != received.sha256
+            and info.metadata.get(DATA_SET_SHA256) != data_set_sha256
+        ):
             return failed(
                 Status.DUPLICATE_SOP_INSTANCE,
                 "this sender already sent an instance with this SOP Instance UID and other "
                 "content; it is kept and not overwritten",
             )
-
-        ref = InstanceRef(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            series_instance_uid=header.series_instance_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            object_key=key,
-            size=received.size,
-            sha256=received.sha256,
-        )
-        receipt = _receipt_key(submission, header)
-        if not created and await self._has_receipt(receipt):
-            return Outcome(
-                Status.SUCCESS,
-                "already received",
-                header.sop_class_uid,
-                header.sop_instance_uid,
-                header.study_instance_uid,
-                stored=ref,
-                announced=False,
-            )
-
-        event = self._event(header, ref, submission)
-        try:
-            await self._publisher.publish(event)
-        except TransientError:
-            # The bytes stay in S3 under their key; a retry finds them and announces them then.
-            return failed(Status.OUT_OF_RESOURCES, "the event bus is unavailable; retry later")
-        self._metrics.produced(InstanceStored.topic, InstanceStored.schema_name)
-        await self._write_receipt(receipt, event)
-        return Outcome(
-            Status.SUCCESS,
-            "stored",
-            header.sop_class_uid,
-            header.sop_instance_uid,
-            header.study_instance_uid,
-            stored=ref,
-            announced=True,
-        )
+        return header, key, info, created
 
     def _event(self, header: InstanceHeader, ref: InstanceRef, sub: Submission) -> InstanceStored:
         finding = header.patient
@@ -241,21 +288,31 @@ class InstanceStore:
             completes_study=sub.completes_study,
         )
 
-    async def _has_receipt(self, key: str) -> bool:
-        try:
-            return await asyncio.to_thread(self._objects.exists, key)
-        except ObjectStoreError:
-            return False  # unknown: announce again; study assembly ignores a repeat
 
-    async def _write_receipt(self, key: str, event: InstanceStored) -> None:
-        body = json.dumps({"event_id": str(event.event_id), "sha256": event.instance.sha256})
-        try:
-            await asyncio.to_thread(
-                self._objects.put_if_absent, key, body.encode(), None, "application/json"
-            )
-        except ObjectStoreError as exc:
-            # Stored and announced all the same; without a receipt a resend re-announces it.
-            log.warning("could not write receipt", key=key, error=str(exc))
+class _BoundedSet:
+    """Remembers the most recent ``size`` keys (insertion order; oldest forgotten first)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._keys: OrderedDict[object, None] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: object) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+
+
+def _data_set_sha256(received: Received, offset: int) -> str:
+    digest = hashlib.sha256()
+    received.file.seek(offset)
+    while chunk := received.file.read(1024 * 1024):
+        digest.update(chunk)
+    received.file.seek(0)
+    return digest.hexdigest()
 
 
 def _read(received: Received) -> InstanceHeader:
@@ -264,9 +321,3 @@ def _read(received: Received) -> InstanceHeader:
         return read_header(received.file, received.size)
     finally:
         received.file.seek(0)
-
-
-def _receipt_key(sub: Submission, header: InstanceHeader) -> str:
-    # One receipt per (sender, recipient, instance): the same bytes sent to a second recipient
-    # are stored once but announced for each recipient.
-    return f"receipts/{sub.sender_ura}/{sub.recipient_ura}/{header.sop_instance_uid}"

@@ -358,3 +358,22 @@ def test_readiness_reports_kafka_and_s3_and_metrics_count_what_came_in(
     assert json.loads(requests.get(f"{ingest_service.base_url}/openapi.json", timeout=10).text)[
         "paths"
     ]
+
+
+def test_the_same_data_set_wrapped_in_another_file_meta_is_the_same_instance(
+    ingest_service: RunningIngest, instance_stored_tap: EventTap, bucket: S3Settings
+) -> None:
+    uids = {
+        "SOPInstanceUID": pydicom.uid.generate_uid(),
+        "StudyInstanceUID": pydicom.uid.generate_uid(),
+        "SeriesInstanceUID": pydicom.uid.generate_uid(),
+    }
+    first = make_dicom_bytes(**uids)
+    rewrapped = make_dicom_bytes(file_meta={"ImplementationVersionName": "OTHER_TOOLKIT"}, **uids)
+    assert first != rewrapped
+    assert post(ingest_service, multipart([first])).status_code == 200
+    again = post(ingest_service, multipart([rewrapped]))
+    assert again.status_code == 200, again.text
+    [event] = instance_stored_tap.read(for_sops([uids["SOPInstanceUID"]]), expect=1, settle=2.0)
+    assert stored_bytes(bucket, event.instance.object_key) == first  # the first copy is kept
+    assert event.instance.sha256 == hashlib.sha256(first).hexdigest()

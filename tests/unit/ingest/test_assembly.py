@@ -1,0 +1,408 @@
+"""Study assembly rules: when a study is stable, what study-received says, which versions follow."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+
+import pytest
+
+from services.ingest.domain.assembly import (
+    COMPLETION_QUIET,
+    Added,
+    AssemblyKey,
+    StudyAssemblies,
+    add,
+    add_instance,
+    announce,
+    due,
+    key_of,
+    next_due_at,
+    record_announced,
+    study_received_id,
+)
+from shared.events import (
+    BsnStatus,
+    InstanceStored,
+    PatientRef,
+    ReportKind,
+    StudyReceived,
+    Urgency,
+)
+from tests.factories import RECIPIENT_URA, SENDER_URA, T0, make_instance_ref, make_patient
+from tests.ingest_factories import (
+    BASIC_TEXT_SR,
+    ENCAPSULATED_PDF,
+    copy_of,
+    make_study_instances,
+)
+
+STABLE = timedelta(seconds=15)
+OTHER_RECIPIENT = "11112222"
+
+
+def seconds(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def fold(
+    events: Iterable[InstanceStored], at: float = 0.0, state: StudyAssemblies | None = None
+) -> StudyAssemblies:
+    for event in events:
+        state = add(state, event, seconds(at))
+    assert state is not None
+    return state
+
+
+def announce_only(state: StudyAssemblies, at: float) -> tuple[StudyReceived, StudyAssemblies]:
+    [key] = due(state, seconds(at), STABLE)
+    return announce(state, key, seconds(at), "tests")
+
+
+# --- stability ------------------------------------------------------------------------------------
+
+
+def test_a_study_is_due_once_no_new_instance_came_for_the_stable_age() -> None:
+    events = make_study_instances(3)
+    state = fold(events, at=0)
+
+    assert due(state, seconds(14.999), STABLE) == []
+    assert due(state, seconds(15), STABLE) == [key_of(events[0])]
+    assert next_due_at(state, STABLE) == seconds(15)
+
+
+def test_every_new_instance_restarts_the_stable_age() -> None:
+    first, second = make_study_instances(2)
+    state = fold([first], at=0)
+    state = fold([second], at=10, state=state)
+
+    assert due(state, seconds(20), STABLE) == []
+    assert due(state, seconds(25), STABLE) == [key_of(first)]
+
+
+def test_stability_runs_on_the_assemblers_clock_not_on_when_ingest_stored_the_instance() -> None:
+    # Consumed 60 s after ingest stored it (consumer lag): not stable at once.
+    [event] = make_study_instances(1, occurred_at=seconds(-60))
+    state = fold([event], at=0)
+
+    assert due(state, seconds(1), STABLE) == []
+    event_out, _ = announce_only(state, at=15)
+    assert event_out.study.first_received_at == seconds(-60)
+
+
+def test_a_study_marked_complete_is_announced_after_a_short_quiet_period_not_the_stable_age() -> (
+    None
+):
+    *rest, last = make_study_instances(3)
+    state = fold(rest, at=0)
+    state = fold([copy_of(last, completes_study=True)], at=1, state=state)
+
+    assert due(state, seconds(1), STABLE) == []  # the rest of the request may still be arriving
+    assert due(state, seconds(1) + COMPLETION_QUIET, STABLE) == [key_of(last)]
+
+
+def test_every_instance_of_the_completing_request_keeps_the_quiet_period_going() -> None:
+    flagged = make_study_instances(3, completes_study=True)
+    state = fold(flagged[:1], at=0)
+    state = fold(flagged[1:], at=1.5, state=state)
+
+    assert due(state, seconds(2.5), STABLE) == []
+    assert due(state, seconds(1.5) + COMPLETION_QUIET, STABLE) != []
+
+
+def test_an_instance_after_the_completion_mark_cancels_the_shortcut() -> None:
+    flagged, later = make_study_instances(2)
+    state = fold([copy_of(flagged, completes_study=True)], at=0)
+    state = fold([later], at=1, state=state)
+
+    assert due(state, seconds(10), STABLE) == []
+    assert due(state, seconds(16), STABLE) == [key_of(later)]
+
+
+def test_the_completion_quiet_period_never_exceeds_the_stable_age() -> None:
+    [event] = make_study_instances(1, completes_study=True)
+    state = fold([event], at=0)
+
+    assert due(state, seconds(0.5), timedelta(seconds=0.5)) == [key_of(event)]
+
+
+# --- duplicates and conflicts ---------------------------------------------------------------------
+
+
+def test_a_duplicate_instance_changes_nothing_and_does_not_postpone_stability() -> None:
+    first, second = make_study_instances(2)
+    state = fold([first, second], at=0)
+
+    again, outcome = add_instance(state, copy_of(first), seconds(10))
+
+    assert outcome is Added.DUPLICATE
+    assert again is state
+    assert due(again, seconds(15), STABLE) == [key_of(first)]
+
+
+def test_a_duplicate_carrying_a_completion_mark_is_still_a_duplicate() -> None:
+    [event] = make_study_instances(1)
+    state = fold([event], at=0)
+
+    again = add(state, copy_of(event, completes_study=True, sender_note="ignore me"), seconds(1))
+
+    assert again is state
+    assert due(again, seconds(5), STABLE) == []
+
+
+def test_the_same_sop_instance_with_other_bytes_keeps_the_first_copy_and_counts_a_conflict() -> (
+    None
+):
+    [event] = make_study_instances(1)
+    state = fold([event], at=0)
+    other_bytes = event.instance.model_copy(update={"sha256": "0" * 64, "size": 1})
+
+    changed, outcome = add_instance(state, copy_of(event, instance=other_bytes), seconds(10))
+
+    assembly = changed.assembly(key_of(event))
+    assert outcome is Added.CONFLICT
+    assert assembly is not None and assembly.conflicts == 1
+    assert due(changed, seconds(15), STABLE) == [key_of(event)]  # not postponed
+    study = announce(changed, key_of(event), seconds(15), "tests")[0].study
+    assert study.instances == (event.instance,)
+
+
+# --- versions -------------------------------------------------------------------------------------
+
+
+def test_version_1_lists_every_instance_as_new() -> None:
+    events = make_study_instances(3)
+    event, announced = announce_only(fold(events, at=0), at=15)
+
+    study = event.study
+    assert study.version == 1
+    assert {r.sop_instance_uid for r in study.instances} == {
+        e.instance.sop_instance_uid for e in events
+    }
+    assert set(study.new_sop_instance_uids) == {e.instance.sop_instance_uid for e in events}
+    assert study.number_of_instances == 3
+    assert due(announced, seconds(100), STABLE) == []
+    assert next_due_at(announced, STABLE) is None
+
+
+def test_a_late_instance_makes_version_2_with_the_full_manifest_and_only_itself_as_new() -> None:
+    *early, late = make_study_instances(4)
+    _, announced = announce_only(fold(early, at=0), at=15)
+
+    state = fold([late], at=100, state=announced)
+    assert due(state, seconds(114), STABLE) == []
+    event, after = announce_only(state, at=115)
+
+    study = event.study
+    assert study.version == 2
+    assert study.new_sop_instance_uids == (late.instance.sop_instance_uid,)
+    assert len(study.instances) == 4
+    assert study.last_received_at == late.occurred_at
+    assert after.assembly(key_of(late)).announced_version == 2  # type: ignore[union-attr]
+
+
+def test_recording_a_version_again_or_an_older_one_changes_nothing() -> None:
+    events = make_study_instances(2)
+    event, announced = announce_only(fold(events, at=0), at=15)
+
+    assert record_announced(announced, event.study, seconds(16)) is announced
+
+
+def test_only_the_first_announcement_of_a_version_counts() -> None:
+    # v1 was announced, then (after a crash, before it was recorded) announced again with one
+    # more instance under the same event id. Consumers keep the first; the extra one must
+    # therefore still come as new in version 2.
+    first, extra = make_study_instances(2)
+    state = fold([first], at=0)
+    v1, _ = announce_only(state, at=15)
+    state = fold([extra], at=16, state=state)
+    v1_again, _ = announce(state, key_of(first), seconds(40), "tests")
+    assert v1_again.event_id == v1.event_id and v1_again.study.version == 1
+
+    state = record_announced(state, v1.study, seconds(15))
+    state = record_announced(state, v1_again.study, seconds(40))
+
+    v2, _ = announce_only(state, at=40)
+    assert v2.study.version == 2
+    assert v2.study.new_sop_instance_uids == (extra.instance.sop_instance_uid,)
+
+
+def test_announcing_without_anything_new_is_refused() -> None:
+    events = make_study_instances(1)
+    _, announced = announce_only(fold(events, at=0), at=15)
+
+    with pytest.raises(ValueError, match="nothing new"):
+        announce(announced, key_of(events[0]), seconds(20), "tests")
+
+
+def test_event_ids_are_derived_from_study_sender_recipient_and_version() -> None:
+    events = make_study_instances(2)
+    state = fold(events, at=0)
+    key = key_of(events[0])
+
+    once, _ = announce(state, key, seconds(15), "tests")
+    twice, _ = announce(state, key, seconds(99), "tests")
+
+    assert once.event_id == twice.event_id == study_received_id(key, 1)
+    assert study_received_id(key, 2) != study_received_id(key, 1)
+    assert study_received_id(key._replace(recipient_ura=OTHER_RECIPIENT), 1) != once.event_id
+    assert once.correlation_id == events[0].correlation_id
+
+
+# --- assemblies -----------------------------------------------------------------------------------
+
+
+def test_one_study_sent_to_two_recipients_is_two_assemblies_announced_separately() -> None:
+    study_uid = make_instance_ref().series_instance_uid  # any fresh UID
+    to_first = make_study_instances(2, study_instance_uid=study_uid)
+    to_second = make_study_instances(1, study_instance_uid=study_uid, recipient_ura=OTHER_RECIPIENT)
+    state = fold([*to_first, *to_second], at=0)
+
+    keys = due(state, seconds(15), STABLE)
+    assert keys == sorted(
+        [
+            AssemblyKey(study_uid, SENDER_URA, RECIPIENT_URA),
+            AssemblyKey(study_uid, SENDER_URA, OTHER_RECIPIENT),
+        ]
+    )
+    first, state = announce(state, keys[0], seconds(15), "tests")
+    assert due(state, seconds(15), STABLE) == [keys[1]]
+    second, state = announce(state, keys[1], seconds(15), "tests")
+
+    counts = {e.study.recipient_ura: len(e.study.instances) for e in (first, second)}
+    assert counts == {RECIPIENT_URA: 2, OTHER_RECIPIENT: 1}
+    assert first.event_id != second.event_id
+    assert due(state, seconds(100), STABLE) == []
+
+
+def test_a_state_belongs_to_one_study() -> None:
+    state = fold(make_study_instances(1), at=0)
+
+    with pytest.raises(ValueError, match="another study"):
+        add(state, make_study_instances(1)[0], seconds(1))
+
+
+def test_the_state_survives_its_json_round_trip_as_a_table_value() -> None:
+    events = make_study_instances(3, urgency=Urgency.URGENT, completes_study=True)
+    state = fold(events, at=0)
+
+    restored = StudyAssemblies.from_bytes(state.to_bytes())
+
+    assert restored == state
+    assert announce_only(restored, at=15)[0] == announce_only(state, at=15)[0]
+
+
+# --- what study-received says ---------------------------------------------------------------------
+
+
+def test_instances_that_name_different_patients_make_the_patient_conflicting() -> None:
+    one, two = make_study_instances(2)
+    state = fold([one, copy_of(two, patient=make_patient())], at=0)
+
+    patient = announce_only(state, at=15)[0].study.patient
+    assert patient == PatientRef(pseudonym=None, bsn_status=BsnStatus.CONFLICTING)
+
+
+def test_a_verified_bsn_next_to_an_instance_without_one_is_conflicting() -> None:
+    one, two = make_study_instances(2)
+    absent = make_patient(BsnStatus.ABSENT)
+    state = fold([one, copy_of(two, patient=absent)], at=0)
+
+    assert announce_only(state, at=15)[0].study.patient.bsn_status is BsnStatus.CONFLICTING
+
+
+def test_instances_that_agree_give_their_patient() -> None:
+    patient = make_patient()
+    state = fold(make_study_instances(3, patient=patient), at=0)
+
+    assert announce_only(state, at=15)[0].study.patient == patient
+
+
+def test_structured_reports_and_encapsulated_pdfs_are_listed_as_reports() -> None:
+    study_uid = make_instance_ref().sop_instance_uid
+    images = make_study_instances(2, study_instance_uid=study_uid)
+    [sr] = make_study_instances(1, study_instance_uid=study_uid, sop_class_uid=BASIC_TEXT_SR)
+    [pdf] = make_study_instances(1, study_instance_uid=study_uid, sop_class_uid=ENCAPSULATED_PDF)
+    state = fold([*images, sr, pdf], at=0)
+
+    reports = announce_only(state, at=15)[0].study.reports
+    assert {(r.sop_instance_uid, r.kind) for r in reports} == {
+        (sr.instance.sop_instance_uid, ReportKind.STRUCTURED_REPORT),
+        (pdf.instance.sop_instance_uid, ReportKind.PDF),
+    }
+
+
+def test_urgency_is_the_highest_any_instance_had() -> None:
+    study_uid = make_instance_ref().sop_instance_uid
+    events = [
+        *make_study_instances(1, study_instance_uid=study_uid, urgency=Urgency.URGENT),
+        *make_study_instances(1, study_instance_uid=study_uid, urgency=Urgency.EMERGENCY),
+        *make_study_instances(1, study_instance_uid=study_uid, urgency=Urgency.ROUTINE),
+    ]
+    state = fold(events, at=0)
+
+    assert announce_only(state, at=15)[0].study.urgency is Urgency.EMERGENCY
+
+
+def test_the_latest_non_empty_sender_note_wins() -> None:
+    a, b, c = make_study_instances(3)
+    state = fold([copy_of(a, sender_note="first"), copy_of(b, sender_note="second"), c], at=0)
+
+    assert announce_only(state, at=15)[0].study.sender_note == "second"
+
+
+def test_study_attributes_come_from_the_first_instance_that_has_them() -> None:
+    a, b = make_study_instances(2)
+    without = copy_of(
+        a, accession_number=None, study_date=None, study_description=None, study_time=None
+    )
+    full = copy_of(
+        b,
+        accession_number="ACC9",
+        study_date=date(2024, 1, 2),
+        study_description="MRI knee",
+        study_time="101010",
+        institution_name="Ziekenhuis B",
+    )
+    later = copy_of(full, instance=make_instance_ref(), accession_number="OTHER")
+    study = announce_only(fold([without, full, later], at=0), at=15)[0].study
+
+    assert (study.accession_number, study.study_date, study.study_description) == (
+        "ACC9",
+        date(2024, 1, 2),
+        "MRI knee",
+    )
+    assert (study.study_time, study.institution_name) == ("101010", "Ziekenhuis B")
+
+
+def test_series_summaries_modalities_and_the_manifest_order_do_not_depend_on_arrival() -> None:
+    study_uid = make_instance_ref().sop_instance_uid
+    ct = make_study_instances(
+        3, study_instance_uid=study_uid, modality="CT", series_number=2, series_description="ax"
+    )
+    sr = make_study_instances(
+        1,
+        study_instance_uid=study_uid,
+        modality="SR",
+        series_number=1,
+        sop_class_uid=BASIC_TEXT_SR,
+    )
+    forward = announce_only(fold([*ct, *sr], at=0), at=15)[0].study
+    backward = announce_only(fold([*sr, *reversed(ct)], at=0), at=15)[0].study
+
+    assert forward.instances == backward.instances
+    assert forward.series == backward.series
+    assert [s.series_number for s in forward.series] == [1, 2]
+    assert [(s.modality, s.number_of_instances) for s in forward.series] == [("SR", 1), ("CT", 3)]
+    assert forward.series[1].series_description == "ax"
+    assert forward.modalities == ("CT", "SR")
+    assert forward.new_sop_instance_uids == tuple(r.sop_instance_uid for r in forward.instances)
+
+
+def test_first_and_last_received_are_when_ingest_stored_the_instances() -> None:
+    study_uid = make_instance_ref().sop_instance_uid
+    late = make_study_instances(1, study_instance_uid=study_uid, occurred_at=seconds(30))
+    early = make_study_instances(1, study_instance_uid=study_uid, occurred_at=seconds(-5))
+    study = announce_only(fold([*late, *early], at=0), at=15)[0].study
+
+    assert (study.first_received_at, study.last_received_at) == (seconds(-5), seconds(30))
