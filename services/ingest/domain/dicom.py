@@ -526,7 +526,7 @@ class _FileStream(_Stream):
             return b""
         n = min(n, self.remaining())
         offset = self.pos - self._buf_start
-        if 0 <= offset and offset + n <= len(self._buf):
+        if offset >= 0 and offset + n <= len(self._buf):
             return self._buf[offset : offset + n]
         self._fp.seek(self.pos)
         if n >= self._BLOCK:
