@@ -47,7 +47,9 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _PARAM = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;"]+))\s*')
 _QUOTED_PAIR = re.compile(r"\\(.)")
 # RFC 2046 bchars; a boundary may contain spaces but not end in one.
-_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+# RFC 2046 caps a boundary at 70 characters, but real senders exceed it (Orthanc's DICOMweb
+# plugin 1.7 sends 73): be liberal in what is accepted, within a bound.
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,199}[0-9A-Za-z'()+_,\-./:=?]")
 _PADDING = re.compile(rb"[ \t]{0,%d}" % (MAX_PADDING + 1))
 
 
@@ -121,7 +123,7 @@ def parse_content_type(header: str | None) -> RelatedType:
         raise UnsupportedMediaType("multipart/related without a boundary parameter")
     if not _BOUNDARY.fullmatch(boundary):
         raise UnsupportedMediaType(
-            "boundary must be 1 to 70 characters from RFC 2046 bchars, not ending in a space"
+            "boundary must be 1 to 200 characters from RFC 2046 bchars, not ending in a space"
         )
     related_type = params.get("type")
     if related_type is not None:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import uvicorn
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from minio import Minio
 
 from services.ingest.adapters.peers import PeerDirectory
@@ -22,10 +20,10 @@ from services.ingest.bootstrap import Ingest, build
 from services.ingest.config import IngestSettings
 from services.ingest.entrypoints.http import create_app
 from shared.auth import AuthSettings, generate_dev_keypair, mint_token
-from shared.codec import Codec
-from shared.events import Event, InstanceStored
+from shared.events import InstanceStored
 from shared.settings import KafkaSettings, PrivacySettings, S3Settings
 from shared.storage.s3 import S3ObjectStore
+from tests.kafka_tap import EventTap
 
 SENDER_URA = "11111111"  # Ziekenhuis Oost sends ...
 RECIPIENT_URA = "22222222"  # ... to Ziekenhuis West
@@ -67,71 +65,6 @@ def bucket(s3_settings: S3Settings) -> Iterator[S3Settings]:
         for obj in client.list_objects(settings.bucket, recursive=True):
             client.remove_object(settings.bucket, obj.object_name)
         client.remove_bucket(settings.bucket)
-
-
-@dataclass
-class EventTap:
-    """Reads one topic from the offsets it had when the tap was made (sync, for sync tests)."""
-
-    kafka: KafkaSettings
-    topic: str
-    start: dict[int, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.start = asyncio.run(self._end_offsets())
-
-    async def _end_offsets(self) -> dict[int, int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap_list)
-        await consumer.start()
-        try:
-            parts = [
-                TopicPartition(self.topic, p)
-                for p in consumer.partitions_for_topic(self.topic) or ()
-            ]
-            if not parts:
-                await consumer._client.force_metadata_update()  # first use of the topic
-                parts = [
-                    TopicPartition(self.topic, p)
-                    for p in consumer.partitions_for_topic(self.topic) or ()
-                ]
-            ends = await consumer.end_offsets(parts)
-            return {tp.partition: off for tp, off in ends.items()}
-        finally:
-            await consumer.stop()
-
-    def read(
-        self, keep: Callable[[Event], bool], expect: int, timeout: float = 20.0, settle: float = 1.0
-    ) -> list[Event]:
-        """Events since the tap was made that ``keep`` accepts: waits for ``expect`` of them,
-        then ``settle`` seconds more so that an unexpected extra one is seen too."""
-        return asyncio.run(self._read(keep, expect, timeout, settle))
-
-    async def _read(
-        self, keep: Callable[[Event], bool], expect: int, timeout: float, settle: float
-    ) -> list[Event]:
-        codec = Codec()
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap_list)
-        await consumer.start()
-        found: list[Event] = []
-        try:
-            parts = [TopicPartition(self.topic, p) for p in self.start]
-            consumer.assign(parts)
-            for tp in parts:
-                consumer.seek(tp, self.start[tp.partition])
-            deadline = time.monotonic() + timeout
-            settle_until: float | None = None
-            while time.monotonic() < (settle_until or deadline):
-                batch = await consumer.getmany(timeout_ms=200)
-                for records in batch.values():
-                    for record in records:
-                        event = codec.decode_record(record)
-                        if keep(event):
-                            found.append(event)
-                if len(found) >= expect and settle_until is None:
-                    settle_until = time.monotonic() + settle
-        finally:
-            await consumer.stop()
-        return found
 
 
 @dataclass

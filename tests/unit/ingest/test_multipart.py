@@ -152,7 +152,7 @@ class TestContentType:
             'multipart/related; type="application/dicom+json"; boundary=abc',
             'multipart/related; type="application/octet-stream"; boundary=abc',
             'multipart/related; boundary=""',
-            "multipart/related; boundary=" + "x" * 71,
+            "multipart/related; boundary=" + "x" * 201,
             'multipart/related; boundary="ends in space "',
             "multipart/related; boundary=a<b>",
             "multipart/related; boundary=abc; boundary=def",
@@ -710,3 +710,11 @@ def test_a_one_gib_body_of_four_parts_parses_with_less_than_64_mib_peak_rss_grow
     print(f"1 GiB body: {result['mib_per_s']:.0f} MiB/s, peak RSS +{result['rss_growth_kib']} KiB")
     assert result["ok"]
     assert result["rss_growth_kib"] < 64 * 1024
+
+
+def test_a_boundary_longer_than_rfc_2046_allows_is_accepted_as_orthanc_sends_one() -> None:
+    boundary = "40e6e4be-a2b2-4323-aae1-38e932e262b5-40e6e4be-a2b2-4323-aae1-38e932e262b5"
+    related = parse_content_type(
+        f'multipart/related; type="application/dicom"; boundary={boundary}'
+    )
+    assert related.boundary == boundary.encode()
