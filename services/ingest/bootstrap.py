@@ -92,7 +92,8 @@ def build(
     privacy = privacy or PrivacySettings()  # type: ignore[call-arg]
     auth = auth or AuthSettings()
     metrics = IngestMetrics()
-    objects = objects or S3ObjectStore.from_settings(settings.s3)
+    # 8 MiB parts (S3's minimum is 5 MiB): what a large instance holds in memory on its way out.
+    objects = objects or S3ObjectStore.from_settings(settings.s3, part_size=8 * 1024 * 1024)
     # No linger: a C-STORE association waits for each instance's acknowledgement before sending
     # the next, so waiting for a batch to fill only adds latency (measured: half the rate).
     publisher = KafkaEventPublisher(settings.kafka, "ingest", linger_ms=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -127,7 +128,7 @@ class IngestDeployment:
     dimse_port: int
     bucket: str
     server: ServiceProcess
-    assembler: ServiceProcess
+    assembler: ServiceProcess | None
 
     @property
     def base_url(self) -> str:
@@ -139,7 +140,11 @@ class IngestDeployment:
 
 @contextmanager
 def ingest_deployment(
-    workdir: Path, peers: Mapping[str, object], *, stable_age: float = 3.0
+    workdir: Path,
+    peers: Mapping[str, object],
+    *,
+    stable_age: float = 3.0,
+    assemble: bool = True,
 ) -> Iterator[IngestDeployment]:
     env = platform_env()
     bucket = f"e2e-{uuid.uuid4().hex[:12]}"
@@ -157,10 +162,13 @@ def ingest_deployment(
         BEELDPORTAAL_INGEST_STATE_DIR=str(workdir / "assembly-state"),
     )
     try:
-        with (
-            service("ingest", ["ingest", "serve"], env, workdir) as server,
-            service("assembly", ["ingest", "assemble"], env, workdir) as assembler,
-        ):
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(service("ingest", ["ingest", "serve"], env, workdir))
+            assembler = (
+                stack.enter_context(service("assembly", ["ingest", "assemble"], env, workdir))
+                if assemble
+                else None
+            )
             server.wait_ready(f"http://127.0.0.1:{http_port}/readyz")
             yield IngestDeployment(env, http_port, dimse_port, bucket, server, assembler)
     finally:

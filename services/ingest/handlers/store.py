@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -104,6 +105,8 @@ class InstanceStore:
         *,
         producer: str = "ingest",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        large_threshold: int = 8 * 1024 * 1024,
+        large_uploads: int = 2,
     ) -> None:
         self._objects = objects
         self._publisher = publisher
@@ -113,6 +116,10 @@ class InstanceStore:
         self._clock = clock
         self._announced = _BoundedSet(100_000)
         self._key_locks = [threading.Lock() for _ in range(256)]
+        # A large instance travels to S3 in multipart chunks of 8 MiB or more held in memory:
+        # only a few at a time, so a request of big instances cannot add up to gigabytes.
+        self._large_threshold = large_threshold
+        self._large_uploads = threading.BoundedSemaphore(large_uploads)
 
     async def store(self, received: Received, submission: Submission) -> Outcome:
         try:
@@ -227,7 +234,10 @@ class InstanceStore:
             # checks at the start of an upload, not at its end): writers of one key within this
             # process take turns, so "never overwrite" does not depend on the server.
             data_set_sha256 = _data_set_sha256(received, header.data_set_offset)
-            with self._key_locks[hash(key) % len(self._key_locks)]:
+            with (
+                self._large_uploads if received.size > self._large_threshold else nullcontext(),
+                self._key_locks[hash(key) % len(self._key_locks)],
+            ):
                 info, created = self._objects.put_if_absent(
                     key,
                     received.file,
