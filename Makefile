@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 .PHONY: help install up down status test test-unit lint bench-bus bench-ingest clean
 
 help:
-	@echo "make up        install what is missing and start the local platform (Kafka, S3, PostgreSQL)"
+	@echo "make up        install what is missing, start the platform (Kafka, S3, PostgreSQL) and the services"
 	@echo "make down      stop exactly what 'make up' started"
 	@echo "make status    health of each platform component"
 	@echo "make test      install, start the platform, run every test tier, stop what it started"
@@ -29,13 +29,14 @@ $(STAMP): pyproject.toml
 
 up: install
 	$(BIN)/beeldportaal platform up
+	$(BIN)/beeldportaal services up
 
 down:
-	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform down; \
-		else echo "nothing to stop (not installed)"; fi
+	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal services down; \
+		$(BIN)/beeldportaal platform down; else echo "nothing to stop (not installed)"; fi
 
 status: install
-	$(BIN)/beeldportaal platform status
+	$(BIN)/beeldportaal platform status; $(BIN)/beeldportaal services status
 
 test: install
 	deploy/local/run-tests.sh $(BIN)

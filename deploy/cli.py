@@ -18,6 +18,12 @@ def _ingest(args: argparse.Namespace) -> int:
     return main.serve() if args.action == "serve" else main.assemble()
 
 
+def _services(args: argparse.Namespace) -> int:
+    from deploy.local.services import main
+
+    return main(args.action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beeldportaal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,7 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("serve", "assemble"),
         help="serve: STOW-RS + C-STORE SCP; assemble: the study assembly agent (faust worker)",
     )
+    ingest.add_argument(
+        "--tag", help="a label that makes this process recognisable in the process list"
+    )
     ingest.set_defaults(handler=_ingest)
+
+    services = commands.add_parser(
+        "services", help="run the services as background processes on the local platform"
+    )
+    services.add_argument(
+        "action",
+        choices=("up", "down", "status"),
+        help="up: start what is not running (logs and pids in .state/services); "
+        "down: stop what up started; status: exit 1 unless all run and are ready",
+    )
+    services.set_defaults(handler=_services)
 
     from deploy.tokens import add_token_commands
 

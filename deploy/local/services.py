@@ -1,0 +1,138 @@
+"""`beeldportaal services up|down|status`: the services as their own processes on the platform.
+
+Each service runs as `beeldportaal <service> <action> --tag <state>/services/<name>` with the
+platform's settings in its environment, logs to `<state>/services/<name>.log` and is tracked by
+pid (the tag in its argv proves a pid is still ours). Ports are fixed per service so the URLs
+printed by `make up` stay the same; override them with the usual BEELDPORTAAL_* settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.local.config import LocalConfig
+from deploy.local.processes import ManagedProcess, PlatformError, wait_until
+
+DEMO_PEERS = Path(__file__).with_name("demo-peers.json")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    args: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    ready_url: str | None = None
+    urls: tuple[str, ...] = ()
+
+
+def specs(config: LocalConfig) -> list[ServiceSpec]:
+    http = int(os.environ.get("BEELDPORTAAL_INGEST_HTTP_PORT", 8081))
+    dimse = int(os.environ.get("BEELDPORTAAL_INGEST_DIMSE_PORT", 11112))
+    base = f"http://127.0.0.1:{http}"
+    ingest_env = {
+        "BEELDPORTAAL_INGEST_HTTP_PORT": str(http),
+        "BEELDPORTAAL_INGEST_PUBLIC_BASE_URL": base,
+        "BEELDPORTAAL_INGEST_DIMSE_PORT": str(dimse),
+        "BEELDPORTAAL_INGEST_PEERS_FILE": os.environ.get(
+            "BEELDPORTAAL_INGEST_PEERS_FILE", str(DEMO_PEERS)
+        ),
+        "BEELDPORTAAL_INGEST_SPOOL_DIR": str(config.state_dir / "services" / "spool"),
+        "BEELDPORTAAL_INGEST_STATE_DIR": str(config.state_dir / "services" / "ingest-assembly"),
+    }
+    return [
+        ServiceSpec(
+            "ingest",
+            ("ingest", "serve"),
+            ingest_env,
+            ready_url=f"{base}/readyz",
+            urls=(
+                f"STOW-RS    {base}/dicomweb/to/{{URA}}/studies  (demo URAs 00000101, 00000202)",
+                f"C-STORE    127.0.0.1:{dimse}  called AE BP_DEMO_OOST | BP_DEMO_WEST,"
+                " calling AE OOST_PACS | WEST_PACS",
+                f"API docs   {base}/docs",
+                f"metrics    {base}/metrics",
+            ),
+        ),
+        ServiceSpec("ingest-assembly", ("ingest", "assemble"), ingest_env),
+    ]
+
+
+class Services:
+    def __init__(self, config: LocalConfig, out=print) -> None:  # type: ignore[no-untyped-def]
+        self.config = config
+        self.dir = config.state_dir / "services"
+        self.out = out
+
+    def _process(self, spec: ServiceSpec) -> ManagedProcess:
+        tag = str(self.dir / spec.name)
+        return ManagedProcess(
+            spec.name, self.dir / f"{spec.name}.pid", self.dir / f"{spec.name}.log", marker=tag
+        )
+
+    def up(self) -> None:
+        if not self.config.env_file.exists():
+            raise PlatformError("the platform is not up: run `beeldportaal platform up` first")
+        (self.dir / "spool").mkdir(parents=True, exist_ok=True)
+        from deploy.local.config import read_env_file
+
+        base_env = {**os.environ, **read_env_file(self.config.env_file)}
+        for spec in specs(self.config):
+            process = self._process(spec)
+            if process.running():
+                self.out(f"{spec.name + ':':17} already running")
+                continue
+            argv = [sys.executable, "-m", "deploy.cli", *spec.args, "--tag", process.marker]
+            process.start(argv, env={**base_env, **spec.env})
+            if spec.ready_url:
+                wait_until(lambda url=spec.ready_url: _ready(url), 60, spec.name, process)
+            self.out(f"{spec.name + ':':17} started (pid {process.pid()}, log {process.log_file})")
+        self.out("")
+        for spec in specs(self.config):
+            for url in spec.urls:
+                self.out(url)
+
+    def down(self) -> None:
+        for spec in reversed(specs(self.config)):
+            stopped = self._process(spec).stop(timeout=45)
+            self.out(f"{spec.name + ':':17} {'stopped' if stopped else 'was not running'}")
+
+    def status(self) -> bool:
+        healthy = True
+        for spec in specs(self.config):
+            process = self._process(spec)
+            if not process.running():
+                state, healthy = "stopped", False
+            elif spec.ready_url and not _ready(spec.ready_url):
+                state, healthy = "running, not ready", False
+            else:
+                state = f"running (pid {process.pid()})"
+            self.out(f"{spec.name + ':':17} {state}")
+        return healthy
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def main(action: str) -> int:
+    services = Services(LocalConfig.from_env())
+    try:
+        if action == "up":
+            services.up()
+        elif action == "down":
+            services.down()
+        else:
+            return 0 if services.status() else 1
+        return 0
+    except PlatformError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
