@@ -1,10 +1,19 @@
-"""Factories for ingest tests: instance-stored events of one study, as a sender would split it."""
+"""Factories for ingest tests: a study's instance-stored events as a sender splits them, tables."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from services.ingest.domain.assembly import (
+    KEY_SEPARATOR,
+    Seen,
+    StudyAssemblies,
+    key_of,
+    seen_row_key,
+    study_row_key,
+)
 from shared.events import InstanceStored, PatientRef
 from tests.factories import (
     RECIPIENT_URA,
@@ -69,3 +78,39 @@ def copy_of(event: InstanceStored, **overrides: Any) -> InstanceStored:
     fields.pop("event_id")
     fields.update(overrides)
     return InstanceStored(**fields)
+
+
+class AssemblyTable(dict[bytes, bytes]):
+    """The assembly agent's table as a dict that keeps its writes in order: its changelog."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changelog: list[tuple[bytes, bytes]] = []
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.changelog.append((key, value))
+        super().__setitem__(key, value)
+
+    @classmethod
+    def restored(cls, changelog: Iterable[tuple[bytes, bytes]]) -> AssemblyTable:
+        """What recovery rebuilds from ``changelog`` (e.g. the prefix a crash left)."""
+        table = cls()
+        for key, value in changelog:
+            table[key] = value
+        return table
+
+    def state(self, study_instance_uid: str | None = None) -> StudyAssemblies:
+        """The study row of ``study_instance_uid``, or of the only study in the table."""
+        if study_instance_uid is None:
+            [study_instance_uid] = {k.decode() for k in self if KEY_SEPARATOR.encode() not in k}
+        raw = self[study_row_key(study_instance_uid)]
+        return StudyAssemblies.from_bytes(raw)
+
+    def written_since(self, mark: int) -> int:
+        """Bytes (keys and values) written to the changelog since it had ``mark`` records."""
+        return sum(len(k) + len(v) for k, v in self.changelog[mark:])
+
+    def seen(self, event: InstanceStored) -> Seen | None:
+        """The seen row of ``event``'s instance in its assembly, if any."""
+        raw = self.get(seen_row_key(key_of(event), event.instance.sop_instance_uid))
+        return Seen.model_validate_json(raw) if raw is not None else None

@@ -1,13 +1,17 @@
 """The study assembly worker: folds instance-stored into a faust table, announces stable studies.
 
-How it fits together (the rules themselves are in ``services.ingest.domain.assembly``):
+How it fits together (the rules and the row layout are in ``services.ingest.domain.assembly``):
 
-- ``assemble`` (agent on instance-stored) adds each instance to the table value of its Study
-  Instance UID and records when that study becomes due in a second, small table.
-- ``announce_due`` (timer) announces due studies: it publishes ``study-received`` and waits for
-  the broker's acknowledgement (acks=all). It does **not** write the table.
-- ``acknowledge`` (agent on study-received, our own output) records each announcement in the
-  table: announced version, and which instances that version listed.
+- ``assemble`` (agent on instance-stored) takes each instance into the table: a record row and
+  a seen row of its own plus the study row of summaries, a few hundred bytes whatever the size of
+  the study (linear cost; the first layout rewrote the whole study per instance). A study with
+  something to announce gets a mark in a second, small table (written when that starts and
+  ends, not per instance) and its due time in memory.
+- ``announce_due`` (timer) announces due studies: it reads the study row and the record rows,
+  publishes every due ``study-received`` and then waits for all their acknowledgements together
+  (acks=all). It does **not** write the tables.
+- ``acknowledge`` (agent on study-received, our own output) records each announcement: one
+  study row write (the announced version and how many instances it listed).
 
 Why the timer does not write the table: faust's rocksdb store writes into the RocksDB of the
 *current stream event's* partition (``RocksDB._set`` asserts there is one), so a write from a
@@ -22,14 +26,18 @@ event id is uuid5(study, sender, recipient, version), so it is recognisably the 
 consumers deduplicate by event id or by (study, sender, recipient, version). Only the first
 announcement of a version is recorded, so an instance that only a repeated announcement listed
 goes into the next version as new. Between publishing and ``acknowledge`` an in-memory
-"pending" mark keeps the timer from announcing the same version on every tick.
+"pending" mark keeps the timer from announcing the same version on every tick. A crash in the
+middle of taking in an instance is repaired by its replay (see ``add_instance``); faust flushes
+the changelog before it commits the source offset, so nothing committed is half-written.
 
-Co-partitioning (why the changelog partition is the source partition). Tables are keyed by the
-message key of instance-stored (the Study Instance UID as UTF-8 bytes, ``raw`` serialised) and
-written only while handling an event, with ``use_partitioner=False``: faust then sends the
-changelog record to the partition of that event, and reads the RocksDB of that partition.
-That is only right if a study's instance-stored records and its study-received records sit in
-the same partition number, so:
+Co-partitioning (why the changelog partition is the source partition). Every row key starts
+with the Study Instance UID (the study row and the mark are exactly the message key, the UTF-8
+UID, ``raw`` serialised) and rows are written only while handling a record of that study, with
+``use_partitioner=False``: faust then sends the changelog record to the partition of that
+record, whatever the row's own key would hash to, and writes the RocksDB of that partition;
+recovery puts changelog partition p back into the store of partition p (rocksdb: the database of
+p; memory: one dict, entries remembered with p). That is only right if a study's instance-stored
+records and its study-received records sit in the same partition number, so:
 
 - instance-stored and study-received both have 12 partitions (shared.topics; checked here), and
   faust assigns same-sized, co-subscribed topics (changelogs included) as one co-partitioned group:
@@ -44,7 +52,13 @@ the same partition number, so:
 Had the timer written with ``use_partitioner=True`` (memory store only), the changelog partition
 would come from faust's producer partitioner over the *serialised* table key: with
 ``key_type=str`` faust serialises keys as JSON (``"1.2.3"`` with quotes), which hashes to
-another partition. Keys here are ``bytes`` (raw) for that reason too.
+another partition. Keys here are ``bytes`` (raw) for that reason too; a record row's key would
+hash elsewhere anyway, which is why nothing here may ever write with the partitioner.
+
+Changelog topics are created before the worker starts (:func:`declare_changelogs`). Left to
+faust, they are created while its consumer subscribes: a topic the broker reports a moment too
+late stays missing from the consumer's metadata (for metadata.max.age, 5 minutes), and every
+write to its table fails with PartitionsMismatch. The benchmark met exactly that.
 """
 
 from __future__ import annotations
@@ -58,29 +72,34 @@ from typing import Any
 
 import faust
 from faust.types import EventT, StreamT, TableT, TopicT
+from prometheus_client import start_http_server
 
 from services.ingest.config import IngestSettings
 from services.ingest.domain.assembly import (
-    COMPLETION_QUIET,
     Added,
     AssemblyKey,
     StudyAssemblies,
-    add_instance,
     announce,
     due,
     next_due_at,
+    read_records,
+    read_state,
     record_announced,
     study_received_id,
+    study_row_key,
+    take_in,
 )
 from services.ingest.metrics import IngestMetrics
+from shared import topics
 from shared.codec import Codec
 from shared.errors import PoisonEvent
 from shared.events import Event, InstanceStored, StudyReceived
 from shared.events.base import utcnow
 from shared.faust_app import App, decode_event, make_app
-from shared.kafka import CachedMurmur2Partitioner
+from shared.kafka import CachedMurmur2Partitioner, provision_topics
 from shared.logging import configure_logging, correlation_context, get_logger, kafka_position
-from shared.topics import MAX_MESSAGE_BYTES
+from shared.settings import KafkaSettings
+from shared.topics import MAX_MESSAGE_BYTES, TopicSpec
 from shared.topics import topic as declared_topic
 
 log = get_logger(__name__)
@@ -88,7 +107,8 @@ log = get_logger(__name__)
 SERVICE = "ingest-assembly"
 PRODUCER = "ingest-assembly"
 STATE_TABLE = "study-assembly"
-DUE_TABLE = "study-assembly-due"
+OPEN_TABLE = "study-assembly-open"
+OPEN = b"1"
 # An announcement not seen back on study-received within this long is announced again (same
 # version, same event id): it was lost with a crash or a rebalance, or the echo is slow.
 PENDING_TIMEOUT_SECONDS = 30.0
@@ -99,7 +119,7 @@ class StudyAssembler:
     """The glue between faust and the pure rules: decode, fold, index, announce."""
 
     table: TableT
-    due_table: TableT
+    open_table: TableT
     source: TopicT
     sink: TopicT
     partitions: int
@@ -124,14 +144,10 @@ class StudyAssembler:
         if event is None:
             return
         assert isinstance(event, InstanceStored)
-        key = event.study_instance_uid.encode()
         with correlation_context(event.correlation_id):
-            raw = self.table.get(key)
-            state = StudyAssemblies.from_bytes(raw) if raw is not None else None
-            new, outcome = add_instance(state, event, self.clock())
-            if new is not state:
-                self.table[key] = new.to_bytes()
-            self._sync_due(key, new)
+            addition = take_in(self.table, event, self.clock())
+            self._sync_due(study_row_key(event.study_instance_uid), addition.state)
+            outcome = addition.outcome
             self.metrics.consumed(self.source.get_topic_name(), event.schema_name, outcome.value)
             if outcome is Added.CONFLICT:
                 log.warning(
@@ -153,13 +169,12 @@ class StudyAssembler:
             # Not an announcement of ours (a replay tool, a test): it says nothing about our state.
             self.metrics.consumed(topic, event.schema_name, "foreign")
             return
-        table_key = study.study_instance_uid.encode()
-        raw = self.table.get(table_key)
-        if raw is None:
+        state = read_state(self.table, study.study_instance_uid)
+        if state is None:
             self.metrics.consumed(topic, event.schema_name, "unknown-study")
             return
-        state = StudyAssemblies.from_bytes(raw)
         new = record_announced(state, study, event.occurred_at)
+        table_key = study_row_key(study.study_instance_uid)
         if new is not state:
             self.table[table_key] = new.to_bytes()
         pending = self._pending.get(key)
@@ -190,16 +205,17 @@ class StudyAssembler:
 
     def _sync_due(self, key: bytes, state: StudyAssemblies) -> None:
         # Also on a duplicate: a replay after a crash between the two tables' writes repairs it.
+        # The open mark changes only when a study starts or stops having something to announce;
+        # the due time itself moves with every instance and lives in memory only.
         at = next_due_at(state, self.stable_age, self.completion_quiet)
         if at is None:
             self._due.pop(key, None)
-            if key in self.due_table:
-                del self.due_table[key]
+            if key in self.open_table:
+                del self.open_table[key]
             return
         self._due[key] = at
-        encoded = at.isoformat().encode()
-        if self.due_table.get(key) != encoded:
-            self.due_table[key] = encoded
+        if key not in self.open_table:
+            self.open_table[key] = OPEN
 
     # --- the timer -----------------------------------------------------------------------------
 
@@ -209,6 +225,7 @@ class StudyAssembler:
             return
         now = self.clock()
         actives = self.active_partitions()
+        announcements: list[StudyReceived] = []
         for key, at in sorted(self._due.items(), key=lambda item: item[1]):
             if at > now:
                 break
@@ -216,17 +233,19 @@ class StudyAssembler:
                 self._due.pop(key, None)  # another worker's now
                 continue
             try:
-                await self._announce_study(key, now)
+                announcements.extend(self._announcements(key, now))
             except Exception as exc:  # the timer must live on: next tick tries again
                 log.exception("announcing a study failed", study=key.decode(), error=str(exc))
                 self.metrics.failed(self.sink.get_topic_name(), "transient")
+        if announcements:
+            await self._publish_all(announcements, now)
 
-    async def _announce_study(self, key: bytes, now: datetime) -> None:
-        raw = self.table.get(key)
-        if raw is None:
+    def _announcements(self, key: bytes, now: datetime) -> list[StudyReceived]:
+        """The study's due announcements, read from the table (synchronously: one snapshot)."""
+        state = read_state(self.table, key.decode())
+        if state is None:
             self._due.pop(key, None)
-            return
-        state = StudyAssemblies.from_bytes(raw)
+            return []
         ready = due(state, now, self.stable_age, self.completion_quiet)
         if not ready:
             # Announced meanwhile (and recorded), or the index was stale.
@@ -235,16 +254,47 @@ class StudyAssembler:
                 self._due.pop(key, None)
             else:
                 self._due[key] = at
-            return
+            return []
+        events = []
         for assembly_key in ready:
-            if self._is_pending(assembly_key):
+            assembly = state.assembly(assembly_key)
+            if assembly is None or self._is_pending(assembly_key):
                 continue
-            event, _ = announce(state, assembly_key, now, PRODUCER)
+            records = read_records(self.table, assembly)
+            event, _ = announce(state, assembly_key, records, now, PRODUCER)
+            events.append(event)
+        return events
+
+    async def _publish_all(self, events: list[StudyReceived], now: datetime) -> None:
+        """Send every announcement, then wait for all their acknowledgements (acks=all) at once."""
+        topic = self.sink.get_topic_name()
+        sent: list[asyncio.Future[Any]] = []
+        for event in events:
+            record = self.codec.encode(event)
+            # force: sent now, not attached to (and delayed until the commit of) a stream event.
+            future = await self.sink.send(
+                key=record.key, value=record.value, headers=list(record.headers), force=True
+            )
+            sent.append(asyncio.ensure_future(future))
+        results = await asyncio.wait_for(
+            asyncio.gather(*sent, return_exceptions=True), self.publish_timeout
+        )
+        for event, result in zip(events, results, strict=True):
+            study = event.study
             with correlation_context(event.correlation_id):
-                await self._publish(event)
-                self._pending[assembly_key] = (event.study.version, time.monotonic())
-                study = event.study
-                self.metrics.produced(self.sink.get_topic_name(), event.schema_name)
+                if isinstance(result, BaseException):
+                    # Not pending: the next tick announces it again, under the same event id.
+                    log.error(
+                        "announcing a study failed",
+                        study_instance_uid=study.study_instance_uid,
+                        version=study.version,
+                        error=repr(result),
+                    )
+                    self.metrics.failed(topic, "transient")
+                    continue
+                key = AssemblyKey(study.study_instance_uid, study.sender_ura, study.recipient_ura)
+                self._pending[key] = (study.version, time.monotonic())
+                self.metrics.produced(topic, event.schema_name)
                 kind = "first" if study.version == 1 else "follow-up"
                 self.metrics.studies_assembled.labels(kind).inc()
                 waited = (now - study.first_received_at).total_seconds()
@@ -257,15 +307,6 @@ class StudyAssembler:
                     new_instances=len(study.new_sop_instance_uids),
                     event_id=str(event.event_id),
                 )
-
-    async def _publish(self, event: StudyReceived) -> None:
-        record = self.codec.encode(event)
-        # force: sent now, not attached to (and delayed until the commit of) a stream event.
-        sent = await self.sink.send(
-            key=record.key, value=record.value, headers=list(record.headers), force=True
-        )
-        # Wait for the broker's acknowledgement (acks=all) before counting it as announced.
-        await asyncio.wait_for(asyncio.ensure_future(sent), self.publish_timeout)
 
     def _is_pending(self, key: AssemblyKey) -> bool:
         pending = self._pending.get(key)
@@ -288,12 +329,21 @@ class StudyAssembler:
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
 
     async def on_recover(self) -> None:
-        """After every rebalance: rebuild the due index from the partitions now ours."""
+        """After every rebalance: rebuild the due index from the open studies now ours.
+
+        Only marked studies are read (one small row each), never the whole table. The memory
+        store also keeps standby partitions' rows, hence the filter on active partitions.
+        """
+        self._check_changelogs()
         actives = self.active_partitions()
         index: dict[bytes, datetime] = {}
-        for key, raw in self.due_table.items():
-            if self.partition_of(key) in actives:
-                index[key] = datetime.fromisoformat(raw.decode())
+        for key in list(self.open_table.keys()):
+            if self.partition_of(key) not in actives:
+                continue
+            state = read_state(self.table, key.decode())
+            at = next_due_at(state, self.stable_age, self.completion_quiet) if state else None
+            if at is not None:
+                index[key] = at
         self._due = index
         self._pending = {
             k: v
@@ -302,6 +352,19 @@ class StudyAssembler:
         }
         self._ready = True
         log.info("assembly state recovered", partitions=sorted(actives), open_studies=len(index))
+
+    def _check_changelogs(self) -> None:
+        # Loud, not silent: a changelog the consumer does not know fails every write to its table.
+        for table in (self.table, self.open_table):
+            name = table.changelog_topic.get_topic_name()
+            known = self.app.consumer.topic_partitions(name)
+            if known != self.partitions:
+                log.error(
+                    "changelog topic unknown to the consumer; table writes will fail",
+                    topic=name,
+                    partitions=known,
+                    hint="create it before the worker starts (declare_changelogs)",
+                )
 
 
 def _position(faust_event: EventT) -> str:
@@ -316,7 +379,6 @@ def build_assembly_app(
     source_topic: str = InstanceStored.topic,
     sink_topic: str = StudyReceived.topic,
     metrics: IngestMetrics | None = None,
-    completion_quiet: timedelta = COMPLETION_QUIET,
     clock: Callable[[], datetime] = utcnow,
     **faust_overrides: Any,
 ) -> App:
@@ -340,7 +402,8 @@ def build_assembly_app(
     )
     source, sink = app.topic(source_topic), app.topic(sink_topic)
     changelog_config = {
-        # A study's state holds its whole manifest: as large as an event may be.
+        # Rows are small now (a study row holds summaries, not instances); the limit stays the
+        # topics' so that no row can be refused that an event could carry.
         "max.message.bytes": str(MAX_MESSAGE_BYTES),
         "min.insync.replicas": str(settings.kafka.min_insync_replicas),
     }
@@ -350,30 +413,30 @@ def build_assembly_app(
         value_type=bytes,
         partitions=partitions,
         extra_topic_configs=changelog_config,
-        help="Assembly state per Study Instance UID (JSON of StudyAssemblies).",
+        help="Assembly rows per study: summaries, one record and one seen mark per instance.",
     )
-    due_table = app.Table(
-        DUE_TABLE,
+    open_table = app.Table(
+        OPEN_TABLE,
         key_type=bytes,
         value_type=bytes,
         partitions=partitions,
         extra_topic_configs=changelog_config,
-        help="When each study with unannounced instances becomes due (ISO time).",
+        help="Studies with instances not announced yet (by Study Instance UID).",
     )
     assembler = StudyAssembler(
         table=table,
-        due_table=due_table,
+        open_table=open_table,
         source=source,
         sink=sink,
         partitions=partitions,
         stable_age=timedelta(seconds=settings.stable_age_seconds),
-        completion_quiet=completion_quiet,
+        completion_quiet=timedelta(seconds=settings.assembly_completion_quiet_seconds),
         metrics=metrics or IngestMetrics(),
         app=app,
         clock=clock,
         publish_timeout=settings.kafka.request_timeout_ms / 1000 + 5,
     )
-    due_table.on_recover(assembler.on_recover)
+    open_table.on_recover(assembler.on_recover)
 
     @app.agent(source, name=f"{app_id}-assemble")
     async def assemble(stream: StreamT[Any]) -> None:
@@ -392,6 +455,23 @@ def build_assembly_app(
     return app
 
 
+async def declare_changelogs(app: faust.App, kafka: KafkaSettings) -> None:
+    """Create the app's changelog topics (compacted) unless they exist; call before it starts."""
+    specs = [
+        TopicSpec(
+            table.changelog_topic.get_topic_name(),
+            table.partitions or app.conf.topic_partitions,
+            topics.FOREVER,
+            compacted=True,
+            extra=dict(table.extra_topic_configs),
+        )
+        for table in app.tables.values()
+    ]
+    await provision_topics(
+        kafka.bootstrap_list, specs, kafka.replication_factor, kafka.min_insync_replicas
+    )
+
+
 def _guarded(handle: Callable[[EventT], None], faust_event: EventT) -> None:
     # Anything unexpected is logged with the record's position and skipped, never crashes the
     # agent (a crashed agent would stop assembling every study of its partitions).
@@ -403,9 +483,25 @@ def _guarded(handle: Callable[[EventT], None], faust_event: EventT) -> None:
         )
 
 
+def serve_metrics(settings: IngestSettings, metrics: IngestMetrics) -> Any:
+    """/metrics on 127.0.0.1:<assembly_metrics_port> (a daemon thread); None when not set."""
+    if settings.assembly_metrics_port is None:
+        return None
+    server, _thread = start_http_server(
+        settings.assembly_metrics_port, addr="127.0.0.1", registry=metrics.registry
+    )
+    return server
+
+
 def main(settings: IngestSettings) -> None:
     """Run the assembly worker until stopped (``beeldportaal ingest assemble``)."""
     configure_logging(SERVICE, settings.log_level, settings.log_json)
-    app = build_assembly_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False)
+    metrics = IngestMetrics()
+    app = build_assembly_app(settings, metrics=metrics)
+    # The worker's own loop, so that faust finds it current (asyncio.run would unset it).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(declare_changelogs(app, settings.kafka))
+    serve_metrics(settings, metrics)
+    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, override_logging=False)
     worker.execute_from_commandline()

@@ -12,14 +12,19 @@ from services.ingest.domain.assembly import (
     Added,
     AssemblyKey,
     StudyAssemblies,
-    add,
     add_instance,
     announce,
     due,
     key_of,
     next_due_at,
+    read_records,
     record_announced,
+    record_row_key,
+    seen_row_key,
+    study_of_row_key,
     study_received_id,
+    study_row_key,
+    take_in,
 )
 from shared.events import (
     BsnStatus,
@@ -33,6 +38,7 @@ from tests.factories import RECIPIENT_URA, SENDER_URA, T0, make_instance_ref, ma
 from tests.ingest_factories import (
     BASIC_TEXT_SR,
     ENCAPSULATED_PDF,
+    AssemblyTable,
     copy_of,
     make_study_instances,
 )
@@ -46,17 +52,37 @@ def seconds(n: float) -> datetime:
 
 
 def fold(
-    events: Iterable[InstanceStored], at: float = 0.0, state: StudyAssemblies | None = None
-) -> StudyAssemblies:
+    events: Iterable[InstanceStored], at: float = 0.0, table: AssemblyTable | None = None
+) -> AssemblyTable:
+    """The table after the assembly agent took in ``events`` at ``at`` seconds."""
+    table = AssemblyTable() if table is None else table
     for event in events:
-        state = add(state, event, seconds(at))
-    assert state is not None
-    return state
+        take_in(table, event, seconds(at))
+    return table
 
 
-def announce_only(state: StudyAssemblies, at: float) -> tuple[StudyReceived, StudyAssemblies]:
-    [key] = due(state, seconds(at), STABLE)
-    return announce(state, key, seconds(at), "tests")
+def announce_at(table: AssemblyTable, key: AssemblyKey, at: float) -> StudyReceived:
+    """What the timer publishes for ``key`` at ``at`` (the table is not written)."""
+    state = table.state(key.study_instance_uid)
+    assembly = state.assembly(key)
+    assert assembly is not None
+    return announce(state, key, read_records(table, assembly), seconds(at), "tests")[0]
+
+
+def acknowledge(table: AssemblyTable, event: StudyReceived) -> None:
+    """What the agent on study-received does with an announcement consumed back."""
+    state = table.state(event.study.study_instance_uid)
+    recorded = record_announced(state, event.study, event.occurred_at)
+    if recorded is not state:
+        table[study_row_key(event.study.study_instance_uid)] = recorded.to_bytes()
+
+
+def announce_only(table: AssemblyTable, at: float) -> StudyReceived:
+    """The one due assembly announced at ``at`` and the announcement recorded."""
+    [key] = due(table.state(), seconds(at), STABLE)
+    event = announce_at(table, key, at)
+    acknowledge(table, event)
+    return event
 
 
 # --- stability ------------------------------------------------------------------------------------
@@ -64,7 +90,7 @@ def announce_only(state: StudyAssemblies, at: float) -> tuple[StudyReceived, Stu
 
 def test_a_study_is_due_once_no_new_instance_came_for_the_stable_age() -> None:
     events = make_study_instances(3)
-    state = fold(events, at=0)
+    state = fold(events, at=0).state()
 
     assert due(state, seconds(14.999), STABLE) == []
     assert due(state, seconds(15), STABLE) == [key_of(events[0])]
@@ -73,8 +99,8 @@ def test_a_study_is_due_once_no_new_instance_came_for_the_stable_age() -> None:
 
 def test_every_new_instance_restarts_the_stable_age() -> None:
     first, second = make_study_instances(2)
-    state = fold([first], at=0)
-    state = fold([second], at=10, state=state)
+    table = fold([first], at=0)
+    state = fold([second], at=10, table=table).state()
 
     assert due(state, seconds(20), STABLE) == []
     assert due(state, seconds(25), STABLE) == [key_of(first)]
@@ -83,10 +109,10 @@ def test_every_new_instance_restarts_the_stable_age() -> None:
 def test_stability_runs_on_the_assemblers_clock_not_on_when_ingest_stored_the_instance() -> None:
     # Consumed 60 s after ingest stored it (consumer lag): not stable at once.
     [event] = make_study_instances(1, occurred_at=seconds(-60))
-    state = fold([event], at=0)
+    table = fold([event], at=0)
 
-    assert due(state, seconds(1), STABLE) == []
-    event_out, _ = announce_only(state, at=15)
+    assert due(table.state(), seconds(1), STABLE) == []
+    event_out = announce_only(table, at=15)
     assert event_out.study.first_received_at == seconds(-60)
 
 
@@ -94,8 +120,8 @@ def test_a_study_marked_complete_is_announced_after_a_short_quiet_period_not_the
     None
 ):
     *rest, last = make_study_instances(3)
-    state = fold(rest, at=0)
-    state = fold([copy_of(last, completes_study=True)], at=1, state=state)
+    table = fold(rest, at=0)
+    state = fold([copy_of(last, completes_study=True)], at=1, table=table).state()
 
     assert due(state, seconds(1), STABLE) == []  # the rest of the request may still be arriving
     assert due(state, seconds(1) + COMPLETION_QUIET, STABLE) == [key_of(last)]
@@ -103,8 +129,8 @@ def test_a_study_marked_complete_is_announced_after_a_short_quiet_period_not_the
 
 def test_every_instance_of_the_completing_request_keeps_the_quiet_period_going() -> None:
     flagged = make_study_instances(3, completes_study=True)
-    state = fold(flagged[:1], at=0)
-    state = fold(flagged[1:], at=1.5, state=state)
+    table = fold(flagged[:1], at=0)
+    state = fold(flagged[1:], at=1.5, table=table).state()
 
     assert due(state, seconds(2.5), STABLE) == []
     assert due(state, seconds(1.5) + COMPLETION_QUIET, STABLE) != []
@@ -112,8 +138,8 @@ def test_every_instance_of_the_completing_request_keeps_the_quiet_period_going()
 
 def test_an_instance_after_the_completion_mark_cancels_the_shortcut() -> None:
     flagged, later = make_study_instances(2)
-    state = fold([copy_of(flagged, completes_study=True)], at=0)
-    state = fold([later], at=1, state=state)
+    table = fold([copy_of(flagged, completes_study=True)], at=0)
+    state = fold([later], at=1, table=table).state()
 
     assert due(state, seconds(10), STABLE) == []
     assert due(state, seconds(16), STABLE) == [key_of(later)]
@@ -121,9 +147,19 @@ def test_an_instance_after_the_completion_mark_cancels_the_shortcut() -> None:
 
 def test_the_completion_quiet_period_never_exceeds_the_stable_age() -> None:
     [event] = make_study_instances(1, completes_study=True)
-    state = fold([event], at=0)
+    state = fold([event], at=0).state()
 
     assert due(state, seconds(0.5), timedelta(seconds=0.5)) == [key_of(event)]
+
+
+def test_the_completion_quiet_period_is_whatever_the_worker_is_configured_with() -> None:
+    [event] = make_study_instances(1, completes_study=True)
+    state = fold([event], at=0).state()
+    quiet = timedelta(seconds=5)
+
+    assert due(state, seconds(4.9), STABLE, quiet) == []
+    assert due(state, seconds(5), STABLE, quiet) == [key_of(event)]
+    assert next_due_at(state, STABLE, quiet) == seconds(5)
 
 
 # --- duplicates and conflicts ---------------------------------------------------------------------
@@ -131,39 +167,45 @@ def test_the_completion_quiet_period_never_exceeds_the_stable_age() -> None:
 
 def test_a_duplicate_instance_changes_nothing_and_does_not_postpone_stability() -> None:
     first, second = make_study_instances(2)
-    state = fold([first, second], at=0)
+    table = fold([first, second], at=0)
+    written = len(table.changelog)
 
-    again, outcome = add_instance(state, copy_of(first), seconds(10))
+    outcome = take_in(table, copy_of(first), seconds(10)).outcome
 
     assert outcome is Added.DUPLICATE
-    assert again is state
-    assert due(again, seconds(15), STABLE) == [key_of(first)]
+    assert len(table.changelog) == written  # not a single row written
+    assert due(table.state(), seconds(15), STABLE) == [key_of(first)]
 
 
 def test_a_duplicate_carrying_a_completion_mark_is_still_a_duplicate() -> None:
     [event] = make_study_instances(1)
-    state = fold([event], at=0)
+    table = fold([event], at=0)
+    state = table.state()
+    seen = table.seen(event)
 
-    again = add(state, copy_of(event, completes_study=True, sender_note="ignore me"), seconds(1))
+    again = add_instance(
+        state, copy_of(event, completes_study=True, sender_note="ignore me"), seconds(1), seen
+    )
 
-    assert again is state
-    assert due(again, seconds(5), STABLE) == []
+    assert again.state is state
+    assert (again.outcome, again.record) == (Added.DUPLICATE, None)
+    assert due(again.state, seconds(5), STABLE) == []
 
 
 def test_the_same_sop_instance_with_other_bytes_keeps_the_first_copy_and_counts_a_conflict() -> (
     None
 ):
     [event] = make_study_instances(1)
-    state = fold([event], at=0)
+    table = fold([event], at=0)
     other_bytes = event.instance.model_copy(update={"sha256": "0" * 64, "size": 1})
 
-    changed, outcome = add_instance(state, copy_of(event, instance=other_bytes), seconds(10))
+    outcome = take_in(table, copy_of(event, instance=other_bytes), seconds(10)).outcome
 
-    assembly = changed.assembly(key_of(event))
+    assembly = table.state().assembly(key_of(event))
     assert outcome is Added.CONFLICT
     assert assembly is not None and assembly.conflicts == 1
-    assert due(changed, seconds(15), STABLE) == [key_of(event)]  # not postponed
-    study = announce(changed, key_of(event), seconds(15), "tests")[0].study
+    assert due(table.state(), seconds(15), STABLE) == [key_of(event)]  # not postponed
+    study = announce_at(table, key_of(event), 15).study
     assert study.instances == (event.instance,)
 
 
@@ -172,7 +214,8 @@ def test_the_same_sop_instance_with_other_bytes_keeps_the_first_copy_and_counts_
 
 def test_version_1_lists_every_instance_as_new() -> None:
     events = make_study_instances(3)
-    event, announced = announce_only(fold(events, at=0), at=15)
+    table = fold(events, at=0)
+    event = announce_only(table, at=15)
 
     study = event.study
     assert study.version == 1
@@ -181,29 +224,32 @@ def test_version_1_lists_every_instance_as_new() -> None:
     }
     assert set(study.new_sop_instance_uids) == {e.instance.sop_instance_uid for e in events}
     assert study.number_of_instances == 3
-    assert due(announced, seconds(100), STABLE) == []
-    assert next_due_at(announced, STABLE) is None
+    assert due(table.state(), seconds(100), STABLE) == []
+    assert next_due_at(table.state(), STABLE) is None
 
 
 def test_a_late_instance_makes_version_2_with_the_full_manifest_and_only_itself_as_new() -> None:
     *early, late = make_study_instances(4)
-    _, announced = announce_only(fold(early, at=0), at=15)
+    table = fold(early, at=0)
+    announce_only(table, at=15)
 
-    state = fold([late], at=100, state=announced)
-    assert due(state, seconds(114), STABLE) == []
-    event, after = announce_only(state, at=115)
+    fold([late], at=100, table=table)
+    assert due(table.state(), seconds(114), STABLE) == []
+    event = announce_only(table, at=115)
 
     study = event.study
     assert study.version == 2
     assert study.new_sop_instance_uids == (late.instance.sop_instance_uid,)
     assert len(study.instances) == 4
     assert study.last_received_at == late.occurred_at
-    assert after.assembly(key_of(late)).announced_version == 2  # type: ignore[union-attr]
+    assert table.state().assembly(key_of(late)).announced_version == 2  # type: ignore[union-attr]
 
 
 def test_recording_a_version_again_or_an_older_one_changes_nothing() -> None:
     events = make_study_instances(2)
-    event, announced = announce_only(fold(events, at=0), at=15)
+    table = fold(events, at=0)
+    event = announce_only(table, at=15)
+    announced = table.state()
 
     assert record_announced(announced, event.study, seconds(16)) is announced
 
@@ -213,35 +259,36 @@ def test_only_the_first_announcement_of_a_version_counts() -> None:
     # more instance under the same event id. Consumers keep the first; the extra one must
     # therefore still come as new in version 2.
     first, extra = make_study_instances(2)
-    state = fold([first], at=0)
-    v1, _ = announce_only(state, at=15)
-    state = fold([extra], at=16, state=state)
-    v1_again, _ = announce(state, key_of(first), seconds(40), "tests")
+    table = fold([first], at=0)
+    v1 = announce_at(table, key_of(first), 15)
+    fold([extra], at=16, table=table)
+    v1_again = announce_at(table, key_of(first), 40)
     assert v1_again.event_id == v1.event_id and v1_again.study.version == 1
 
-    state = record_announced(state, v1.study, seconds(15))
-    state = record_announced(state, v1_again.study, seconds(40))
+    acknowledge(table, v1)
+    acknowledge(table, v1_again)
 
-    v2, _ = announce_only(state, at=40)
+    v2 = announce_only(table, at=40)
     assert v2.study.version == 2
     assert v2.study.new_sop_instance_uids == (extra.instance.sop_instance_uid,)
 
 
 def test_announcing_without_anything_new_is_refused() -> None:
     events = make_study_instances(1)
-    _, announced = announce_only(fold(events, at=0), at=15)
+    table = fold(events, at=0)
+    announce_only(table, at=15)
 
     with pytest.raises(ValueError, match="nothing new"):
-        announce(announced, key_of(events[0]), seconds(20), "tests")
+        announce_at(table, key_of(events[0]), 20)
 
 
 def test_event_ids_are_derived_from_study_sender_recipient_and_version() -> None:
     events = make_study_instances(2)
-    state = fold(events, at=0)
+    table = fold(events, at=0)
     key = key_of(events[0])
 
-    once, _ = announce(state, key, seconds(15), "tests")
-    twice, _ = announce(state, key, seconds(99), "tests")
+    once = announce_at(table, key, 15)
+    twice = announce_at(table, key, 99)
 
     assert once.event_id == twice.event_id == study_received_id(key, 1)
     assert study_received_id(key, 2) != study_received_id(key, 1)
@@ -256,40 +303,168 @@ def test_one_study_sent_to_two_recipients_is_two_assemblies_announced_separately
     study_uid = make_instance_ref().series_instance_uid  # any fresh UID
     to_first = make_study_instances(2, study_instance_uid=study_uid)
     to_second = make_study_instances(1, study_instance_uid=study_uid, recipient_ura=OTHER_RECIPIENT)
-    state = fold([*to_first, *to_second], at=0)
+    table = fold([*to_first, *to_second], at=0)
 
-    keys = due(state, seconds(15), STABLE)
+    keys = due(table.state(), seconds(15), STABLE)
     assert keys == sorted(
         [
             AssemblyKey(study_uid, SENDER_URA, RECIPIENT_URA),
             AssemblyKey(study_uid, SENDER_URA, OTHER_RECIPIENT),
         ]
     )
-    first, state = announce(state, keys[0], seconds(15), "tests")
-    assert due(state, seconds(15), STABLE) == [keys[1]]
-    second, state = announce(state, keys[1], seconds(15), "tests")
+    first = announce_at(table, keys[0], 15)
+    acknowledge(table, first)
+    assert due(table.state(), seconds(15), STABLE) == [keys[1]]
+    second = announce_at(table, keys[1], 15)
+    acknowledge(table, second)
 
     counts = {e.study.recipient_ura: len(e.study.instances) for e in (first, second)}
     assert counts == {RECIPIENT_URA: 2, OTHER_RECIPIENT: 1}
     assert first.event_id != second.event_id
-    assert due(state, seconds(100), STABLE) == []
+    assert due(table.state(), seconds(100), STABLE) == []
 
 
 def test_a_state_belongs_to_one_study() -> None:
-    state = fold(make_study_instances(1), at=0)
+    state = fold(make_study_instances(1), at=0).state()
 
     with pytest.raises(ValueError, match="another study"):
-        add(state, make_study_instances(1)[0], seconds(1))
+        add_instance(state, make_study_instances(1)[0], seconds(1), None)
 
 
 def test_the_state_survives_its_json_round_trip_as_a_table_value() -> None:
     events = make_study_instances(3, urgency=Urgency.URGENT, completes_study=True)
-    state = fold(events, at=0)
+    table = fold(events, at=0)
 
-    restored = StudyAssemblies.from_bytes(state.to_bytes())
+    restored = AssemblyTable.restored(table.changelog)
 
-    assert restored == state
-    assert announce_only(restored, at=15)[0] == announce_only(state, at=15)[0]
+    assert StudyAssemblies.from_bytes(table.state().to_bytes()) == table.state()
+    assert announce_only(restored, at=15) == announce_only(table, at=15)
+
+
+# --- what is stored: linear in the study, bounded per instance ------------------------------------
+
+
+def test_every_row_of_a_study_is_keyed_by_its_study_instance_uid_first() -> None:
+    # What keeps all of a study's rows in its partition (see the entrypoint's notes).
+    events = make_study_instances(3)
+    table = fold(events, at=0)
+    acknowledge(table, announce_at(table, key_of(events[0]), 15))
+
+    uid = events[0].study_instance_uid
+    assert {study_of_row_key(key) for key, _ in table.changelog} == {uid}
+    assert study_row_key(uid) == uid.encode()  # exactly the message key of its events
+
+
+def test_taking_in_an_instance_writes_the_same_few_rows_however_large_the_study_already_is() -> (
+    None
+):
+    events = make_study_instances(1001)
+    table = fold(events[:1], at=0)
+    mark = len(table.changelog)
+    fold(events[1:2], at=0, table=table)
+    second = table.written_since(mark)
+    fold(events[2:1000], at=0, table=table)
+
+    mark = len(table.changelog)
+    fold(events[1000:], at=0, table=table)
+
+    assert len(table.changelog) - mark == 3  # the record, the seen mark, the study row
+    # The same size give or take digits (the instance number, UIDs): no row carries the study's
+    # other instances, which would be some 500 kB here.
+    assert table.written_since(mark) <= second + 32
+    assert table.written_since(mark) < 2_500
+
+
+def test_recording_an_announcement_writes_only_the_study_row_however_many_instances_it_lists() -> (
+    None
+):
+    events = make_study_instances(500)
+    table = fold(events, at=0)
+    event = announce_at(table, key_of(events[0]), 15)
+    mark = len(table.changelog)
+
+    acknowledge(table, event)
+
+    assert [key for key, _ in table.changelog[mark:]] == [
+        study_row_key(events[0].study_instance_uid)
+    ]
+    assert table.written_since(mark) < 2_500
+
+
+def test_instances_are_numbered_in_arrival_order_and_a_version_announces_up_to_its_count() -> None:
+    *early, late = make_study_instances(3)
+    table = fold(early, at=0)
+    announce_only(table, at=15)
+    fold([late], at=20, table=table)
+
+    key = key_of(late)
+    assembly = table.state().assembly(key)
+    assert assembly is not None
+    assert (assembly.instances, assembly.announced_instances) == (3, 2)
+    assert [r.instance for r in read_records(table, assembly)] == [e.instance for e in early] + [
+        late.instance
+    ]
+    assert table.seen(late) is not None and table.seen(late).number == 3  # type: ignore[union-attr]
+
+
+def test_the_study_row_keeps_at_most_two_patients_which_already_make_the_patient_conflicting() -> (
+    None
+):
+    study_uid = make_instance_ref().sop_instance_uid
+    events = [
+        e
+        for _ in range(5)
+        for e in make_study_instances(1, study_instance_uid=study_uid, patient=make_patient())
+    ]
+    table = fold(events, at=0)
+
+    assembly = table.state().assembly(key_of(events[0]))
+    assert assembly is not None and assembly.patients == (events[0].patient, events[1].patient)
+    assert announce_only(table, at=15).study.patient.bsn_status is BsnStatus.CONFLICTING
+
+
+@pytest.mark.parametrize("rows_kept", [0, 1, 2], ids=["none", "record", "record-and-seen"])
+def test_a_crash_part_way_through_an_instances_rows_is_repaired_when_it_is_replayed(
+    rows_kept: int,
+) -> None:
+    # A crash keeps a prefix of the changelog: of the replayed instance's three rows (record,
+    # seen, study row) none, one or two survived, and its source offset was not committed.
+    first, second, third = make_study_instances(3)
+    table = fold([first], at=0)
+    mark = len(table.changelog)
+    fold([second], at=1, table=table)
+
+    restored = AssemblyTable.restored(table.changelog[: mark + rows_kept])
+    assert take_in(restored, second, seconds(2)).outcome is Added.NEW
+    assert take_in(restored, second, seconds(2)).outcome is Added.DUPLICATE
+    fold([third], at=3, table=restored)
+
+    study = announce_only(restored, at=30).study
+    assert {r.sop_instance_uid for r in study.instances} == {
+        e.instance.sop_instance_uid for e in (first, second, third)
+    }
+    assembly = restored.state().assembly(key_of(first))
+    assert assembly is not None and assembly.instances == 3
+
+
+def test_a_missing_record_row_is_an_error_not_a_shorter_manifest() -> None:
+    events = make_study_instances(3)
+    table = fold(events, at=0)
+    del table[record_row_key(key_of(events[0]), 2)]
+
+    assembly = table.state().assembly(key_of(events[0]))
+    assert assembly is not None
+    with pytest.raises(LookupError, match="record row 2"):
+        read_records(table, assembly)
+
+
+def test_a_seen_row_is_found_by_the_sop_instance_uid_of_its_assembly() -> None:
+    [event] = make_study_instances(1)
+    table = fold([event], at=0)
+    other = key_of(event)._replace(recipient_ura=OTHER_RECIPIENT)
+
+    assert seen_row_key(key_of(event), event.instance.sop_instance_uid) in table
+    assert seen_row_key(other, event.instance.sop_instance_uid) not in table
 
 
 # --- what study-received says ---------------------------------------------------------------------
@@ -297,25 +472,25 @@ def test_the_state_survives_its_json_round_trip_as_a_table_value() -> None:
 
 def test_instances_that_name_different_patients_make_the_patient_conflicting() -> None:
     one, two = make_study_instances(2)
-    state = fold([one, copy_of(two, patient=make_patient())], at=0)
+    table = fold([one, copy_of(two, patient=make_patient())], at=0)
 
-    patient = announce_only(state, at=15)[0].study.patient
+    patient = announce_only(table, at=15).study.patient
     assert patient == PatientRef(pseudonym=None, bsn_status=BsnStatus.CONFLICTING)
 
 
 def test_a_verified_bsn_next_to_an_instance_without_one_is_conflicting() -> None:
     one, two = make_study_instances(2)
     absent = make_patient(BsnStatus.ABSENT)
-    state = fold([one, copy_of(two, patient=absent)], at=0)
+    table = fold([one, copy_of(two, patient=absent)], at=0)
 
-    assert announce_only(state, at=15)[0].study.patient.bsn_status is BsnStatus.CONFLICTING
+    assert announce_only(table, at=15).study.patient.bsn_status is BsnStatus.CONFLICTING
 
 
 def test_instances_that_agree_give_their_patient() -> None:
     patient = make_patient()
-    state = fold(make_study_instances(3, patient=patient), at=0)
+    table = fold(make_study_instances(3, patient=patient), at=0)
 
-    assert announce_only(state, at=15)[0].study.patient == patient
+    assert announce_only(table, at=15).study.patient == patient
 
 
 def test_structured_reports_and_encapsulated_pdfs_are_listed_as_reports() -> None:
@@ -323,9 +498,9 @@ def test_structured_reports_and_encapsulated_pdfs_are_listed_as_reports() -> Non
     images = make_study_instances(2, study_instance_uid=study_uid)
     [sr] = make_study_instances(1, study_instance_uid=study_uid, sop_class_uid=BASIC_TEXT_SR)
     [pdf] = make_study_instances(1, study_instance_uid=study_uid, sop_class_uid=ENCAPSULATED_PDF)
-    state = fold([*images, sr, pdf], at=0)
+    table = fold([*images, sr, pdf], at=0)
 
-    reports = announce_only(state, at=15)[0].study.reports
+    reports = announce_only(table, at=15).study.reports
     assert {(r.sop_instance_uid, r.kind) for r in reports} == {
         (sr.instance.sop_instance_uid, ReportKind.STRUCTURED_REPORT),
         (pdf.instance.sop_instance_uid, ReportKind.PDF),
@@ -339,16 +514,16 @@ def test_urgency_is_the_highest_any_instance_had() -> None:
         *make_study_instances(1, study_instance_uid=study_uid, urgency=Urgency.EMERGENCY),
         *make_study_instances(1, study_instance_uid=study_uid, urgency=Urgency.ROUTINE),
     ]
-    state = fold(events, at=0)
+    table = fold(events, at=0)
 
-    assert announce_only(state, at=15)[0].study.urgency is Urgency.EMERGENCY
+    assert announce_only(table, at=15).study.urgency is Urgency.EMERGENCY
 
 
 def test_the_latest_non_empty_sender_note_wins() -> None:
     a, b, c = make_study_instances(3)
-    state = fold([copy_of(a, sender_note="first"), copy_of(b, sender_note="second"), c], at=0)
+    table = fold([copy_of(a, sender_note="first"), copy_of(b, sender_note="second"), c], at=0)
 
-    assert announce_only(state, at=15)[0].study.sender_note == "second"
+    assert announce_only(table, at=15).study.sender_note == "second"
 
 
 def test_study_attributes_come_from_the_first_instance_that_has_them() -> None:
@@ -365,7 +540,7 @@ def test_study_attributes_come_from_the_first_instance_that_has_them() -> None:
         institution_name="Ziekenhuis B",
     )
     later = copy_of(full, instance=make_instance_ref(), accession_number="OTHER")
-    study = announce_only(fold([without, full, later], at=0), at=15)[0].study
+    study = announce_only(fold([without, full, later], at=0), at=15).study
 
     assert (study.accession_number, study.study_date, study.study_description) == (
         "ACC9",
@@ -387,8 +562,8 @@ def test_series_summaries_modalities_and_the_manifest_order_do_not_depend_on_arr
         series_number=1,
         sop_class_uid=BASIC_TEXT_SR,
     )
-    forward = announce_only(fold([*ct, *sr], at=0), at=15)[0].study
-    backward = announce_only(fold([*sr, *reversed(ct)], at=0), at=15)[0].study
+    forward = announce_only(fold([*ct, *sr], at=0), at=15).study
+    backward = announce_only(fold([*sr, *reversed(ct)], at=0), at=15).study
 
     assert forward.instances == backward.instances
     assert forward.series == backward.series
@@ -403,6 +578,6 @@ def test_first_and_last_received_are_when_ingest_stored_the_instances() -> None:
     study_uid = make_instance_ref().sop_instance_uid
     late = make_study_instances(1, study_instance_uid=study_uid, occurred_at=seconds(30))
     early = make_study_instances(1, study_instance_uid=study_uid, occurred_at=seconds(-5))
-    study = announce_only(fold([*late, *early], at=0), at=15)[0].study
+    study = announce_only(fold([*late, *early], at=0), at=15).study
 
     assert (study.first_received_at, study.last_received_at) == (seconds(-5), seconds(30))
