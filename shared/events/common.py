@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import date
 from enum import StrEnum
 from typing import Annotated
@@ -11,27 +10,15 @@ from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
 
 from shared.events.base import Model
 from shared.identifiers import Pseudonym, Ura
+from shared.storage.port import validate_key
 
 # PS3.5 §9.1: dotted numeric components without leading zeros, at most 64 characters.
 DicomUid = Annotated[
     str, StringConstraints(pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$", max_length=64)
 ]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def _object_key(key: str) -> str:
-    # Slash-separated segments of [A-Za-z0-9._-], none empty and none only dots: no path tricks
-    # on a POSIX-backed S3 server. E.g. "studies/1.2.3/series/1.2.4/1.2.5.dcm".
-    if not 0 < len(key) <= 1024:
-        raise ValueError("object key must be 1..1024 characters")
-    for segment in key.split("/"):
-        if not _KEY_SEGMENT.fullmatch(segment) or set(segment) == {"."}:
-            raise ValueError("object key segments must be non-empty [A-Za-z0-9._-], not only dots")
-    return key
-
-
-ObjectKey = Annotated[str, AfterValidator(_object_key)]
+# One definition of a valid key: the object store's own (no empty, '.' or '..' segments).
+ObjectKey = Annotated[str, AfterValidator(validate_key)]
 
 
 class BsnStatus(StrEnum):

@@ -156,13 +156,7 @@ class InstanceStore:
         header, key, info, created = persisted
 
         def failed(status: Status, reason: str) -> Outcome:
-            return Outcome(
-                status,
-                reason,
-                header.sop_class_uid,
-                header.sop_instance_uid,
-                header.study_instance_uid,
-            )
+            return _refused(header, status, reason)
 
         # What is stored is what the claim check names: for a resend, the first copy.
         ref = InstanceRef(
@@ -213,13 +207,7 @@ class InstanceStore:
             return Outcome(exc.status, exc.reason)
 
         def failed(status: Status, reason: str) -> Outcome:
-            return Outcome(
-                status,
-                reason,
-                header.sop_class_uid,
-                header.sop_instance_uid,
-                header.study_instance_uid,
-            )
+            return _refused(header, status, reason)
 
         if submission.expected_study_uid and header.study_instance_uid != (
             submission.expected_study_uid
@@ -297,6 +285,12 @@ class InstanceStore:
             sender_note=sub.sender_note,
             completes_study=sub.completes_study,
         )
+
+
+def _refused(header: InstanceHeader, status: Status, reason: str) -> Outcome:
+    return Outcome(
+        status, reason, header.sop_class_uid, header.sop_instance_uid, header.study_instance_uid
+    )
 
 
 class _BoundedSet:
