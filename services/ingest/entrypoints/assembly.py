@@ -71,7 +71,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import faust
-from faust.types import EventT, StreamT, TableT, TopicT
+from faust.types import (
+    TP,
+    EventT,
+    StreamT,
+    TableT,
+    TopicT,
+)
 from prometheus_client import start_http_server
 
 from services.ingest.config import IngestSettings
@@ -136,10 +142,14 @@ class StudyAssembler:
     _pending: dict[AssemblyKey, tuple[int, float]] = field(default_factory=dict)
     _ready: bool = False
     _partitioner: CachedMurmur2Partitioner = field(default_factory=CachedMurmur2Partitioner)
+    # Partition -> offset of the last instance-stored record this worker folded in.
+    _processed: dict[int, int] = field(default_factory=dict)
 
     # --- the agents (synchronous: no await between reading and writing a table value) -----------
 
     def on_instance(self, faust_event: EventT) -> None:
+        message = faust_event.message
+        self._processed[message.partition] = message.offset
         event = self._decode(faust_event, InstanceStored)
         if event is None:
             return
@@ -226,11 +236,17 @@ class StudyAssembler:
         now = self.clock()
         actives = self.active_partitions()
         announcements: list[StudyReceived] = []
+        behind = self.lagging_partitions(actives)
         for key, at in sorted(self._due.items(), key=lambda item: item[1]):
             if at > now:
                 break
-            if self.partition_of(key) not in actives:
+            partition = self.partition_of(key)
+            if partition not in actives:
                 self._due.pop(key, None)  # another worker's now
+                continue
+            if partition in behind:
+                # Fetched but not yet folded in: a backlog or a stall of this worker must not
+                # look like a quiet study. Announce once the partition is caught up.
                 continue
             try:
                 announcements.extend(self._announcements(key, now))
@@ -323,6 +339,27 @@ class StudyAssembler:
     def partition_of(self, key: bytes) -> int:
         every = list(range(self.partitions))
         return self._partitioner(key, every, every)
+
+    def lagging_partitions(self, actives: set[int]) -> set[int]:
+        """Active partitions whose known end (high watermark) is beyond what was folded in.
+
+        What was folded in is the later of this worker's last processed offset and the group's
+        committed position (a partition taken over with nothing new to read is not behind).
+        """
+        topic = self.source.get_topic_name()
+        consumer = self.app.consumer
+        behind = set()
+        for partition in actives:
+            tp = TP(topic, partition)
+            try:
+                highwater = consumer.highwater(tp)
+            except (KeyError, AttributeError):
+                continue  # nothing fetched for it yet: no known backlog
+            committed = consumer._committed_offset.get(tp) or 0
+            folded_up_to = max(self._processed.get(partition, -1) + 1, committed)
+            if highwater and folded_up_to < highwater:
+                behind.add(partition)
+        return behind
 
     def active_partitions(self) -> set[int]:
         topic = self.source.get_topic_name()
