@@ -40,7 +40,8 @@ class RouteResolved(Event):
 
 @event
 class RouteFailed(Event):
-    """Emitted by routing when a permitted study has no usable destination."""
+    """Emitted by routing when a study cannot go anywhere: consent denied delivery, the recipient is
+    unknown, or it has no usable endpoint. The sender is told why."""
 
     schema_name: ClassVar[str] = "route.failed.v1"
     topic: ClassVar[str] = "route-failed"

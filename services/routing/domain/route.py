@@ -1,0 +1,153 @@
+"""Routing: where a consent-checked study version must go, or why it cannot go anywhere.
+
+``route`` is a pure function of the consent decision and the directory. Only the delivery purpose
+is routed; the timeline decision is for the timeline service. A deny, an unknown recipient or a
+recipient without a usable endpoint is a ``route-failed`` naming the reason, so the sender can be
+told: a study is never dropped silently.
+
+Event ids are uuid5 over (study, version, sender, recipient[, endpoint]) and ``occurred_at`` is
+taken from the decision unless ``now`` is given, so replaying a consent-checked record yields the
+same events, which downstream handlers recognise as duplicates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from services.routing.domain.directory import (
+    DicomWebEndpoint,
+    DimseEndpoint,
+    PickupEndpoint,
+    ProviderLookup,
+    ReceiverPreferences,
+)
+from shared.events.common import DeliveryChannel, InstanceRef, StudySnapshot, Urgency
+from shared.events.consent import Basis, ConsentChecked, Decision, Purpose
+from shared.events.routing import Destination, RouteFailed, RouteResolved
+
+PRODUCER = "routing"
+
+# uuid5 namespaces: (study, version, sender, recipient, endpoint) -> route-resolved event id,
+# (study, version, sender, recipient) -> route-failed event id.
+ROUTE_RESOLVED_NAMESPACE = uuid.UUID("0d7b5c1e-2f4a-4e8b-9c36-7a1f5e2d8b90")
+ROUTE_FAILED_NAMESPACE = uuid.UUID("5a2e9f64-8c1d-4b7a-b3e0-1f6d4c9a7e25")
+
+# Delivery takes higher ranks first.
+_RANK = {Urgency.ROUTINE: 0, Urgency.URGENT: 1, Urgency.EMERGENCY: 2}
+
+
+def route(
+    checked: ConsentChecked,
+    directory: ProviderLookup,
+    *,
+    producer: str = PRODUCER,
+    now: datetime | None = None,
+) -> list[RouteResolved] | RouteFailed:
+    """One route-resolved per usable endpoint of the recipient, or the route-failed saying why.
+
+    A timeline decision is not routed: the result is an empty list.
+    """
+    if checked.purpose is not Purpose.DELIVERY:
+        return []
+    study = checked.study
+    occurred_at = checked.occurred_at if now is None else now
+    if checked.decision is not Decision.PERMIT:
+        reason = (
+            f"consent denies delivery: basis {checked.basis.value}, decided by {checked.decided_by}"
+        )
+        return _failed(checked, reason, producer, occurred_at)
+    provider = directory.get(study.recipient_ura)
+    if provider is None:
+        reason = f"recipient {study.recipient_ura} is not in the provider directory"
+        return _failed(checked, reason, producer, occurred_at)
+    endpoints = provider.usable_endpoints()
+    if not endpoints:
+        reason = (
+            f"recipient {provider.ura} ({provider.name}) has no usable delivery endpoint"
+            if provider.endpoints
+            else f"recipient {provider.ura} ({provider.name}) has no delivery endpoint"
+        )
+        return _failed(checked, reason, producer, occurred_at)
+    priority = priority_of(checked)
+    return [
+        RouteResolved(
+            event_id=route_resolved_id(study, endpoint.id),
+            occurred_at=occurred_at,
+            correlation_id=checked.correlation_id,
+            producer=producer,
+            study=study,
+            destination=destination_of(provider.ura, endpoint),
+            priority=priority,
+            consent_basis=checked.basis,
+            flagged=checked.flagged,
+        )
+        for endpoint in endpoints
+    ]
+
+
+def priority_of(checked: ConsentChecked) -> Urgency:
+    """The study's urgency; an emergency send is an emergency whatever the sender marked."""
+    urgency = checked.study.urgency
+    if checked.basis is Basis.EMERGENCY:
+        return max(urgency, Urgency.EMERGENCY, key=_RANK.__getitem__)
+    return urgency
+
+
+def priority_rank(priority: Urgency) -> int:
+    """Higher goes first: delivery orders its work by this."""
+    return _RANK[priority]
+
+
+def destination_of(
+    ura: str, endpoint: DicomWebEndpoint | DimseEndpoint | PickupEndpoint
+) -> Destination:
+    return Destination(
+        organisation_ura=ura, endpoint_id=endpoint.id, channel=DeliveryChannel(endpoint.channel)
+    )
+
+
+def select_instances(
+    study: StudySnapshot, preferences: ReceiverPreferences
+) -> tuple[InstanceRef, ...]:
+    """The instances this version must deliver: the new ones the receiver accepts.
+
+    Not yet carried by RouteResolved (see the routing handoff); delivery can compute the same
+    from the snapshot and the directory entry.
+    """
+    new = set(study.new_sop_instance_uids)
+    if not new and study.version == 1:  # every instance is new in version 1
+        new = {i.sop_instance_uid for i in study.instances}
+    excluded = preferences.excluded_sop_classes()
+    return tuple(
+        i for i in study.instances if i.sop_instance_uid in new and i.sop_class_uid not in excluded
+    )
+
+
+def route_resolved_id(study: StudySnapshot, endpoint_id: str) -> uuid.UUID:
+    return uuid.uuid5(ROUTE_RESOLVED_NAMESPACE, f"{_study_key(study)}|{endpoint_id}")
+
+
+def route_failed_id(study: StudySnapshot) -> uuid.UUID:
+    return uuid.uuid5(ROUTE_FAILED_NAMESPACE, _study_key(study))
+
+
+def _study_key(study: StudySnapshot) -> str:
+    # The sender is part of it: ingest assembles per (study, sender, recipient).
+    return f"{study.study_instance_uid}|{study.version}|{study.sender_ura}|{study.recipient_ura}"
+
+
+def _failed(
+    checked: ConsentChecked, reason: str, producer: str, occurred_at: datetime
+) -> RouteFailed:
+    study = checked.study
+    return RouteFailed(
+        event_id=route_failed_id(study),
+        occurred_at=occurred_at,
+        correlation_id=checked.correlation_id,
+        producer=producer,
+        study_instance_uid=study.study_instance_uid,
+        study_version=study.version,
+        recipient_ura=study.recipient_ura,
+        reason=reason,
+    )
