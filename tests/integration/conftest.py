@@ -16,8 +16,10 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy.local.config import LocalConfig, read_env_file
-from shared.kafka import broker_ready
+from shared import topics
+from shared.kafka import broker_ready, provision_topics
 from shared.settings import KafkaSettings, PostgresSettings, S3Settings
+from shared.topics import TopicSpec
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +104,37 @@ async def make_topic(kafka_settings: KafkaSettings) -> AsyncIterator[object]:
         if created:
             await admin.delete_topics(created)
         await admin.close()
+
+
+@pytest.fixture
+def tag() -> str:
+    """A unique tag for names of this test's topics, groups and app ids."""
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def declare_topics(
+    kafka_settings: KafkaSettings, tag: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[object]:
+    """``await declare_topics(spec, ...)``: declare topics for this test only and provision them.
+
+    Afterwards every topic whose name holds ``tag`` is deleted, so faust's own changelog and
+    leader topics of an app named with the tag go too.
+    """
+
+    async def declare(*specs: TopicSpec) -> None:
+        for spec in specs:
+            monkeypatch.setitem(topics.BY_NAME, spec.name, spec)
+        await provision_topics(kafka_settings.bootstrap_list, specs)
+
+    try:
+        yield declare
+    finally:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_list)
+        await admin.start()
+        try:
+            ours = [t for t in await admin.list_topics() if tag in t]
+            if ours:
+                await admin.delete_topics(ours)
+        finally:
+            await admin.close()

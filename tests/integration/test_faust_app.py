@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from shared import topics
 from shared.codec import Codec
 from shared.events import ConsentRevoked, Event
 from shared.faust_app import decode_event, make_app
-from shared.kafka import KafkaEventPublisher, provision_topics
+from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec
 
@@ -38,36 +36,16 @@ def revoked(n: int) -> ConsentRevoked:
 
 
 @pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
 async def declared(
-    kafka_settings: KafkaSettings, tag: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[TopicSpec, TopicSpec]]:
-    """An input and an output topic, declared (for this test only) and provisioned.
-
-    Afterwards every topic naming the tag goes, faust's own (leader, changelog) included.
-    """
+    declare_topics: Callable[..., Awaitable[None]], tag: str
+) -> tuple[TopicSpec, TopicSpec]:
+    """An input and an output topic, declared (for this test only) and provisioned."""
     specs = (
         TopicSpec(f"test-faust-in-{tag}", 3, topics.DAY_MS),
         TopicSpec(f"test-faust-out-{tag}", 2, topics.DAY_MS),
     )
-    for spec in specs:
-        monkeypatch.setitem(topics.BY_NAME, spec.name, spec)
-    await provision_topics(kafka_settings.bootstrap_list, specs)
-    try:
-        yield specs
-    finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_list)
-        await admin.start()
-        try:
-            ours = [t for t in await admin.list_topics() if tag in t]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
+    await declare_topics(*specs)
+    return specs
 
 
 async def consume(settings: KafkaSettings, topic: str, count: int) -> list[Event]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from services.ingest.config import IngestSettings
 from services.ingest.entrypoints.assembly import (
@@ -27,7 +25,7 @@ from shared import topics
 from shared.codec import Codec
 from shared.events import InstanceStored, StudyReceived
 from shared.faust_app import App
-from shared.kafka import KafkaEventPublisher, provision_topics
+from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec
 from tests.ingest_factories import make_study_instances
@@ -41,36 +39,14 @@ PARTITIONS = 4
 
 
 @pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-async def declared(
-    kafka_settings: KafkaSettings, tag: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[str, str]]:
-    """instance-stored and study-received of this test only (declared, provisioned, deleted).
-
-    Afterwards every topic naming the tag goes, the faust changelogs and leader topic included.
-    """
+async def declared(declare_topics: Callable[..., Awaitable[None]], tag: str) -> tuple[str, str]:
+    """instance-stored and study-received of this test only (declared, provisioned, deleted)."""
     specs = (
         TopicSpec(f"test-instance-stored-{tag}", PARTITIONS, topics.DAY_MS),
         TopicSpec(f"test-study-received-{tag}", PARTITIONS, topics.DAY_MS),
     )
-    for spec in specs:
-        monkeypatch.setitem(topics.BY_NAME, spec.name, spec)
-    await provision_topics(kafka_settings.bootstrap_list, specs)
-    try:
-        yield specs[0].name, specs[1].name
-    finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_list)
-        await admin.start()
-        try:
-            ours = [t for t in await admin.list_topics() if tag in t]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
+    await declare_topics(*specs)
+    return specs[0].name, specs[1].name
 
 
 def assembly_app(
