@@ -254,44 +254,43 @@ class _Reader:
             values.append(value)
         return values
 
-    def _bsn(self, path: str, resource: dict[str, Any], _url: str) -> Bsn | None:
-        values = self._identifier_values(path, resource, BSN_SYSTEM)
+    def _single_identifier(
+        self, path: str, resource: dict[str, Any], system: str, owner: str, what: str
+    ) -> str | None:
+        """The one identifier value of ``system``, or None with the problem reported."""
+        values = self._identifier_values(path, resource, system)
         if not values:
             self.issue(
                 "required",
-                f"the Patient has no identifier of system {BSN_SYSTEM}",
+                f"the {owner} has no identifier of system {system}",
                 f"{path}.identifier",
             )
             return None
         if len(set(values)) > 1:
             self.issue(
-                "multiple-matches", "the Patient has more than one BSN", f"{path}.identifier"
+                "multiple-matches", f"the {owner} has more than one {what}", f"{path}.identifier"
             )
             return None
+        return values[0]
+
+    def _bsn(self, path: str, resource: dict[str, Any], _url: str) -> Bsn | None:
+        value = self._single_identifier(path, resource, BSN_SYSTEM, "Patient", "BSN")
+        if value is None:
+            return None
         try:
-            return Bsn(values[0])
+            return Bsn(value)
         except InvalidBsn as exc:  # its message describes the problem, never the number
             self.issue("value", f"invalid BSN: {exc}", f"{path}.identifier")
             return None
 
     def _ura(self, path: str, resource: dict[str, Any], _url: str) -> str | None:
-        values = self._identifier_values(path, resource, URA_SYSTEM)
-        if not values:
-            self.issue(
-                "required",
-                f"the Organization has no identifier of system {URA_SYSTEM}",
-                f"{path}.identifier",
-            )
+        value = self._single_identifier(path, resource, URA_SYSTEM, "Organization", "URA")
+        if value is None:
             return None
-        if len(set(values)) > 1:
-            self.issue(
-                "multiple-matches", "the Organization has more than one URA", f"{path}.identifier"
-            )
-            return None
-        if not _URA.fullmatch(values[0]):
+        if not _URA.fullmatch(value):
             self.issue("value", "a URA is exactly 8 digits", f"{path}.identifier")
             return None
-        return values[0]
+        return value
 
     # --- consent ---------------------------------------------------------------------------------
 
