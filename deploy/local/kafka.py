@@ -135,16 +135,22 @@ class Kafka:
         self.install()
         self._write_config()
         if not (self.dir / "data" / "meta.properties").exists():
-            # Format once: a Kafka cluster id is 16 random bytes in URL-safe base64.
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
-                           "-c", str(self.properties), "--ignore-formatted"),
-                "formatting Kafka storage",
-            )  # fmt: skip
+            self.format_storage()
         self.process.start(self._java("kafka.Kafka", str(self.properties)))
         wait_until(self.ready, 120, "Kafka", self.process)
         return "started"
+
+    def format_storage(self, cluster_id: str | None = None) -> None:
+        """Format the data directory once; a cluster id is 16 random bytes, URL-safe base64."""
+        cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # One id in 64 starts with "-": passed as a separate argument, the option parser would
+        # take it for an option, so it goes as `--cluster-id=<id>`.
+        self._write_config()
+        run(
+            self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                       "-c", str(self.properties), "--ignore-formatted"),
+            "formatting Kafka storage",
+        )  # fmt: skip
 
     def ready(self) -> bool:
         return asyncio.run(broker_ready(self.bootstrap))

@@ -6,6 +6,7 @@ proves what a fresh `make up` / `make down` does without disturbing anything els
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from deploy.local.config import read_env_file
+from deploy.local.config import LocalConfig, read_env_file
+from deploy.local.kafka import Kafka
 
 pytestmark = pytest.mark.e2e
 
@@ -164,3 +166,14 @@ def test_a_restarted_platform_keeps_its_data_and_is_not_reformatted(private_plat
         response.close()
         response.release_conn()
     assert read_env_file(state / "platform.env") == env  # secrets are generated once
+
+
+def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path: Path) -> None:
+    # URL-safe base64 ids start with "-" one time in 64; the option parser must not take the id
+    # for an option (this failed a CI run once).
+    config = dataclasses.replace(LocalConfig.from_env(), state_dir=tmp_path)
+    kafka = Kafka(config)
+    kafka.install()
+    kafka.format_storage("-oFizk9AR_C90H1FMYRC2Q")
+    meta = (tmp_path / "kafka" / "data" / "meta.properties").read_text()
+    assert "cluster.id=-oFizk9AR_C90H1FMYRC2Q" in meta.splitlines()
