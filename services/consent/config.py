@@ -1,0 +1,32 @@
+"""Settings of the consent service (``BEELDPORTAAL_CONSENT_*``), read once in main()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class ConsentSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_CONSENT_", extra="ignore", hide_input_in_errors=True
+    )
+
+    service_name: str = "consent"
+
+    # The consent API: Mitz notifications, treatment relationships, the closed question
+    # (and /healthz, /readyz, /metrics).
+    http_host: str = "127.0.0.1"
+    http_port: int = 8082
+    # How long a write waits to be visible in the API's registry view before it answers.
+    view_sync_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # The decision worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
+    decisions_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Table state of the decision worker (rocksdb); None keeps it in memory (tests).
+    state_dir: Path | None = None
+    # The Mitz data category a study's images and reports fall under.
+    data_category: str = "GGC002"
