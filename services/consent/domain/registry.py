@@ -16,6 +16,7 @@ Idempotency, because delivery is at-least-once:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -226,3 +227,95 @@ def _sorted_relationships(
     relationships: Iterable[TreatmentRelationship],
 ) -> tuple[TreatmentRelationship, ...]:
     return tuple(sorted(relationships, key=lambda r: r.relationship_id))
+
+
+# --- the table row -----------------------------------------------------------------------------
+#
+# A registry is stored as one JSON row per patient in the decision worker's faust table. The row
+# carries the applied event ids (idempotency must survive a restart) and a format number, so a
+# later layout can read this one.
+
+_ROW_FORMAT = 1
+
+
+def to_row(registry: PatientRegistry) -> bytes:
+    return json.dumps(
+        {
+            "format": _ROW_FORMAT,
+            "patient": registry.patient,
+            "version": registry.version,
+            "consents": [_consent_row(c) for c in registry.consents],
+            "relationships": [_relationship_row(r) for r in registry.relationships],
+            "revoked_ids": sorted(registry.revoked_ids),
+            "applied_event_ids": sorted(str(e) for e in registry.applied_event_ids),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def from_row(row: bytes) -> PatientRegistry:
+    data = json.loads(row)
+    if data.get("format") != _ROW_FORMAT:
+        raise ValueError(f"unknown registry row format {data.get('format')!r}")
+    return PatientRegistry(
+        patient=data["patient"],
+        consents=tuple(
+            Consent(
+                consent_id=c["consent_id"],
+                provision=Provision(c["provision"]),
+                data_category=c["data_category"],
+                provider_category=c["provider_category"],
+                organisation_ura=c["organisation_ura"],
+                period_start=_day(c["period_start"]),
+                period_end=_day(c["period_end"]),
+                source=c["source"],
+                status=ConsentStatus(c["status"]),
+            )
+            for c in data["consents"]
+        ),
+        relationships=tuple(
+            TreatmentRelationship(
+                relationship_id=r["relationship_id"],
+                organisation_ura=r["organisation_ura"],
+                start=date.fromisoformat(r["start"]),
+                end=_day(r["end"]),
+                source=r["source"],
+            )
+            for r in data["relationships"]
+        ),
+        revoked_ids=frozenset(data["revoked_ids"]),
+        applied_event_ids=frozenset(UUID(e) for e in data["applied_event_ids"]),
+        version=data["version"],
+    )
+
+
+def _consent_row(c: Consent) -> dict[str, object]:
+    return {
+        "consent_id": c.consent_id,
+        "provision": c.provision.value,
+        "data_category": c.data_category,
+        "provider_category": c.provider_category,
+        "organisation_ura": c.organisation_ura,
+        "period_start": _iso(c.period_start),
+        "period_end": _iso(c.period_end),
+        "source": c.source,
+        "status": c.status.value,
+    }
+
+
+def _relationship_row(r: TreatmentRelationship) -> dict[str, object]:
+    return {
+        "relationship_id": r.relationship_id,
+        "organisation_ura": r.organisation_ura,
+        "start": r.start.isoformat(),
+        "end": _iso(r.end),
+        "source": r.source,
+    }
+
+
+def _iso(day: date | None) -> str | None:
+    return None if day is None else day.isoformat()
+
+
+def _day(text: str | None) -> date | None:
+    return None if text is None else date.fromisoformat(text)

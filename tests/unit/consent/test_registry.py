@@ -13,7 +13,9 @@ from services.consent.domain.registry import (
     PatientRegistry,
     Specificity,
     apply,
+    from_row,
     replay,
+    to_row,
 )
 from shared.events.consent import Provision
 from tests.factories import (
@@ -195,3 +197,20 @@ def test_distinct_registrations_and_revocations_commute(events: list, data: st.D
     shuffled = data.draw(st.permutations(events))
     assert replay(PATIENT, shuffled) == replay(PATIENT, events)
     assert replay(PATIENT, events).version == len(events)
+
+
+@given(events=registry_events())
+def test_a_registry_row_reads_back_as_the_same_registry(events: list) -> None:
+    registry = replay(PATIENT, events)
+    assert from_row(to_row(registry)) == registry
+
+
+def test_a_row_read_back_keeps_refusing_events_already_applied() -> None:
+    event = registered(consent_id="c-1")
+    registry = from_row(to_row(apply(PatientRegistry.empty(PATIENT), event)))
+    assert apply(registry, event) is registry
+
+
+def test_a_row_of_an_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown registry row format"):
+        from_row(b'{"format": 99}')
