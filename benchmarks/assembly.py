@@ -56,7 +56,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.ingest.config import IngestSettings
-from services.ingest.entrypoints.assembly import build_assembly_app, declare_changelogs
+from services.ingest.entrypoints.assembly import build_assembly_app
 from services.ingest.metrics import IngestMetrics
 from shared import topics
 from shared.codec import Codec
@@ -68,7 +68,7 @@ from shared.events import (
     PatientRef,
     StudyReceived,
 )
-from shared.faust_app import App
+from shared.faust_app import App, declare_changelogs
 from shared.kafka import KafkaEventPublisher, provision_topics
 from shared.logging import configure_logging
 from shared.settings import KafkaSettings

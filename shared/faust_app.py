@@ -15,8 +15,9 @@ from yarl import URL
 from shared.codec import Codec
 from shared.errors import PoisonEvent
 from shared.events import Event
+from shared.kafka import provision_topics
 from shared.settings import KafkaSettings
-from shared.topics import BY_NAME, MAX_MESSAGE_BYTES, TOPICS
+from shared.topics import BY_NAME, FOREVER, MAX_MESSAGE_BYTES, TOPICS, TopicSpec
 
 KAFKA_SCHEMES = frozenset({"kafka", "aiokafka"})
 STORE_SCHEMES = frozenset({"memory", "rocksdb"})  # rocksdb:// uses rocksdict when installed
@@ -164,13 +165,14 @@ def decode_event(codec: Codec, faust_event: Any) -> Event:
     """
     message = faust_event.message
     try:
-        return codec.decode(message.value, _header_pairs(message.headers))
+        return codec.decode(message.value, header_pairs(message.headers))
     except PoisonEvent as exc:
         where = f"{message.topic}[{message.partition}]@{message.offset}"
         raise PoisonEvent(f"{where}: {exc}") from exc
 
 
-def _header_pairs(headers: Any) -> list[tuple[str, bytes]]:
+def header_pairs(headers: Any) -> list[tuple[str, bytes]]:
+    """A record's headers as ``(name, bytes)`` pairs, from aiokafka's pairs or faust's mapping."""
     if headers is None:
         return []
     items: Iterable[Any] = headers.items() if isinstance(headers, Mapping) else headers
@@ -180,3 +182,25 @@ def _header_pairs(headers: Any) -> list[tuple[str, bytes]]:
         raw = value.encode() if isinstance(value, str) else value
         pairs.append((name, raw))
     return pairs
+
+
+async def declare_changelogs(app: faust.App, kafka: KafkaSettings) -> None:
+    """Create the app's changelog topics (compacted) unless they exist; call before it starts.
+
+    Left to faust, they are created while its consumer subscribes, and a topic the broker reports
+    a moment too late stays missing from the consumer's metadata for metadata.max.age (5 min):
+    every write to its table then fails with PartitionsMismatch.
+    """
+    specs = [
+        TopicSpec(
+            table.changelog_topic.get_topic_name(),
+            table.partitions or app.conf.topic_partitions,
+            FOREVER,
+            compacted=True,
+            extra=dict(table.extra_topic_configs),
+        )
+        for table in app.tables.values()
+    ]
+    await provision_topics(
+        kafka.bootstrap_list, specs, kafka.replication_factor, kafka.min_insync_replicas
+    )

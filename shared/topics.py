@@ -43,6 +43,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("consent-registered", 6, FOREVER, purpose="explicit consent/objection (Mitz)"),
     TopicSpec("consent-revoked", 6, FOREVER, purpose="consent/objection withdrawn"),
     TopicSpec("treatment-relationships", 6, FOREVER, purpose="organisation treats patient"),
+    # Internal to consent: study-received re-keyed by patient pseudonym, so that a study meets
+    # its patient's registry (a faust table keyed by pseudonym) in the same partition.
+    TopicSpec("consent-study-by-patient", 6, 7 * DAY_MS, purpose="study-received keyed by patient"),
     TopicSpec("consent-checked", 12, FOREVER, purpose="the decision per study version/purpose"),
     TopicSpec("route-resolved", 12, 90 * DAY_MS, purpose="a destination to deliver to"),
     TopicSpec("route-failed", 3, 90 * DAY_MS, purpose="permitted but no usable destination"),

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.consent.domain.checks import DEFAULT_PROVIDER_CATEGORIES
 from shared.settings import ServiceSettings
 
 
@@ -30,3 +31,8 @@ class ConsentSettings(ServiceSettings):
     state_dir: Path | None = None
     # The Mitz data category a study's images and reports fall under.
     data_category: str = "GGC002"
+    # Provider type (directory type_code) -> the Mitz requesting-provider category of a
+    # recipient of that type. A type missing here is decided as "any category".
+    provider_categories: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_PROVIDER_CATEGORIES)
+    )

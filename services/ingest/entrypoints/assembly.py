@@ -96,16 +96,14 @@ from services.ingest.domain.assembly import (
     take_in,
 )
 from services.ingest.metrics import IngestMetrics
-from shared import topics
 from shared.codec import Codec
 from shared.errors import PoisonEvent
 from shared.events import Event, InstanceStored, StudyReceived
 from shared.events.base import utcnow
-from shared.faust_app import App, decode_event, make_app
-from shared.kafka import CachedMurmur2Partitioner, provision_topics
+from shared.faust_app import App, declare_changelogs, decode_event, make_app
+from shared.kafka import CachedMurmur2Partitioner
 from shared.logging import configure_logging, correlation_context, get_logger, kafka_position
-from shared.settings import KafkaSettings
-from shared.topics import MAX_MESSAGE_BYTES, TopicSpec
+from shared.topics import MAX_MESSAGE_BYTES
 from shared.topics import topic as declared_topic
 
 log = get_logger(__name__)
@@ -490,23 +488,6 @@ def build_assembly_app(
         await assembler.announce_due()
 
     return app
-
-
-async def declare_changelogs(app: faust.App, kafka: KafkaSettings) -> None:
-    """Create the app's changelog topics (compacted) unless they exist; call before it starts."""
-    specs = [
-        TopicSpec(
-            table.changelog_topic.get_topic_name(),
-            table.partitions or app.conf.topic_partitions,
-            topics.FOREVER,
-            compacted=True,
-            extra=dict(table.extra_topic_configs),
-        )
-        for table in app.tables.values()
-    ]
-    await provision_topics(
-        kafka.bootstrap_list, specs, kafka.replication_factor, kafka.min_insync_replicas
-    )
 
 
 def _guarded(handle: Callable[[EventT], None], faust_event: EventT) -> None:

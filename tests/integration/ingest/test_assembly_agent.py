@@ -15,16 +15,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from services.ingest.config import IngestSettings
-from services.ingest.entrypoints.assembly import (
-    build_assembly_app,
-    declare_changelogs,
-    serve_metrics,
-)
+from services.ingest.entrypoints.assembly import build_assembly_app, serve_metrics
 from services.ingest.metrics import IngestMetrics
 from shared import topics
 from shared.codec import Codec
 from shared.events import InstanceStored, StudyReceived
-from shared.faust_app import App
+from shared.faust_app import App, declare_changelogs
 from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec

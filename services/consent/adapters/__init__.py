@@ -1,0 +1,1 @@
+"""Consent adapters: read models of the topics consent answers from."""

@@ -1,0 +1,1 @@
+"""Consent entrypoints: the HTTP API and the decision worker."""

@@ -1,0 +1,338 @@
+"""The consent decision worker through the real broker: the decision table, redelivery, restart.
+
+Each test runs the worker on its own tagged copies of the topics (3 partitions, shared by the
+registry topics and the by-patient topic as in production), publishes registry events and
+study-received records with the project's publisher, and reads consent-checked back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.consent.config import ConsentSettings
+from services.consent.entrypoints.decisions import DecisionMetrics, build_decisions_app
+from shared import topics
+from shared.codec import Codec
+from shared.events import ConsentChecked, Event, StudyReceived
+from shared.events.common import BsnStatus, Urgency
+from shared.events.consent import Basis, Decision, Provision, Purpose
+from shared.faust_app import App, declare_changelogs
+from shared.kafka import KafkaEventPublisher
+from shared.settings import KafkaSettings
+from shared.topics import TopicSpec
+from tests.factories import (
+    RECIPIENT_URA,
+    make_consent_registered,
+    make_pseudonym,
+    make_study,
+    make_study_received,
+)
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 60.0
+PARTITIONS = 3
+OTHER_TYPE_URA = "00000303"  # in the directory with a type no Mitz category is mapped to
+
+
+@dataclass(frozen=True)
+class Topics:
+    study: str
+    registered: str
+    revoked: str
+    relationships: str
+    by_patient: str
+    checked: str
+    directory: str
+
+    @property
+    def registry(self) -> tuple[str, str, str]:
+        return (self.registered, self.revoked, self.relationships)
+
+
+@pytest.fixture
+async def declared(declare_topics: Callable[..., Awaitable[None]], tag: str) -> Topics:
+    names = Topics(
+        *(
+            f"test-{name}-{tag}"
+            for name in (
+                "study-received",
+                "consent-registered",
+                "consent-revoked",
+                "treatment-relationships",
+                "consent-study-by-patient",
+                "consent-checked",
+                "provider-directory",
+            )
+        )
+    )
+    await declare_topics(
+        TopicSpec(names.study, 4, topics.DAY_MS),
+        *(TopicSpec(t, PARTITIONS, topics.DAY_MS) for t in names.registry),
+        TopicSpec(names.by_patient, PARTITIONS, topics.DAY_MS),
+        TopicSpec(names.checked, 4, topics.DAY_MS),
+        TopicSpec(names.directory, 1, topics.DAY_MS, compacted=True),
+    )
+    return names
+
+
+def decisions_app(kafka: KafkaSettings, tag: str, names: Topics, *, suffix: str = "") -> App:
+    return build_decisions_app(
+        ConsentSettings(kafka=kafka),
+        app_id=f"test-consent-{tag}{suffix}",
+        study_topic=names.study,
+        registry_topics=names.registry,
+        by_patient_topic=names.by_patient,
+        sink_topic=names.checked,
+        directory_topic=names.directory,
+        partitions=PARTITIONS,
+        metrics=DecisionMetrics(),
+    )
+
+
+@asynccontextmanager
+async def running(app: App, names: Topics, kafka: KafkaSettings) -> AsyncIterator[App]:
+    await declare_changelogs(app, kafka)
+    try:
+        await asyncio.wait_for(app.start(), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                ours = {
+                    tp for tp in app.assignor.assigned_actives() if tp.topic == names.by_patient
+                }
+                if len(ours) == PARTITIONS and not (app.rebalancing or app.in_recovery):
+                    break
+                await asyncio.sleep(0.1)
+        yield app
+    finally:
+        await asyncio.wait_for(app.stop(), TIMEOUT)
+
+
+async def publish(kafka: KafkaSettings, topic: str, events: list[Event]) -> None:
+    async with KafkaEventPublisher(kafka, "test-consent") as publisher:
+        await publisher.publish_many(events, topic=topic)
+
+
+async def publish_directory(kafka: KafkaSettings, topic: str, entries: dict[str, str]) -> None:
+    """Directory records as routing keeps them (URA -> provider JSON); consent reads type_code."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_list, acks="all")
+    await producer.start()
+    try:
+        for ura, type_code in entries.items():
+            record = json.dumps({"ura": ura, "name": "test", "type_code": type_code}).encode()
+            await producer.send_and_wait(topic, key=ura.encode(), value=record)
+    finally:
+        await producer.stop()
+
+
+class Checked:
+    """consent-checked as a test reads it: every event so far, waited for with a deadline."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        self.seen: list[ConsentChecked] = []
+
+    async def wait_for(self, count: int, timeout: float = TIMEOUT) -> list[ConsentChecked]:
+        codec = Codec()
+        async with asyncio.timeout(timeout):
+            while len(self.seen) < count:
+                batches = await self._consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    for record in records:
+                        event = codec.decode_record(record)
+                        assert isinstance(event, ConsentChecked)
+                        self.seen.append(event)
+        return self.seen
+
+    def of(self, received: StudyReceived, purpose: Purpose) -> ConsentChecked:
+        [found] = {
+            e.event_id: e for e in self.seen if e.study == received.study and e.purpose is purpose
+        }.values()
+        return found
+
+
+@asynccontextmanager
+async def checked(kafka: KafkaSettings, topic: str) -> AsyncIterator[Checked]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka.bootstrap_list,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        yield Checked(consumer)
+    finally:
+        await consumer.stop()
+
+
+def study_for(patient: str | None = None, **overrides: Any) -> StudyReceived:
+    bsn_status = overrides.pop("bsn_status", BsnStatus.VERIFIED)
+    study = make_study(bsn_status=bsn_status, **overrides)
+    if patient is not None:
+        study = study.model_copy(
+            update={"patient": study.patient.model_copy(update={"pseudonym": patient})}
+        )
+    return make_study_received(study=study)
+
+
+async def test_every_case_of_the_decision_table_is_decided_and_announced_for_both_purposes(
+    kafka_settings: KafkaSettings, declared: Topics, tag: str
+) -> None:
+    objecting, consenting, category_objecting, emergency = (make_pseudonym() for _ in range(4))
+    registry_events = [
+        make_consent_registered(
+            patient=objecting,
+            consent_id="objection-recipient",
+            provision=Provision.DENY,
+            provider_category=None,
+            organisation_ura=RECIPIENT_URA,
+        ),
+        make_consent_registered(
+            patient=consenting, consent_id="consent-all", provider_category=None
+        ),
+        make_consent_registered(
+            patient=category_objecting,
+            consent_id="objection-hospitals",
+            provision=Provision.DENY,
+            provider_category="RPZAC104",
+        ),
+        make_consent_registered(
+            patient=emergency,
+            consent_id="objection-any",
+            provision=Provision.DENY,
+            provider_category=None,
+        ),
+    ]
+    await publish_directory(
+        kafka_settings, declared.directory, {RECIPIENT_URA: "V4", OTHER_TYPE_URA: "Z9"}
+    )
+    await publish(kafka_settings, declared.registered, registry_events)
+    cases = {
+        "nothing registered": study_for(),
+        "objection for the recipient": study_for(objecting),
+        "explicit consent": study_for(consenting),
+        "objection for hospitals, recipient a hospital": study_for(category_objecting),
+        "objection for hospitals, recipient of unmapped type": study_for(
+            category_objecting, recipient_ura=OTHER_TYPE_URA
+        ),
+        "unverified BSN": study_for(bsn_status=BsnStatus.INVALID),
+        "emergency over an objection": study_for(emergency, urgency=Urgency.EMERGENCY),
+    }
+    app = decisions_app(kafka_settings, tag, declared)
+    async with (
+        checked(kafka_settings, declared.checked) as out,
+        running(app, declared, kafka_settings),
+    ):
+        # Let the registry be folded in before the studies come (they race otherwise).
+        await asyncio.sleep(2)
+        await publish(kafka_settings, declared.study, list(cases.values()))
+        await out.wait_for(2 * len(cases))
+
+    def outcome(case: str, purpose: Purpose) -> tuple[Decision, Basis, bool]:
+        event = out.of(cases[case], purpose)
+        return event.decision, event.basis, event.flagged
+
+    D, T = Purpose.DELIVERY, Purpose.TIMELINE
+    assert outcome("nothing registered", D) == (Decision.PERMIT, Basis.PRESUMED_REFERRAL, False)
+    assert outcome("nothing registered", T) == (Decision.DENY, Basis.NO_EXPLICIT_CONSENT, False)
+    assert outcome("objection for the recipient", D) == (
+        Decision.DENY,
+        Basis.EXPLICIT_OBJECTION,
+        False,
+    )
+    assert out.of(cases["objection for the recipient"], D).decided_by == "objection-recipient"
+    assert out.of(cases["objection for the recipient"], D).registry_version == 1
+    assert outcome("explicit consent", D) == (Decision.PERMIT, Basis.EXPLICIT_CONSENT, False)
+    assert outcome("explicit consent", T) == (Decision.PERMIT, Basis.EXPLICIT_CONSENT, False)
+    assert outcome("objection for hospitals, recipient a hospital", D)[0] is Decision.DENY
+    # The recipient's category is unknown: a category-specific objection still refuses.
+    assert outcome("objection for hospitals, recipient of unmapped type", D)[0] is Decision.DENY
+    assert outcome("unverified BSN", D) == (
+        Decision.PERMIT,
+        Basis.PRESUMED_UNVERIFIED_IDENTITY,
+        True,
+    )
+    assert outcome("unverified BSN", T) == (Decision.DENY, Basis.UNVERIFIED_IDENTITY, False)
+    assert outcome("emergency over an objection", D) == (Decision.PERMIT, Basis.EMERGENCY, True)
+    assert len(out.seen) == 2 * len(cases)
+
+
+async def test_a_redelivered_study_gets_the_first_decision_even_after_the_registry_changed(
+    kafka_settings: KafkaSettings, declared: Topics, tag: str
+) -> None:
+    patient = make_pseudonym()
+    received = study_for(patient)
+    app = decisions_app(kafka_settings, tag, declared)
+    async with (
+        checked(kafka_settings, declared.checked) as out,
+        running(app, declared, kafka_settings),
+    ):
+        await publish(kafka_settings, declared.study, [received])
+        [first_delivery, _] = await out.wait_for(2)
+        objection = make_consent_registered(
+            patient=patient,
+            provision=Provision.DENY,
+            provider_category=None,
+            organisation_ura=RECIPIENT_URA,
+        )
+        await publish(kafka_settings, declared.registered, [objection])
+        await asyncio.sleep(2)
+        await publish(kafka_settings, declared.study, [received])  # the same record again
+        await out.wait_for(4)
+        # A new version of the study is decided on the registry as it now is.
+        v2 = make_study_received(study=received.study.model_copy(update={"version": 2}))
+        await publish(kafka_settings, declared.study, [v2])
+        await out.wait_for(6)
+
+    deliveries = [e for e in out.seen if e.purpose is Purpose.DELIVERY]
+    assert deliveries[0] == deliveries[1] == first_delivery
+    assert first_delivery.decision is Decision.PERMIT
+    assert deliveries[2].study.version == 2
+    assert (deliveries[2].decision, deliveries[2].decided_by) == (
+        Decision.DENY,
+        objection.consent_id,
+    )
+
+
+async def test_a_restart_mid_stream_loses_no_study_and_decides_none_twice_differently(
+    kafka_settings: KafkaSettings, declared: Topics, tag: str
+) -> None:
+    patients = [make_pseudonym() for _ in range(20)]
+    await publish(
+        kafka_settings,
+        declared.registered,
+        [make_consent_registered(patient=p, provider_category=None) for p in patients[::2]],
+    )
+    studies = [study_for(patients[i % len(patients)]) for i in range(200)]
+    async with checked(kafka_settings, declared.checked) as out:
+        first = decisions_app(kafka_settings, tag, declared)
+        async with running(first, declared, kafka_settings):
+            await publish(kafka_settings, declared.study, studies[:100])
+            await out.wait_for(20)  # stopped while it is deciding
+        await publish(kafka_settings, declared.study, studies[100:])
+        second = decisions_app(kafka_settings, tag, declared)
+        async with running(second, declared, kafka_settings):
+            await out.wait_for(2 * len(studies))
+            await asyncio.sleep(2)  # anything decided twice shows up now
+
+    by_id: dict[Any, set[tuple[Decision, Basis, str]]] = {}
+    for event in out.seen:
+        by_id.setdefault(event.event_id, set()).add((event.decision, event.basis, event.decided_by))
+    assert len(by_id) == 2 * len(studies)
+    assert all(len(outcomes) == 1 for outcomes in by_id.values())
+    timeline_permits = {
+        e.study.patient.pseudonym
+        for e in out.seen
+        if e.purpose is Purpose.TIMELINE and e.decision is Decision.PERMIT
+    }
+    assert timeline_permits == set(patients[::2])
