@@ -1,0 +1,39 @@
+"""Process entry points of consent: `serve` (the consent API)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+from services.consent.bootstrap import build
+from services.consent.config import ConsentSettings
+from shared.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+async def _serve(settings: ConsentSettings) -> None:
+    from services.consent.entrypoints.http import create_app
+
+    api = build(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(api),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,  # our JSON logging
+            access_log=False,  # an access log adds nothing the metrics do not have
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+        )
+    )
+    log.info("consent API starting", url=f"http://{settings.http_host}:{settings.http_port}")
+    await server.serve()
+
+
+def serve(settings: ConsentSettings | None = None) -> int:
+    settings = settings or ConsentSettings()
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    asyncio.run(_serve(settings))
+    return 0

@@ -1,0 +1,81 @@
+"""What the consent API exports on /metrics: requests, notifications, answers, the view's state.
+
+Labels are routes, outcomes and decision names only: never a BSN, pseudonym or relationship id.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+
+from shared.metrics import ServiceMetrics, safe_label
+
+
+class ViewState(Protocol):
+    applied: int
+    skipped: int
+
+    @property
+    def patients(self) -> int: ...
+
+    @property
+    def is_caught_up(self) -> bool: ...
+
+    def lag(self) -> int: ...
+
+
+class ConsentMetrics(ServiceMetrics):
+    def __init__(self, *, registry: CollectorRegistry | None = None, version: str = "0.1.0"):
+        super().__init__("consent", version, registry=registry)
+        self.requests = self.counter(
+            "consent_api_requests", "Consent API requests by route and HTTP status.",
+            ["route", "status"],
+        )  # fmt: skip
+        self.notifications = self.counter(
+            "consent_mitz_notifications",
+            "Mitz notifications by outcome (registered, revoked, duplicate, pending, rejected, "
+            "unavailable).",
+            ["outcome"],
+        )
+        self.relationship_writes = self.counter(
+            "consent_relationship_writes",
+            "Treatment relationship writes by action (register, end) and outcome.",
+            ["action", "outcome"],
+        )
+        self.queries = self.counter(
+            "consent_queries",
+            "Closed questions answered, by purpose, decision and basis.",
+            ["purpose", "decision", "basis"],
+        )
+        self.view_lag = self.gauge(
+            "consent_registry_view_lag", "Registry records on Kafka the API view has not applied."
+        )
+        self.view_patients = self.gauge(
+            "consent_registry_view_patients", "Patients with a registry in the API view."
+        )
+        self.view_skipped = self.gauge(
+            "consent_registry_view_skipped", "Registry records the API view skipped as poison."
+        )
+        self.view_caught_up = self.gauge(
+            "consent_registry_view_caught_up", "1 when the API view holds the topics' history."
+        )
+
+    def watch_view(self, view: ViewState) -> None:
+        """Read the view's state at every scrape."""
+        self.view_lag.set_function(lambda: float(view.lag()))
+        self.view_patients.set_function(lambda: float(view.patients))
+        self.view_skipped.set_function(lambda: float(view.skipped))
+        self.view_caught_up.set_function(lambda: float(view.is_caught_up))
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.labels(safe_label(route), str(status)).inc()
+
+    def notification(self, outcome: str) -> None:
+        self.notifications.labels(safe_label(outcome)).inc()
+
+    def relationship_write(self, action: str, outcome: str) -> None:
+        self.relationship_writes.labels(safe_label(action), safe_label(outcome)).inc()
+
+    def query(self, purpose: str, decision: str, basis: str) -> None:
+        self.queries.labels(safe_label(purpose), safe_label(decision), safe_label(basis)).inc()
