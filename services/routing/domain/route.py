@@ -16,6 +16,7 @@ import uuid
 from datetime import datetime
 
 from services.routing.domain.directory import (
+    BsnAsPatientId,
     DicomWebEndpoint,
     DimseEndpoint,
     PickupEndpoint,
@@ -24,7 +25,14 @@ from services.routing.domain.directory import (
 )
 from shared.events.common import DeliveryChannel, InstanceRef, StudySnapshot, Urgency
 from shared.events.consent import Basis, ConsentChecked, Decision, Purpose
-from shared.events.routing import Destination, RouteFailed, RouteResolved
+from shared.events.routing import (
+    BatchLimits,
+    Coercion,
+    Destination,
+    RouteFailed,
+    RouteFailureReason,
+    RouteResolved,
+)
 
 PRODUCER = "routing"
 
@@ -56,20 +64,31 @@ def route(
         reason = (
             f"consent denies delivery: basis {checked.basis.value}, decided by {checked.decided_by}"
         )
-        return _failed(checked, reason, producer, occurred_at)
+        return _failed(checked, RouteFailureReason.CONSENT_DENIED, reason, producer, occurred_at)
     provider = directory.get(study.recipient_ura)
     if provider is None:
         reason = f"recipient {study.recipient_ura} is not in the provider directory"
-        return _failed(checked, reason, producer, occurred_at)
+        code = RouteFailureReason.UNKNOWN_RECIPIENT
+        return _failed(checked, code, reason, producer, occurred_at)
     endpoints = provider.usable_endpoints()
     if not endpoints:
-        reason = (
-            f"recipient {provider.ura} ({provider.name}) has no usable delivery endpoint"
-            if provider.endpoints
-            else f"recipient {provider.ura} ({provider.name}) has no delivery endpoint"
-        )
-        return _failed(checked, reason, producer, occurred_at)
+        if provider.endpoints:
+            code = RouteFailureReason.NO_USABLE_ENDPOINT
+            reason = f"recipient {provider.ura} ({provider.name}) has no usable delivery endpoint"
+        else:
+            code = RouteFailureReason.NO_ENDPOINT
+            reason = f"recipient {provider.ura} ({provider.name}) has no delivery endpoint"
+        return _failed(checked, code, reason, producer, occurred_at)
     priority = priority_of(checked)
+    preferences = provider.preferences
+    # What delivery needs of the directory entry, the same for every endpoint of the receiver.
+    selected = tuple(i.sop_instance_uid for i in select_instances(study, preferences))
+    excluded = tuple(sorted(preferences.excluded_sop_classes()))
+    coercion = coercion_of(preferences)
+    limits = BatchLimits(
+        max_instances=preferences.batch_limits.max_instances,
+        max_bytes=preferences.batch_limits.max_bytes,
+    )
     return [
         RouteResolved(
             event_id=route_resolved_id(study, endpoint.id),
@@ -81,6 +100,10 @@ def route(
             priority=priority,
             consent_basis=checked.basis,
             flagged=checked.flagged,
+            sop_instance_uids=selected,
+            excluded_sop_classes=excluded,
+            coercion=coercion,
+            batch_limits=limits,
         )
         for endpoint in endpoints
     ]
@@ -112,8 +135,7 @@ def select_instances(
 ) -> tuple[InstanceRef, ...]:
     """The instances this version must deliver: the new ones the receiver accepts.
 
-    Not yet carried by RouteResolved (see the routing handoff); delivery can compute the same
-    from the snapshot and the directory entry.
+    Carried by RouteResolved as ``sop_instance_uids``, so delivery never re-reads the directory.
     """
     new = set(study.new_sop_instance_uids)
     if not new and study.version == 1:  # every instance is new in version 1
@@ -122,6 +144,19 @@ def select_instances(
     return tuple(
         i for i in study.instances if i.sop_instance_uid in new and i.sop_class_uid not in excluded
     )
+
+
+def coercion_of(preferences: ReceiverPreferences) -> Coercion:
+    """The event's copy of the receiver's coercion profile."""
+    profile = preferences.coercion
+    if isinstance(profile, BsnAsPatientId):
+        return Coercion(
+            profile="bsn-as-patient-id",
+            issuer_of_patient_id=profile.issuer,
+            universal_entity_id=profile.universal_entity_id,
+            keep_originals=profile.keep_originals,
+        )
+    return Coercion()
 
 
 def route_resolved_id(study: StudySnapshot, endpoint_id: str) -> uuid.UUID:
@@ -138,7 +173,11 @@ def _study_key(study: StudySnapshot) -> str:
 
 
 def _failed(
-    checked: ConsentChecked, reason: str, producer: str, occurred_at: datetime
+    checked: ConsentChecked,
+    code: RouteFailureReason,
+    reason: str,
+    producer: str,
+    occurred_at: datetime,
 ) -> RouteFailed:
     study = checked.study
     return RouteFailed(
@@ -150,4 +189,5 @@ def _failed(
         study_version=study.version,
         recipient_ura=study.recipient_ura,
         reason=reason,
+        reason_code=code,
     )
