@@ -68,6 +68,7 @@ __all__ = [
     "PublicProvider",
     "ReceiverPreferences",
     "Webhook",
+    "validation_problems",
 ]
 
 # --- secrets --------------------------------------------------------------------------------------
@@ -468,6 +469,11 @@ def _render_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(entry)"
+
+
+def validation_problems(error: ValidationError) -> list[str]:
+    """``field: reason`` for every error, never the input (it can hold secrets)."""
+    return _reasons(error)
 
 
 def _reasons(error: ValidationError) -> list[str]:

@@ -1,0 +1,1 @@
+"""Routing adapters: the provider directory on its compacted Kafka topic."""

@@ -1,0 +1,1 @@
+"""Routing entrypoints: the directory API and the routing worker (faust agent)."""
