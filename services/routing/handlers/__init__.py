@@ -1,0 +1,1 @@
+"""Routing use cases that sit between the entrypoints and the adapters."""
