@@ -141,7 +141,6 @@ def build_router(routing: Routing) -> APIRouter:
     )
     async def put_provider(
         ura: str,
-        request: Request,
         response: Response,
         provider: Annotated[Provider, Body(description="The full entry, secrets included.")],
         principal: Principal = Depends(operator),  # noqa: B008
