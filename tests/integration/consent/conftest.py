@@ -101,10 +101,14 @@ def start_consent(
     thread = threading.Thread(target=server.run, name="consent-under-test", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    # Generous: a loaded broker (other suites running) can take a while to assign and fetch.
+    deadline = time.monotonic() + 90
     while True:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the consent API did not become ready")
+        if not thread.is_alive():
+            raise RuntimeError("the consent API stopped while starting (see its log)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the consent API did not become ready within 90 s")
         if server.started:
             try:
                 if requests.get(f"{base_url}/readyz", timeout=2).status_code == 200:

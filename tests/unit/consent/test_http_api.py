@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 from aiokafka.errors import KafkaConnectionError
 
 from services.consent.adapters.registry_view import RegistryFold, RegistryTopics
@@ -107,6 +108,7 @@ class FakeView:
 class FakePublisher:
     view: FakeView
     down: bool = False
+    hang: bool = False  # the broker never acknowledges
     sent: list[_Record] = field(default_factory=list)
     codec: Codec = field(default_factory=Codec)
 
@@ -119,6 +121,8 @@ class FakePublisher:
     async def send(self, event: Event, topic: str | None = None) -> asyncio.Future[Any]:
         if self.down:
             raise KafkaConnectionError("broker down")
+        if self.hang:
+            return asyncio.get_running_loop().create_future()
         encoded = self.codec.encode(event)
         record = _Record(
             topic or encoded.topic, 0, len(self.sent), encoded.key, encoded.value,
@@ -325,6 +329,16 @@ async def test_kafka_down_answers_503_and_reports_nothing_as_done(harness: Harne
     assert harness.view.get(Pseudonymizer(PSEUDONYM_KEY.encode()).pseudonym(Bsn(TEST_BSN))) is None
 
 
+async def test_a_write_kafka_never_acknowledges_is_503_after_the_timeout(
+    harness: Harness,
+) -> None:
+    harness.publisher.hang = True
+    response = await harness.relate()
+    assert response.status_code == 503
+    assert "retried" in response.json()["detail"]
+    assert harness.view.get(Pseudonymizer(PSEUDONYM_KEY.encode()).pseudonym(Bsn(TEST_BSN))) is None
+
+
 async def test_a_write_kafka_took_but_the_view_did_not_show_in_time_is_202(
     harness: Harness,
 ) -> None:
@@ -492,3 +506,16 @@ def test_the_openapi_document_takes_a_bsn_only_in_request_bodies(harness: Harnes
             names = [p["name"] for p in operation.get("parameters", [])]
             assert "bsn" not in names, f"{path} takes a BSN outside the body"
     assert "bsn" in json.dumps(document["components"]["schemas"]["ConsentQuery"])
+
+
+async def test_no_bsn_reaches_a_log_line_even_before_scrubbing(harness: Harness) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await harness.relate(relationship_id="r1")
+        await harness.mitz(make_bundle())
+        await harness.mitz(make_bundle(bsn="123456789"))
+        await harness.query()
+        harness.publisher.down = True
+        await harness.mitz(make_bundle(status="inactive"))
+    assert logs, "the flows above log something"
+    assert TEST_BSN not in repr(logs)
+    assert "123456789" not in repr(logs)
