@@ -40,12 +40,17 @@ class TopicSpec:
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("instance-stored", 12, 30 * DAY_MS, purpose="one per stored DICOM instance"),
     TopicSpec("study-received", 12, FOREVER, purpose="a stable study, per version"),
-    TopicSpec("consent-registered", 6, FOREVER, purpose="explicit consent/objection (Mitz)"),
-    TopicSpec("consent-revoked", 6, FOREVER, purpose="consent/objection withdrawn"),
-    TopicSpec("treatment-relationships", 6, FOREVER, purpose="organisation treats patient"),
+    TopicSpec("consent-registered", 12, FOREVER, purpose="explicit consent/objection (Mitz)"),
+    TopicSpec("consent-revoked", 12, FOREVER, purpose="consent/objection withdrawn"),
+    TopicSpec("treatment-relationships", 12, FOREVER, purpose="organisation treats patient"),
     # Internal to consent: study-received re-keyed by patient pseudonym, so that a study meets
-    # its patient's registry (a faust table keyed by pseudonym) in the same partition.
-    TopicSpec("consent-study-by-patient", 6, 7 * DAY_MS, purpose="study-received keyed by patient"),
+    # its patient's registry (a faust table keyed by pseudonym) in the same partition. Every
+    # topic the consent worker consumes has study-received's 12 partitions: with two partition
+    # counts in one faust app a restarted worker lost records for good (measured; see
+    # services.consent.entrypoints.decisions).
+    TopicSpec(
+        "consent-study-by-patient", 12, 7 * DAY_MS, purpose="study-received keyed by patient"
+    ),
     TopicSpec("consent-checked", 12, FOREVER, purpose="the decision per study version/purpose"),
     TopicSpec("route-resolved", 12, 90 * DAY_MS, purpose="a destination to deliver to"),
     TopicSpec("route-failed", 3, 90 * DAY_MS, purpose="permitted but no usable destination"),
