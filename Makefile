@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install up down status test test-unit lint bench-bus bench-ingest clean
+.PHONY: help install up down status test test-unit lint bench-bus bench-ingest bench-decide clean
 
 help:
 	@echo "make up        install what is missing, start the platform (Kafka, S3, PostgreSQL) and the services"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint      ruff"
 	@echo "make bench-bus round-trip 100,000 events through Kafka; prints JSON"
 	@echo "make bench-ingest 2,000 instances over STOW-RS into beeldportaal and Orthanc; prints JSON"
+	@echo "make bench-decide 50,000 studies through consent and routing, registry of 100,000; JSON"
 
 install: $(STAMP)
 
@@ -53,6 +54,9 @@ bench-bus: install
 
 bench-ingest: install
 	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.ingest
+
+bench-decide: install
+	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.decide
 
 clean:
 	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform purge; fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _platform(args: argparse.Namespace) -> int:
@@ -18,6 +19,20 @@ def _ingest(args: argparse.Namespace) -> int:
     return main.serve() if args.action == "serve" else main.assemble()
 
 
+def _consent(args: argparse.Namespace) -> int:
+    from services.consent import main
+
+    return main.serve() if args.action == "serve" else main.decide()
+
+
+def _routing(args: argparse.Namespace) -> int:
+    from services.routing import main
+
+    if args.action == "seed":
+        return main.seed(args.file)
+    return main.serve() if args.action == "serve" else main.route()
+
+
 def _services(args: argparse.Namespace) -> int:
     from deploy.local.services import main
 
@@ -27,6 +42,7 @@ def _services(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beeldportaal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    tag_help = "a label that makes this process recognisable in the process list"
 
     platform = commands.add_parser(
         "platform", help="the local Kafka, S3 and PostgreSQL (state in .state/)"
@@ -48,10 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("serve", "assemble"),
         help="serve: STOW-RS + C-STORE SCP; assemble: the study assembly agent (faust worker)",
     )
-    ingest.add_argument(
-        "--tag", help="a label that makes this process recognisable in the process list"
-    )
+    ingest.add_argument("--tag", help=tag_help)
     ingest.set_defaults(handler=_ingest)
+
+    consent = commands.add_parser(
+        "consent", help="the consent service (settings: BEELDPORTAAL_CONSENT_*)"
+    )
+    consent.add_argument(
+        "action",
+        choices=("serve", "decide"),
+        help="serve: the consent API (Mitz notifications, treatment relationships, the closed "
+        "question); decide: the decision worker (faust) on study-received",
+    )
+    consent.add_argument("--tag", help=tag_help)
+    consent.set_defaults(handler=_consent)
+
+    routing = commands.add_parser(
+        "routing", help="the routing service (settings: BEELDPORTAAL_ROUTING_*)"
+    )
+    routing.add_argument(
+        "action",
+        choices=("serve", "route", "seed"),
+        help="serve: the provider directory API; route: the routing worker (faust) on "
+        "consent-checked; seed: publish the providers of a YAML file (refused whole if any "
+        "entry is invalid; unchanged entries are not written again)",
+    )
+    routing.add_argument("--file", type=Path, help="seed: the directory YAML file")
+    routing.add_argument("--tag", help=tag_help)
+    routing.set_defaults(handler=_routing)
 
     services = commands.add_parser(
         "services", help="run the services as background processes on the local platform"

@@ -9,6 +9,7 @@ printed by `make up` stay the same; override them with the usual BEELDPORTAAL_* 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from deploy.local.config import LocalConfig
 from deploy.local.processes import ManagedProcess, PlatformError, wait_until
 
 DEMO_PEERS = Path(__file__).with_name("demo-peers.json")
+DEMO_DIRECTORY = Path(__file__).with_name("demo-directory.yaml")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
     http = int(os.environ.get("BEELDPORTAAL_INGEST_HTTP_PORT", 8081))
     dimse = int(os.environ.get("BEELDPORTAAL_INGEST_DIMSE_PORT", 11112))
     base = f"http://127.0.0.1:{http}"
+    consent_port = int(os.environ.get("BEELDPORTAAL_CONSENT_HTTP_PORT", 8082))
+    routing_port = int(os.environ.get("BEELDPORTAAL_ROUTING_HTTP_PORT", 8083))
     ingest_env = {
         "BEELDPORTAAL_INGEST_HTTP_PORT": str(http),
         "BEELDPORTAAL_INGEST_PUBLIC_BASE_URL": base,
@@ -59,6 +63,29 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
             ),
         ),
         ServiceSpec("ingest-assembly", ("ingest", "assemble"), ingest_env),
+        ServiceSpec(
+            "consent",
+            ("consent", "serve"),
+            {"BEELDPORTAAL_CONSENT_HTTP_PORT": str(consent_port)},
+            ready_url=f"http://127.0.0.1:{consent_port}/readyz",
+            urls=(
+                f"consent    http://127.0.0.1:{consent_port}/docs  (Mitz notifications, "
+                "treatment relationships, the closed question)",
+            ),
+        ),
+        ServiceSpec(
+            "consent-decisions",
+            ("consent", "decide"),
+            {"BEELDPORTAAL_CONSENT_STATE_DIR": str(config.state_dir / "services" / "consent")},
+        ),
+        ServiceSpec(
+            "routing",
+            ("routing", "serve"),
+            {"BEELDPORTAAL_ROUTING_HTTP_PORT": str(routing_port)},
+            ready_url=f"http://127.0.0.1:{routing_port}/readyz",
+            urls=(f"directory  http://127.0.0.1:{routing_port}/docs  (GET /providers?q=)",),
+        ),
+        ServiceSpec("routing-worker", ("routing", "route"), {}),
     ]
 
 
@@ -81,6 +108,7 @@ class Services:
         from deploy.local.config import read_env_file
 
         base_env = {**os.environ, **read_env_file(self.config.env_file)}
+        self._seed_directory(base_env)
         for spec in specs(self.config):
             process = self._process(spec)
             if process.running():
@@ -95,6 +123,20 @@ class Services:
         for spec in specs(self.config):
             for url in spec.urls:
                 self.out(url)
+
+    def _seed_directory(self, env: dict[str, str]) -> None:
+        """The demo providers into the directory (unchanged entries are not written again)."""
+        seed = os.environ.get("BEELDPORTAAL_ROUTING_DIRECTORY_SEED", str(DEMO_DIRECTORY))
+        result = subprocess.run(
+            [sys.executable, "-m", "deploy.cli", "routing", "seed", "--file", seed],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise PlatformError(f"seeding the provider directory failed:\n{result.stderr}")
+        self.out(f"{'directory:':17} seeded from {seed}")
 
     def down(self) -> None:
         for spec in reversed(specs(self.config)):

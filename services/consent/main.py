@@ -1,4 +1,4 @@
-"""Process entry points of consent: `serve` (the consent API)."""
+"""Process entry points of consent: `serve` (the consent API) and `decide` (the decision worker)."""
 
 from __future__ import annotations
 
@@ -36,4 +36,12 @@ def serve(settings: ConsentSettings | None = None) -> int:
     settings = settings or ConsentSettings()
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
     asyncio.run(_serve(settings))
+    return 0
+
+
+def decide(settings: ConsentSettings | None = None) -> int:
+    """Run the decision worker until stopped (``beeldportaal consent decide``)."""
+    from services.consent.entrypoints.decisions import main
+
+    main(settings or ConsentSettings())  # configures its own logging
     return 0

@@ -1,0 +1,483 @@
+"""Consent + routing benchmark: study-received through the decision and routing workers.
+
+    python -m benchmarks.decide [--patients 100000] [--studies 50000] [--instances 10]
+                                [--paced-rate 1000] [--paced-seconds 10]
+                                [--store rocksdb|memory] [--bootstrap HOST:PORT]
+
+On fresh copies of every topic involved (production partition counts; deleted at the end):
+
+1. the provider directory is seeded from ``deploy/local/demo-directory.yaml`` and a registry of
+   ``--patients`` patients is published (one consent-registered each: 10 % an objection for the
+   recipient, 30 % an explicit consent, the rest a consent for another data category);
+2. one consent decision worker and one routing worker start, each in its own process (one
+   worker of each, as the issue asks), and the consent worker folds the whole registry in
+   (``registry_fold_seconds``);
+3. **flood**: ``--studies`` study-received events (``--instances`` instances each; 90 % of a
+   registered patient, 10 % unverified) are published as fast as the broker takes them;
+   ``decisions_per_second`` is study versions decided (two consent-checked each) per second
+   from the first study published to the last decision, and ``routes_per_second`` the same for
+   route-resolved/route-failed. Latencies here are queueing-dominated and reported as such;
+4. **paced**: ``--paced-rate`` studies per second for ``--paced-seconds``; the latency from a
+   study-received's publication (its record timestamp) to its delivery decision and to its route
+   (their record timestamps) is the ``p50/p99`` a sender sees at that load.
+
+Every study must get exactly two decisions and one route outcome; the exit status is 1 otherwise.
+One JSON object on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared import topics
+from shared.events import BsnStatus, PatientRef, StudyReceived
+from shared.events.consent import ConsentRegistered, Provision
+from shared.kafka import KafkaEventPublisher, provision_topics
+from shared.logging import configure_logging
+from shared.settings import KafkaSettings
+from shared.topics import TopicSpec
+from tests.factories import make_pseudonym
+from tests.factories import make_study as factory_study
+
+ROOT = Path(__file__).resolve().parent.parent
+DIRECTORY_YAML = ROOT / "deploy" / "local" / "demo-directory.yaml"
+SENDER_URA, RECIPIENT_URA = "00000202", "00000101"
+TIMEOUT = 120.0
+
+# The topics of the benchmark: production name -> the tagged copy's spec.
+NAMES = (
+    "study-received",
+    "consent-registered",
+    "consent-revoked",
+    "treatment-relationships",
+    "consent-study-by-patient",
+    "consent-checked",
+    "provider-directory",
+    "route-resolved",
+    "route-failed",
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench-decide] {message}", file=sys.stderr, flush=True)
+
+
+def tagged(tag: str) -> dict[str, TopicSpec]:
+    specs = {}
+    for name in NAMES:
+        spec = topics.topic(name)
+        specs[name] = TopicSpec(
+            f"bench-decide-{tag}-{name}", spec.partitions, topics.DAY_MS, compacted=spec.compacted
+        )
+    return specs
+
+
+def declare(specs: dict[str, TopicSpec]) -> None:
+    """Make the tagged copies known to shared.topics (faust apps look their names up there)."""
+    for spec in specs.values():
+        topics.BY_NAME[spec.name] = spec
+
+
+# --- the workers, each in its own process ---------------------------------------------------------
+
+
+def consent_worker(
+    bootstrap: str, tag: str, patients: int, store: str, ready: Any, stop: Any
+) -> None:
+    from services.consent.config import ConsentSettings
+    from services.consent.entrypoints.decisions import build_decisions_app
+    from shared.faust_app import declare_changelogs
+
+    configure_logging("bench-consent", "WARNING", json=False, stream=sys.stderr)
+    specs = tagged(tag)
+    declare(specs)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    state_dir = Path(tempfile.mkdtemp(prefix="bench-decide-")) if store == "rocksdb" else None
+    settings = ConsentSettings(kafka=kafka, state_dir=state_dir)
+    name = {k: v.name for k, v in specs.items()}
+    app = build_decisions_app(
+        settings,
+        app_id=f"bench-decide-{tag}-consent",
+        study_topic=name["study-received"],
+        registry_topics=(
+            name["consent-registered"],
+            name["consent-revoked"],
+            name["treatment-relationships"],
+        ),
+        by_patient_topic=name["consent-study-by-patient"],
+        sink_topic=name["consent-checked"],
+        directory_topic=name["provider-directory"],
+    )
+
+    async def run() -> None:
+        await declare_changelogs(app, kafka)
+        await app.start()
+        decider = app.decider  # type: ignore[attr-defined]
+        started = time.monotonic()
+        while len(decider.registry) < patients:
+            await asyncio.sleep(0.2)
+        ready.put({"registry_fold_seconds": round(time.monotonic() - started, 2)})
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        ready.put({"consent_worker_cpu_seconds": _cpu_seconds()})
+        await app.stop()
+
+    _run_in_own_loop(run)
+
+
+def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
+    from services.routing.config import RoutingSettings
+    from services.routing.entrypoints.worker import build_routing_app
+
+    configure_logging("bench-routing", "WARNING", json=False, stream=sys.stderr)
+    specs = tagged(tag)
+    declare(specs)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    name = {k: v.name for k, v in specs.items()}
+    app = build_routing_app(
+        RoutingSettings(kafka=kafka),
+        app_id=f"bench-decide-{tag}-routing",
+        source_topic=name["consent-checked"],
+        resolved_topic=name["route-resolved"],
+        failed_topic=name["route-failed"],
+        directory_topic=name["provider-directory"],
+    )
+
+    async def run() -> None:
+        await app.start()
+        ready.put({"routing_worker": "started"})
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        ready.put({"routing_worker_cpu_seconds": _cpu_seconds()})
+        await app.stop()
+
+    _run_in_own_loop(run)
+
+
+def _run_in_own_loop(run: Callable[[], Any]) -> None:
+    # faust wants the loop it runs on to be the current one (asyncio.run would unset it).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(run())
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 2)
+
+
+# --- the load ---------------------------------------------------------------------------------
+
+
+def make_patients(count: int) -> list[str]:
+    # Random pseudonyms in the real format: the workers never see a BSN, only these.
+    return [make_pseudonym() for _ in range(count)]
+
+
+def registry_events(patients: list[str]) -> list[ConsentRegistered]:
+    rng = random.Random(7)
+    events = []
+    for i, patient in enumerate(patients):
+        roll = rng.random()
+        if roll < 0.1:
+            terms: dict[str, Any] = {
+                "provision": Provision.DENY,
+                "organisation_ura": RECIPIENT_URA,
+                "data_category": "GGC002",
+            }
+        elif roll < 0.4:
+            terms = {"provision": Provision.PERMIT, "data_category": "GGC002"}
+        else:
+            terms = {"provision": Provision.PERMIT, "data_category": "GGC011"}
+        events.append(
+            ConsentRegistered(
+                correlation_id=str(uuid.uuid4()),
+                producer="bench",
+                consent_id=f"bench-{i}",
+                patient=patient,
+                **terms,
+            )
+        )
+    return events
+
+
+def make_study(patients: list[str], rng: random.Random, instances: int) -> StudyReceived:
+    if rng.random() < 0.1:
+        patient = PatientRef(pseudonym=None, bsn_status=BsnStatus.INVALID)
+    else:
+        patient = PatientRef(pseudonym=rng.choice(patients), bsn_status=BsnStatus.VERIFIED)
+    study = factory_study(
+        instances, sender_ura=SENDER_URA, recipient_ura=RECIPIENT_URA, patient=patient
+    )
+    return StudyReceived(correlation_id=str(uuid.uuid4()), producer="bench", study=study)
+
+
+async def seed_directory(kafka: KafkaSettings, topic: str) -> int:
+    from services.routing.domain.directory import Directory
+
+    directory = Directory.load_yaml(DIRECTORY_YAML)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_list, acks="all")
+    await producer.start()
+    try:
+        for provider in directory:
+            await producer.send_and_wait(
+                topic, key=provider.ura.encode(), value=provider.to_record().encode()
+            )
+    finally:
+        await producer.stop()
+    return len(directory)
+
+
+class Outcomes:
+    """Reads consent-checked and the route topics; remembers when each study got its answers."""
+
+    def __init__(self, kafka: KafkaSettings, specs: dict[str, TopicSpec]) -> None:
+        self.kafka = kafka
+        self.checked = specs["consent-checked"].name
+        self.routes = (specs["route-resolved"].name, specs["route-failed"].name)
+        self.decision_at: dict[str, float] = {}  # correlation id -> record timestamp (s)
+        self.route_at: dict[str, float] = {}
+        self.checked_events = 0
+        self.route_events = 0
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            self.checked,
+            *self.routes,
+            bootstrap_servers=self.kafka.bootstrap_list,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def poll(self) -> None:
+        assert self._consumer is not None
+        batches = await self._consumer.getmany(timeout_ms=100, max_records=20_000)
+        for tp, records in batches.items():
+            for record in records:
+                headers = dict(record.headers)
+                correlation = headers["correlation-id"].decode()
+                stamp = record.timestamp / 1000
+                if tp.topic == self.checked:
+                    self.checked_events += 1
+                    # The delivery decision comes first; the time of the first one counts.
+                    self.decision_at.setdefault(correlation, stamp)
+                else:
+                    self.route_events += 1
+                    self.route_at.setdefault(correlation, stamp)
+
+    async def wait(self, decided: int, routed: int, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.decision_at) < decided or len(self.route_at) < routed:
+                await self.poll()
+
+
+async def publish_studies(
+    kafka: KafkaSettings, topic: str, studies: list[StudyReceived], rate: float | None
+) -> dict[str, float]:
+    """Publish; return correlation id -> the record timestamp the broker acknowledged (s)."""
+    sent_at: dict[str, float] = {}
+    async with KafkaEventPublisher(kafka, "bench-decide") as publisher:
+        started = time.monotonic()
+        pending = []
+        for i, study in enumerate(studies):
+            if rate is not None:
+                due = started + i / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            pending.append((study.correlation_id, await publisher.send(study, topic)))
+            if len(pending) >= 2000:
+                await _collect(pending, sent_at)
+        await _collect(pending, sent_at)
+    return sent_at
+
+
+async def _collect(pending: list[tuple[str, Any]], sent_at: dict[str, float]) -> None:
+    for correlation, future in pending:
+        metadata = await future
+        sent_at[correlation] = metadata.timestamp / 1000
+    pending.clear()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latencies(sent: dict[str, float], answered: dict[str, float]) -> dict[str, float]:
+    values = [(answered[c] - t) * 1000 for c, t in sent.items() if c in answered]
+    return {
+        "p50_ms": round(percentile(values, 0.50), 1),
+        "p99_ms": round(percentile(values, 0.99), 1),
+        "max_ms": round(max(values, default=float("nan")), 1),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    kafka = KafkaSettings(bootstrap_servers=args.bootstrap)
+    tag = uuid.uuid4().hex[:10]
+    specs = tagged(tag)
+    declare(specs)
+    await provision_topics(kafka.bootstrap_list, specs.values())
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    workers = []
+    outcomes = Outcomes(kafka, specs)
+    result: dict[str, Any] = {}
+    try:
+        providers = await seed_directory(kafka, specs["provider-directory"].name)
+        log(f"directory: {providers} providers; publishing a registry of {args.patients} patients")
+        patients = make_patients(args.patients)
+        async with KafkaEventPublisher(kafka, "bench-decide") as publisher:
+            events = registry_events(patients)
+            for start in range(0, len(events), 5000):
+                await publisher.publish_many(
+                    events[start : start + 5000], topic=specs["consent-registered"].name
+                )
+        log("registry published; starting one consent worker and one routing worker")
+        workers = [
+            ctx.Process(
+                target=consent_worker,
+                args=(args.bootstrap, tag, args.patients, args.store, ready, stop),
+            ),
+        ]
+        if not args.consent_only:
+            workers.append(
+                ctx.Process(target=routing_worker, args=(args.bootstrap, tag, ready, stop))
+            )
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            result.update(await asyncio.to_thread(ready.get, True, args.timeout))
+        log(f"workers ready ({result})")
+        await outcomes.start()
+
+        rng = random.Random(11)
+        studies = [make_study(patients, rng, args.instances) for _ in range(args.studies)]
+        log(f"flood: {len(studies)} studies")
+        flood_started = time.time()
+        sent = await publish_studies(kafka, specs["study-received"].name, studies, None)
+        published = time.time()
+        routed = 0 if args.consent_only else len(studies)
+        await outcomes.wait(len(studies), routed, args.timeout)
+        last_decision = max(outcomes.decision_at.values())
+        last_route = max(outcomes.route_at.values(), default=float("nan"))
+        flood = {
+            "studies": len(studies),
+            "publish_seconds": round(published - flood_started, 2),
+            "decisions_per_second": round(len(studies) / (last_decision - flood_started), 1),
+            "routes_per_second": round(len(studies) / (last_route - flood_started), 1),
+            "decision_latency_queueing": latencies(sent, outcomes.decision_at),
+        }
+        log(f"flood: {flood}")
+
+        paced_count = int(args.paced_rate * args.paced_seconds)
+        paced_studies = [make_study(patients, rng, args.instances) for _ in range(paced_count)]
+        log(f"paced: {paced_count} studies at {args.paced_rate}/s")
+        paced_sent = await publish_studies(
+            kafka, specs["study-received"].name, paced_studies, args.paced_rate
+        )
+        await outcomes.wait(len(studies) + paced_count, len(studies) + paced_count, args.timeout)
+        paced = {
+            "rate_per_second": args.paced_rate,
+            "studies": paced_count,
+            "decision_latency": latencies(paced_sent, outcomes.decision_at),
+            "route_latency": latencies(paced_sent, outcomes.route_at),
+        }
+        log(f"paced: {paced}")
+        # Anything decided or routed twice would be on the topics by now.
+        await asyncio.sleep(2)
+        for _ in range(10):
+            await outcomes.poll()
+        total = len(studies) + paced_count
+        result.update(
+            {
+                "patients": args.patients,
+                "instances_per_study": args.instances,
+                "store": args.store,
+                "flood": flood,
+                "paced": paced,
+                "consent_checked_events": outcomes.checked_events,
+                "route_events": outcomes.route_events,
+                "complete": outcomes.checked_events == 2 * total and outcomes.route_events == total,
+            }
+        )
+    finally:
+        stop.set()
+        for _ in [w for w in workers if w.is_alive()]:
+            try:
+                result.update(await asyncio.to_thread(ready.get, True, 60))
+            except Exception:  # a worker that died says nothing more
+                break
+        for worker in workers:
+            worker.join(60)
+            if worker.is_alive():
+                worker.kill()
+        await outcomes.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_list)
+        await admin.start()
+        try:
+            ours = [t for t in await admin.list_topics() if tag in t]
+            if ours:
+                await admin.delete_topics(ours)
+        finally:
+            await admin.close()
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    result["load_avg_1m"] = os.getloadavg()[0]
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_bootstrap = os.environ.get("BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.decide", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--bootstrap", default=default_bootstrap, help="Kafka bootstrap servers")
+    p.add_argument("--patients", type=int, default=100_000, help="patients in the registry")
+    p.add_argument("--studies", type=int, default=50_000, help="studies in the flood")
+    p.add_argument("--instances", type=int, default=10, help="instances per study")
+    p.add_argument("--paced-rate", type=float, default=1000.0, help="studies/s, paced phase")
+    p.add_argument("--paced-seconds", type=float, default=10.0, help="length of the paced phase")
+    p.add_argument("--store", choices=("memory", "rocksdb"), default="rocksdb")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
+    p.add_argument("--consent-only", action="store_true", help="no routing worker")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("bench-decide", "WARNING", json=False, stream=sys.stderr)
+    result = asyncio.run(run(args))
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("complete") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
