@@ -331,3 +331,24 @@ async def complete(handling: Awaitable[T]) -> T:
         if not task.done():
             await asyncio.wait([task])
         raise
+
+
+def bytes_table(
+    app: faust.App, name: str, *, partitions: int, kafka: KafkaSettings, help: str
+) -> Any:
+    """A table of raw ``bytes`` keys and values whose changelog takes any row an event could.
+
+    Keys are bytes so that a row written while handling a record keyed the same way goes to
+    that record's partition (``use_partitioner=False``; faust would JSON-encode a ``str`` key).
+    """
+    return app.Table(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=partitions,
+        extra_topic_configs={
+            "max.message.bytes": str(MAX_MESSAGE_BYTES),
+            "min.insync.replicas": str(kafka.min_insync_replicas),
+        },
+        help=help,
+    )

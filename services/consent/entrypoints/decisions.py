@@ -82,6 +82,7 @@ from shared.events.base import utcnow
 from shared.events.consent import Decision
 from shared.faust_app import (
     App,
+    bytes_table,
     complete,
     declare_changelogs,
     decode_event,
@@ -91,7 +92,6 @@ from shared.faust_app import (
 from shared.kafka import CachedMurmur2Partitioner
 from shared.logging import configure_logging, correlation_context, get_logger, kafka_position
 from shared.metrics import DURATION_BUCKETS, ServiceMetrics
-from shared.topics import MAX_MESSAGE_BYTES
 from shared.topics import topic as declared_topic
 
 log = get_logger(__name__)
@@ -371,24 +371,18 @@ def build_decisions_app(
         producer_partitioner=CachedMurmur2Partitioner(),
         **faust_overrides,
     )
-    changelog_config = {
-        "max.message.bytes": str(MAX_MESSAGE_BYTES),
-        "min.insync.replicas": str(settings.kafka.min_insync_replicas),
-    }
-    registry = app.Table(
+    registry = bytes_table(
+        app,
         REGISTRY_TABLE,
-        key_type=bytes,
-        value_type=bytes,
         partitions=partitions,
-        extra_topic_configs=changelog_config,
+        kafka=settings.kafka,
         help="The consent registry of each patient (by pseudonym).",
     )
-    decided = app.Table(
+    decided = bytes_table(
+        app,
         DECIDED_TABLE,
-        key_type=bytes,
-        value_type=bytes,
         partitions=partitions,
-        extra_topic_configs=changelog_config,
+        kafka=settings.kafka,
         help="What was decided per study version, so a redelivery is answered the same.",
     )
     directory = _DirectoryService(ProviderTypes(settings.kafka, topic=directory_topic))

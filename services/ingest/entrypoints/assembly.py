@@ -100,10 +100,9 @@ from shared.codec import Codec
 from shared.errors import PoisonEvent
 from shared.events import Event, InstanceStored, StudyReceived
 from shared.events.base import utcnow
-from shared.faust_app import App, declare_changelogs, decode_event, make_app
+from shared.faust_app import App, bytes_table, declare_changelogs, decode_event, make_app
 from shared.kafka import CachedMurmur2Partitioner
 from shared.logging import configure_logging, correlation_context, get_logger, kafka_position
-from shared.topics import MAX_MESSAGE_BYTES
 from shared.topics import topic as declared_topic
 
 log = get_logger(__name__)
@@ -436,26 +435,18 @@ def build_assembly_app(
         **faust_overrides,
     )
     source, sink = app.topic(source_topic), app.topic(sink_topic)
-    changelog_config = {
-        # Rows are small now (a study row holds summaries, not instances); the limit stays the
-        # topics' so that no row can be refused that an event could carry.
-        "max.message.bytes": str(MAX_MESSAGE_BYTES),
-        "min.insync.replicas": str(settings.kafka.min_insync_replicas),
-    }
-    table = app.Table(
+    table = bytes_table(
+        app,
         STATE_TABLE,
-        key_type=bytes,
-        value_type=bytes,
         partitions=partitions,
-        extra_topic_configs=changelog_config,
+        kafka=settings.kafka,
         help="Assembly rows per study: summaries, one record and one seen mark per instance.",
     )
-    open_table = app.Table(
+    open_table = bytes_table(
+        app,
         OPEN_TABLE,
-        key_type=bytes,
-        value_type=bytes,
         partitions=partitions,
-        extra_topic_configs=changelog_config,
+        kafka=settings.kafka,
         help="Studies with instances not announced yet (by Study Instance UID).",
     )
     assembler = StudyAssembler(

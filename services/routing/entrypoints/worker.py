@@ -40,7 +40,7 @@ from shared.codec import Codec
 from shared.errors import FatalError, PoisonEvent
 from shared.events import ConsentChecked, Event
 from shared.events.routing import RouteFailed, RouteResolved
-from shared.faust_app import App, decode_event, make_app
+from shared.faust_app import App, complete, decode_event, make_app
 from shared.kafka import CachedMurmur2Partitioner
 from shared.logging import configure_logging, correlation_context, get_logger, kafka_position
 from shared.topic_view import ViewFailed
@@ -259,7 +259,7 @@ def build_routing_worker(
     async def route_decisions(stream: StreamT[Any]) -> None:
         async for faust_event in stream.events():
             try:
-                await router.on_decision(faust_event)
+                await complete(router.on_decision(faust_event))
             except Exception as exc:
                 # Fatal: skipping would lose a study. Crash; the restart replays from the
                 # last committed offset.
