@@ -315,3 +315,19 @@ def test_apps_are_independent(tmp_path: Path) -> None:
 
     assert one.conf.id != two.conf.id
     assert one.transport is not two.transport
+
+
+def test_read_offsets_hold_still_for_a_partition_that_is_rewinding() -> None:
+    from shared.faust_app import _ReadOffsets
+
+    rewinding: dict[str, bool] = {}
+    offsets = _ReadOffsets(rewinding)
+    assert offsets["tp-0"] is None  # faust's default: nothing read yet
+    offsets["tp-0"] = 41
+    assert offsets["tp-0"] == 41
+    rewinding["tp-0"] = False
+    offsets["tp-0"] = 57  # a record of the old fetch, dropped: must not count as read
+    assert offsets["tp-0"] is None
+    del rewinding["tp-0"]
+    offsets["tp-0"] = 42
+    assert offsets["tp-0"] == 42
