@@ -36,6 +36,8 @@ from shared.settings import KafkaSettings
 log = get_logger(__name__)
 
 Apply = Callable[[Any], None]
+# How long a view waits for its topics to appear in the cluster metadata before it gives up.
+METADATA_WAIT_SECONDS = 10.0
 
 
 class ViewFailed(RuntimeError):
@@ -87,9 +89,16 @@ class TopicView:
         )
         try:
             await consumer.start()
-            # The consumer's own metadata only covers subscribed topics: ask for all of it.
-            cluster = await consumer._client.fetch_all_metadata()
-            missing = [t for t in self._topics if not cluster.partitions_for_topic(t)]
+            # The consumer's own metadata only covers subscribed topics: ask for all of it. A
+            # topic created a moment ago may not be in every broker's metadata yet: ask again
+            # for a few seconds before calling it missing.
+            deadline = asyncio.get_running_loop().time() + METADATA_WAIT_SECONDS
+            while True:
+                cluster = await consumer._client.fetch_all_metadata()
+                missing = [t for t in self._topics if not cluster.partitions_for_topic(t)]
+                if not missing or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.25)
             if missing:
                 raise TransientError(f"view {self.name}: topics not provisioned: {missing}")
             partitions = [
