@@ -2,7 +2,7 @@
 
     python -m benchmarks.decide [--patients 100000] [--studies 50000] [--instances 10]
                                 [--paced-rate 1000] [--paced-seconds 10]
-                                [--store rocksdb|memory] [--bootstrap HOST:PORT]
+                                [--bootstrap HOST:PORT]
 
 On fresh copies of every topic involved (production partition counts; deleted at the end):
 
@@ -35,10 +35,8 @@ import os
 import random
 import resource
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,7 +65,6 @@ NAMES = (
     "consent-registered",
     "consent-revoked",
     "treatment-relationships",
-    "consent-study-by-patient",
     "consent-checked",
     "provider-directory",
     "route-resolved",
@@ -90,7 +87,7 @@ def tagged(tag: str) -> dict[str, TopicSpec]:
 
 
 def declare(specs: dict[str, TopicSpec]) -> None:
-    """Make the tagged copies known to shared.topics (faust apps look their names up there)."""
+    """Make the tagged copies known to shared.topics (the workers look their specs up there)."""
     for spec in specs.values():
         topics.BY_NAME[spec.name] = spec
 
@@ -98,62 +95,56 @@ def declare(specs: dict[str, TopicSpec]) -> None:
 # --- the workers, each in its own process ---------------------------------------------------------
 
 
-def consent_worker(
-    bootstrap: str, tag: str, patients: int, store: str, ready: Any, stop: Any
-) -> None:
+def consent_worker(bootstrap: str, tag: str, patients: int, ready: Any, stop: Any) -> None:
+    from services.consent.adapters.registry_view import RegistryTopics
     from services.consent.config import ConsentSettings
-    from services.consent.entrypoints.decisions import build_decisions_app
-    from shared.faust_app import declare_changelogs
+    from services.consent.entrypoints.decisions import build_decision_worker
 
     configure_logging("bench-consent", "WARNING", json=False, stream=sys.stderr)
     specs = tagged(tag)
     declare(specs)
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
-    state_dir = Path(tempfile.mkdtemp(prefix="bench-decide-")) if store == "rocksdb" else None
-    settings = ConsentSettings(kafka=kafka, state_dir=state_dir)
     name = {k: v.name for k, v in specs.items()}
-    app = build_decisions_app(
-        settings,
-        app_id=f"bench-decide-{tag}-consent",
+    worker = build_decision_worker(
+        ConsentSettings(kafka=kafka),
+        group=f"bench-decide-{tag}-consent",
         study_topic=name["study-received"],
-        registry_topics=(
-            name["consent-registered"],
-            name["consent-revoked"],
-            name["treatment-relationships"],
+        registry_topics=RegistryTopics(
+            name["consent-registered"], name["consent-revoked"], name["treatment-relationships"]
         ),
-        by_patient_topic=name["consent-study-by-patient"],
         sink_topic=name["consent-checked"],
         directory_topic=name["provider-directory"],
     )
+    registry = worker.views[0]
 
     async def run() -> None:
-        await declare_changelogs(app, kafka)
-        await app.start()
-        decider = app.decider  # type: ignore[attr-defined]
         started = time.monotonic()
-        while len(decider.registry) < patients:
-            await asyncio.sleep(0.2)
-        ready.put({"registry_fold_seconds": round(time.monotonic() - started, 2)})
-        while not stop.is_set():
-            await asyncio.sleep(0.2)
+        async with worker:
+            await registry.wait_caught_up(TIMEOUT * 10)  # type: ignore[attr-defined]
+            ready.put(
+                {
+                    "registry_fold_seconds": round(time.monotonic() - started, 2),
+                    "registry_patients": registry.patients,  # type: ignore[attr-defined]
+                }
+            )
+            await _run_until(worker, stop)
         ready.put({"consent_worker_cpu_seconds": _cpu_seconds()})
-        await app.stop()
 
-    _run_in_own_loop(run)
+    asyncio.run(run())
 
 
 def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
     from services.routing.config import RoutingSettings
-    from services.routing.entrypoints.worker import build_routing_app
+    from services.routing.entrypoints.worker import build_routing_worker
 
     configure_logging("bench-routing", "WARNING", json=False, stream=sys.stderr)
     specs = tagged(tag)
     declare(specs)
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
     name = {k: v.name for k, v in specs.items()}
-    app = build_routing_app(
+    worker = build_routing_worker(
         RoutingSettings(kafka=kafka),
-        app_id=f"bench-decide-{tag}-routing",
+        group=f"bench-decide-{tag}-routing",
         source_topic=name["consent-checked"],
         resolved_topic=name["route-resolved"],
         failed_topic=name["route-failed"],
@@ -161,21 +152,21 @@ def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
     )
 
     async def run() -> None:
-        await app.start()
-        ready.put({"routing_worker": "started"})
-        while not stop.is_set():
-            await asyncio.sleep(0.2)
+        async with worker:
+            ready.put({"routing_worker": "started"})
+            await _run_until(worker, stop)
         ready.put({"routing_worker_cpu_seconds": _cpu_seconds()})
-        await app.stop()
 
-    _run_in_own_loop(run)
+    asyncio.run(run())
 
 
-def _run_in_own_loop(run: Callable[[], Any]) -> None:
-    # faust wants the loop it runs on to be the current one (asyncio.run would unset it).
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(run())
+async def _run_until(worker: Any, stop: Any) -> None:
+    """Run the worker's loop until the parent sets ``stop``."""
+    task = asyncio.create_task(worker.run())
+    while not stop.is_set() and not task.done():
+        await asyncio.sleep(0.2)
+    worker.request_stop()
+    await task
 
 
 def _cpu_seconds() -> float:
@@ -365,7 +356,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         workers = [
             ctx.Process(
                 target=consent_worker,
-                args=(args.bootstrap, tag, args.patients, args.store, ready, stop),
+                args=(args.bootstrap, tag, args.patients, ready, stop),
             ),
         ]
         if not args.consent_only:
@@ -393,6 +384,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "studies": len(studies),
             "publish_seconds": round(published - flood_started, 2),
             "decisions_per_second": round(len(studies) / (last_decision - flood_started), 1),
+            # Each study version is decided for two purposes, each its own consent-checked.
+            "consent_checked_per_second": round(
+                2 * len(studies) / (last_decision - flood_started), 1
+            ),
             "routes_per_second": round(len(studies) / (last_route - flood_started), 1),
             "decision_latency_queueing": latencies(sent, outcomes.decision_at),
         }
@@ -421,7 +416,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "patients": args.patients,
                 "instances_per_study": args.instances,
-                "store": args.store,
                 "flood": flood,
                 "paced": paced,
                 "consent_checked_events": outcomes.checked_events,
@@ -465,7 +459,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=10, help="instances per study")
     p.add_argument("--paced-rate", type=float, default=1000.0, help="studies/s, paced phase")
     p.add_argument("--paced-seconds", type=float, default=10.0, help="length of the paced phase")
-    p.add_argument("--store", choices=("memory", "rocksdb"), default="rocksdb")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
     p.add_argument("--consent-only", action="store_true", help="no routing worker")
     return p.parse_args(argv)

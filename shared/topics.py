@@ -43,19 +43,22 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("consent-registered", 12, FOREVER, purpose="explicit consent/objection (Mitz)"),
     TopicSpec("consent-revoked", 12, FOREVER, purpose="consent/objection withdrawn"),
     TopicSpec("treatment-relationships", 12, FOREVER, purpose="organisation treats patient"),
-    # Internal to consent: study-received re-keyed by patient pseudonym, so that a study meets
-    # its patient's registry (a faust table keyed by pseudonym) in the same partition. Every
-    # topic the consent worker consumes has study-received's 12 partitions: with two partition
-    # counts in one faust app a restarted worker lost records for good (measured; see
-    # services.consent.entrypoints.decisions).
-    TopicSpec(
-        "consent-study-by-patient", 12, 7 * DAY_MS, purpose="study-received keyed by patient"
-    ),
     TopicSpec("consent-checked", 12, FOREVER, purpose="the decision per study version/purpose"),
     TopicSpec("route-resolved", 12, 90 * DAY_MS, purpose="a destination to deliver to"),
     TopicSpec("route-failed", 3, 90 * DAY_MS, purpose="permitted but no usable destination"),
     TopicSpec("delivered", 12, FOREVER, purpose="public: a study version reached a destination"),
     TopicSpec("delivery-failed", 6, 90 * DAY_MS, purpose="an attempt failed; final = dead"),
+    # Internal to notify: deliveries waiting for an attempt. Urgent and routine are separate
+    # topics (and consumers), so an urgent study never waits behind a routine backlog.
+    TopicSpec("delivery-urgent", 12, 14 * DAY_MS, purpose="deliveries due now, urgent"),
+    TopicSpec("delivery-routine", 12, 14 * DAY_MS, purpose="deliveries due now, routine"),
+    # One topic per retry delay (services.notify.domain.retry): a notify configured with
+    # other delays needs their topics declared here.
+    *(
+        TopicSpec(f"delivery-retry-{tier}", 6, 14 * DAY_MS, purpose=f"retried after {tier}")
+        for tier in ("10s", "1m", "5m", "30m", "2h")
+    ),
+    TopicSpec("delivery-dead-letter", 6, FOREVER, compacted=True, purpose="deliveries given up on"),
     TopicSpec(
         "provider-directory", 1, FOREVER, compacted=True, purpose="address book, keyed by URA"
     ),

@@ -30,6 +30,7 @@ from shared.events import (
     Delivered,
     DeliveryChannel,
     DeliveryFailed,
+    DeliveryQueued,
     Destination,
     Event,
     IngestChannel,
@@ -344,6 +345,16 @@ def make_access_logged(**overrides: Any) -> AccessLogged:
     return AccessLogged(**fields)
 
 
+def make_delivery_queued(**overrides: Any) -> DeliveryQueued:
+    fields: dict[str, Any] = make_envelope(
+        route=make_route_resolved(),
+        attempt=1,
+        first_queued_at=T0 + timedelta(minutes=1),
+    )
+    fields.update(overrides)
+    return DeliveryQueued(**fields)
+
+
 FACTORIES: dict[type[Event], Callable[..., Event]] = {
     InstanceStored: make_instance_stored,
     StudyReceived: make_study_received,
@@ -356,6 +367,7 @@ FACTORIES: dict[type[Event], Callable[..., Event]] = {
     RouteFailed: make_route_failed,
     Delivered: make_delivered,
     DeliveryFailed: make_delivery_failed,
+    DeliveryQueued: make_delivery_queued,
     AccessLogged: make_access_logged,
 }
 

@@ -73,11 +73,7 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
                 "treatment relationships, the closed question)",
             ),
         ),
-        ServiceSpec(
-            "consent-decisions",
-            ("consent", "decide"),
-            {"BEELDPORTAAL_CONSENT_STATE_DIR": str(config.state_dir / "services" / "consent")},
-        ),
+        ServiceSpec("consent-decisions", ("consent", "decide"), {}),
         ServiceSpec(
             "routing",
             ("routing", "serve"),

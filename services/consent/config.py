@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -27,8 +25,6 @@ class ConsentSettings(ServiceSettings):
 
     # The decision worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
     decisions_metrics_port: int | None = Field(default=None, ge=1, le=65535)
-    # Table state of the decision worker (rocksdb); None keeps it in memory (tests).
-    state_dir: Path | None = None
     # The Mitz data category a study's images and reports fall under.
     data_category: str = "GGC002"
     # Provider type (directory type_code) -> the Mitz requesting-provider category of a

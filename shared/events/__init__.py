@@ -26,7 +26,14 @@ from shared.events.consent import (
     TreatmentRelationshipEnded,
     TreatmentRelationshipRegistered,
 )
-from shared.events.delivery import Delivered, DeliveryFailed, InstanceOutcomes
+from shared.events.delivery import (
+    Delivered,
+    DeliveryFailed,
+    DeliveryQueued,
+    InstanceOutcomes,
+    RefusedInstance,
+    delivery_key,
+)
 from shared.events.ingest import InstanceStored, StudyReceived
 from shared.events.routing import Destination, RouteFailed, RouteResolved
 
@@ -44,6 +51,7 @@ __all__ = [
     "Delivered",
     "DeliveryChannel",
     "DeliveryFailed",
+    "DeliveryQueued",
     "Destination",
     "Event",
     "IngestChannel",
@@ -54,6 +62,7 @@ __all__ = [
     "PatientRef",
     "Provision",
     "Purpose",
+    "RefusedInstance",
     "ReportKind",
     "ReportRef",
     "RouteFailed",
@@ -65,5 +74,6 @@ __all__ = [
     "TreatmentRelationshipEnded",
     "TreatmentRelationshipRegistered",
     "Urgency",
+    "delivery_key",
     "registry",
 ]

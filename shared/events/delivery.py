@@ -8,6 +8,7 @@ from pydantic import AwareDatetime, Field
 
 from shared.events.base import Event, Model, event
 from shared.events.common import DeliveryChannel, DicomUid
+from shared.events.routing import RouteResolved
 from shared.identifiers import Ura
 
 
@@ -18,6 +19,16 @@ class InstanceOutcomes(Model):
     already_present: int = Field(ge=0)
     warnings: int = Field(ge=0, default=0)
     failed: int = Field(ge=0, default=0)
+
+
+class RefusedInstance(Model):
+    """An instance the receiver refused for good (or that could not be sent), and why."""
+
+    sop_instance_uid: DicomUid
+    # The DICOM status / STOW-RS FailureReason as four hex digits (e.g. "A900", "0122"), or
+    # None when it never reached the receiver (e.g. no verified BSN to coerce to).
+    code: str | None = Field(default=None, max_length=8)
+    reason: str = Field(min_length=1, max_length=256)
 
 
 @event
@@ -37,6 +48,8 @@ class Delivered(Event):
     channel: DeliveryChannel
     outcomes: InstanceOutcomes
     attempts: int = Field(ge=1)
+    # The instances counted in ``outcomes.failed``: refused by the receiver, or not sendable.
+    refused: tuple[RefusedInstance, ...] = ()
     # From the first instance received by ingest to the receiver's last acknowledgement.
     seconds_since_first_received: float = Field(ge=0)
     delivered_at: AwareDatetime
@@ -64,3 +77,42 @@ class DeliveryFailed(Event):
 
     def partition_key(self) -> str:
         return self.study_instance_uid
+
+
+def delivery_key(study_instance_uid: str, version: int, endpoint_id: str) -> str:
+    """One delivery: a study version to one endpoint of its destination."""
+    return f"{study_instance_uid}|{version}|{endpoint_id}"
+
+
+@event
+class DeliveryQueued(Event):
+    """Internal to notify: a delivery waiting for its attempt, or dead-lettered.
+
+    It lives on notify's own topics: the priority queues (``delivery-urgent``,
+    ``delivery-routine``), the retry tiers (``delivery-retry-<delay>``, where ``not_before``
+    says when the attempt is due) and the compacted ``delivery-dead-letter`` (``last_failure``
+    says why it gave up; a re-drive replaces it with a tombstone). Keyed by the delivery, so
+    every attempt of one delivery is in order and the dead letter is one record per delivery.
+    """
+
+    schema_name: ClassVar[str] = "delivery.queued.v1"
+    topic: ClassVar[str] = "delivery-routine"
+
+    route: RouteResolved
+    attempt: int = Field(ge=1)
+    not_before: AwareDatetime | None = None
+    first_queued_at: AwareDatetime
+    last_failure: str | None = Field(default=None, max_length=1024)
+    # What earlier attempts settled: instances the receiver stored, and ones it refused for
+    # good. The next attempt sends the rest.
+    stored: tuple[DicomUid, ...] = ()
+    refused: tuple[RefusedInstance, ...] = ()
+
+    @property
+    def key(self) -> str:
+        route = self.route
+        study = route.study
+        return delivery_key(study.study_instance_uid, study.version, route.destination.endpoint_id)
+
+    def partition_key(self) -> str:
+        return self.key

@@ -30,7 +30,7 @@ REPLAYED = [
     "consent-checked",
     "delivered",
 ]
-# Folded together into the consent registry's table, keyed by patient pseudonym.
+# Folded together into one registry per patient pseudonym by the consent registry view.
 CONSENT_REGISTRY_INPUTS = ["consent-registered", "consent-revoked", "treatment-relationships"]
 
 

@@ -1,7 +1,6 @@
 """The consent decision worker through the real broker: the decision table, redelivery, restart.
 
-Each test runs the worker on its own tagged copies of the topics (3 partitions, shared by the
-registry topics and the by-patient topic as in production), publishes registry events and
+Each test runs the worker on its own tagged copies of the topics, publishes registry events and
 study-received records with the project's publisher, and reads consent-checked back.
 """
 
@@ -17,16 +16,17 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from services.consent.adapters.registry_view import RegistryTopics
 from services.consent.config import ConsentSettings
-from services.consent.entrypoints.decisions import DecisionMetrics, build_decisions_app
+from services.consent.entrypoints.decisions import DecisionMetrics, build_decision_worker
 from shared import topics
 from shared.codec import Codec
 from shared.events import ConsentChecked, Event, StudyReceived
 from shared.events.common import BsnStatus, Urgency
 from shared.events.consent import Basis, Decision, Provision, Purpose
-from shared.faust_app import App, declare_changelogs
 from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings
+from shared.stream import Worker
 from shared.topics import TopicSpec
 from tests.factories import (
     RECIPIENT_URA,
@@ -35,6 +35,7 @@ from tests.factories import (
     make_study,
     make_study_received,
 )
+from tests.workers import running
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,6 @@ class Topics:
     registered: str
     revoked: str
     relationships: str
-    by_patient: str
     checked: str
     directory: str
 
@@ -68,7 +68,6 @@ async def declared(declare_topics: Callable[..., Awaitable[None]], tag: str) -> 
                 "consent-registered",
                 "consent-revoked",
                 "treatment-relationships",
-                "consent-study-by-patient",
                 "consent-checked",
                 "provider-directory",
             )
@@ -77,43 +76,22 @@ async def declared(declare_topics: Callable[..., Awaitable[None]], tag: str) -> 
     await declare_topics(
         TopicSpec(names.study, PARTITIONS, topics.DAY_MS),
         *(TopicSpec(t, PARTITIONS, topics.DAY_MS) for t in names.registry),
-        TopicSpec(names.by_patient, PARTITIONS, topics.DAY_MS),
         TopicSpec(names.checked, PARTITIONS, topics.DAY_MS),
         TopicSpec(names.directory, 1, topics.DAY_MS, compacted=True),
     )
     return names
 
 
-def decisions_app(kafka: KafkaSettings, tag: str, names: Topics, *, suffix: str = "") -> App:
-    return build_decisions_app(
+def decision_worker(kafka: KafkaSettings, tag: str, names: Topics, *, suffix: str = "") -> Worker:
+    return build_decision_worker(
         ConsentSettings(kafka=kafka),
-        app_id=f"test-consent-{tag}{suffix}",
+        group=f"test-consent-{tag}{suffix}",
         study_topic=names.study,
-        registry_topics=names.registry,
-        by_patient_topic=names.by_patient,
+        registry_topics=RegistryTopics(*names.registry),
         sink_topic=names.checked,
         directory_topic=names.directory,
-        partitions=PARTITIONS,
         metrics=DecisionMetrics(),
     )
-
-
-@asynccontextmanager
-async def running(app: App, names: Topics, kafka: KafkaSettings) -> AsyncIterator[App]:
-    await declare_changelogs(app, kafka)
-    try:
-        await asyncio.wait_for(app.start(), TIMEOUT)
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                ours = {
-                    tp for tp in app.assignor.assigned_actives() if tp.topic == names.by_patient
-                }
-                if len(ours) == PARTITIONS and not (app.rebalancing or app.in_recovery):
-                    break
-                await asyncio.sleep(0.1)
-        yield app
-    finally:
-        await asyncio.wait_for(app.stop(), TIMEOUT)
 
 
 async def publish(kafka: KafkaSettings, topic: str, events: list[Event]) -> None:
@@ -236,13 +214,11 @@ async def test_every_case_of_the_decision_table_is_decided_and_announced_for_bot
         "unverified BSN": study_for(bsn_status=BsnStatus.INVALID),
         "emergency over an objection": study_for(emergency, urgency=Urgency.EMERGENCY),
     }
-    app = decisions_app(kafka_settings, tag, declared)
     async with (
         checked(kafka_settings, declared.checked) as out,
-        running(app, declared, kafka_settings),
+        running(decision_worker(kafka_settings, tag, declared)),
     ):
-        # Let the registry be folded in before the studies come (they race otherwise).
-        await asyncio.sleep(2)
+        # No pause needed: each batch waits for the registry view to reach the topics' ends.
         await publish(kafka_settings, declared.study, list(cases.values()))
         await out.wait_for(2 * len(cases))
 
@@ -275,18 +251,19 @@ async def test_every_case_of_the_decision_table_is_decided_and_announced_for_bot
     assert len(out.seen) == 2 * len(cases)
 
 
-async def test_a_redelivered_study_gets_the_first_decision_even_after_the_registry_changed(
+async def test_a_redelivered_study_gets_the_same_events_and_a_new_version_the_current_registry(
     kafka_settings: KafkaSettings, declared: Topics, tag: str
 ) -> None:
     patient = make_pseudonym()
     received = study_for(patient)
-    app = decisions_app(kafka_settings, tag, declared)
     async with (
         checked(kafka_settings, declared.checked) as out,
-        running(app, declared, kafka_settings),
+        running(decision_worker(kafka_settings, tag, declared)),
     ):
         await publish(kafka_settings, declared.study, [received])
-        [first_delivery, _] = await out.wait_for(2)
+        first = list(await out.wait_for(2))
+        await publish(kafka_settings, declared.study, [received])  # the same record again
+        await out.wait_for(4)
         objection = make_consent_registered(
             patient=patient,
             provision=Provision.DENY,
@@ -294,19 +271,41 @@ async def test_a_redelivered_study_gets_the_first_decision_even_after_the_regist
             organisation_ura=RECIPIENT_URA,
         )
         await publish(kafka_settings, declared.registered, [objection])
-        await asyncio.sleep(2)
-        await publish(kafka_settings, declared.study, [received])  # the same record again
-        await out.wait_for(4)
-        # A new version of the study is decided on the registry as it now is.
+        # Published right after the objection: the batch waits for the registry to have it.
         v2 = make_study_received(study=received.study.model_copy(update={"version": 2}))
         await publish(kafka_settings, declared.study, [v2])
         await out.wait_for(6)
 
-    deliveries = [e for e in out.seen if e.purpose is Purpose.DELIVERY]
-    assert deliveries[0] == deliveries[1] == first_delivery
-    assert first_delivery.decision is Decision.PERMIT
-    assert deliveries[2].study.version == 2
-    assert (deliveries[2].decision, deliveries[2].decided_by) == (
-        Decision.DENY,
-        objection.consent_id,
-    )
+    assert out.seen[2:4] == first  # the redelivery: the same events, ids included
+    assert first[0].purpose is Purpose.DELIVERY and first[0].decision is Decision.PERMIT
+    delivery_v2 = out.of(v2, Purpose.DELIVERY)
+    assert (delivery_v2.decision, delivery_v2.decided_by) == (Decision.DENY, objection.consent_id)
+    assert delivery_v2.event_id != first[0].event_id
+
+
+async def test_a_worker_stopped_mid_stream_and_restarted_decides_every_study(
+    kafka_settings: KafkaSettings, declared: Topics, tag: str
+) -> None:
+    """Stop (SIGTERM path) while a backlog is being decided, start a new member of the same
+    group: every study version is announced for both purposes, nothing is lost."""
+    studies = [study_for(make_pseudonym()) for _ in range(600)]
+    async with checked(kafka_settings, declared.checked) as out:
+        await publish(kafka_settings, declared.study, studies)
+        first = decision_worker(kafka_settings, tag, declared)
+        async with running(first):
+            async with asyncio.timeout(TIMEOUT):
+                while first.stream.records == 0:
+                    await asyncio.sleep(0.01)
+        handled_before_stop = first.stream.records
+        async with running(decision_worker(kafka_settings, tag, declared)):
+            await out.wait_for(2 * len(studies), distinct=True)
+
+    ids = {e.event_id for e in out.seen}
+    decided = {(e.study.study_instance_uid, e.purpose) for e in out.seen}
+    assert len(ids) == 2 * len(studies)
+    assert decided == {
+        (s.study.study_instance_uid, p)
+        for s in studies
+        for p in (Purpose.DELIVERY, Purpose.TIMELINE)
+    }
+    assert handled_before_stop > 0

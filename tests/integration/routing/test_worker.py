@@ -16,7 +16,7 @@ from services.routing.adapters.directory_view import KafkaDirectoryWriter
 from services.routing.config import RoutingSettings
 from services.routing.domain.directory import Provider
 from services.routing.domain.route import route_failed_id, route_resolved_id
-from services.routing.entrypoints.worker import RoutingWorker, build_routing_worker
+from services.routing.entrypoints.worker import build_routing_worker
 from services.routing.metrics import RoutingMetrics
 from shared import topics
 from shared.codec import Codec
@@ -26,8 +26,10 @@ from shared.events.consent import Basis, Decision, Purpose
 from shared.events.routing import RouteFailed, RouteFailureReason, RouteResolved
 from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings
+from shared.stream import Worker
 from shared.topics import TopicSpec
 from tests.factories import make_consent_checked, make_study
+from tests.workers import running
 
 pytestmark = pytest.mark.integration
 
@@ -86,32 +88,16 @@ async def seed_directory(kafka: KafkaSettings, topic: str) -> None:
         await writer.put(provider(UNUSABLE, {**DICOMWEB, "enabled": False}))
 
 
-def worker(kafka: KafkaSettings, tag: str, names: Topics, metrics: RoutingMetrics) -> RoutingWorker:
+def worker(kafka: KafkaSettings, tag: str, names: Topics, metrics: RoutingMetrics) -> Worker:
     return build_routing_worker(
         RoutingSettings(kafka=kafka, view_start_timeout_seconds=5),
-        app_id=f"test-routing-{tag}",
+        group=f"test-routing-{tag}",
         source_topic=names.decisions,
         resolved_topic=names.resolved,
         failed_topic=names.failed,
         directory_topic=names.directory,
         metrics=metrics,
     )
-
-
-@asynccontextmanager
-async def running(built: RoutingWorker, source: str) -> AsyncIterator[RoutingWorker]:
-    app = built.app
-    try:
-        await asyncio.wait_for(app.start(), TIMEOUT)
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                ours = {tp for tp in app.assignor.assigned_actives() if tp.topic == source}
-                if len(ours) == PARTITIONS and not app.rebalancing:
-                    break
-                await asyncio.sleep(0.1)
-        yield built
-    finally:
-        await asyncio.wait_for(app.stop(), TIMEOUT)
 
 
 class Outputs:
@@ -185,7 +171,7 @@ async def test_decisions_become_routes_or_failures_read_back_from_kafka(
     metrics = RoutingMetrics()
 
     async with (
-        running(worker(kafka_settings, tag, declared, metrics), declared.decisions),
+        running(worker(kafka_settings, tag, declared, metrics)),
         outputs(kafka_settings, declared) as out,
     ):
         # A record that is not an event at all goes first: skipped, nothing else held up.
@@ -258,18 +244,14 @@ async def test_a_restart_mid_stream_loses_nothing(
     } | {route_failed_id(c.study) for c in second[20:]}
 
     async with outputs(kafka_settings, declared) as out:
-        async with running(
-            worker(kafka_settings, tag, declared, RoutingMetrics()), declared.decisions
-        ):
+        async with running(worker(kafka_settings, tag, declared, RoutingMetrics())):
             await publish(kafka_settings, declared.decisions, first)
             await out.until(lambda events: len(events) >= 10)
             # More decisions arrive while the worker stops: some are handled, some not yet.
             await publish(kafka_settings, declared.decisions, second[:10])
         await publish(kafka_settings, declared.decisions, second[10:])
         # The same consumer group picks up from its committed offsets.
-        async with running(
-            worker(kafka_settings, tag, declared, RoutingMetrics()), declared.decisions
-        ):
+        async with running(worker(kafka_settings, tag, declared, RoutingMetrics())):
             await out.until(lambda events: expected <= {e.event_id for e in events})
             events = await out.settle()
 
