@@ -1,0 +1,1 @@
+"""Notify adapters: the receivers' STOW-RS and C-STORE services, and webhooks."""

@@ -1,0 +1,357 @@
+"""DICOMweb STOW-RS client: one batch of a study in one ``POST {base_url}/studies/{study}``.
+
+The body is ``multipart/related; type="application/dicom"``, one part per instance, streamed
+from an async generator: the file bytes are handed to the connection as they are, never joined
+into one body. By default it goes with chunked transfer encoding; ``chunked=False`` sends the
+same stream with a Content-Length (computed from the parts) for receivers without chunked
+request support.
+
+How the answer is read (PS3.18 §10.5.3, and how real servers behave):
+
+* The Store Instances Response Module names instances in ReferencedSOPSequence (0008,1199)
+  (stored, maybe with a WarningReason) or FailedSOPSequence (0008,1198) with a FailureReason.
+* 200, 202 and 409 carry it; so may 400: Orthanc answers 409 for a batch where one instance
+  was refused and the others stored, and 400 when a part was unreadable, in both cases with the
+  module listing what it did store. A 400/409 body that names any instance sent is therefore
+  read per instance rather than failing the whole batch.
+* An instance in neither sequence: stored on a 2xx other than 202 (200 means "all stored");
+  on a 202 unknown, so FAILED transient (sending it again is harmless); on a 400/409 FAILED
+  permanent, the receiver refused the request without naming it.
+* A body that cannot be read (not JSON, not a module): on 200/204 every instance counts as
+  stored, because the status itself says so; on 202 the batch is a TransientDeliveryError
+  (which part was stored is unknown, resending all is harmless); on 4xx the status decides.
+* 408, 429, 5xx, timeouts and connection errors: TransientDeliveryError (with the receiver's
+  Retry-After). 401/403 and every other 4xx/3xx: PermanentDeliveryError.
+
+Reasons name HTTP statuses and DICOM codes only, never the receiver's text or URL path (which
+may hold a token), so they can go into events and logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from services.notify.domain.outcomes import (
+    BatchResult,
+    InstanceOutcome,
+    InstanceStatus,
+    OutgoingInstance,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    outcome_for_status,
+)
+from services.routing.domain.directory import BasicAuth, BearerAuth, DicomWebEndpoint, NoAuth
+
+__all__ = ["StoreResponse", "StowSender", "StowTimeouts", "parse_store_response"]
+
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+WARNING_REASON = "00081196"
+FAILURE_REASON = "00081197"
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_DICOM_PART_HEADERS = b"Content-Type: application/dicom\r\n\r\n"
+_TRANSIENT_HTTP = frozenset({408, 429})
+# Statuses whose body may carry per-instance results (see the module docstring).
+_PER_INSTANCE_REFUSALS = frozenset({400, 409})
+
+
+@dataclass(frozen=True, slots=True)
+class StowTimeouts:
+    """Seconds. ``read`` is the wait for the answer once the body is sent: a receiver may
+    store a large batch before it answers."""
+
+    connect: float = 10.0
+    write: float = 60.0
+    read: float = 300.0
+    pool: float = 30.0
+
+    def to_httpx(self) -> httpx.Timeout:
+        return httpx.Timeout(connect=self.connect, write=self.write, read=self.read, pool=self.pool)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResponse:
+    """What a Store Instances Response Module says, by SOP Instance UID."""
+
+    referenced: Mapping[str, int | None]  # uid -> WarningReason (None: none)
+    failed: Mapping[str, int | None]  # uid -> FailureReason (None: none given)
+
+    def names_any(self, uids: Sequence[str]) -> bool:
+        return any(uid in self.referenced or uid in self.failed for uid in uids)
+
+
+class StowSender:
+    """Stows batches to any number of receivers over one connection pool.
+
+    The httpx client is made on first use (never at import or construction) and closed by
+    :meth:`aclose` or ``async with``. ``transport`` replaces the network, for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeouts: StowTimeouts = StowTimeouts(),
+        chunked: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._timeouts = timeouts
+        self._chunked = chunked
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> StowSender:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=self._timeouts.to_httpx(),
+                transport=self._transport,
+                follow_redirects=False,  # a redirected POST would lose or resend the body
+                headers={"User-Agent": "beeldportaal-notify"},
+            )
+        return self._client
+
+    async def send(
+        self,
+        endpoint: DicomWebEndpoint,
+        study_instance_uid: str,
+        instances: Sequence[OutgoingInstance],
+    ) -> BatchResult:
+        """Stow ``instances`` (all of one study) to ``endpoint``; one outcome per instance.
+
+        Raises TransientDeliveryError or PermanentDeliveryError when the receiver did not judge
+        the instances one by one (see the module docstring).
+        """
+        if not _UID.match(study_instance_uid) or len(study_instance_uid) > 64:
+            raise ValueError("the Study Instance UID is not a valid UID")
+        if not instances:
+            return BatchResult(())
+        boundary = uuid.uuid4().hex
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+            **_auth_headers(endpoint.auth),
+        }
+        if not self._chunked:
+            headers["Content-Length"] = str(_body_length(boundary, instances))
+        url = f"{endpoint.base_url}/studies/{study_instance_uid}"
+        try:
+            response = await self._http().post(
+                url, content=_body(boundary, instances), headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            raise TransientDeliveryError(f"STOW-RS timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientDeliveryError(
+                f"STOW-RS receiver unreachable ({type(exc).__name__})"
+            ) from None
+        return _result(response, [i.sop_instance_uid for i in instances])
+
+
+def _auth_headers(auth: NoAuth | BearerAuth | BasicAuth) -> dict[str, str]:
+    if isinstance(auth, BearerAuth):
+        return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
+    if isinstance(auth, BasicAuth):
+        # RFC 7617 with UTF-8; the username cannot hold a colon (the directory refuses one).
+        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+        return {"Authorization": f"Basic {base64.b64encode(pair).decode('ascii')}"}
+    return {}
+
+
+def _part_header(boundary: str) -> bytes:
+    return b"--" + boundary.encode() + b"\r\n" + _DICOM_PART_HEADERS
+
+
+def _closing(boundary: str) -> bytes:
+    return b"--" + boundary.encode() + b"--\r\n"
+
+
+async def _body(boundary: str, instances: Sequence[OutgoingInstance]) -> AsyncIterator[bytes]:
+    head = _part_header(boundary)
+    for instance in instances:
+        yield head
+        yield instance.data
+        yield b"\r\n"
+    yield _closing(boundary)
+
+
+def _body_length(boundary: str, instances: Sequence[OutgoingInstance]) -> int:
+    per_part = len(_part_header(boundary)) + 2
+    return sum(per_part + len(i.data) for i in instances) + len(_closing(boundary))
+
+
+# --- the answer -----------------------------------------------------------------------------------
+
+
+def _result(response: httpx.Response, uids: Sequence[str]) -> BatchResult:
+    status = response.status_code
+    if status in _TRANSIENT_HTTP or status >= 500:
+        raise TransientDeliveryError(
+            f"STOW-RS answered HTTP {status}", retry_after=_retry_after(response)
+        )
+    module = parse_store_response(response.content)
+    if 200 <= status < 300:
+        if module is None:
+            if status == 202:
+                raise TransientDeliveryError(
+                    "STOW-RS answered HTTP 202 with an unreadable response: which instances "
+                    "were stored is unknown"
+                )
+            return BatchResult(tuple(InstanceOutcome(uid, InstanceStatus.STORED) for uid in uids))
+        return BatchResult(tuple(_outcome(uid, module, status) for uid in uids))
+    if status in _PER_INSTANCE_REFUSALS and module is not None and module.names_any(uids):
+        return BatchResult(tuple(_outcome(uid, module, status) for uid in uids))
+    if status in (401, 403):
+        raise PermanentDeliveryError(
+            f"STOW-RS answered HTTP {status}: the receiver refused our credentials"
+        )
+    if status == 413:
+        raise PermanentDeliveryError(
+            "STOW-RS answered HTTP 413: the batch is too large for the receiver "
+            "(lower its batch limits)"
+        )
+    raise PermanentDeliveryError(f"STOW-RS answered HTTP {status}")
+
+
+def _outcome(uid: str, module: StoreResponse, http_status: int) -> InstanceOutcome:
+    if uid in module.failed:
+        code = module.failed[uid]
+        if code is None:
+            return InstanceOutcome(
+                uid, InstanceStatus.FAILED, reason="refused by the receiver without a reason"
+            )
+        outcome = outcome_for_status(uid, code)
+        if outcome.status is InstanceStatus.FAILED:
+            return outcome
+        # A "failure" whose code means success or a warning: the receiver contradicts itself.
+        return InstanceOutcome(
+            uid, InstanceStatus.FAILED, code=outcome.code, reason="listed as failed"
+        )
+    if uid in module.referenced:
+        warning = module.referenced[uid]
+        if not warning:
+            return InstanceOutcome(uid, InstanceStatus.STORED)
+        outcome = outcome_for_status(uid, warning)
+        if outcome.status is InstanceStatus.FAILED:
+            # Stored (it is referenced) with an odd reason code: keep it as a warning.
+            return InstanceOutcome(
+                uid, InstanceStatus.WARNING, code=outcome.code, reason=outcome.reason
+            )
+        return outcome
+    if http_status == 202:
+        return InstanceOutcome(
+            uid,
+            InstanceStatus.FAILED,
+            reason="not acknowledged by the receiver (HTTP 202)",
+            transient=True,
+        )
+    if http_status >= 400:
+        return InstanceOutcome(
+            uid,
+            InstanceStatus.FAILED,
+            reason=f"refused by the receiver without naming it (HTTP {http_status})",
+        )
+    return InstanceOutcome(uid, InstanceStatus.STORED)
+
+
+def parse_store_response(body: bytes) -> StoreResponse | None:
+    """The Store Instances Response Module of a DICOM JSON body; None if it is not one.
+
+    Accepts the data set as an object or as a one-element array (both occur), a sequence
+    without ``Value`` (Orthanc writes empty sequences so), and codes as numbers or hex text.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(document, list) and len(document) == 1:
+        document = document[0]
+    if not isinstance(document, dict):
+        return None
+    if REFERENCED_SOP_SEQUENCE not in document and FAILED_SOP_SEQUENCE not in document:
+        return None
+    referenced = _items(document, REFERENCED_SOP_SEQUENCE, WARNING_REASON)
+    failed = _items(document, FAILED_SOP_SEQUENCE, FAILURE_REASON)
+    if referenced is None or failed is None:
+        return None
+    return StoreResponse(referenced=referenced, failed=failed)
+
+
+def _items(
+    document: Mapping[str, Any], sequence: str, reason_tag: str
+) -> dict[str, int | None] | None:
+    element = document.get(sequence)
+    if element is None:
+        return {}
+    if not isinstance(element, dict):
+        return None
+    items = element.get("Value", [])
+    if not isinstance(items, list):
+        return None
+    found: dict[str, int | None] = {}
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
+        if not isinstance(uid, str):
+            continue  # an unnamed item cannot be matched to what was sent
+        found[uid.strip()] = _code(_first(item, reason_tag))
+    return found
+
+
+def _first(item: Mapping[str, Any], tag: str) -> Any:
+    element = item.get(tag)
+    if not isinstance(element, dict):
+        return None
+    values = element.get("Value")
+    return values[0] if isinstance(values, list) and values else None
+
+
+def _code(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= 0xFFFF else None
+    if isinstance(value, str):
+        try:
+            code = int(value.strip(), 16)
+        except ValueError:
+            return None
+        return code if 0 <= code <= 0xFFFF else None
+    return None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

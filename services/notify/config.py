@@ -1,0 +1,49 @@
+"""Settings of the notify delivery worker (``BEELDPORTAAL_NOTIFY_*``), read once in main()."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.notify.domain.retry import DEFAULT_DELAYS, RetryPolicy, tier_topic_name
+from shared.settings import ServiceSettings
+from shared.topics import BY_NAME
+
+
+class NotifySettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BEELDPORTAAL_NOTIFY_", extra="ignore", hide_input_in_errors=True
+    )
+
+    service_name: str = "notify"
+
+    # The delivery worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Growing delays between attempts; after the last one the delivery is dead-lettered. Each
+    # delay is a topic (delivery-retry-<delay>) that shared.topics must declare.
+    retry_delays: tuple[float, ...] = DEFAULT_DELAYS
+    # Deliveries of one worker in flight at once, per queue (urgent, routine, retries): at most
+    # one per partition, since a partition's deliveries go in order.
+    max_records_per_batch: int = Field(default=50, ge=1, le=10_000)
+    # Seconds a receiver gets to answer one request (STOW-RS) or association (C-STORE).
+    receiver_timeout_seconds: float = Field(default=60.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Threads for blocking work (S3 reads, C-STORE associations).
+    io_threads: int = Field(default=32, ge=4, le=512)
+    # How long to wait for the provider directory before delivering anyway.
+    view_start_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _tiers_are_declared(cls, delays: tuple[float, ...]) -> tuple[float, ...]:
+        policy = RetryPolicy(delays=delays)
+        missing = [
+            tier_topic_name(d) for d in policy.delays if tier_topic_name(d) not in BY_NAME
+        ]
+        if missing:
+            raise ValueError(f"retry delays need declared topics (shared.topics): {missing}")
+        return delays
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(delays=self.retry_delays)

@@ -1,0 +1,1 @@
+"""Pure delivery rules: retry policy, failure classification, coercion and pickup links."""

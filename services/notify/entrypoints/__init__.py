@@ -1,0 +1,1 @@
+"""How notify is driven: the delivery worker, the HTTP API."""

@@ -1,0 +1,146 @@
+"""The notify delivery worker: every route-resolved becomes the study in the receiver's PACS,
+or a retried and finally dead-lettered failure, never a silent loss.
+
+One process runs four consumer groups side by side (:class:`~shared.stream.Worker`)::
+
+    route-resolved ─dispatch─▶ delivery-urgent  ─deliver─┐
+                          └──▶ delivery-routine ─deliver─┤─▶ delivered / delivery-failed
+                               delivery-retry-*  ─deliver─┘   + next retry tier or dead letter
+
+- **dispatch** (``notify-dispatch``) only queues: it never waits on a receiver, so routes are
+  taken off ``route-resolved`` at once and an urgent one lands on a queue of its own.
+- **deliver** (``notify-urgent``, ``notify-routine``, ``notify-retry``) makes attempts; a
+  retry tier's record that is not yet due pauses its partition (``NotDue``) without holding
+  the others. Deliveries of one partition go in order, partitions side by side: up to
+  ``max_records_per_batch`` records per fetch.
+- The deliver groups are **transactional**: an attempt's events (delivered, delivery-failed,
+  the next tier or the dead letter) and the consumed offset commit atomically. A crash at any
+  point leads at worst to the same instances sent again (the receiver keeps one copy, SOP
+  Instance UIDs never change), never to a lost delivery or a second visible ``delivered``
+  for a (study version, destination): consumers read with isolation level read_committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from services.notify.adapters.dimse import DimseSender, DimseTimeouts
+from services.notify.adapters.stow import StowSender, StowTimeouts
+from services.notify.config import NotifySettings
+from services.notify.domain.delivery import ROUTINE_QUEUE, URGENT_QUEUE
+from services.notify.domain.retry import retry_topic_names
+from services.notify.handlers.deliver import Deliverer, Dispatcher
+from services.notify.worker_metrics import NotifyWorkerMetrics
+from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, DirectoryView
+from shared.events import RouteResolved
+from shared.logging import configure_logging, get_logger
+from shared.storage.port import ObjectStore
+from shared.storage.s3 import S3ObjectStore
+from shared.stream import StreamWorker, Worker, run_worker
+
+log = get_logger(__name__)
+
+SERVICE = "notify"
+
+
+class NotifyWorker(Worker):
+    """The streams and views of notify, plus the senders' connections to close at stop."""
+
+    def __init__(self, *args: object, stow: StowSender, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.stow = stow
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.stow.aclose()
+
+
+def build_notify_worker(
+    settings: NotifySettings,
+    *,
+    objects: ObjectStore | None = None,
+    group_prefix: str = SERVICE,
+    rename: Mapping[str, str] | None = None,
+    metrics: NotifyWorkerMetrics | None = None,
+) -> NotifyWorker:
+    """The worker on the declared topics; ``rename`` maps declared topic names to tagged copies
+    (tests and benchmarks), ``group_prefix`` names its consumer groups."""
+    metrics = metrics or NotifyWorkerMetrics()
+    names = dict(rename or {})
+
+    def topic(name: str) -> str:
+        return names.get(name, name)
+
+    policy = settings.retry_policy
+    directory = DirectoryView(
+        settings.kafka, topic(PROVIDER_DIRECTORY), name=f"{group_prefix}-directory"
+    )
+    stow = StowSender(
+        timeouts=StowTimeouts(
+            connect=settings.connect_timeout_seconds,
+            write=settings.receiver_timeout_seconds,
+            read=settings.receiver_timeout_seconds,
+        )
+    )
+    deliverer = Deliverer(
+        directory=directory,
+        objects=objects or S3ObjectStore.from_settings(settings.s3),
+        stow=stow,
+        dimse=DimseSender(
+            timeouts=DimseTimeouts(
+                connection=settings.connect_timeout_seconds,
+                acse=settings.receiver_timeout_seconds,
+                dimse=settings.receiver_timeout_seconds,
+                network=settings.receiver_timeout_seconds,
+            )
+        ),
+        policy=policy,
+        metrics=metrics,
+        view_timeout=settings.view_start_timeout_seconds,
+    )
+    tiers = [t for t in retry_topic_names(policy) if t.startswith("delivery-retry-")]
+
+    def stream(group: str, sources: list[str], **kwargs: object) -> StreamWorker:
+        return StreamWorker(
+            settings.kafka,
+            name=f"{group_prefix}-{group}",
+            group=f"{group_prefix}-{group}",
+            topics=[topic(s) for s in sources],
+            metrics=metrics,
+            rename=names,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def deliver(group: str, sources: list[str]) -> StreamWorker:
+        return stream(
+            group,
+            sources,
+            handle=deliverer.handle,
+            prepare=deliverer.prepare,
+            transactional=True,
+            max_records=settings.max_records_per_batch,
+        )
+
+    streams = [
+        stream("dispatch", [RouteResolved.topic], handle=Dispatcher(metrics).handle),
+        deliver("urgent", [URGENT_QUEUE]),
+        deliver("routine", [ROUTINE_QUEUE]),
+        deliver("retry", tiers),
+    ]
+    return NotifyWorker(streams, views=(directory,), stow=stow)
+
+
+async def _run(settings: NotifySettings) -> None:
+    executor = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="notify-io")
+    asyncio.get_running_loop().set_default_executor(executor)
+    metrics = NotifyWorkerMetrics()
+    worker = build_notify_worker(settings, metrics=metrics)
+    await run_worker(worker, metrics=metrics, metrics_port=settings.worker_metrics_port)
+
+
+def main(settings: NotifySettings) -> None:
+    """Run the delivery worker until SIGTERM (``beeldportaal notify deliver``)."""
+    configure_logging(f"{settings.service_name}-worker", settings.log_level, settings.log_json)
+    asyncio.run(_run(settings))

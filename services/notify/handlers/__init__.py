@@ -1,0 +1,1 @@
+"""What notify does with the records it consumes: queue routes, attempt deliveries."""

@@ -1,0 +1,268 @@
+"""The two handlers of the notify worker: queue a route for delivery, and make an attempt.
+
+``Dispatcher.handle`` turns a ``route-resolved`` into the first ``DeliveryQueued`` on the
+urgent or the routine queue (``services.notify.domain.delivery.queue_for``): separate topics
+with consumers of their own, so an urgent study never waits behind a routine backlog.
+
+``Deliverer.handle`` makes one attempt of a queued delivery (from a queue or, once due, from a
+retry tier): it looks the endpoint up in the provider directory (credentials never travel on
+Kafka), reads each instance from the object store and checks its sha256, applies the
+receiver's coercion, sends the batches over the endpoint's channel, and returns what
+:func:`~services.notify.domain.delivery.conclude` makes of the answers. A record on a retry
+tier that is not yet due raises :class:`~shared.stream.NotDue`, which pauses its partition.
+
+Failures while sending are outcomes, not exceptions: they become a retry or a dead letter.
+Only what says nothing about the receiver is raised: the object store unreachable
+(``TransientError``: the batch is handled again, the partition held) and poison records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.notify.adapters.dimse import DimseSender
+from services.notify.adapters.stow import StowSender
+from services.notify.domain.coercion import CoercionImpossible, coerce
+from services.notify.domain.delivery import (
+    Attempt,
+    batches,
+    conclude,
+    queue_for,
+    queued,
+    remaining,
+)
+from services.notify.domain.outcomes import (
+    BatchResult,
+    InstanceOutcome,
+    InstanceStatus,
+    OutgoingInstance,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from services.notify.domain.retry import RetryPolicy
+from services.notify.worker_metrics import NotifyWorkerMetrics
+from services.routing.adapters.directory_view import DirectoryView
+from services.routing.domain.directory import DicomWebEndpoint, DimseEndpoint, PickupEndpoint
+from shared.codec import Codec
+from shared.errors import TransientError
+from shared.events import (
+    Delivered,
+    DeliveryFailed,
+    DeliveryQueued,
+    InstanceRef,
+    RefusedInstance,
+    RouteResolved,
+)
+from shared.events.base import utcnow
+from shared.logging import correlation_context, get_logger
+from shared.storage.port import ObjectNotFound, ObjectStore, ObjectStoreError
+from shared.stream import NotDue, Outgoing, decode_as
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Dispatcher:
+    metrics: NotifyWorkerMetrics
+    codec: Codec = field(default_factory=Codec)
+
+    async def handle(self, record: Any) -> list[Outgoing]:
+        route = decode_as(self.codec, record, RouteResolved)
+        # The route's own time, not the clock: a replay queues the identical record.
+        first = queued(route, now=route.occurred_at)
+        queue = queue_for(route.priority)
+        self.metrics.consumed(record.topic, route.schema_name, queue)
+        return [(queue, first)]
+
+
+@dataclass
+class Deliverer:
+    directory: DirectoryView
+    objects: ObjectStore
+    stow: StowSender
+    dimse: DimseSender
+    policy: RetryPolicy
+    metrics: NotifyWorkerMetrics
+    codec: Codec = field(default_factory=Codec)
+    view_timeout: float = 60.0
+    _directory_ready: bool = False
+
+    async def prepare(self) -> None:
+        if not self._directory_ready:
+            try:
+                await self.directory.wait_caught_up(self.view_timeout)
+                log.info("provider directory read; delivering", providers=len(self.directory))
+            except TimeoutError:
+                log.error("provider directory not read in time; delivering with what it has")
+            self._directory_ready = True
+
+    async def handle(self, record: Any) -> list[Outgoing]:
+        delivery = decode_as(self.codec, record, DeliveryQueued)
+        now = utcnow()
+        if delivery.not_before is not None and delivery.not_before > now:
+            raise NotDue((delivery.not_before - now).total_seconds())
+        with correlation_context(delivery.correlation_id):
+            attempt = await self.attempt(delivery)
+            outgoing = conclude(delivery, attempt, policy=self.policy, now=utcnow())
+            self._record(record.topic, delivery, attempt, outgoing)
+        return outgoing
+
+    async def attempt(self, delivery: DeliveryQueued) -> Attempt:
+        destination = delivery.route.destination
+        provider = self.directory.get(destination.organisation_ura)
+        endpoint = None
+        if provider is not None:
+            endpoint = next(
+                (e for e in provider.endpoints if e.id == destination.endpoint_id), None
+            )
+        if endpoint is None or not endpoint.enabled:
+            return Attempt(
+                BatchResult(()),
+                failure=f"endpoint {destination.endpoint_id} of {destination.organisation_ura} "
+                "is not (or no longer) an enabled endpoint in the provider directory",
+                failure_is_permanent=True,
+            )
+        todo = remaining(delivery)
+        if isinstance(endpoint, PickupEndpoint):
+            # Portal pickup: the study is delivered when it is available to the recipient,
+            # which it is once stored; the recipient downloads it with a signed link.
+            return Attempt(
+                BatchResult(tuple(_stored(i.sop_instance_uid) for i in todo)),
+            )
+        results: list[BatchResult] = []
+        unsendable: list[RefusedInstance] = []
+        for batch in batches(todo, delivery.route.batch_limits):
+            outgoing, refused = await self._read(batch, delivery)
+            unsendable += refused
+            if not outgoing:
+                continue
+            try:
+                results.append(await self._send(endpoint, delivery, outgoing))
+            except TransientDeliveryError as exc:
+                return Attempt(
+                    BatchResult.merge(results),
+                    tuple(unsendable),
+                    failure=exc.reason,
+                    retry_after=exc.retry_after,
+                )
+            except PermanentDeliveryError as exc:
+                return Attempt(
+                    BatchResult.merge(results),
+                    tuple(unsendable),
+                    failure=exc.reason,
+                    failure_is_permanent=True,
+                )
+        return Attempt(BatchResult.merge(results), tuple(unsendable))
+
+    async def _send(
+        self,
+        endpoint: DicomWebEndpoint | DimseEndpoint,
+        delivery: DeliveryQueued,
+        instances: Sequence[OutgoingInstance],
+    ) -> BatchResult:
+        with self.metrics.time_handler(f"send-{endpoint.channel}"):
+            if isinstance(endpoint, DicomWebEndpoint):
+                study = delivery.route.study.study_instance_uid
+                return await self.stow.send(endpoint, study, instances)
+            return await self.dimse.send(endpoint, instances)
+
+    async def _read(
+        self, batch: Sequence[InstanceRef], delivery: DeliveryQueued
+    ) -> tuple[list[OutgoingInstance], list[RefusedInstance]]:
+        """The batch's instances as they will be sent, and the ones that cannot be sent."""
+        coercion = delivery.route.coercion
+        sender = delivery.route.study.sender_ura
+        loaded = await asyncio.gather(*(self._load(ref) for ref in batch))
+        outgoing: list[OutgoingInstance] = []
+        refused: list[RefusedInstance] = []
+        for ref, (data, problem) in zip(batch, loaded, strict=True):
+            if problem is not None:
+                refused.append(_refused(ref, problem))
+                continue
+            assert data is not None
+            try:
+                data = coerce(data, coercion, source_of_previous_values=sender)
+            except CoercionImpossible as exc:
+                refused.append(_refused(ref, f"not coerced for the receiver: {exc.reason}"))
+                continue
+            outgoing.append(
+                OutgoingInstance(
+                    sop_instance_uid=ref.sop_instance_uid,
+                    sop_class_uid=ref.sop_class_uid,
+                    transfer_syntax_uid=ref.transfer_syntax_uid,
+                    data=data,
+                )
+            )
+        return outgoing, refused
+
+    async def _load(self, ref: InstanceRef) -> tuple[bytes | None, str | None]:
+        """The stored bytes, or why they cannot be sent (missing, or not what was received)."""
+        try:
+            data = await asyncio.to_thread(self.objects.get, ref.object_key)
+        except ObjectNotFound:
+            return None, "the stored instance is missing from the object store"
+        except ObjectStoreError as exc:
+            raise TransientError(f"object store unavailable: {type(exc).__name__}") from exc
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            return None, "the stored bytes do not match their sha256: not sent"
+        return data, None
+
+    def _record(
+        self,
+        source: str,
+        delivery: DeliveryQueued,
+        attempt: Attempt,
+        outgoing: Sequence[Outgoing],
+    ) -> None:
+        route = delivery.route
+        channel = route.destination.channel.value
+        outcome = "unknown"
+        for item in outgoing:
+            event = item[1] if isinstance(item, tuple) else item
+            if isinstance(event, Delivered):
+                outcome = "delivered"
+                self.metrics.delivered.labels(channel, route.priority.value).inc()
+                self.metrics.delivery_latency.labels(route.priority.value).observe(
+                    event.seconds_since_first_received
+                )
+                log.info(
+                    "study delivered",
+                    study_instance_uid=event.study_instance_uid,
+                    version=event.study_version,
+                    destination_ura=event.destination_ura,
+                    endpoint_id=event.endpoint_id,
+                    sent=event.outcomes.sent,
+                    failed=event.outcomes.failed,
+                    attempts=event.attempts,
+                )
+            elif isinstance(event, DeliveryFailed):
+                outcome = "dead" if event.final else "retry"
+                self.metrics.failed_attempts.labels(channel, str(event.final).lower()).inc()
+                (log.error if event.final else log.warning)(
+                    "delivery attempt failed",
+                    study_instance_uid=event.study_instance_uid,
+                    version=event.study_version,
+                    destination_ura=event.destination_ura,
+                    endpoint_id=event.endpoint_id,
+                    attempt=event.attempt,
+                    final=event.final,
+                    reason=event.reason,
+                    next_attempt_at=event.next_attempt_at,
+                )
+        self.metrics.consumed(source, delivery.schema_name, outcome)
+        self.metrics.instances.labels(channel, "sent").inc(len(attempt.results.stored))
+        self.metrics.instances.labels(channel, "failed").inc(
+            len(attempt.results.failed) + len(attempt.unsendable)
+        )
+
+
+def _stored(uid: str) -> InstanceOutcome:
+    return InstanceOutcome(uid, InstanceStatus.STORED, code=None, reason=None, transient=False)
+
+
+def _refused(ref: InstanceRef, reason: str) -> RefusedInstance:
+    return RefusedInstance(sop_instance_uid=ref.sop_instance_uid, code=None, reason=reason)

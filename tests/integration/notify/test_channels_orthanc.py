@@ -1,0 +1,349 @@
+"""The delivery channels against a real receiving PACS (Orthanc): STOW-RS and C-STORE.
+
+What arrives is checked through Orthanc's own REST API: every instance, its Pixel Data bytes,
+the coerced header. Refusals are Orthanc's own: an instance of another study in a STOW-RS to
+``/studies/{uid}`` (Orthanc answers 409 with FailureReason 0110 for it and stores the rest), a
+SOP class Orthanc does not accept over DIMSE (it rejects that presentation context), an unknown
+called AE title (association rejected permanently), a stopped receiver, and a STOW-RS endpoint
+guarded by an Orthanc HTTP filter that wants a bearer token.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
+
+from deploy.local.orthanc import OrthancPeer
+from services.notify.adapters.dimse import DimseSender, DimseTimeouts
+from services.notify.adapters.stow import StowSender, StowTimeouts
+from services.notify.domain.coercion import coerce
+from services.notify.domain.outcomes import (
+    InstanceStatus,
+    OutgoingInstance,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from services.routing.domain.directory import BearerAuth, DicomWebEndpoint, DimseEndpoint
+from shared.events.routing import Coercion
+from shared.identifiers import BSN_DICOM_ISSUER, BSN_OID, is_valid_bsn
+from tests.dicom_samples import bsn_item, make_dicom_bytes, patient_id_item
+from tests.factories import TEST_BSN
+
+pytestmark = pytest.mark.integration
+
+RECEIVER_AET = "RECEIVER"
+GOOD_TOKEN = "receiver-token-8c1f2e"
+# Orthanc runs this on every HTTP request; false means 403 Forbidden. Header names are lower case.
+TOKEN_FILTER = f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if string.sub(uri, 1, 10) ~= '/dicom-web' then
+    return true
+  end
+  return httpHeaders['authorization'] == 'Bearer {GOOD_TOKEN}'
+end
+"""
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.8.498.1.4242"  # a SOP class Orthanc does not know
+PIXEL_DATA = 0x7FE00010
+BSN_AS_PATIENT_ID = Coercion(
+    profile="bsn-as-patient-id", issuer_of_patient_id=BSN_DICOM_ISSUER, universal_entity_id=BSN_OID
+)
+FAST_STOW = StowTimeouts(connect=5, write=30, read=60, pool=5)
+FAST_DIMSE = DimseTimeouts(connection=5, acse=15, dimse=60, network=60)
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
+    """The receiving hospital's PACS; it checks that it is the called AE title."""
+    with OrthancPeer.running(
+        tmp_path_factory.mktemp("notify") / "receiver",
+        aet=RECEIVER_AET,
+        stable_age=2,
+        extra={"DicomCheckCalledAet": True},
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def guarded_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
+    """A PACS whose DICOMweb wants ``Authorization: Bearer GOOD_TOKEN``."""
+    root = tmp_path_factory.mktemp("notify-guarded")
+    script = root / "token-filter.lua"
+    script.write_text(TOKEN_FILTER)
+    with OrthancPeer.running(
+        root / "receiver", aet="GUARDED", stable_age=2, extra={"LuaScripts": [str(script)]}
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture
+async def stow() -> AsyncIterator[StowSender]:
+    async with StowSender(timeouts=FAST_STOW) as sender:
+        yield sender
+
+
+def dicomweb(peer: OrthancPeer, **fields: object) -> DicomWebEndpoint:
+    return DicomWebEndpoint(id="pacs-dicomweb", base_url=peer.dicomweb_url, **fields)
+
+
+def dimse(peer: OrthancPeer, ae_title: str = RECEIVER_AET) -> DimseEndpoint:
+    return DimseEndpoint(id="pacs-dimse", host="127.0.0.1", port=peer.dicom_port, ae_title=ae_title)
+
+
+def outgoing(data: bytes) -> OutgoingInstance:
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return OutgoingInstance(ds.SOPInstanceUID, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, data)
+
+
+def sample(name: str, study_uid: str) -> bytes:
+    """A pydicom sample file with real compressed pixel data, re-identified into our study."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.update(patient_id_item("H1234567", "ZNOORD"))
+    ds.OtherPatientIDsSequence = [bsn_item(TEST_BSN)]
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def study_batch(study_uid: str) -> list[OutgoingInstance]:
+    """Native (both VR encodings), fake-fragment JPEG, real JPEG baseline, real RLE, a PDF."""
+    hospital = {
+        "StudyInstanceUID": study_uid,
+        "patient": patient_id_item("H1234567", "ZNOORD"),
+        "other_patient_ids": [bsn_item(TEST_BSN)],
+    }
+    return [
+        outgoing(make_dicom_bytes(transfer_syntax=ExplicitVRLittleEndian, **hospital)),
+        outgoing(make_dicom_bytes(transfer_syntax=ImplicitVRLittleEndian, **hospital)),
+        outgoing(make_dicom_bytes(transfer_syntax=RLELossless, **hospital)),
+        outgoing(sample("SC_rgb_jpeg_dcmtk.dcm", study_uid)),
+        outgoing(sample("MR_small_RLE.dcm", study_uid)),
+        outgoing(make_dicom_bytes(sop_class_uid=EncapsulatedPDFStorage, **hospital)),
+    ]
+
+
+def received(peer: OrthancPeer, sop_instance_uid: str) -> bytes | None:
+    """The file Orthanc holds for an instance, or None when it has none."""
+    found = [r for r in peer.lookup(sop_instance_uid) if r["Type"] == "Instance"]
+    if not found:
+        return None
+    [resource] = found
+    return peer.instance_file(resource["ID"])
+
+
+def read(data: bytes) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def raw_pixel_data(data: bytes) -> bytes | None:
+    elem = read(data).get_item(PIXEL_DATA)
+    return None if elem is None else bytes(elem.value)
+
+
+def assert_arrived_intact(peer: OrthancPeer, batch: list[OutgoingInstance]) -> None:
+    for instance in batch:
+        stored = received(peer, instance.sop_instance_uid)
+        assert stored is not None, instance
+        ours, theirs = read(instance.data), read(stored)
+        # Values as sent, Pixel Data in its stored (compressed) transfer syntax, byte for byte.
+        assert theirs == ours
+        assert theirs.file_meta.TransferSyntaxUID == instance.transfer_syntax_uid or (
+            instance.transfer_syntax_uid == ImplicitVRLittleEndian  # re-encoded, values kept
+        )
+        assert raw_pixel_data(stored) == raw_pixel_data(instance.data)
+
+
+# --- delivery ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+async def test_a_batch_stowed_to_orthanc_arrives_whole_and_byte_identical(
+    receiver: OrthancPeer, chunked: bool
+) -> None:
+    study_uid = generate_uid()
+    batch = study_batch(study_uid)
+
+    async with StowSender(timeouts=FAST_STOW, chunked=chunked) as sender:
+        result = await sender.send(dicomweb(receiver), study_uid, batch)
+
+    assert [o.status for o in result.outcomes] == [InstanceStatus.STORED] * len(batch)
+    assert [o.sop_instance_uid for o in result.outcomes] == [i.sop_instance_uid for i in batch]
+    assert_arrived_intact(receiver, batch)
+    # Over STOW-RS Orthanc keeps the very file it was given.
+    assert all(received(receiver, i.sop_instance_uid) == i.data for i in batch)
+
+
+async def test_a_batch_c_stored_to_orthanc_arrives_whole_with_pixel_data_as_stored(
+    receiver: OrthancPeer,
+) -> None:
+    study_uid = generate_uid()
+    batch = study_batch(study_uid)
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(dimse(receiver), batch)
+
+    assert [o.status for o in result.outcomes] == [InstanceStatus.STORED] * len(batch)
+    assert_arrived_intact(receiver, batch)
+    compressed = {JPEGBaseline8Bit, RLELossless}
+    assert {
+        read(received(receiver, i.sop_instance_uid) or b"").file_meta.TransferSyntaxUID
+        for i in batch
+        if i.transfer_syntax_uid in compressed
+    } == compressed  # sent as stored, never decompressed
+
+
+@pytest.mark.parametrize("channel", ["stow-rs", "c-store"])
+async def test_a_coerced_instance_arrives_under_the_bsn_with_its_original_patient_id_kept(
+    receiver: OrthancPeer, stow: StowSender, channel: str
+) -> None:
+    assert is_valid_bsn(TEST_BSN)
+    study_uid = generate_uid()
+    stored = [sample("SC_rgb_jpeg_dcmtk.dcm", study_uid), sample("MR_small_RLE.dcm", study_uid)]
+    batch = [
+        outgoing(coerce(data, BSN_AS_PATIENT_ID, source_of_previous_values="Ziekenhuis Noord"))
+        for data in stored
+    ]
+
+    if channel == "stow-rs":
+        result = await stow.send(dicomweb(receiver), study_uid, batch)
+    else:
+        result = await DimseSender(timeouts=FAST_DIMSE).send(dimse(receiver), batch)
+
+    assert result.all_stored
+    for original, instance in zip(stored, batch, strict=True):
+        arrived = received(receiver, instance.sop_instance_uid)
+        assert arrived is not None
+        ds = read(arrived)
+        assert ds.SOPInstanceUID == read(original).SOPInstanceUID
+        assert (ds.PatientID, ds.IssuerOfPatientID) == (TEST_BSN, BSN_DICOM_ISSUER)
+        assert ds.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == BSN_OID
+        [record] = ds.OriginalAttributesSequence
+        assert record.ReasonForTheAttributeModification == "COERCE"
+        assert record.ModifyingSystem == "BEELDPORTAAL"
+        assert record.SourceOfPreviousValues == "Ziekenhuis Noord"
+        [modified] = record.ModifiedAttributesSequence
+        assert (modified.PatientID, modified.IssuerOfPatientID) == ("H1234567", "ZNOORD")
+        assert raw_pixel_data(arrived) == raw_pixel_data(original)
+    [found] = [r for r in receiver.lookup(study_uid) if r["Type"] == "Study"]
+    study = receiver.rest("GET", f"/studies/{found['ID']}")
+    assert study["PatientMainDicomTags"]["PatientID"] == TEST_BSN
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+async def test_stow_an_instance_orthanc_refuses_fails_alone_while_the_rest_is_stored(
+    receiver: OrthancPeer, stow: StowSender
+) -> None:
+    study_uid = generate_uid()
+    batch = study_batch(study_uid)[:3]
+    stray = outgoing(make_dicom_bytes())  # another study: Orthanc refuses it in this request
+
+    result = await stow.send(dicomweb(receiver), study_uid, [*batch, stray])
+
+    refused = result.outcome(stray.sop_instance_uid)
+    assert (refused.status, refused.code, refused.transient) == (
+        InstanceStatus.FAILED,
+        "0110",
+        False,
+    )
+    assert [o.sop_instance_uid for o in result.stored] == [i.sop_instance_uid for i in batch]
+    assert received(receiver, stray.sop_instance_uid) is None
+    assert_arrived_intact(receiver, batch)
+
+
+async def test_c_store_an_instance_of_a_sop_class_orthanc_rejects_fails_alone(
+    receiver: OrthancPeer,
+) -> None:
+    study_uid = generate_uid()
+    batch = study_batch(study_uid)[:3]
+    private = outgoing(
+        make_dicom_bytes(StudyInstanceUID=study_uid, sop_class_uid=PRIVATE_SOP_CLASS)
+    )
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(dimse(receiver), [*batch, private])
+
+    refused = result.outcome(private.sop_instance_uid)
+    assert (refused.status, refused.code, refused.transient) == (
+        InstanceStatus.FAILED,
+        "0122",
+        False,
+    )
+    assert len(result.stored) == len(batch)
+    assert received(receiver, private.sop_instance_uid) is None
+    assert_arrived_intact(receiver, batch)
+
+
+async def test_a_batch_orthanc_accepts_nothing_of_fails_per_instance_not_as_a_whole(
+    receiver: OrthancPeer,
+) -> None:
+    only_private = [outgoing(make_dicom_bytes(sop_class_uid=PRIVATE_SOP_CLASS)) for _ in range(2)]
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(dimse(receiver), only_private)
+
+    assert [(o.status, o.code) for o in result.outcomes] == [(InstanceStatus.FAILED, "0122")] * 2
+
+
+async def test_an_unknown_called_ae_title_is_refused_permanently(receiver: OrthancPeer) -> None:
+    batch = study_batch(generate_uid())[:1]
+
+    with pytest.raises(PermanentDeliveryError, match="called AE title not recognised"):
+        await DimseSender(timeouts=FAST_DIMSE).send(dimse(receiver, "NOT_THE_PACS"), batch)
+
+    assert received(receiver, batch[0].sop_instance_uid) is None
+
+
+# pynetdicom 3.0 drops the socket of a refused connection unclosed (its _shutdown_socket calls
+# shutdown() first, which raises on a socket that never connected, and so skips close());
+# CPython closes it when it is collected, with a ResourceWarning.
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+async def test_a_stopped_receiver_is_a_transient_error_on_both_channels(tmp_path: Path) -> None:
+    peer = OrthancPeer.running(tmp_path / "stopped", aet=RECEIVER_AET, stable_age=2)
+    with peer as stopped:
+        reachable = dimse(stopped)
+        web = dicomweb(stopped)
+    assert stopped.pid is None
+    study_uid = generate_uid()
+    batch = study_batch(study_uid)[:2]
+
+    with pytest.raises(TransientDeliveryError, match="no association"):
+        await DimseSender(timeouts=FAST_DIMSE).send(reachable, batch)
+    async with StowSender(timeouts=FAST_STOW) as sender:
+        with pytest.raises(TransientDeliveryError, match="unreachable"):
+            await sender.send(web, study_uid, batch)
+
+
+async def test_stow_with_a_bad_bearer_token_is_refused_permanently_and_a_good_one_stores(
+    guarded_receiver: OrthancPeer, stow: StowSender
+) -> None:
+    study_uid = generate_uid()
+    batch = study_batch(study_uid)[:2]
+
+    with pytest.raises(PermanentDeliveryError, match="HTTP 403") as refused:
+        await stow.send(
+            dicomweb(guarded_receiver, auth=BearerAuth(token="stolen")), study_uid, batch
+        )
+    nothing = [received(guarded_receiver, i.sop_instance_uid) for i in batch]
+    result = await stow.send(
+        dicomweb(guarded_receiver, auth=BearerAuth(token=GOOD_TOKEN)), study_uid, batch
+    )
+
+    assert "stolen" not in refused.value.reason
+    assert nothing == [None, None]
+    assert result.all_stored
+    assert_arrived_intact(guarded_receiver, batch)

@@ -1,0 +1,329 @@
+"""The STOW-RS client's request and how it reads answers, over an in-process httpx transport.
+
+Real receivers are in tests/integration/notify/test_channels_orthanc.py; here every answer a
+receiver may give is produced on purpose, including those Orthanc never gives.
+"""
+
+import base64
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from services.notify.adapters.stow import StowSender, parse_store_response
+from services.notify.domain.outcomes import (
+    InstanceOutcome,
+    InstanceStatus,
+    OutgoingInstance,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from services.routing.domain.directory import BasicAuth, BearerAuth, DicomWebEndpoint
+from tests.factories import CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN, make_uid
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+BASE_URL = "http://pacs.example.test/dicom-web"
+STORED, WARNING, FAILED = InstanceStatus.STORED, InstanceStatus.WARNING, InstanceStatus.FAILED
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def instance(data: bytes = b"DICM-ish bytes") -> OutgoingInstance:
+    return OutgoingInstance(make_uid(), CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN, data)
+
+
+def endpoint(**fields: Any) -> DicomWebEndpoint:
+    return DicomWebEndpoint(id="pacs", base_url=BASE_URL, **fields)
+
+
+def ui(value: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]}
+
+
+def referenced(uid: str, warning: int | str | None = None) -> dict[str, Any]:
+    item = {"00081150": ui(CT_IMAGE_STORAGE), "00081155": ui(uid)}
+    if warning is not None:
+        item["00081196"] = {"vr": "US", "Value": [warning]}
+    return item
+
+
+def failed(uid: str, reason: int | str | None) -> dict[str, Any]:
+    item = {"00081150": ui(CT_IMAGE_STORAGE), "00081155": ui(uid)}
+    if reason is not None:
+        item["00081197"] = {"vr": "US", "Value": [reason]}
+    return item
+
+
+def module(
+    refs: Sequence[dict[str, Any]] = (), fails: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    # Orthanc writes an empty sequence without "Value"; do the same here.
+    body: dict[str, Any] = {"00081199": {"vr": "SQ"}, "00081198": {"vr": "SQ"}}
+    if refs:
+        body["00081199"]["Value"] = list(refs)
+    if fails:
+        body["00081198"]["Value"] = list(fails)
+    return body
+
+
+def answer(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Handler:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        if body is None or isinstance(body, bytes):
+            content = body or b""
+        else:
+            content = json.dumps(body).encode()
+        return httpx.Response(
+            status,
+            content=content,
+            headers={"Content-Type": "application/dicom+json", **(headers or {})},
+        )
+
+    return handle
+
+
+async def send(
+    handler: Handler, instances: list[OutgoingInstance], *, chunked: bool = True, **fields: Any
+) -> Any:
+    async with StowSender(transport=httpx.MockTransport(handler), chunked=chunked) as sender:
+        return await sender.send(endpoint(**fields), STUDY, instances)
+
+
+# --- the request ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+async def test_the_request_is_one_multipart_related_part_per_instance(chunked: bool) -> None:
+    seen: list[tuple[httpx.Request, bytes]] = []
+    batch = [instance(b"first instance"), instance(b"\r\n--second\r\n")]
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        seen.append((request, await request.aread()))
+        return httpx.Response(200, json=module([referenced(i.sop_instance_uid) for i in batch]))
+
+    result = await send(handle, batch, chunked=chunked)
+
+    [(request, body)] = seen
+    assert request.method == "POST"
+    assert str(request.url) == f"{BASE_URL}/studies/{STUDY}"
+    assert request.headers["Accept"] == "application/dicom+json"
+    content_type = request.headers["Content-Type"]
+    match = re.fullmatch(
+        r'multipart/related; type="application/dicom"; boundary=(\w+)', content_type
+    )
+    assert match is not None
+    boundary = match.group(1).encode()
+    assert body == (
+        b"".join(
+            b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + i.data + b"\r\n"
+            for i in batch
+        )
+        + b"--"
+        + boundary
+        + b"--\r\n"
+    )
+    if chunked:
+        assert request.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in request.headers
+    else:
+        assert int(request.headers["Content-Length"]) == len(body)
+    assert "Authorization" not in request.headers
+    assert [o.status for o in result.outcomes] == [STORED, STORED]
+
+
+async def test_a_bearer_token_and_basic_credentials_go_in_the_authorization_header() -> None:
+    seen: list[str] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        seen.append(request.headers["Authorization"])
+        return httpx.Response(200, json=module())
+
+    await send(handle, [instance()], auth=BearerAuth(token="tok-en.123"))
+    await send(handle, [instance()], auth=BasicAuth(username="pacs", password="pä:ss"))
+
+    assert seen[0] == "Bearer tok-en.123"
+    assert seen[1] == "Basic " + base64.b64encode("pacs:pä:ss".encode()).decode()
+
+
+async def test_an_empty_batch_sends_nothing_and_a_bad_study_uid_is_refused() -> None:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request expected")
+
+    async with StowSender(transport=httpx.MockTransport(handle)) as sender:
+        assert (await sender.send(endpoint(), STUDY, [])).outcomes == ()
+        with pytest.raises(ValueError):
+            await sender.send(endpoint(), "1.2.3/../../patients", [instance()])
+
+
+# --- per-instance answers -------------------------------------------------------------------------
+
+
+async def test_referenced_instances_are_stored_and_warnings_kept() -> None:
+    a, b, c = instance(), instance(), instance()
+
+    result = await send(
+        answer(
+            200, module([referenced(a.sop_instance_uid), referenced(b.sop_instance_uid, 0xB006)])
+        ),
+        [a, b, c],
+    )
+
+    assert result.outcomes == (
+        InstanceOutcome(a.sop_instance_uid, STORED),
+        InstanceOutcome(b.sop_instance_uid, WARNING, "B006", "elements discarded"),
+        # In neither sequence of a 200: stored, as the status says all were.
+        InstanceOutcome(c.sop_instance_uid, STORED),
+    )
+
+
+async def test_a_202_mixes_stored_and_failed_and_an_unlisted_instance_is_resent() -> None:
+    a, b, c, d = instance(), instance(), instance(), instance()
+    body = module(
+        [referenced(a.sop_instance_uid)],
+        [failed(b.sop_instance_uid, 0xA700), failed(c.sop_instance_uid, 0xA900)],
+    )
+
+    result = await send(answer(202, body), [a, b, c, d])
+
+    assert [(o.status, o.code, o.transient) for o in result.outcomes] == [
+        (STORED, None, False),
+        (FAILED, "A700", True),
+        (FAILED, "A900", False),
+        (FAILED, None, True),
+    ]
+
+
+async def test_a_409_like_orthancs_for_another_study_fails_only_that_instance() -> None:
+    ours, foreign = instance(), instance()
+    body = module([referenced(ours.sop_instance_uid)], [failed(foreign.sop_instance_uid, 272)])
+
+    result = await send(answer(409, body), [ours, foreign])
+
+    assert result.outcome(ours.sop_instance_uid).status is STORED
+    assert result.outcome(foreign.sop_instance_uid) == InstanceOutcome(
+        foreign.sop_instance_uid, FAILED, "0110", "processing failure"
+    )
+
+
+async def test_a_400_naming_stored_instances_is_read_per_instance() -> None:
+    good, unreadable = instance(), instance(b"not dicom")
+
+    result = await send(
+        answer(400, module([referenced(good.sop_instance_uid)])), [good, unreadable]
+    )
+
+    assert result.outcome(good.sop_instance_uid).status is STORED
+    unnamed = result.outcome(unreadable.sop_instance_uid)
+    assert (unnamed.status, unnamed.transient) == (FAILED, False)
+
+
+async def test_failure_reasons_as_hex_text_and_a_one_element_array_body_are_understood() -> None:
+    a, b = instance(), instance()
+    body = [module([referenced(a.sop_instance_uid, "B000")], [failed(b.sop_instance_uid, "C122")])]
+
+    result = await send(answer(202, body), [a, b])
+
+    assert [(o.status, o.code) for o in result.outcomes] == [(WARNING, "B000"), (FAILED, "C122")]
+
+
+async def test_a_failed_item_without_a_reason_is_a_permanent_failure() -> None:
+    a = instance()
+
+    result = await send(answer(409, module(fails=[failed(a.sop_instance_uid, None)])), [a])
+
+    assert (result.outcomes[0].status, result.outcomes[0].transient) == (FAILED, False)
+
+
+# --- unreadable answers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"", b"<NativeDicomModel/>", b'{"unrelated": 1}', b"[1, 2]"])
+async def test_an_unreadable_200_counts_every_instance_stored(body: bytes) -> None:
+    batch = [instance(), instance()]
+
+    result = await send(answer(200, body), batch)
+
+    assert [o.status for o in result.outcomes] == [STORED, STORED]
+
+
+async def test_an_unreadable_202_is_transient_because_what_was_stored_is_unknown() -> None:
+    with pytest.raises(TransientDeliveryError, match="202"):
+        await send(answer(202, b"oops"), [instance()])
+
+
+async def test_a_400_or_409_that_names_none_of_the_instances_fails_the_batch() -> None:
+    with pytest.raises(PermanentDeliveryError, match="HTTP 400"):
+        await send(answer(400, module()), [instance()])
+    with pytest.raises(PermanentDeliveryError, match="HTTP 409"):
+        await send(answer(409, b"conflict"), [instance()])
+
+
+def test_parse_store_response_rejects_what_is_not_a_response_module() -> None:
+    assert parse_store_response(b"{") is None
+    assert parse_store_response(b'{"00081199": {"vr": "SQ", "Value": "x"}}') is None
+    assert parse_store_response(b'{"00081199": {"vr": "SQ", "Value": [1]}}') is None
+    parsed = parse_store_response(json.dumps(module([referenced("1.2")])).encode())
+    assert parsed is not None
+    assert (dict(parsed.referenced), dict(parsed.failed)) == ({"1.2": None}, {})
+
+
+# --- whole-batch errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
+async def test_server_errors_timeouts_and_throttling_are_transient(status: int) -> None:
+    with pytest.raises(TransientDeliveryError, match=f"HTTP {status}") as caught:
+        await send(answer(status, module()), [instance()])
+
+    assert caught.value.retry_after is None
+
+
+async def test_retry_after_in_seconds_or_as_a_date_is_passed_on() -> None:
+    with pytest.raises(TransientDeliveryError) as seconds:
+        await send(answer(503, b"", {"Retry-After": "120"}), [instance()])
+    later = format_datetime(datetime.now(UTC) + timedelta(minutes=10), usegmt=True)
+    with pytest.raises(TransientDeliveryError) as date:
+        await send(answer(429, b"", {"Retry-After": later}), [instance()])
+
+    assert seconds.value.retry_after == 120.0
+    assert date.value.retry_after is not None
+    assert 500 < date.value.retry_after <= 600
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_credentials_are_permanent_and_the_reason_holds_no_secret(
+    status: int,
+) -> None:
+    with pytest.raises(PermanentDeliveryError, match="credentials") as caught:
+        await send(answer(status, b"bad token"), [instance()], auth=BearerAuth(token="s3cr3t-tok"))
+
+    assert "s3cr3t-tok" not in caught.value.reason
+
+
+@pytest.mark.parametrize("status", [404, 405, 413, 415, 302])
+async def test_other_client_errors_and_redirects_are_permanent(status: int) -> None:
+    with pytest.raises(PermanentDeliveryError, match=f"HTTP {status}"):
+        await send(answer(status, b"", {"Location": "http://elsewhere/"}), [instance()])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ConnectTimeout("slow"),
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("reset"),
+    ],
+)
+async def test_network_failures_are_transient(error: httpx.HTTPError) -> None:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    with pytest.raises(TransientDeliveryError, match=type(error).__name__):
+        await send(handle, [instance()])
