@@ -33,6 +33,14 @@ def _routing(args: argparse.Namespace) -> int:
     return main.serve() if args.action == "serve" else main.route()
 
 
+def _notify(args: argparse.Namespace) -> int:
+    from services.notify.config import NotifySettings
+    from services.notify.entrypoints.worker import main
+
+    main(NotifySettings())
+    return 0
+
+
 def _services(args: argparse.Namespace) -> int:
     from deploy.local.services import main
 
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "action",
         choices=("serve", "decide"),
         help="serve: the consent API (Mitz notifications, treatment relationships, the closed "
-        "question); decide: the decision worker (faust) on study-received",
+        "question); decide: the decision worker on study-received",
     )
     consent.add_argument("--tag", help=tag_help)
     consent.set_defaults(handler=_consent)
@@ -85,13 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument(
         "action",
         choices=("serve", "route", "seed"),
-        help="serve: the provider directory API; route: the routing worker (faust) on "
+        help="serve: the provider directory API; route: the routing worker on "
         "consent-checked; seed: publish the providers of a YAML file (refused whole if any "
         "entry is invalid; unchanged entries are not written again)",
     )
     routing.add_argument("--file", type=Path, help="seed: the directory YAML file")
     routing.add_argument("--tag", help=tag_help)
     routing.set_defaults(handler=_routing)
+
+    notify = commands.add_parser(
+        "notify", help="the notify service (settings: BEELDPORTAAL_NOTIFY_*)"
+    )
+    notify.add_argument(
+        "action",
+        choices=("deliver",),
+        help="deliver: the delivery worker on route-resolved (queues, retry tiers, dead letters)",
+    )
+    notify.add_argument("--tag", help=tag_help)
+    notify.set_defaults(handler=_notify)
 
     services = commands.add_parser(
         "services", help="run the services as background processes on the local platform"

@@ -82,6 +82,7 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
             urls=(f"directory  http://127.0.0.1:{routing_port}/docs  (GET /providers?q=)",),
         ),
         ServiceSpec("routing-worker", ("routing", "route"), {}),
+        ServiceSpec("notify-worker", ("notify", "deliver"), {}),
     ]
 
 

@@ -30,6 +30,8 @@ class NotifySettings(ServiceSettings):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     # Threads for blocking work (S3 reads, C-STORE associations).
     io_threads: int = Field(default=32, ge=4, le=512)
+    # Waits between the attempts of one webhook notification (so one more attempt than waits).
+    webhook_backoff_seconds: tuple[float, ...] = (1.0, 5.0, 30.0)
     # How long to wait for the provider directory before delivering anyway.
     view_start_timeout_seconds: float = Field(default=60.0, gt=0)
 
@@ -37,9 +39,7 @@ class NotifySettings(ServiceSettings):
     @classmethod
     def _tiers_are_declared(cls, delays: tuple[float, ...]) -> tuple[float, ...]:
         policy = RetryPolicy(delays=delays)
-        missing = [
-            tier_topic_name(d) for d in policy.delays if tier_topic_name(d) not in BY_NAME
-        ]
+        missing = [tier_topic_name(d) for d in policy.delays if tier_topic_name(d) not in BY_NAME]
         if missing:
             raise ValueError(f"retry delays need declared topics (shared.topics): {missing}")
         return delays

@@ -30,6 +30,11 @@ class NotifyWorkerMetrics(ServiceMetrics):
             "Instances sent to receivers, by channel and outcome (sent, failed).",
             ["channel", "outcome"],
         )
+        self.webhooks = self.counter(
+            "notify_webhooks",
+            "Webhook notifications, by type and outcome (delivered, rejected, exhausted).",
+            ["type", "outcome"],
+        )
         self.delivery_latency = self.histogram(
             "notify_delivery_latency_seconds",
             "From a study's first instance received to its delivery, by priority.",

@@ -6,6 +6,7 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
     route-resolved ─dispatch─▶ delivery-urgent  ─deliver─┐
                           └──▶ delivery-routine ─deliver─┤─▶ delivered / delivery-failed
                                delivery-retry-*  ─deliver─┘   + next retry tier or dead letter
+    delivered, delivery-failed ─webhooks─▶ the recipient's webhook (signed POST)
 
 - **dispatch** (``notify-dispatch``) only queues: it never waits on a receiver, so routes are
   taken off ``route-resolved`` at once and an urgent one lands on a queue of its own.
@@ -13,6 +14,8 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
   retry tier's record that is not yet due pauses its partition (``NotDue``) without holding
   the others. Deliveries of one partition go in order, partitions side by side: up to
   ``max_records_per_batch`` records per fetch.
+- **webhooks** (``notify-webhooks``) tells the recipient, by its webhook from the directory,
+  of each delivery and each final failure.
 - The deliver groups are **transactional**: an attempt's events (delivered, delivery-failed,
   the next tier or the dead letter) and the consumed offset commit atomically. A crash at any
   point leads at worst to the same instances sent again (the receiver keeps one copy, SOP
@@ -26,15 +29,19 @@ import asyncio
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+
 from services.notify.adapters.dimse import DimseSender, DimseTimeouts
 from services.notify.adapters.stow import StowSender, StowTimeouts
+from services.notify.adapters.webhooks import WebhookSender
 from services.notify.config import NotifySettings
 from services.notify.domain.delivery import ROUTINE_QUEUE, URGENT_QUEUE
 from services.notify.domain.retry import retry_topic_names
 from services.notify.handlers.deliver import Deliverer, Dispatcher
+from services.notify.handlers.webhooks import Notifier
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, DirectoryView
-from shared.events import RouteResolved
+from shared.events import Delivered, DeliveryFailed, RouteResolved
 from shared.logging import configure_logging, get_logger
 from shared.storage.port import ObjectStore
 from shared.storage.s3 import S3ObjectStore
@@ -48,13 +55,17 @@ SERVICE = "notify"
 class NotifyWorker(Worker):
     """The streams and views of notify, plus the senders' connections to close at stop."""
 
-    def __init__(self, *args: object, stow: StowSender, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, stow: StowSender, http: httpx.AsyncClient, **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.stow = stow
+        self.http = http
 
     async def stop(self) -> None:
         await super().stop()
         await self.stow.aclose()
+        await self.http.aclose()
 
 
 def build_notify_worker(
@@ -123,13 +134,27 @@ def build_notify_worker(
             max_records=settings.max_records_per_batch,
         )
 
+    # Webhooks: no redirects (the signed body must not be replayed elsewhere).
+    http = httpx.AsyncClient(follow_redirects=False)
+    notifier = Notifier(
+        directory,
+        WebhookSender(http, backoff=settings.webhook_backoff_seconds),
+        metrics,
+    )
     streams = [
         stream("dispatch", [RouteResolved.topic], handle=Dispatcher(metrics).handle),
         deliver("urgent", [URGENT_QUEUE]),
         deliver("routine", [ROUTINE_QUEUE]),
         deliver("retry", tiers),
+        stream(
+            "webhooks",
+            [Delivered.topic, DeliveryFailed.topic],
+            handle=notifier.handle,
+            prepare=deliverer.prepare,
+            max_records=settings.max_records_per_batch,
+        ),
     ]
-    return NotifyWorker(streams, views=(directory,), stow=stow)
+    return NotifyWorker(streams, views=(directory,), stow=stow, http=http)
 
 
 async def _run(settings: NotifySettings) -> None:

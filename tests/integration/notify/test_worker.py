@@ -10,8 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from deploy.local.orthanc import OrthancConfig, OrthancPeer, free_port
+from services.notify.adapters.webhooks import EVENT_HEADER, SIGNATURE_HEADER, verify
 from services.notify.config import NotifySettings
 from services.notify.entrypoints.worker import build_notify_worker
 from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, KafkaDirectoryWriter
@@ -36,7 +45,7 @@ from shared.events import (
     Urgency,
 )
 from shared.events.common import DeliveryChannel
-from shared.events.routing import Coercion, Destination
+from shared.events.routing import BatchLimits, Coercion, Destination
 from shared.identifiers import BSN_DICOM_ISSUER, BSN_OID
 from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings, S3Settings
@@ -88,6 +97,44 @@ async def names(declare_topics: Any, tag: str) -> dict[str, str]:
     tiers = [TopicSpec(n, 3, topics.DAY_MS) for n in ("delivery-retry-1s", "delivery-retry-2s")]
     await declare_topics(*specs, *tiers)
     return names
+
+
+WEBHOOK_SECRET = "test-notify-webhook-secret-0123456789"
+
+
+@dataclass
+class Hooks:
+    """What the recipient's webhook endpoint received: (event type, body, signature valid)."""
+
+    url: str
+    received: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
+
+
+@pytest.fixture
+def hooks() -> Iterator[Hooks]:
+    state = Hooks(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            valid = verify(body, WEBHOOK_SECRET, self.headers.get(SIGNATURE_HEADER))
+            state.received.append((self.headers.get(EVENT_HEADER, ""), json.loads(body), valid))
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -238,9 +285,11 @@ async def test_routes_by_stow_rs_and_c_store_arrive_in_the_receivers_pacs_coerce
     names: dict[str, str],
     objects: S3ObjectStore,
     receiver: OrthancPeer,
+    hooks: Hooks,
     tag: str,
 ) -> None:
-    await seed(kafka_settings, names[PROVIDER_DIRECTORY], receiver)
+    webhook = {"url": hooks.url, "secret": WEBHOOK_SECRET}
+    await seed(kafka_settings, names[PROVIDER_DIRECTORY], receiver, webhook=webhook)
     stow_files, stow_study = stored_study(objects, 12)
     dimse_files, dimse_study = stored_study(objects, 3)
     coercion = Coercion(
@@ -256,6 +305,9 @@ async def test_routes_by_stow_rs_and_c_store_arrive_in_the_receivers_pacs_coerce
     async with outputs(kafka_settings, names[Delivered.topic]) as out, running(worker):
         await publish(kafka_settings, names[RouteResolved.topic], [by_stow, by_dimse])
         await out.until(lambda events: len(events) >= 2)
+        async with asyncio.timeout(TIMEOUT):
+            while len(hooks.received) < 2:
+                await asyncio.sleep(0.1)
 
     delivered = {e.endpoint_id: e for e in out.of(Delivered)}
     assert delivered["pacs-dicomweb"].outcomes.sent == 12
@@ -263,6 +315,13 @@ async def test_routes_by_stow_rs_and_c_store_arrive_in_the_receivers_pacs_coerce
     assert delivered["pacs-dicomweb"].attempts == 1
     assert delivered["pacs-dimse"].outcomes.sent == 3
     assert delivered["pacs-dimse"].channel is DeliveryChannel.DIMSE
+    # The recipient's webhook heard of both, signed with its secret.
+    assert sorted(
+        (kind, body["data"]["endpoint_id"], valid) for kind, body, valid in hooks.received
+    ) == [("delivered.v1", "pacs-dicomweb", True), ("delivered.v1", "pacs-dimse", True)]
+    assert {body["id"] for _, body, _ in hooks.received} == {
+        str(e.event_id) for e in delivered.values()
+    }
     # Default batch limits are 10 instances: the STOW-RS study went in two requests.
     for data in stow_files:
         uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
@@ -366,3 +425,89 @@ async def test_a_receiver_that_comes_back_gets_the_study_on_a_later_attempt(
             assert late.lookup(ref.sop_instance_uid)
     finally:
         late.stop()
+
+
+def worker_process(
+    kafka: KafkaSettings, s3: S3Settings, names: dict[str, str], tag: str, log: Path
+) -> subprocess.Popen[bytes]:
+    config = {
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
+        "s3": {
+            "endpoint": s3.endpoint,
+            "access_key": s3.access_key,
+            "secret_key": s3.secret_key.get_secret_value(),
+            "region": s3.region,
+            "bucket": s3.bucket,
+        },
+        "rename": names,
+        "group_prefix": f"test-notify-{tag}",
+        "retry_delays": list(DELAYS),
+        "declared": ["delivery-retry-1s", "delivery-retry-2s"],
+    }
+    env = {**os.environ, "NOTIFY_TEST_CONFIG": json.dumps(config)}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.notify.worker_process"],
+            env=env,
+            cwd=Path(__file__).resolve().parents[3],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_a_worker_killed_mid_delivery_delivers_every_instance_once_with_one_event(
+    kafka_settings: KafkaSettings,
+    s3_settings: S3Settings,
+    names: dict[str, str],
+    objects: S3ObjectStore,
+    receiver: OrthancPeer,
+    tmp_path: Path,
+    tag: str,
+) -> None:
+    """kill -9 while a study is half sent (one instance per request), start another process:
+    the receiver holds every instance once, and read_committed consumers see one delivered."""
+    await seed(kafka_settings, names[PROVIDER_DIRECTORY], receiver)
+    count = 80
+    _, study = stored_study(objects, count)
+    route = route_to(
+        study,
+        "pacs-dicomweb",
+        DeliveryChannel.DICOMWEB,
+        batch_limits=BatchLimits(max_instances=1, max_bytes=10 * 1024 * 1024),
+    )
+    uids = [ref.sop_instance_uid for ref in study.instances]
+
+    def present() -> int:
+        return sum(1 for uid in uids if receiver.lookup(uid))
+
+    log = tmp_path / "notify.log"
+    first = worker_process(kafka_settings, s3_settings, names, tag, log)
+    try:
+        await publish(kafka_settings, names[RouteResolved.topic], [route])
+        async with asyncio.timeout(TIMEOUT):
+            while await asyncio.to_thread(lambda: receiver.lookup(uids[0])) == []:
+                await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    killed_with = await asyncio.to_thread(present)
+    assert 0 < killed_with < count, f"the kill did not land mid-delivery ({killed_with} sent)"
+
+    second = worker_process(kafka_settings, s3_settings, names, tag, log)
+    try:
+        async with outputs(kafka_settings, names[Delivered.topic]) as out:
+            await out.until(lambda events: len(events) >= 1)
+            # Anything a replay would add has had time to show; still one delivered.
+            await asyncio.sleep(3)
+            await out.until(lambda events: True)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    [delivered] = out.of(Delivered)
+    assert delivered.outcomes.sent == count
+    assert await asyncio.to_thread(present) == count
+    [found] = receiver.lookup(study.study_instance_uid)
+    assert len(receiver.rest("GET", f"/studies/{found['ID']}/instances")) == count

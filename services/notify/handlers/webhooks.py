@@ -1,0 +1,74 @@
+"""Tell the receiving organisation, by its webhook, that a study arrived or finally could not.
+
+A stream of its own (consumer group ``notify-webhooks``) on ``delivered`` and
+``delivery-failed``, read committed: a delivery's transaction is the single source, so a
+webhook is only sent for what really happened. The recipient's webhook (URL and shared
+secret) is in the provider directory; an organisation without one gets none. Failed attempts
+that will be retried are not announced, only the final failure.
+
+Each notification is retried with backoff within :class:`WebhookSender`'s budget while its
+partition waits (the offset is committed after the last attempt, so a crash sends it again:
+subscribers deduplicate on ``X-Beeldportaal-Delivery``). A subscriber that stays down past the
+budget misses that notification: it is logged and counted, and the same facts remain on the
+``delivered`` topic and in the sender's status API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.notify.adapters.webhooks import (
+    DELIVERED_TYPE,
+    DELIVERY_FAILED_TYPE,
+    WebhookSender,
+    delivered_payload,
+    delivery_failed_payload,
+)
+from services.notify.worker_metrics import NotifyWorkerMetrics
+from services.routing.adapters.directory_view import DirectoryView
+from shared.codec import Codec
+from shared.events import Delivered, DeliveryFailed, Event
+from shared.logging import correlation_context, get_logger
+from shared.stream import decode_as
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Notifier:
+    directory: DirectoryView
+    sender: WebhookSender
+    metrics: NotifyWorkerMetrics
+    codec: Codec = field(default_factory=Codec)
+
+    async def handle(self, record: Any) -> list[Event]:
+        event = decode_as(self.codec, record, Delivered, DeliveryFailed)
+        if isinstance(event, DeliveryFailed) and not event.final:
+            return []
+        provider = self.directory.get(event.destination_ura)
+        if provider is None or provider.webhook is None:
+            return []
+        if isinstance(event, Delivered):
+            kind, payload = DELIVERED_TYPE, delivered_payload(event)
+        else:
+            kind, payload = DELIVERY_FAILED_TYPE, delivery_failed_payload(event)
+        with correlation_context(event.correlation_id):
+            result = await self.sender.deliver(
+                provider.webhook.url,
+                provider.webhook.secret,
+                delivery_id=f"{event.event_id}",
+                event_type=kind,
+                payload=payload,
+            )
+            self.metrics.webhooks.labels(kind, result.outcome.value).inc()
+            if not result.delivered:
+                log.warning(
+                    "webhook not accepted",
+                    destination_ura=event.destination_ura,
+                    event_type=kind,
+                    outcome=result.outcome.value,
+                    attempts=result.attempts,
+                    status_code=result.status_code,
+                )
+        return []
