@@ -53,7 +53,6 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from services.ingest.config import IngestSettings
 from services.ingest.entrypoints.assembly import build_assembly_app
@@ -69,7 +68,7 @@ from shared.events import (
     StudyReceived,
 )
 from shared.faust_app import App, declare_changelogs
-from shared.kafka import KafkaEventPublisher, provision_topics
+from shared.kafka import KafkaEventPublisher, delete_topics_containing, provision_topics
 from shared.logging import configure_logging
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec
@@ -255,14 +254,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await consumer.stop()
         await asyncio.wait_for(app.stop(), TIMEOUT)
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_list)
-        await admin.start()
-        try:
-            ours = [t for t in await admin.list_topics() if tag in t]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
+        await delete_topics_containing(kafka.bootstrap_list, tag)
 
     codec = Codec()
     announcements = [codec.decode_record(r) for r in raw]

@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from shared import topics
 from shared.events import BsnStatus, PatientRef, StudyReceived
 from shared.events.consent import ConsentRegistered, Provision
-from shared.kafka import KafkaEventPublisher, provision_topics
+from shared.kafka import KafkaEventPublisher, delete_topics_containing, provision_topics
 from shared.logging import configure_logging
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec
@@ -435,14 +434,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if worker.is_alive():
                 worker.kill()
         await outcomes.stop()
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_list)
-        await admin.start()
-        try:
-            ours = [t for t in await admin.list_topics() if tag in t]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
+        await delete_topics_containing(kafka.bootstrap_list, tag)
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_avg_1m"] = os.getloadavg()[0]
     return result

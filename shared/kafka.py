@@ -204,3 +204,19 @@ async def broker_ready(bootstrap_servers: Sequence[str], timeout_ms: int = 3000)
     finally:
         quiet.setLevel(level)
         await admin.close()
+
+
+async def delete_topics_containing(bootstrap_servers: Sequence[str], tag: str) -> list[str]:
+    """Delete every topic whose name holds ``tag`` (a test's or benchmark's own copies, and
+    faust's changelogs of an app named with it); returns what was deleted."""
+    if not tag:
+        raise ValueError("an empty tag would match every topic")
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(bootstrap_servers))
+    await admin.start()
+    try:
+        ours = [t for t in await admin.list_topics() if tag in t]
+        if ours:
+            await admin.delete_topics(ours)
+        return ours
+    finally:
+        await admin.close()

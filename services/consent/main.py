@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import uvicorn
-
 from services.consent.bootstrap import build
 from services.consent.config import ConsentSettings
+from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -17,17 +16,7 @@ async def _serve(settings: ConsentSettings) -> None:
     from services.consent.entrypoints.http import create_app
 
     api = build(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(api),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,  # our JSON logging
-            access_log=False,  # an access log adds nothing the metrics do not have
-            lifespan="on",
-            timeout_graceful_shutdown=30,
-        )
-    )
+    server = http_server(create_app(api), settings.http_host, settings.http_port)
     log.info("consent API starting", url=f"http://{settings.http_host}:{settings.http_port}")
     await server.serve()
 

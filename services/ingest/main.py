@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import uvicorn
-
 from services.ingest.bootstrap import build
 from services.ingest.config import IngestSettings
+from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -20,17 +19,7 @@ async def _serve(settings: IngestSettings) -> None:
 
     ingest = build(settings)
     ingest.scp = StoreSCP()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(ingest),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,  # our JSON logging
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=30,
-        )
-    )
+    server = http_server(create_app(ingest), settings.http_host, settings.http_port)
     log.info(
         "ingest starting",
         stow=f"http://{settings.http_host}:{settings.http_port}/dicomweb/to/{{URA}}/studies",

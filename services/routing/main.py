@@ -6,8 +6,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-import uvicorn
-
 from services.routing.adapters.directory_view import (
     PROVIDER_DIRECTORY,
     DirectoryView,
@@ -17,6 +15,7 @@ from services.routing.bootstrap import build
 from services.routing.config import RoutingSettings
 from services.routing.domain.directory import Directory, DirectoryError
 from services.routing.handlers.seed import SeedOutcome, seed_directory
+from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -26,17 +25,7 @@ async def _serve(settings: RoutingSettings) -> None:
     from services.routing.entrypoints.http import create_app
 
     routing = build(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(routing),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,  # our JSON logging
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=30,
-        )
-    )
+    server = http_server(create_app(routing), settings.http_host, settings.http_port)
     log.info(
         "routing directory API starting", url=f"http://{settings.http_host}:{settings.http_port}"
     )

@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy.local.config import LocalConfig, read_env_file
 from shared import topics
-from shared.kafka import broker_ready, provision_topics
+from shared.kafka import broker_ready, delete_topics_containing, provision_topics
 from shared.settings import KafkaSettings, PostgresSettings, S3Settings
 from shared.topics import TopicSpec
 
@@ -130,11 +130,4 @@ async def declare_topics(
     try:
         yield declare
     finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_list)
-        await admin.start()
-        try:
-            ours = [t for t in await admin.list_topics() if tag in t]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
+        await delete_topics_containing(kafka_settings.bootstrap_list, tag)
