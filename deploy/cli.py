@@ -34,11 +34,18 @@ def _routing(args: argparse.Namespace) -> int:
 
 
 def _notify(args: argparse.Namespace) -> int:
-    from services.notify.config import NotifySettings
-    from services.notify.entrypoints.worker import main
+    from services.notify import main
 
-    main(NotifySettings())
-    return 0
+    return main.serve() if args.action == "serve" else main.deliver()
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from services.notify import main
+
+    if args.action == "redrive" and (args.key is None) == (not args.all):
+        print("redrive needs a KEY or --all (not both)", file=sys.stderr)
+        return 2
+    return main.dead_letters(args.action, args.key)
 
 
 def _services(args: argparse.Namespace) -> int:
@@ -106,11 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     notify.add_argument(
         "action",
-        choices=("deliver",),
-        help="deliver: the delivery worker on route-resolved (queues, retry tiers, dead letters)",
+        choices=("serve", "deliver"),
+        help="serve: the sender's study status, dead letters and portal pickup API; deliver: "
+        "the delivery worker on route-resolved (queues, retry tiers, dead letters, webhooks)",
     )
     notify.add_argument("--tag", help=tag_help)
     notify.set_defaults(handler=_notify)
+
+    dead = commands.add_parser(
+        "dead-letters", help="deliveries notify gave up on: list them, re-drive one or all"
+    )
+    dead.add_argument("action", choices=("list", "redrive"))
+    dead.add_argument("key", nargs="?", help="redrive: the delivery key (study|version|endpoint)")
+    dead.add_argument("--all", action="store_true", help="redrive: every dead letter")
+    dead.set_defaults(handler=_dead_letters)
 
     services = commands.add_parser(
         "services", help="run the services as background processes on the local platform"

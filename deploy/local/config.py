@@ -86,6 +86,8 @@ class LocalConfig:
                 f"postgresql://{DB_USER}@127.0.0.1:{self.postgres_port}/{DATABASE}"
             ),
             "BEELDPORTAAL_PSEUDONYM_KEY": self.secret("pseudonym-key", 48),
+            # notify signs portal pickup links with it (worker) and verifies them (API).
+            "BEELDPORTAAL_NOTIFY_PICKUP_KEY": self.secret("pickup-key", 48),
             # Services verify bearer tokens minted by `beeldportaal token mint` (dev issuer).
             "BEELDPORTAAL_AUTH_PUBLIC_KEYS": str(self.dev_jwt_dir / "dev-jwt.pub"),
         }

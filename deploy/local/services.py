@@ -37,6 +37,7 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
     dimse = int(os.environ.get("BEELDPORTAAL_INGEST_DIMSE_PORT", 11112))
     base = f"http://127.0.0.1:{http}"
     consent_port = int(os.environ.get("BEELDPORTAAL_CONSENT_HTTP_PORT", 8082))
+    notify_port = int(os.environ.get("BEELDPORTAAL_NOTIFY_HTTP_PORT", 8084))
     routing_port = int(os.environ.get("BEELDPORTAAL_ROUTING_HTTP_PORT", 8083))
     ingest_env = {
         "BEELDPORTAAL_INGEST_HTTP_PORT": str(http),
@@ -83,6 +84,16 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
         ),
         ServiceSpec("routing-worker", ("routing", "route"), {}),
         ServiceSpec("notify-worker", ("notify", "deliver"), {}),
+        ServiceSpec(
+            "notify",
+            ("notify", "serve"),
+            {"BEELDPORTAAL_NOTIFY_HTTP_PORT": str(notify_port)},
+            ready_url=f"http://127.0.0.1:{notify_port}/readyz",
+            urls=(
+                f"notify     http://127.0.0.1:{notify_port}/docs  (study status for senders, "
+                "dead letters, portal pickup)",
+            ),
+        ),
     ]
 
 

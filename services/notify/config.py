@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.notify.domain.retry import DEFAULT_DELAYS, RetryPolicy, tier_topic_name
@@ -32,6 +32,12 @@ class NotifySettings(ServiceSettings):
     io_threads: int = Field(default=32, ge=4, le=512)
     # Waits between the attempts of one webhook notification (so one more attempt than waits).
     webhook_backoff_seconds: tuple[float, ...] = (1.0, 5.0, 30.0)
+    # Portal pickup: links in the recipient's webhook are signed with this key (the notify API
+    # verifies them with the same BEELDPORTAAL_NOTIFY_PICKUP_KEY), point at this base URL and
+    # expire after this many days. Without a key, pickup webhooks carry no link.
+    pickup_key: SecretStr | None = None
+    public_base_url: str = "http://127.0.0.1:8084"
+    pickup_link_days: float = Field(default=14.0, gt=0)
     # How long to wait for the provider directory before delivering anyway.
     view_start_timeout_seconds: float = Field(default=60.0, gt=0)
 

@@ -4,16 +4,17 @@ A delivery is one study version to one endpoint (``DeliveryQueued.key``). An att
 instances earlier attempts did not settle, in batches within the receiver's limits, and ends in
 exactly one of:
 
-- **delivered**: nothing is left to retry. Instances the receiver refused for good (or that
-  could not be sent at all, e.g. no verified BSN to coerce to) are named in ``refused`` and
-  counted as failed; the others are stored. One ``Delivered`` per delivery (event id from the
-  key), whatever the number of attempts;
+- **delivered**: nothing is left to retry and at least one instance is stored. Instances the
+  receiver refused for good (or that could not be sent at all, e.g. no verified BSN to coerce
+  to) are named in ``refused`` and counted as failed; the others are stored. One
+  ``Delivered`` per delivery (event id from the key), whatever the number of attempts;
 - **retry**: something failed for now (the receiver was down, answered A7xx, 5xx, ...) and the
   policy has another delay: a ``DeliveryFailed`` (not final) and the delivery, with what it
   settled so far, onto the retry tier of that delay, due at ``not_before``;
 - **dead**: the failure is permanent for the whole delivery (the receiver refuses our
   credentials, the endpoint left the directory) or the retries are used up: a final
   ``DeliveryFailed`` and the delivery on the dead-letter topic, for an operator to re-drive.
+  So is an attempt where every instance was refused: nothing reached the receiver.
 
 Event ids derive from the delivery key and the attempt, so a replayed attempt repeats its
 events under the same ids.
@@ -151,6 +152,11 @@ def conclude(
     )
     left = remaining(progressed)
     if attempt.failure is None and not transient and not left:
+        if progressed.refused and not progressed.stored:
+            # Nothing reached the receiver: that is no delivery, whatever the reasons.
+            return _dead(
+                progressed, _refused_reason(progressed.refused), now=now, producer=producer
+            )
         return [_delivered(progressed, warnings, now=now, producer=producer)]
 
     reason = attempt.failure or _transient_reason(transient, len(left))
@@ -253,6 +259,12 @@ def _failed(
         final=final,
         next_attempt_at=next_at,
     )
+
+
+def _refused_reason(refused: Sequence[RefusedInstance]) -> str:
+    reasons = sorted({r.reason for r in refused})
+    shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+    return f"no instance could be delivered ({len(refused)} refused): {shown}"
 
 
 def _transient_reason(codes: list[str], left: int) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import httpx
 
@@ -38,7 +39,7 @@ from services.notify.config import NotifySettings
 from services.notify.domain.delivery import ROUTINE_QUEUE, URGENT_QUEUE
 from services.notify.domain.retry import retry_topic_names
 from services.notify.handlers.deliver import Deliverer, Dispatcher
-from services.notify.handlers.webhooks import Notifier
+from services.notify.handlers.webhooks import Notifier, PickupLinks
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, DirectoryView
 from shared.events import Delivered, DeliveryFailed, RouteResolved
@@ -136,10 +137,18 @@ def build_notify_worker(
 
     # Webhooks: no redirects (the signed body must not be replayed elsewhere).
     http = httpx.AsyncClient(follow_redirects=False)
+    pickup = None
+    if settings.pickup_key is not None:
+        pickup = PickupLinks(
+            settings.pickup_key.get_secret_value().encode(),
+            settings.public_base_url,
+            timedelta(days=settings.pickup_link_days),
+        )
     notifier = Notifier(
         directory,
         WebhookSender(http, backoff=settings.webhook_backoff_seconds),
         metrics,
+        pickup,
     )
     streams = [
         stream("dispatch", [RouteResolved.topic], handle=Dispatcher(metrics).handle),

@@ -11,11 +11,15 @@ partition waits (the offset is committed after the last attempt, so a crash send
 subscribers deduplicate on ``X-Beeldportaal-Delivery``). A subscriber that stays down past the
 budget misses that notification: it is logged and counted, and the same facts remain on the
 ``delivered`` topic and in the sender's status API.
+
+A study delivered by portal pickup comes with ``data.pickup_url``: a link signed for the
+recipient, expiring (``services.notify.domain.pickup``), that the notify API serves as a zip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from services.notify.adapters.webhooks import (
@@ -25,14 +29,34 @@ from services.notify.adapters.webhooks import (
     delivered_payload,
     delivery_failed_payload,
 )
+from services.notify.domain.pickup import pickup_path, sign_pickup
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.directory_view import DirectoryView
 from shared.codec import Codec
-from shared.events import Delivered, DeliveryFailed, Event
+from shared.events import Delivered, DeliveryChannel, DeliveryFailed, Event
 from shared.logging import correlation_context, get_logger
 from shared.stream import decode_as
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class PickupLinks:
+    """Signed, expiring download links for studies delivered by portal pickup."""
+
+    key: bytes
+    base_url: str
+    lifetime: timedelta
+
+    def link(self, event: Delivered) -> str:
+        token = sign_pickup(
+            event.study_instance_uid,
+            event.study_version,
+            event.destination_ura,
+            event.delivered_at + self.lifetime,
+            self.key,
+        )
+        return self.base_url.rstrip("/") + pickup_path(token)
 
 
 @dataclass
@@ -40,6 +64,7 @@ class Notifier:
     directory: DirectoryView
     sender: WebhookSender
     metrics: NotifyWorkerMetrics
+    pickup: PickupLinks | None = None
     codec: Codec = field(default_factory=Codec)
 
     async def handle(self, record: Any) -> list[Event]:
@@ -51,6 +76,8 @@ class Notifier:
             return []
         if isinstance(event, Delivered):
             kind, payload = DELIVERED_TYPE, delivered_payload(event)
+            if event.channel is DeliveryChannel.PICKUP and self.pickup is not None:
+                payload["data"]["pickup_url"] = self.pickup.link(event)
         else:
             kind, payload = DELIVERY_FAILED_TYPE, delivery_failed_payload(event)
         with correlation_context(event.correlation_id):

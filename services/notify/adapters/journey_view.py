@@ -1,0 +1,397 @@
+"""Each study's journey for its sender: received, consent, routes, deliveries; folded in memory.
+
+A :class:`~shared.topic_view.TopicView` over ``study-received``, ``consent-checked``,
+``route-resolved``, ``route-failed``, ``delivered`` and ``delivery-failed``, read from offset 0
+by every API replica and kept per Study Instance UID and version. It is an in-memory projection
+of those topics, with what that honestly implies:
+
+- **Retention.** ``study-received``, ``consent-checked`` and ``delivered`` are kept forever, but
+  ``route-resolved``, ``route-failed`` and ``delivery-failed`` only 90 days (shared.topics). A
+  process started later than that after a study was routed rebuilds it without its routes,
+  route failure and failed attempts: the status still says received, the consent decision and
+  what was delivered, but a route that never delivered is simply no longer known, and neither
+  is the pickup manifest of a study routed to a pickup endpoint (its links expire long before).
+- **Memory.** Every study ever received is held, so memory grows with the history. Only what
+  the status needs is kept (no snapshot, no series, no patient reference: not even the
+  pseudonym), repeated short strings are interned, and the instance manifest is kept only for
+  versions routed to a pickup endpoint (the pickup download needs it). Roughly a few hundred
+  bytes per study version: a projection for millions of versions belongs in PostgreSQL.
+- **Order.** The six topics are read side by side, so one study's events may be applied in any
+  order across topics (a delivery before its route). Each fact is kept where it belongs and
+  the state is derived when asked, never from the order records came in. Within one topic a
+  study's events are in order (keyed by Study Instance UID), so a later failure replaces an
+  earlier one.
+
+A record that does not decode to the event its topic carries is poison: the view logs its
+position and skips it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
+
+from shared.codec import Codec
+from shared.errors import PoisonEvent
+from shared.events import (
+    ConsentChecked,
+    Decision,
+    Delivered,
+    DeliveryChannel,
+    DeliveryFailed,
+    InstanceOutcomes,
+    Purpose,
+    RouteFailed,
+    RouteResolved,
+    StudyReceived,
+    StudySnapshot,
+    Urgency,
+)
+from shared.events.consent import Basis
+from shared.settings import KafkaSettings
+from shared.topic_view import TopicView
+
+State = Literal["received", "consent-checked", "routed", "delivered", "failed", "not-routed"]
+
+
+@dataclass(frozen=True, slots=True)
+class JourneyTopics:
+    """Where a study's journey is told; tests name tagged copies."""
+
+    study_received: str = StudyReceived.topic
+    consent_checked: str = ConsentChecked.topic
+    route_resolved: str = RouteResolved.topic
+    route_failed: str = RouteFailed.topic
+    delivered: str = Delivered.topic
+    delivery_failed: str = DeliveryFailed.topic
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (
+            self.study_received,
+            self.consent_checked,
+            self.route_resolved,
+            self.route_failed,
+            self.delivered,
+            self.delivery_failed,
+        )
+
+
+# --- what is kept per study version ---------------------------------------------------------------
+
+
+class PickupInstance(NamedTuple):
+    """One instance of a pickup zip: where its bytes are and what they must hash to."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    object_key: str
+    size: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class ConsentState:
+    decision: Decision
+    basis: Basis
+    flagged: bool
+
+
+@dataclass(slots=True)
+class RouteFailure:
+    reason_code: str | None
+    reason: str
+    failed_at: datetime
+
+
+@dataclass(slots=True)
+class DeliveredState:
+    outcomes: InstanceOutcomes
+    attempts: int
+    delivered_at: datetime
+
+
+@dataclass(slots=True)
+class FailedAttempt:
+    attempt: int
+    reason: str
+    final: bool
+    next_attempt_at: datetime | None
+    failed_at: datetime
+
+
+@dataclass(slots=True)
+class EndpointJourney:
+    """One destination endpoint of a study version: its route, and how delivery went."""
+
+    destination_ura: str
+    endpoint_id: str
+    channel: DeliveryChannel
+    # None when only delivery events are known (route-resolved is kept 90 days, delivered forever).
+    priority: Urgency | None = None
+    routed: bool = False
+    delivered: DeliveredState | None = None
+    # The latest failed attempt (delivery-failed is ordered per study, so the last one applied).
+    failure: FailedAttempt | None = None
+
+    @property
+    def state(self) -> Literal["delivered", "failed", "retrying", "pending"]:
+        # Delivered is final: a failure applied later (its topic is read side by side with
+        # delivered) is an earlier attempt's story, or one before a re-drive that then succeeded.
+        if self.delivered is not None:
+            return "delivered"
+        if self.failure is not None:
+            return "failed" if self.failure.final else "retrying"
+        return "pending"
+
+
+@dataclass(slots=True)
+class VersionJourney:
+    version: int
+    # Known from any event carrying the snapshot (study-received, consent-checked,
+    # route-resolved); None while only events without it (delivered, ...) have been applied.
+    sender_ura: str | None = None
+    recipient_ura: str | None = None
+    instances: int | None = None
+    first_received_at: datetime | None = None
+    last_received_at: datetime | None = None
+    announced_at: datetime | None = None  # when study-received said the version was complete
+    consent: ConsentState | None = None
+    route_failure: RouteFailure | None = None
+    endpoints: dict[tuple[str, str], EndpointJourney] = field(default_factory=dict)
+    # Only for versions routed to a pickup endpoint: the zip's contents, by SOP Instance UID.
+    pickup: dict[str, PickupInstance] | None = None
+
+    @property
+    def state(self) -> State:
+        endpoints = list(self.endpoints.values())
+        if endpoints:
+            states = [e.state for e in endpoints]
+            if all(s == "delivered" for s in states):
+                return "delivered"
+            if "failed" in states:
+                return "failed"
+            return "routed"
+        if self.route_failure is not None:
+            return "not-routed"
+        if self.consent is not None:
+            # A denial is never routed (routing will say so with a route-failed).
+            return "not-routed" if self.consent.decision is Decision.DENY else "consent-checked"
+        return "received"
+
+    def pickup_recipients(self) -> set[str]:
+        return {
+            e.destination_ura
+            for e in self.endpoints.values()
+            if e.channel is DeliveryChannel.PICKUP and e.routed
+        }
+
+
+@dataclass(slots=True)
+class StudyJourney:
+    study_instance_uid: str
+    versions: dict[int, VersionJourney] = field(default_factory=dict)
+
+    def version(self, version: int) -> VersionJourney:
+        found = self.versions.get(version)
+        if found is None:
+            found = self.versions[version] = VersionJourney(version)
+        return found
+
+    def visible_to(self, ura: str) -> list[VersionJourney]:
+        """The versions ``ura`` sent, oldest first. A version whose sender is not known yet is
+        shown to nobody, and a UID reused by another sender shows each only their own."""
+        return [
+            self.versions[v] for v in sorted(self.versions) if self.versions[v].sender_ura == ura
+        ]
+
+
+# --- the fold (pure) ------------------------------------------------------------------------------
+
+
+def _short(text: str) -> str:
+    # URAs, endpoint ids and reason codes repeat across every study: one copy each.
+    return sys.intern(text)
+
+
+class JourneyFold:
+    """Study journeys built from records, one at a time; the part of the view without Kafka."""
+
+    def __init__(self, codec: Codec | None = None) -> None:
+        self._codec = codec or Codec()
+        self._studies: dict[str, StudyJourney] = {}
+
+    def __len__(self) -> int:
+        return len(self._studies)
+
+    def get(self, study_instance_uid: str) -> StudyJourney | None:
+        return self._studies.get(study_instance_uid)
+
+    def pickup_manifest(
+        self, study_instance_uid: str, version: int, recipient_ura: str
+    ) -> tuple[PickupInstance, ...] | None:
+        """What a pickup of this version by ``recipient_ura`` contains; None when the version
+        was not routed to a pickup endpoint of that organisation (or is not known)."""
+        study = self._studies.get(study_instance_uid)
+        found = study.versions.get(version) if study is not None else None
+        if found is None or found.pickup is None:
+            return None
+        if recipient_ura not in found.pickup_recipients():
+            return None
+        return tuple(found.pickup.values())
+
+    def apply_record(self, record: Any) -> None:
+        self.apply(self._codec.decode_record(record))
+
+    def apply(self, event: Any) -> None:
+        match event:
+            case StudyReceived():
+                journey = self._version_of(event.study)
+                journey.announced_at = event.occurred_at
+            case ConsentChecked():
+                if event.purpose is not Purpose.DELIVERY:
+                    return  # the timeline decision is not part of a send's journey
+                journey = self._version_of(event.study)
+                journey.consent = ConsentState(event.decision, event.basis, event.flagged)
+            case RouteResolved():
+                self._route(event)
+            case RouteFailed():
+                journey = self._study(event.study_instance_uid).version(event.study_version)
+                journey.route_failure = RouteFailure(
+                    _short(event.reason_code.value) if event.reason_code else None,
+                    event.reason,
+                    event.occurred_at,
+                )
+            case Delivered():
+                endpoint = self._endpoint(
+                    event.study_instance_uid,
+                    event.study_version,
+                    event.destination_ura,
+                    event.endpoint_id,
+                    event.channel,
+                )
+                endpoint.delivered = DeliveredState(
+                    event.outcomes, event.attempts, event.delivered_at
+                )
+            case DeliveryFailed():
+                endpoint = self._endpoint(
+                    event.study_instance_uid,
+                    event.study_version,
+                    event.destination_ura,
+                    event.endpoint_id,
+                    event.channel,
+                )
+                endpoint.failure = FailedAttempt(
+                    event.attempt,
+                    event.reason,
+                    event.final,
+                    event.next_attempt_at,
+                    event.occurred_at,
+                )
+            case _:
+                name = getattr(type(event), "schema_name", type(event).__name__)
+                raise PoisonEvent(f"{name} is not part of a study's journey")
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _study(self, study_instance_uid: str) -> StudyJourney:
+        study = self._studies.get(study_instance_uid)
+        if study is None:
+            study = self._studies[study_instance_uid] = StudyJourney(study_instance_uid)
+        return study
+
+    def _version_of(self, snapshot: StudySnapshot) -> VersionJourney:
+        journey = self._study(snapshot.study_instance_uid).version(snapshot.version)
+        if journey.sender_ura is None:
+            journey.sender_ura = _short(snapshot.sender_ura)
+            journey.recipient_ura = _short(snapshot.recipient_ura)
+            journey.instances = snapshot.number_of_instances
+            journey.first_received_at = snapshot.first_received_at
+            journey.last_received_at = snapshot.last_received_at
+        return journey
+
+    def _endpoint(
+        self,
+        study_instance_uid: str,
+        version: int,
+        destination_ura: str,
+        endpoint_id: str,
+        channel: DeliveryChannel,
+    ) -> EndpointJourney:
+        journey = self._study(study_instance_uid).version(version)
+        key = (_short(destination_ura), _short(endpoint_id))
+        endpoint = journey.endpoints.get(key)
+        if endpoint is None:
+            endpoint = journey.endpoints[key] = EndpointJourney(*key, channel)
+        return endpoint
+
+    def _route(self, event: RouteResolved) -> None:
+        journey = self._version_of(event.study)
+        destination = event.destination
+        endpoint = self._endpoint(
+            event.study.study_instance_uid,
+            event.study.version,
+            destination.organisation_ura,
+            destination.endpoint_id,
+            destination.channel,
+        )
+        endpoint.channel = destination.channel
+        endpoint.priority = event.priority
+        endpoint.routed = True
+        if destination.channel is DeliveryChannel.PICKUP:
+            # The route carries the snapshot, so the manifest comes with it whatever the order
+            # the topics are read in. The whole study as of this version goes in the zip (a
+            # person downloading version 2 may never have fetched version 1), minus the SOP
+            # classes the receiver excludes.
+            excluded = set(event.excluded_sop_classes)
+            manifest = journey.pickup if journey.pickup is not None else {}
+            for ref in event.study.instances:
+                if ref.sop_class_uid not in excluded:
+                    manifest[ref.sop_instance_uid] = PickupInstance(
+                        ref.sop_instance_uid,
+                        ref.series_instance_uid,
+                        ref.object_key,
+                        ref.size,
+                        ref.sha256,
+                    )
+            journey.pickup = manifest
+
+
+# --- the view -------------------------------------------------------------------------------------
+
+
+class JourneyView(TopicView):
+    """Every study's journey, as far as the view has read the six topics."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: JourneyTopics | None = None,
+        *,
+        codec: Codec | None = None,
+        name: str = "notify-journeys",
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        self.topics = topics or JourneyTopics()
+        self._fold = JourneyFold(codec)
+        super().__init__(
+            kafka,
+            self.topics.names,
+            self._fold.apply_record,
+            name=name,
+            poll_timeout_ms=poll_timeout_ms,
+        )
+
+    @property
+    def studies(self) -> int:
+        return len(self._fold)
+
+    def get(self, study_instance_uid: str) -> StudyJourney | None:
+        return self._fold.get(study_instance_uid)
+
+    def pickup_manifest(
+        self, study_instance_uid: str, version: int, recipient_ura: str
+    ) -> tuple[PickupInstance, ...] | None:
+        return self._fold.pickup_manifest(study_instance_uid, version, recipient_ura)

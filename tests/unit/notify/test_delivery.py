@@ -1,0 +1,149 @@
+"""What one delivery attempt leads to: delivered, a retry on the next tier, or a dead letter."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.notify.domain.delivery import (
+    ROUTINE_QUEUE,
+    URGENT_QUEUE,
+    Attempt,
+    batches,
+    conclude,
+    queue_for,
+    queued,
+    remaining,
+    selected,
+)
+from services.notify.domain.outcomes import BatchResult, InstanceOutcome, InstanceStatus
+from services.notify.domain.retry import DEAD_LETTER_TOPIC, RetryPolicy
+from shared.events import Delivered, DeliveryFailed, DeliveryQueued, Urgency
+from shared.events.routing import BatchLimits
+from tests.factories import T0, make_instance_ref, make_route_resolved, make_study
+
+NOW = T0 + timedelta(hours=1)
+POLICY = RetryPolicy(delays=(10.0, 60.0))
+
+
+def delivery(instances: int = 3, **route_overrides: object) -> DeliveryQueued:
+    route = make_route_resolved(study=make_study(instances), **route_overrides)
+    return queued(route, now=NOW)
+
+
+def stored(uid: str) -> InstanceOutcome:
+    return InstanceOutcome(uid, InstanceStatus.STORED)
+
+
+def failed(uid: str, code: str, transient: bool) -> InstanceOutcome:
+    return InstanceOutcome(uid, InstanceStatus.FAILED, code, "refused", transient)
+
+
+def uids(d: DeliveryQueued) -> list[str]:
+    return [i.sop_instance_uid for i in selected(d.route)]
+
+
+def test_urgent_and_emergency_have_their_own_queue() -> None:
+    assert queue_for(Urgency.ROUTINE) == ROUTINE_QUEUE
+    assert queue_for(Urgency.URGENT) == queue_for(Urgency.EMERGENCY) == URGENT_QUEUE
+
+
+def test_queueing_a_route_twice_gives_the_same_record() -> None:
+    route = make_route_resolved()
+    assert queued(route, now=route.occurred_at) == queued(route, now=route.occurred_at)
+
+
+def test_a_route_without_a_selection_sends_the_new_instances_of_its_version() -> None:
+    study = make_study(4)
+    study = study.model_copy(
+        update={"new_sop_instance_uids": tuple(i.sop_instance_uid for i in study.instances[2:])}
+    )
+    route = make_route_resolved(study=study, sop_instance_uids=None)
+    assert [i.sop_instance_uid for i in selected(route)] == list(study.new_sop_instance_uids)
+    chosen = make_route_resolved(
+        study=study, sop_instance_uids=(study.instances[0].sop_instance_uid,)
+    )
+    assert selected(chosen) == [study.instances[0]]
+
+
+def test_every_instance_stored_is_delivered_once_with_a_stable_id() -> None:
+    d = delivery(3)
+    attempt = Attempt(BatchResult(tuple(stored(u) for u in uids(d))))
+    [event] = conclude(d, attempt, policy=POLICY, now=NOW)
+    assert isinstance(event, Delivered)
+    assert (event.outcomes.sent, event.outcomes.failed, event.attempts) == (3, 0, 1)
+    [again] = conclude(d, attempt, policy=POLICY, now=NOW + timedelta(seconds=5))
+    assert again.event_id == event.event_id
+
+
+def test_a_refused_instance_is_named_and_the_rest_delivered() -> None:
+    d = delivery(3)
+    first, *rest = uids(d)
+    attempt = Attempt(BatchResult((failed(first, "A900", False), *map(stored, rest))))
+    [event] = conclude(d, attempt, policy=POLICY, now=NOW)
+    assert isinstance(event, Delivered)
+    assert (event.outcomes.sent, event.outcomes.failed) == (2, 1)
+    assert [(r.sop_instance_uid, r.code) for r in event.refused] == [(first, "A900")]
+
+
+def test_an_attempt_where_everything_was_refused_is_dead_not_delivered() -> None:
+    d = delivery(2)
+    attempt = Attempt(BatchResult(tuple(failed(u, "0122", False) for u in uids(d))))
+    failure, (topic, dead) = conclude(d, attempt, policy=POLICY, now=NOW)
+    assert isinstance(failure, DeliveryFailed) and failure.final
+    assert "no instance could be delivered" in failure.reason
+    assert topic == DEAD_LETTER_TOPIC and isinstance(dead, DeliveryQueued)
+
+
+def test_a_transient_failure_goes_to_the_first_tier_with_what_was_stored() -> None:
+    d = delivery(3)
+    a, b, c = uids(d)
+    attempt = Attempt(BatchResult((stored(a), failed(b, "A700", True), stored(c))))
+    failure, (topic, retry) = conclude(d, attempt, policy=POLICY, now=NOW)
+    assert isinstance(failure, DeliveryFailed) and not failure.final
+    assert failure.next_attempt_at == NOW + timedelta(seconds=10)
+    assert topic == "delivery-retry-10s"
+    assert isinstance(retry, DeliveryQueued)
+    assert (retry.attempt, retry.not_before) == (2, NOW + timedelta(seconds=10))
+    assert set(retry.stored) == {a, c}
+    assert [i.sop_instance_uid for i in remaining(retry)] == [b]
+
+
+def test_the_receivers_retry_after_can_only_lengthen_the_wait() -> None:
+    d = delivery(1)
+    attempt = Attempt(BatchResult(()), failure="HTTP 503", retry_after=120)
+    _, (_, retry) = conclude(d, attempt, policy=POLICY, now=NOW)
+    assert retry.not_before == NOW + timedelta(seconds=120)
+    short = Attempt(BatchResult(()), failure="HTTP 503", retry_after=1)
+    _, (_, retry) = conclude(d, short, policy=POLICY, now=NOW)
+    assert retry.not_before == NOW + timedelta(seconds=10)
+
+
+def test_retries_used_up_and_permanent_failures_are_dead_letters() -> None:
+    last = delivery(1).model_copy(update={"attempt": 3})
+    down = Attempt(BatchResult(()), failure="receiver unreachable")
+    failure, (topic, dead) = conclude(last, down, policy=POLICY, now=NOW)
+    assert failure.final and "gave up after 3 attempts" in failure.reason
+    assert topic == DEAD_LETTER_TOPIC and dead.last_failure == failure.reason
+    refused = Attempt(BatchResult(()), failure="HTTP 403", failure_is_permanent=True)
+    failure, (topic, _) = conclude(delivery(1), refused, policy=POLICY, now=NOW)
+    assert failure.final and failure.attempt == 1 and topic == DEAD_LETTER_TOPIC
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=5000), max_size=40),
+    max_instances=st.integers(min_value=1, max_value=7),
+    max_bytes=st.integers(min_value=1, max_value=9000),
+)
+def test_batches_keep_every_instance_once_in_order_within_the_limits(
+    sizes: list[int], max_instances: int, max_bytes: int
+) -> None:
+    refs = [make_instance_ref(data=b"x", size=size) for size in sizes]
+    limits = BatchLimits(max_instances=max_instances, max_bytes=max_bytes)
+    out = batches(refs, limits)
+    assert [r for batch in out for r in batch] == refs
+    for batch in out:
+        assert len(batch) <= max_instances
+        assert len(batch) == 1 or sum(r.size for r in batch) <= max_bytes
