@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install up down status test test-unit lint bench-bus bench-ingest bench-decide clean
+.PHONY: help install up down status test test-unit lint bench-bus bench-ingest bench-decide bench-deliver clean
 
 help:
 	@echo "make up        install what is missing, start the platform (Kafka, S3, PostgreSQL) and the services"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-bus round-trip 100,000 events through Kafka; prints JSON"
 	@echo "make bench-ingest 2,000 instances over STOW-RS into beeldportaal and Orthanc; prints JSON"
 	@echo "make bench-decide 50,000 studies through consent and routing, registry of 100,000; JSON"
+	@echo "make bench-deliver 200 studies STOW-RS -> ingest -> ... -> notify -> Orthanc, end to end; JSON"
 
 install: $(STAMP)
 
@@ -57,6 +58,9 @@ bench-ingest: install
 
 bench-decide: install
 	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.decide
+
+bench-deliver: install
+	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.deliver $(ARGS)
 
 clean:
 	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform purge; fi

@@ -43,10 +43,11 @@ class IngestSettings(ServiceSettings):
 
     # Study assembly: announce a study once no instance arrived for this long.
     stable_age_seconds: float = Field(default=15.0, gt=0)
-    assembly_check_interval_seconds: float = Field(default=1.0, gt=0)
+    assembly_check_interval_seconds: float = Field(default=0.5, gt=0)
     # A study whose newest instance came with completes_study is announced once no new instance
     # came for this long (capped at the stable age): the rest of that request is still arriving.
-    assembly_completion_quiet_seconds: float = Field(default=2.0, ge=0)
+    # A straggler later than this is not lost: it makes a version 2.
+    assembly_completion_quiet_seconds: float = Field(default=0.5, ge=0)
     # Prometheus /metrics of the assembly worker on 127.0.0.1:<port>; None serves none.
     assembly_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Table state of the assembly agent (rocksdb); None keeps it in memory (tests).

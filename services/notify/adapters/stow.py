@@ -156,16 +156,26 @@ class StowSender:
         if not self._chunked:
             headers["Content-Length"] = str(_body_length(boundary, instances))
         url = f"{endpoint.base_url}/studies/{study_instance_uid}"
-        try:
-            response = await self._http().post(
-                url, content=_body(boundary, instances), headers=headers
-            )
-        except httpx.TimeoutException as exc:
-            raise TransientDeliveryError(f"STOW-RS timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            raise TransientDeliveryError(
-                f"STOW-RS receiver unreachable ({type(exc).__name__})"
-            ) from None
+        for attempt in (1, 2):
+            try:
+                response = await self._http().post(
+                    url, content=_body(boundary, instances), headers=headers
+                )
+                break
+            except httpx.TimeoutException as exc:
+                raise TransientDeliveryError(f"STOW-RS timed out ({type(exc).__name__})") from None
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+                # A kept-alive connection the receiver had closed meanwhile fails like this
+                # (measured against Orthanc under load): one fresh try before it counts as a
+                # failed attempt, which would wait for the first retry tier.
+                if attempt == 2:
+                    raise TransientDeliveryError(
+                        f"STOW-RS receiver unreachable ({type(exc).__name__})"
+                    ) from None
+            except httpx.TransportError as exc:
+                raise TransientDeliveryError(
+                    f"STOW-RS receiver unreachable ({type(exc).__name__})"
+                ) from None
         return _result(response, [i.sop_instance_uid for i in instances])
 
 

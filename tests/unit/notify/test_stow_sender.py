@@ -327,3 +327,23 @@ async def test_network_failures_are_transient(error: httpx.HTTPError) -> None:
 
     with pytest.raises(TransientDeliveryError, match=type(error).__name__):
         await send(handle, [instance()])
+
+
+@pytest.mark.parametrize(
+    "error", [httpx.ReadError("closed"), httpx.RemoteProtocolError("server disconnected")]
+)
+async def test_a_connection_the_receiver_dropped_is_tried_once_more_with_the_whole_body(
+    error: httpx.HTTPError,
+) -> None:
+    bodies: list[bytes] = []
+    sent = instance()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        bodies.append(await request.aread())
+        if len(bodies) == 1:
+            raise error
+        return await answer(200, module(refs=[referenced(sent.sop_instance_uid)]))(request)
+
+    result = await send(handle, [sent])
+    assert len(bodies) == 2 and bodies[0] == bodies[1] and bodies[1]
+    assert result.all_stored
