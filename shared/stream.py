@@ -37,15 +37,37 @@ Errors, with the one policy of ``shared.errors``:
 
 A rebalance waits for the batch in hand to be committed before partitions are given up; stop
 (SIGTERM) finishes the batch in hand, commits it and leaves the group.
+
+Stateful workers (study assembly keeps its studies per owned partition) have three more hooks:
+
+- ``on_revoked(partitions)`` and ``on_assigned(partitions)`` run under the batch lock: revoked
+  once the batch in hand is committed, assigned before any record of the new assignment is
+  handled (the worker rebuilds that partition's state there, e.g. from its changelog);
+  ``assigned`` is set after it. A failing hook is fatal: :meth:`StreamWorker.run` raises it
+  (aiokafka itself would log it and go on with the partitions' state missing). A batch fetched
+  before a rebalance is not handled: its partitions are rewound and fetched again.
+- ``tick()`` runs under the batch lock after every batch's records, its outputs joining the
+  batch's (in its transaction, before its offsets), and on its own every ``tick_interval_ms``
+  when no batch came, its outputs then published alone (a transaction without offsets; none at
+  all when there is nothing to publish). A worker flushes its state changes here and publishes
+  what time made due.
+- an output may be a :class:`RawRecord` (a changelog row: bytes to a partition of choice).
+
+When a batch (or a tick) is handled again after a transient error, the partition hooks run
+first (revoked, then assigned, for every owned partition): the state changes of the aborted
+transaction are undone by rebuilding, so the replay starts from what was committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-import uuid
+import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -62,11 +84,27 @@ from shared.settings import KafkaSettings
 
 log = get_logger(__name__)
 
-# What a record causes: events for their declared topic, or (topic, event) for another one.
-Outgoing = Event | tuple[str, Event]
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """An output that is not an event (a state changelog row): sent as is, never renamed."""
+
+    topic: str
+    key: bytes
+    value: bytes | None
+    partition: int | None = None
+
+
+# What a record causes: events for their declared topic, (topic, event) for another one, or raw.
+Outgoing = Event | tuple[str, Event] | RawRecord
 Handle = Callable[[Any], Awaitable[Iterable[Outgoing]]]
 Prepare = Callable[[], Awaitable[None]]
+Tick = Callable[[], Awaitable[Iterable[Outgoing]]]
+PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
 MAX_BACKOFF_SECONDS = 30.0
+# A batch's transaction only spans publishing (the work is done before it begins): an open one
+# older than this belongs to a dead process, and the broker aborts it.
+TRANSACTION_TIMEOUT_MS = 15_000
 E = TypeVar("E", bound=Event)
 
 
@@ -90,6 +128,12 @@ class NotDue(Exception):
         self.seconds = max(seconds, 0.0)
 
 
+def replica_id() -> str:
+    """This replica's stable name: ``BEELDPORTAAL_REPLICA_ID`` (e.g. a StatefulSet pod name),
+    else the host name. Two live replicas of one group must not share it."""
+    return os.environ.get("BEELDPORTAAL_REPLICA_ID") or socket.gethostname()
+
+
 def position(record: Any) -> str:
     return kafka_position(record.topic, record.partition, record.offset)
 
@@ -101,12 +145,17 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # The batch in hand finishes and commits before its partitions go to another member.
         async with self._worker._batch_lock:
-            pass
+            self._worker._generation += 1
+            if revoked:
+                await self._worker._partitions_hook("revoked", set(revoked))
         if revoked:
             log.info("partitions revoked", worker=self._worker.name, partitions=len(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned", worker=self._worker.name, partitions=len(assigned))
+        async with self._worker._batch_lock:
+            self._worker._generation += 1
+            await self._worker._partitions_hook("assigned", set(assigned))
         self._worker.assigned.set()
 
 
@@ -132,6 +181,11 @@ class StreamWorker:
         poll_timeout_ms: int = 200,
         codec: Codec | None = None,
         transactional: bool = False,
+        transactional_id: str | None = None,
+        tick: Tick | None = None,
+        tick_interval_ms: int = 1000,
+        on_assigned: PartitionsHook | None = None,
+        on_revoked: PartitionsHook | None = None,
     ) -> None:
         self.name = name
         self.assigned = asyncio.Event()
@@ -145,15 +199,29 @@ class StreamWorker:
         self._max_records = max_records
         self._poll_timeout_ms = poll_timeout_ms
         # Transactional: a batch's events and its offsets are committed atomically, so a
-        # replayed batch's first events are never seen by read_committed consumers.
+        # replayed batch's first events are never seen by read_committed consumers. The id
+        # outlives the process (one per replica): a restarted replica's init_transactions fences
+        # its predecessor and aborts the transaction a crash left open, which would otherwise
+        # hold back every read_committed reader of its topics until the transaction times out,
+        # and which a paused zombie could still commit.
         self._transactional = transactional
-        overrides = (
-            {"transactional_id": f"{self._group}-{uuid.uuid4().hex}"} if transactional else {}
-        )
+        overrides: dict[str, Any] = {}
+        if transactional:
+            overrides = {
+                "transactional_id": transactional_id or f"{self._group}-{replica_id()}",
+                "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
+            }
         self._publisher = KafkaEventPublisher(kafka, name, codec, **overrides)
         self._consumer: AIOKafkaConsumer | None = None
         self._batch_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        self._tick = tick
+        self._tick_interval = tick_interval_ms / 1000
+        self._next_tick = 0.0
+        self._hooks = {"assigned": on_assigned, "revoked": on_revoked}
+        # Bumped by every rebalance callback: a batch fetched under an older one is stale.
+        self._generation = 0
+        self._failure: BaseException | None = None
         self.batches = 0
         self.records = 0
 
@@ -204,9 +272,11 @@ class StreamWorker:
     async def run(self) -> None:
         """Handle batches until :meth:`request_stop`; raises on a fatal error, uncommitted."""
         consumer = self._require_consumer()
+        self._next_tick = time.monotonic() + self._tick_interval
         while not self._stopping.is_set():
+            generation = self._generation
             fetch = asyncio.ensure_future(
-                consumer.getmany(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
+                consumer.getmany(timeout_ms=self._fetch_timeout_ms(), max_records=self._max_records)
             )
             stop = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -218,22 +288,76 @@ class StreamWorker:
                 break
             batch: dict[TopicPartition, list[Any]] = fetch.result()
             if not any(batch.values()):
-                continue
+                if self._tick is None or time.monotonic() < self._next_tick:
+                    continue
+                batch = {}  # a tick on its own
             async with self._batch_lock:
+                if self._failure is not None:
+                    break
+                if generation != self._generation:
+                    self._fetch_again(consumer, batch)
+                    continue
                 waits = await self._until_done(batch)
-                if not self._transactional:
+                if waits is None:
+                    break  # stopped while the batch waited to be retried: it is replayed
+                if batch and not self._transactional:
                     await self._commit(consumer, batch, waits)
                 for tp, (record, seconds) in waits.items():
                     self._pause(consumer, tp, record.offset, seconds)
+        if self._failure is not None:
+            raise self._failure
+
+    def _fetch_timeout_ms(self) -> int:
+        if self._tick is None:
+            return self._poll_timeout_ms
+        until_tick = (self._next_tick - time.monotonic()) * 1000
+        return max(0, min(self._poll_timeout_ms, int(until_tick)))
+
+    def _fetch_again(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]]
+    ) -> None:
+        """Rewind the partitions of a batch fetched before a rebalance that are still ours (a
+        partition taken over restarts at its committed offset anyway)."""
+        assignment = consumer.assignment()
+        for tp, records in batch.items():
+            if records and tp in assignment:
+                consumer.seek(tp, records[0].offset)
+
+    async def _partitions_hook(self, which: str, partitions: set[TopicPartition]) -> None:
+        hook = self._hooks[which]
+        if hook is None or self._failure is not None:
+            return
+        try:
+            await hook(partitions)
+        except Exception as exc:
+            log.exception("partitions hook failed; stopping", worker=self.name, hook=which)
+            self._failure = exc
+            self._stopping.set()
+
+    async def _rebuild_state(self) -> None:
+        """Revoked, then assigned again: a stateful worker drops what the failed attempt
+        changed and rebuilds what was committed (its errors count as the attempt's)."""
+        consumer = self._require_consumer()
+        partitions = set(consumer.assignment())
+        for which in ("revoked", "assigned"):
+            hook = self._hooks[which]
+            if hook is not None:
+                await hook(partitions)
 
     async def _until_done(
         self, batch: dict[TopicPartition, list[Any]]
-    ) -> dict[TopicPartition, tuple[Any, float]]:
+    ) -> dict[TopicPartition, tuple[Any, float]] | None:
+        """The batch handled (with its not-due partitions), or None when a stop came while it
+        waited for a retry (uncommitted: the next owner replays it)."""
         delay = 0.5
+        rebuild = False
         while True:
             try:
+                if rebuild:
+                    await self._rebuild_state()
                 return await self._handle_batch(batch)
             except TransientError as exc:
+                rebuild = self._hooks["assigned"] is not None
                 wait = exc.retry_after or delay
                 log.warning(
                     "batch failed for now; handling it again",
@@ -245,32 +369,41 @@ class StreamWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), wait)
                 if self._stopping.is_set():
-                    raise
+                    return None
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
     async def _handle_batch(
         self, batch: dict[TopicPartition, list[Any]]
     ) -> dict[TopicPartition, tuple[Any, float]]:
         """Handle every partition's records (partitions side by side, records in order) and
-        wait for all acknowledgements; returns the partitions that hit a record not yet due."""
-        if self._prepare is not None:
+        wait for all acknowledgements; returns the partitions that hit a record not yet due.
+        An empty batch is a tick on its own."""
+        if self._prepare is not None and batch:
             await self._prepare()
         handled = await asyncio.gather(
             *(self._handle_partition(records) for records in batch.values())
         )
         waits = {tp: wait for tp, (_, wait) in zip(batch, handled, strict=True) if wait}
         outgoing = [item for items, _ in handled for item in items]
+        if self._tick is not None:
+            outgoing += await self._tick()
+            self._next_tick = time.monotonic() + self._tick_interval
+        offsets = self._offsets(batch, waits)
+        if not outgoing and not offsets:
+            return waits
         try:
             if self._transactional:
                 producer = self._publisher.producer
                 async with producer.transaction():
                     await asyncio.gather(*[await self._send(item) for item in outgoing])
-                    offsets = self._offsets(batch, waits)
-                    await producer.send_offsets_to_transaction(offsets, self._group)
+                    if offsets:
+                        await producer.send_offsets_to_transaction(offsets, self._group)
             else:
                 await asyncio.gather(*[await self._send(item) for item in outgoing])
         except KafkaError as exc:
             raise TransientError(f"publishing failed: {exc}") from exc
+        if not batch:
+            return waits
         self.batches += 1
         self.records += sum(len(records) for records in batch.values())
         return waits
@@ -296,6 +429,13 @@ class StreamWorker:
             return ()
 
     async def _send(self, item: Outgoing) -> asyncio.Future[Any]:
+        if isinstance(item, RawRecord):
+            try:
+                return await self._publisher.producer.send(
+                    item.topic, value=item.value, key=item.key, partition=item.partition
+                )
+            except KafkaError as exc:
+                raise TransientError(f"publishing failed: {exc}") from exc
         if isinstance(item, tuple):
             topic, event = item
         else:
@@ -350,6 +490,19 @@ class StreamWorker:
         return self._consumer
 
     # --- operations -------------------------------------------------------------------------
+
+    async def unread(self) -> set[TopicPartition]:
+        """Owned partitions with records not yet given to ``handle``, as far as the fetches so
+        far saw; one not fetched since it was assigned counts as unread (its end is unknown)."""
+        consumer = self._consumer
+        if consumer is None:
+            return set()
+        unread = set()
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None or await consumer.position(tp) < high:
+                unread.add(tp)
+        return unread
 
     async def lag(self) -> int:
         """Records on the owned partitions, as far as the last fetch saw, not yet fetched."""
