@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install up down status test test-unit lint bench-bus bench-ingest bench-decide bench-deliver clean
+.PHONY: help install up down status test test-unit lint bench-bus bench-ingest bench-decide bench-deliver bench-timeline clean
 
 help:
 	@echo "make up        install what is missing, start the platform (Kafka, S3, PostgreSQL) and the services"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-ingest 2,000 instances over STOW-RS into beeldportaal and Orthanc; prints JSON"
 	@echo "make bench-decide 50,000 studies through consent and routing, registry of 100,000; JSON"
 	@echo "make bench-deliver 200 studies STOW-RS -> ingest -> ... -> notify -> Orthanc, end to end; JSON"
+	@echo "make bench-timeline timeline search p50/p99 on 1,000,000 entries, 8 clients; projection replay rate; JSON"
 
 install: $(STAMP)
 
@@ -61,6 +62,9 @@ bench-decide: install
 
 bench-deliver: install
 	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.deliver $(ARGS)
+
+bench-timeline: install
+	@deploy/local/with-platform.sh $(BIN) $(BIN)/python -m benchmarks.timeline $(ARGS)
 
 clean:
 	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal platform purge; fi

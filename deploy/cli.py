@@ -39,6 +39,13 @@ def _notify(args: argparse.Namespace) -> int:
     return main.serve() if args.action == "serve" else main.deliver()
 
 
+def _timeline(args: argparse.Namespace) -> int:
+    from services.timeline import main
+
+    actions = {"serve": main.serve, "project": main.project, "rebuild": main.rebuild}
+    return actions[args.action]()
+
+
 def _dead_letters(args: argparse.Namespace) -> int:
     from services.notify import main
 
@@ -119,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     notify.add_argument("--tag", help=tag_help)
     notify.set_defaults(handler=_notify)
+
+    timeline = commands.add_parser(
+        "timeline", help="the timeline service (settings: BEELDPORTAAL_TIMELINE_*)"
+    )
+    timeline.add_argument(
+        "action",
+        choices=("serve", "project", "rebuild"),
+        help="serve: the FHIR timeline search, access-log search and DICOMweb API; project: "
+        "the projection worker (PostgreSQL); rebuild: replay the topics into the read model "
+        "(stop the projection worker first)",
+    )
+    timeline.add_argument("--tag", help=tag_help)
+    timeline.set_defaults(handler=_timeline)
 
     dead = commands.add_parser(
         "dead-letters", help="deliveries notify gave up on: list them, re-drive one or all"

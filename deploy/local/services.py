@@ -38,6 +38,7 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
     base = f"http://127.0.0.1:{http}"
     consent_port = int(os.environ.get("BEELDPORTAAL_CONSENT_HTTP_PORT", 8082))
     notify_port = int(os.environ.get("BEELDPORTAAL_NOTIFY_HTTP_PORT", 8084))
+    timeline_port = int(os.environ.get("BEELDPORTAAL_TIMELINE_HTTP_PORT", 8085))
     routing_port = int(os.environ.get("BEELDPORTAAL_ROUTING_HTTP_PORT", 8083))
     ingest_env = {
         "BEELDPORTAAL_INGEST_HTTP_PORT": str(http),
@@ -92,6 +93,17 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
             urls=(
                 f"notify     http://127.0.0.1:{notify_port}/docs  (study status for senders, "
                 "dead letters, portal pickup)",
+            ),
+        ),
+        ServiceSpec("timeline-projection", ("timeline", "project"), {}),
+        ServiceSpec(
+            "timeline",
+            ("timeline", "serve"),
+            {"BEELDPORTAAL_TIMELINE_HTTP_PORT": str(timeline_port)},
+            ready_url=f"http://127.0.0.1:{timeline_port}/readyz",
+            urls=(
+                f"timeline   http://127.0.0.1:{timeline_port}/docs  (FHIR ImagingStudy _search, "
+                "access log, DICOMweb for viewers)",
             ),
         ),
     ]

@@ -1,0 +1,209 @@
+"""The NEN 7513 audit trail: every access attempt to Kafka ``access-logged`` and PostgreSQL.
+
+:meth:`PostgresAuditTrail.record` writes both, concurrently, and returns only when both hold
+the record: Kafka has acknowledged it (acks=all, idempotent producer) and the ``access_log`` row
+is committed. Either failing raises :class:`AuditUnavailable`, and the API then answers 503
+without the patient's data: no access without its audit record. A retried write of the same
+event is harmless (``ON CONFLICT (event_id) DO NOTHING``; consumers deduplicate on event id).
+
+The table is append-only (a trigger refuses UPDATE, DELETE and TRUNCATE, migration 0001); this
+adapter only ever inserts and selects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import psycopg
+from aiokafka.errors import KafkaError
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from shared.errors import TransientError
+from shared.events import AccessLogged, AuditAction, AuditOutcome, Event
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+PRODUCER: Final = "timeline-api"
+# AccessLogged needs a correlation id and a producer, which the table does not keep: a record
+# read back carries its event id as correlation id and this producer.
+READ_BACK_PRODUCER: Final = "timeline"
+
+_COLUMNS: Final = (
+    "event_id, occurred_at, event_type, action, outcome, patient_pseudonym, user_uzi, "
+    "user_role, on_behalf_of_uzi, organisation_ura, access_point, authorisation_basis, "
+    "consent_profile, emergency, reason, study_instance_uids"
+)
+_INSERT: Final = (
+    f"INSERT INTO access_log ({_COLUMNS}) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+_SEARCH: Final = (
+    f"SELECT {_COLUMNS} FROM access_log WHERE patient_pseudonym = %s "
+    "AND occurred_at >= coalesce(%s::timestamptz, '-infinity') "
+    "AND occurred_at <= coalesce(%s::timestamptz, 'infinity') "
+    "ORDER BY occurred_at DESC, event_id LIMIT %s"
+)
+
+
+class AuditUnavailable(RuntimeError):
+    """The record is not (known to be) in both Kafka and PostgreSQL: answer 503, reveal nothing."""
+
+
+class AuditPublisher(Protocol):
+    """Port: KafkaEventPublisher's enqueue-then-acknowledge send."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(self, event: Event, topic: str | None = None) -> asyncio.Future[Any]: ...
+
+
+class PostgresAuditTrail:
+    """The :class:`~services.timeline.domain.ports.AuditTrail`: Kafka and PostgreSQL, both."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        publisher: AuditPublisher,
+        *,
+        topic: str = AccessLogged.topic,
+        pool_size: int = 4,
+        timeout: float = 10.0,
+    ) -> None:
+        # Opened in start() without waiting: the API comes up while PostgreSQL does, /readyz
+        # says when it answers, and until then every access is refused with 503.
+        self._pool = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max(pool_size, 1),
+            open=False,
+            name="timeline-audit",
+            kwargs={"autocommit": True},
+            # A connection the server dropped while idle is replaced, not handed out.
+            check=AsyncConnectionPool.check_connection,
+            timeout=timeout,
+        )
+        self._publisher = publisher
+        self._topic = topic
+        self._timeout = timeout
+        self.written = 0
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresAuditTrail(topic={self._topic!r})"  # never the DSN: it may hold a password
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    async def start(self) -> None:
+        await self._publisher.start()
+        await self._pool.open(wait=False)
+
+    async def stop(self) -> None:
+        try:
+            await self._publisher.stop()
+        finally:
+            await self._pool.close()
+
+    async def record(self, event: AccessLogged) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                results = await asyncio.gather(
+                    self._publish(event), self._insert(event), return_exceptions=True
+                )
+        except TimeoutError:
+            results = [TimeoutError("the audit record was not written in time")]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            self.failures += 1
+            for failure in failures:
+                log.error(
+                    "audit record not written",
+                    event_id=str(event.event_id),
+                    event_type=event.event_type,
+                    error=type(failure).__name__,
+                    detail=str(failure),
+                )
+            raise AuditUnavailable("the access could not be audited; nothing was disclosed")
+        self.written += 1
+
+    async def _publish(self, event: AccessLogged) -> None:
+        try:
+            await (await self._publisher.send(event, self._topic))
+        except KafkaError as exc:
+            raise TransientError(f"Kafka did not acknowledge the audit record: {exc}") from exc
+
+    async def _insert(self, event: AccessLogged) -> None:
+        row = (
+            event.event_id,
+            event.occurred_at,
+            event.event_type,
+            event.action.value,
+            event.outcome.value,
+            event.patient,
+            event.user_uzi,
+            event.user_role,
+            event.on_behalf_of_uzi,
+            event.organisation_ura,
+            event.access_point,
+            event.authorisation_basis,
+            event.consent_profile,
+            event.emergency,
+            event.reason,
+            list(event.study_instance_uids),
+        )
+
+        async with self._pool.connection() as conn:
+            await conn.execute(_INSERT, row)
+
+    async def search(
+        self, patient: str, since: datetime | None, until: datetime | None, limit: int
+    ) -> list[AccessLogged]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(_SEARCH, (patient, since, until, limit))
+            rows = await cursor.fetchall()
+        return [_from_row(row) for row in rows]
+
+    async def ready(self, timeout: float = 2.0) -> bool:
+        """PostgreSQL answers and the access log is there (``/readyz``)."""
+        try:
+            async with asyncio.timeout(timeout), self._pool.connection(timeout=timeout) as conn:
+                cursor = await conn.execute("SELECT to_regclass('access_log') IS NOT NULL")
+                row = await cursor.fetchone()
+        except (TimeoutError, psycopg.Error, PoolTimeout, OSError):
+            return False
+        return bool(row and row[0])
+
+
+def _from_row(row: tuple[Any, ...]) -> AccessLogged:
+    (
+        event_id, occurred_at, event_type, action, outcome, patient, user_uzi, user_role,
+        on_behalf_of_uzi, organisation_ura, access_point, basis, profile, emergency, reason,
+        uids,
+    ) = row  # fmt: skip
+    return AccessLogged(
+        event_id=event_id,
+        occurred_at=occurred_at,
+        correlation_id=str(event_id),
+        producer=READ_BACK_PRODUCER,
+        event_type=event_type,
+        action=AuditAction(action),
+        outcome=AuditOutcome(outcome),
+        patient=patient,
+        user_uzi=user_uzi,
+        user_role=user_role,
+        on_behalf_of_uzi=on_behalf_of_uzi,
+        organisation_ura=organisation_ura,
+        access_point=access_point,
+        authorisation_basis=basis,
+        consent_profile=profile,
+        emergency=emergency,
+        reason=reason,
+        study_instance_uids=tuple(uids or ()),
+    )

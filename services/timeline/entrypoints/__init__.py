@@ -1,0 +1,1 @@
+"""How the timeline is driven: the projection worker, the HTTP API."""

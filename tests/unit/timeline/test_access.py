@@ -1,0 +1,312 @@
+"""The timeline's access guard on registries built with consent's own domain: a treatment
+relationship and an explicit consent covering the requester's category, or break the glass."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+
+import pytest
+
+from services.consent.domain.registry import PatientRegistry, RegistryEvent, apply
+from services.timeline.domain.access import (
+    BASIS_EMERGENCY,
+    BASIS_TREATMENT_RELATIONSHIP,
+    CONDITION_CONSENT,
+    CONDITION_EMERGENCY_REASON,
+    CONDITION_OBJECTION,
+    CONDITION_REQUESTER_TYPE,
+    CONDITION_TREATMENT_RELATIONSHIP,
+    AccessCheckUnavailable,
+    ConsentAccessGuard,
+)
+from services.timeline.domain.ports import AccessOutcome
+from shared.auth import Principal
+from shared.errors import TransientError
+from shared.events.consent import Provision
+from shared.topic_view import ViewFailed
+from tests.factories import (
+    make_consent_registered,
+    make_pseudonym,
+    make_treatment_relationship_registered,
+)
+
+TODAY = date(2025, 6, 1)
+PATIENT = make_pseudonym()
+HOSPITAL = "11111111"
+OTHER_HOSPITAL = "22222222"
+UNLISTED = "33333333"
+GP_PRACTICE = "44444444"
+HOSPITALS = "RPZAC104"
+CATEGORIES = {"V4": HOSPITALS}
+DIRECTORY = {HOSPITAL: "V4", OTHER_HOSPITAL: "V4", GP_PRACTICE: "Z3"}
+
+
+class FakeView:
+    """A consent view that syncs on demand: ``pending`` events apply only when synced."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.is_caught_up = True
+        self.syncs = 0
+        self.sync_error: BaseException | None = None
+
+    async def sync(self, timeout: float) -> None:
+        if self.sync_error is not None:
+            raise self.sync_error
+        self.syncs += 1
+
+
+class FakeRegistry(FakeView):
+    def __init__(self, *events: RegistryEvent) -> None:
+        super().__init__()
+        self.registries: dict[str, PatientRegistry] = {}
+        self.pending: list[RegistryEvent] = list(events)
+
+    async def sync(self, timeout: float) -> None:
+        await super().sync(timeout)
+        for event in self.pending:
+            current = self.registries.get(event.patient) or PatientRegistry.empty(event.patient)
+            self.registries[event.patient] = apply(current, event)
+        self.pending.clear()
+
+    def get(self, pseudonym: str) -> PatientRegistry | None:
+        return self.registries.get(pseudonym)
+
+
+class FakeDirectory:
+    def __init__(self, types: dict[str, str]) -> None:
+        self.types = types
+        self.view = FakeView()
+
+    def type_code(self, ura: str) -> str | None:
+        return self.types.get(ura)
+
+
+def principal(ura: str = HOSPITAL, purpose: str | None = "TREAT") -> Principal:
+    return Principal(
+        organisation_ura=ura,
+        user_uzi="900000001",
+        role="01.015",
+        roles=frozenset({"01.015", "provider"}),
+        purpose_of_use=purpose,
+        subject="900000001",
+    )
+
+
+def consent(provision: Provision = Provision.PERMIT, **kw):  # type: ignore[no-untyped-def]
+    fields = {"consent_id": "c1", "provider_category": HOSPITALS, **kw}
+    return make_consent_registered(patient=PATIENT, provision=provision, **fields)
+
+
+def relationship(ura: str = HOSPITAL):  # type: ignore[no-untyped-def]
+    return make_treatment_relationship_registered(
+        patient=PATIENT, relationship_id=f"r-{ura}", organisation_ura=ura, start=date(2025, 1, 1)
+    )
+
+
+def guard(*events: RegistryEvent, directory: dict[str, str] | None = None) -> ConsentAccessGuard:
+    return ConsentAccessGuard(
+        FakeRegistry(*events),
+        FakeDirectory(DIRECTORY if directory is None else directory),
+        "GGC002",
+        CATEGORIES,
+        sync_timeout=1.0,
+        today=lambda: TODAY,
+    )
+
+
+RELATIONSHIP = {"yes": [relationship()], "no": []}
+CONSENT = {
+    "permit": [consent()],
+    "none": [],
+    "objection": [consent(Provision.DENY)],
+}
+
+
+@pytest.mark.parametrize(
+    ("has_relationship", "consent_state", "outcome", "failed"),
+    [
+        ("yes", "permit", AccessOutcome.ALLOWED, ()),
+        ("yes", "none", AccessOutcome.DENIED, (CONDITION_CONSENT,)),
+        ("yes", "objection", AccessOutcome.DENIED, (CONDITION_OBJECTION,)),
+        ("no", "permit", AccessOutcome.DENIED, (CONDITION_TREATMENT_RELATIONSHIP,)),
+        ("no", "none", AccessOutcome.DENIED, (CONDITION_TREATMENT_RELATIONSHIP, CONDITION_CONSENT)),
+        (
+            "no",
+            "objection",
+            AccessOutcome.DENIED,
+            (CONDITION_TREATMENT_RELATIONSHIP, CONDITION_OBJECTION),
+        ),
+    ],
+)
+async def test_access_needs_both_a_treatment_relationship_and_consent_covering_the_category(
+    has_relationship: str, consent_state: str, outcome: AccessOutcome, failed: tuple[str, ...]
+) -> None:
+    decision = await guard(*RELATIONSHIP[has_relationship], *CONSENT[consent_state]).check(
+        principal(), PATIENT
+    )
+
+    assert decision.outcome is outcome
+    assert decision.failed_conditions == failed
+    assert decision.allowed is (outcome is AccessOutcome.ALLOWED)
+    if decision.allowed:
+        assert decision.authorisation_basis == BASIS_TREATMENT_RELATIONSHIP
+        assert decision.consent_profile == f"GGC002/{HOSPITALS}:c1"
+        assert decision.reason is None
+    else:
+        assert decision.authorisation_basis is None
+        assert decision.reason
+        # The refusal names what failed, in words a provider understands.
+        if CONDITION_TREATMENT_RELATIONSHIP in failed:
+            assert "no active treatment relationship" in decision.reason
+        if CONDITION_CONSENT in failed:
+            assert f"no explicit consent of the patient covers GGC002 for {HOSPITALS}" in (
+                decision.reason
+            )
+        if CONDITION_OBJECTION in failed:
+            assert "objected" in decision.reason
+            assert decision.consent_profile is not None and decision.consent_profile.endswith(":c1")
+
+
+async def test_another_organisations_relationship_does_not_open_the_timeline() -> None:
+    decision = await guard(relationship(OTHER_HOSPITAL), consent()).check(principal(), PATIENT)
+    assert decision.failed_conditions == (CONDITION_TREATMENT_RELATIONSHIP,)
+
+
+async def test_a_consent_for_another_provider_category_does_not_cover_the_requester() -> None:
+    decision = await guard(relationship(), consent(provider_category="RPZAC999")).check(
+        principal(), PATIENT
+    )
+    assert (decision.outcome, decision.failed_conditions) == (
+        AccessOutcome.DENIED,
+        (CONDITION_CONSENT,),
+    )
+
+
+async def test_a_consent_for_another_data_category_does_not_count() -> None:
+    decision = await guard(relationship(), consent(data_category="GGC001")).check(
+        principal(), PATIENT
+    )
+    assert decision.failed_conditions == (CONDITION_CONSENT,)
+
+
+async def test_a_consent_naming_the_requesting_organisation_counts() -> None:
+    decision = await guard(
+        relationship(), consent(provider_category=None, organisation_ura=HOSPITAL)
+    ).check(principal(), PATIENT)
+    assert decision.outcome is AccessOutcome.ALLOWED
+
+
+@pytest.mark.parametrize(
+    ("ura", "words"),
+    [
+        (UNLISTED, "not in the provider directory"),
+        (GP_PRACTICE, "provider type Z3 has no Mitz provider category"),
+    ],
+)
+async def test_a_requester_of_unknown_type_is_refused_naming_that(ura: str, words: str) -> None:
+    decision = await guard(relationship(ura), consent(provider_category=None)).check(
+        principal(ura), PATIENT
+    )
+    assert decision.outcome is AccessOutcome.DENIED
+    assert decision.failed_conditions == (CONDITION_REQUESTER_TYPE,)
+    assert decision.reason is not None and decision.reason.startswith("unknown requester type")
+    assert words in decision.reason
+
+
+async def test_a_consent_registered_a_moment_ago_counts_because_the_view_is_synced_first() -> None:
+    access = guard(relationship(), consent())  # both still pending in the view
+
+    decision = await access.check(principal(), PATIENT)
+
+    assert decision.outcome is AccessOutcome.ALLOWED
+
+
+async def test_break_the_glass_with_a_reason_is_allowed_over_an_objection_and_flagged() -> None:
+    decision = await guard(consent(Provision.DENY)).check(
+        principal(purpose="ETREAT"), PATIENT, emergency_reason="  unconscious patient at the ED "
+    )
+
+    assert decision.outcome is AccessOutcome.EMERGENCY and decision.allowed
+    assert decision.authorisation_basis == BASIS_EMERGENCY
+    assert decision.reason == "unconscious patient at the ED"
+    # The audit shows whether the glass had to be broken, and why it would have been refused.
+    assert decision.consent_profile is not None
+    assert "normal rules denied" in decision.consent_profile
+    assert "objected" in decision.consent_profile
+
+
+async def test_break_the_glass_where_the_normal_rules_allow_is_still_recorded_as_emergency() -> (
+    None
+):
+    decision = await guard(relationship(), consent()).check(
+        principal(purpose="ETREAT"), PATIENT, emergency_reason="trauma call"
+    )
+    assert decision.outcome is AccessOutcome.EMERGENCY
+    assert decision.consent_profile is not None
+    assert "normal rules allowed" in decision.consent_profile
+
+
+@pytest.mark.parametrize("reason", [None, "", "   "])
+async def test_an_emergency_without_a_reason_is_refused_and_says_so(reason: str | None) -> None:
+    access = guard(relationship(), consent())
+
+    decision = await access.check(principal(purpose="ETREAT"), PATIENT, emergency_reason=reason)
+
+    assert decision.outcome is AccessOutcome.DENIED
+    assert decision.failed_conditions == (CONDITION_EMERGENCY_REASON,)
+    assert decision.reason is not None and "needs a stated reason" in decision.reason
+
+
+async def test_a_reason_without_an_emergency_token_opens_nothing_and_says_what_is_missing() -> None:
+    decision = await guard().check(principal(), PATIENT, emergency_reason="I just want to see")
+
+    assert decision.outcome is AccessOutcome.DENIED
+    assert decision.failed_conditions == (CONDITION_TREATMENT_RELATIONSHIP, CONDITION_CONSENT)
+    assert decision.reason is not None and "purpose of use ETREAT" in decision.reason
+
+
+@pytest.mark.parametrize(
+    "error",
+    [TimeoutError("slow"), TransientError("kafka down"), ViewFailed("poison record")],
+)
+async def test_a_view_that_cannot_sync_makes_the_check_unavailable_never_a_guess(
+    error: BaseException,
+) -> None:
+    registry = FakeRegistry(relationship(), consent())
+    registry.sync_error = error
+    access = ConsentAccessGuard(
+        registry, FakeDirectory(DIRECTORY), "GGC002", CATEGORIES, sync_timeout=1.0
+    )
+
+    with pytest.raises(AccessCheckUnavailable):
+        await access.check(principal(), PATIENT)
+
+
+async def test_a_slow_view_is_given_up_on_after_the_sync_timeout() -> None:
+    class SlowRegistry(FakeRegistry):
+        async def sync(self, timeout: float) -> None:
+            await asyncio.sleep(10)
+
+    access = ConsentAccessGuard(
+        SlowRegistry(), FakeDirectory(DIRECTORY), "GGC002", CATEGORIES, sync_timeout=0.05
+    )
+
+    with pytest.raises(AccessCheckUnavailable, match="in time"):
+        await access.check(principal(), PATIENT)
+
+
+@pytest.mark.parametrize("state", ["failed", "reading"])
+async def test_a_failed_or_still_reading_view_makes_the_check_unavailable(state: str) -> None:
+    directory = FakeDirectory(DIRECTORY)
+    if state == "failed":
+        directory.view.failed = True
+    else:
+        directory.view.is_caught_up = False
+    access = ConsentAccessGuard(
+        FakeRegistry(relationship(), consent()), directory, "GGC002", CATEGORIES
+    )
+
+    with pytest.raises(AccessCheckUnavailable):
+        await access.check(principal(), PATIENT)
