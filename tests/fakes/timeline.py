@@ -143,16 +143,31 @@ class _Study:
     visible: bool = True
 
 
-def _newest_first_key(entry: TimelineEntry) -> tuple[date, str, datetime, str, str]:
+def _newest_first_key(entry: TimelineEntry) -> tuple[bool, date, bool, str, datetime]:
     received = max((s.received_at for s in entry.sources), default=datetime.min.replace(tzinfo=UTC))
     time_digits = (entry.study_time or "").replace(":", "").split(".")[0].ljust(6, "0")
     return (
+        entry.study_date is not None,
         entry.study_date or date.min,
+        entry.study_time is not None,
         time_digits,
         received,
-        entry.study_instance_uid,
-        entry.report_sop_instance_uid or "",
     )
+
+
+def _newest_first(entries: list[TimelineEntry]) -> list[TimelineEntry]:
+    """The reader's total order (``services/timeline/adapters/store.py``): study date, study
+    time, latest received, newest first and undated last; ties by Study UID, a study's images
+    before its reports, then report UID, ascending, so pages never overlap."""
+    ties = sorted(
+        entries,
+        key=lambda e: (
+            e.study_instance_uid,
+            e.kind is EntryKind.REPORT,
+            e.report_sop_instance_uid or "",
+        ),
+    )
+    return sorted(ties, key=_newest_first_key, reverse=True)  # stable: keeps the ties' order
 
 
 class InMemoryTimeline:
@@ -207,7 +222,7 @@ class InMemoryTimeline:
             for entry in ([study.images] if study.images else []) + study.reports
             if _matches(entry, query)
         ]
-        matches.sort(key=_newest_first_key, reverse=True)
+        matches = _newest_first(matches)
         page = matches[query.offset : query.offset + query.count]
         return TimelinePage(entries=page, total=len(matches))
 
