@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "action",
         choices=("serve", "assemble"),
-        help="serve: STOW-RS + C-STORE SCP; assemble: the study assembly agent (faust worker)",
+        help="serve: STOW-RS + C-STORE SCP; assemble: the study assembly worker",
     )
     ingest.add_argument("--tag", help=tag_help)
     ingest.set_defaults(handler=_ingest)

@@ -40,6 +40,16 @@ class TopicSpec:
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("instance-stored", 12, 30 * DAY_MS, purpose="one per stored DICOM instance"),
     TopicSpec("study-received", 12, FOREVER, purpose="a stable study, per version"),
+    # Internal to ingest: the study assembly's state (changelog), co-partitioned with
+    # instance-stored (same count, key = Study Instance UID), written in the transaction of the
+    # batch that changed it (services.ingest.entrypoints.assembler).
+    TopicSpec(
+        "ingest-assembly-state",
+        12,
+        FOREVER,
+        compacted=True,
+        purpose="study assembly state (changelog)",
+    ),
     TopicSpec("consent-registered", 12, FOREVER, purpose="explicit consent/objection (Mitz)"),
     TopicSpec("consent-revoked", 12, FOREVER, purpose="consent/objection withdrawn"),
     TopicSpec("treatment-relationships", 12, FOREVER, purpose="organisation treats patient"),

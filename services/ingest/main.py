@@ -40,8 +40,8 @@ def serve(settings: IngestSettings | None = None) -> int:
 
 
 def assemble(settings: IngestSettings | None = None) -> int:
-    from services.ingest.entrypoints.assembly import main
+    """Run the study assembly worker (aiokafka, ``services.ingest.entrypoints.assembler``)."""
+    from services.ingest.entrypoints.assembler import main
 
-    settings = settings or IngestSettings()
-    configure_logging(f"{settings.service_name}-assembly", settings.log_level, settings.log_json)
-    return int(main(settings) or 0)
+    main(settings or IngestSettings())  # configures its own logging
+    return 0

@@ -1,4 +1,8 @@
-"""The study assembly worker: folds instance-stored into a faust table, announces stable studies.
+"""Superseded by ``services.ingest.entrypoints.assembler`` (aiokafka), which ``beeldportaal
+ingest assemble`` runs since 2026-11-26; kept only for the side-by-side benchmark
+(``benchmarks/assembler.py``) until it is removed.
+
+The study assembly worker: folds instance-stored into a faust table, announces stable studies.
 
 How it fits together (the rules and the row layout are in ``services.ingest.domain.assembly``):
 
