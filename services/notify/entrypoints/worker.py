@@ -26,6 +26,7 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -177,4 +178,8 @@ async def _run(settings: NotifySettings) -> None:
 def main(settings: NotifySettings) -> None:
     """Run the delivery worker until SIGTERM (``beeldportaal notify deliver``)."""
     configure_logging(f"{settings.service_name}-worker", settings.log_level, settings.log_json)
+    # httpx logs every request with its full URL (a receiver's path may hold a token) and
+    # pynetdicom every association at INFO; our own log says what matters, without addresses.
+    for noisy in ("httpx", "httpcore", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     asyncio.run(_run(settings))
