@@ -266,3 +266,27 @@ def read_chunks(data: BinaryIO, length: int | None, chunk_size: int) -> Iterator
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(
+    objects: ObjectStore, key: str, sha256: str, chunk_size: int = 1024 * 1024
+) -> Iterator[bytes]:
+    """An object's bytes as stored, hashed on the way (S3 is read once).
+
+    The last chunk is held back until the whole object hashes to ``sha256``; a mismatch raises
+    :class:`ChecksumMismatch` instead, so a response streamed from this breaks off before it is
+    complete and a client never receives altered bytes as a whole object.
+    """
+    digest = hashlib.sha256()
+    held: bytes | None = None
+    with objects.open(key, chunk_size) as chunks:
+        for chunk in chunks:
+            digest.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+    actual = digest.hexdigest()
+    if actual != sha256:
+        raise ChecksumMismatch(key, sha256, actual)
+    if held is not None:
+        yield held

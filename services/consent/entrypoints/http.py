@@ -33,6 +33,7 @@ from services.consent.domain.mitz import InvalidNotification, NotificationKind, 
 from services.consent.domain.query import answer_query
 from shared.auth import Principal, require_role
 from shared.events.consent import Decision, Purpose
+from shared.http import add_operational_routes
 from shared.identifiers import Bsn, Ura
 from shared.logging import correlation_context, get_logger
 
@@ -428,27 +429,6 @@ def build_router(api: ConsentApi) -> APIRouter:
     return router
 
 
-def add_operational_routes(app: FastAPI, api: ConsentApi) -> None:
-    @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        tags=["operations"],
-        responses={503: {"description": "the registry view is not caught up or failed"}},
-    )
-    async def readyz() -> Response:
-        checks = api.readiness()
-        ready = all(checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
-
-    @app.get("/metrics", tags=["operations"])
-    async def metrics(request: Request) -> Response:
-        body, content_type = api.metrics.render(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
-
-
 def _without_input(errors: Any) -> list[dict[str, Any]]:
     """Validation errors without the input they refused: it could hold a BSN."""
     cleaned = []
@@ -485,5 +465,7 @@ def create_app(api: ConsentApi) -> FastAPI:
             return response
 
     app.include_router(build_router(api))
-    add_operational_routes(app, api)
+    add_operational_routes(
+        app, api.readiness, api.metrics, not_ready="the registry view is not caught up or failed"
+    )
     return app

@@ -15,7 +15,6 @@ what happened. Errors are problem documents (RFC 9457) that never quote the requ
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import Iterator
 from datetime import datetime
@@ -50,8 +49,9 @@ from services.notify.metrics import NotifyApiMetrics
 from shared.auth import Principal, require_role
 from shared.errors import TransientError
 from shared.events import Basis, Decision, DeliveryChannel, InstanceOutcomes, Urgency
+from shared.http import add_operational_routes
 from shared.logging import correlation_context, get_logger, scrub_bsns
-from shared.storage.port import ChecksumMismatch, ObjectStoreError
+from shared.storage.port import ObjectStoreError, read_verified
 from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
@@ -335,21 +335,9 @@ def _verified_chunks(api: NotifyApi, instance: PickupInstance) -> Iterator[bytes
     central directory, no final HTTP chunk): the recipient gets a failed download, never a
     readable zip with altered bytes in it. Hashing while streaming reads S3 once.
     """
-    digest = hashlib.sha256()
-    held: bytes | None = None
-    with api.objects.open(instance.object_key, _READ_CHUNK) as chunks:
-        for chunk in chunks:
-            digest.update(chunk)
-            if held is not None:
-                api.metrics.pickup_bytes.inc(len(held))
-                yield held
-            held = chunk
-    actual = digest.hexdigest()
-    if actual != instance.sha256:
-        raise ChecksumMismatch(instance.object_key, instance.sha256, actual)
-    if held is not None:
-        api.metrics.pickup_bytes.inc(len(held))
-        yield held
+    for chunk in read_verified(api.objects, instance.object_key, instance.sha256, _READ_CHUNK):
+        api.metrics.pickup_bytes.inc(len(chunk))
+        yield chunk
 
 
 def _pickup_stream(
@@ -612,27 +600,6 @@ def build_router(api: NotifyApi) -> APIRouter:
     return router
 
 
-def add_operational_routes(app: FastAPI, api: NotifyApi) -> None:
-    @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        tags=["operations"],
-        responses={503: {"description": "A view is not caught up, or it failed."}},
-    )
-    async def readyz() -> Response:
-        checks = api.readiness()
-        ready = all(checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
-
-    @app.get("/metrics", tags=["operations"])
-    async def metrics(request: Request) -> Response:
-        body, content_type = api.metrics.render(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
-
-
 class CorrelationMiddleware:
     """Correlation id in and out, and a request count per route template.
 
@@ -716,5 +683,7 @@ def create_app(api: NotifyApi) -> FastAPI:
         return JSONResponse(body, status_code=422, media_type=PROBLEM_JSON)
 
     app.include_router(build_router(api))
-    add_operational_routes(app, api)
+    add_operational_routes(
+        app, api.readiness, api.metrics, not_ready="A view is not caught up, or it failed."
+    )
     return app

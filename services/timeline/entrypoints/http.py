@@ -38,7 +38,6 @@ a metric label, an event or a response header.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import re
 import uuid
@@ -85,7 +84,7 @@ from shared.auth import Principal
 from shared.events import AccessLogged, AuditAction, AuditOutcome
 from shared.identifiers import Bsn, contains_bsn
 from shared.logging import correlation_context, get_logger, scrub_bsns
-from shared.storage.port import ChecksumMismatch, ObjectNotFound, ObjectStoreError
+from shared.storage.port import ChecksumMismatch, ObjectNotFound, ObjectStoreError, read_verified
 
 log = get_logger(__name__)
 
@@ -595,21 +594,9 @@ def _accepts_json(accept: str | None) -> bool:
 def _verified_chunks(api: TimelineApi, row: InstanceRow) -> Iterator[bytes]:
     """The object's bytes as stored; the last chunk is held back until the whole object hashes
     to its recorded sha256, so a mismatch breaks the response off before it is complete."""
-    digest = hashlib.sha256()
-    held: bytes | None = None
-    with api.objects.open(row.object_key, _READ_CHUNK) as chunks:
-        for chunk in chunks:
-            digest.update(chunk)
-            if held is not None:
-                api.metrics.wado_bytes.inc(len(held))
-                yield held
-            held = chunk
-    actual = digest.hexdigest()
-    if actual != row.sha256:
-        raise ChecksumMismatch(row.object_key, row.sha256, actual)
-    if held is not None:
-        api.metrics.wado_bytes.inc(len(held))
-        yield held
+    for chunk in read_verified(api.objects, row.object_key, row.sha256, _READ_CHUNK):
+        api.metrics.wado_bytes.inc(len(chunk))
+        yield chunk
 
 
 def _multipart(api: TimelineApi, rows: Sequence[InstanceRow], boundary: str) -> Iterator[bytes]:
