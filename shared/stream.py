@@ -72,7 +72,6 @@ from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client import start_http_server
 
 from shared.codec import Codec
 from shared.errors import PoisonEvent, TransientError
@@ -80,6 +79,7 @@ from shared.events.base import Event
 from shared.kafka import KafkaEventPublisher
 from shared.logging import get_logger, kafka_position
 from shared.metrics import ServiceMetrics
+from shared.probes import ProbeServer
 from shared.settings import KafkaSettings
 
 log = get_logger(__name__)
@@ -251,6 +251,10 @@ class StreamWorker:
     def request_stop(self) -> None:
         """Finish the batch in hand, commit it, and return from :meth:`run` (SIGTERM)."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -579,6 +583,10 @@ class Worker:
         for stream in self.streams:
             stream.request_stop()
 
+    def ready(self) -> bool:
+        """Every stream has joined its group (had partitions assigned, maybe none) and runs."""
+        return all(s.assigned.is_set() and not s.stopping for s in self.streams)
+
     async def __aenter__(self) -> Worker:
         await self.start()
         return self
@@ -590,21 +598,25 @@ class Worker:
 async def run_worker(
     worker: Worker, *, metrics: ServiceMetrics, metrics_port: int | None = None
 ) -> None:
-    """Run ``worker`` until SIGTERM/SIGINT, serving ``/metrics`` on 127.0.0.1:``metrics_port``.
+    """Run ``worker`` until SIGTERM/SIGINT, serving ``/healthz``, ``/readyz`` and ``/metrics`` on
+    127.0.0.1:``metrics_port`` (:mod:`shared.probes`).
 
     A signal finishes and commits the batch in hand before the process exits; a fatal error
     propagates (the process exits non-zero and its supervisor restarts it).
     """
-    if metrics_port is not None:
-        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
-    async with worker:
-        log.info("worker running", worker=worker.name)
-        try:
-            await worker.run()
-        except Exception:
-            log.exception("worker failed; exiting so the supervisor restarts it")
-            raise
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_port is not None:
+            await stack.enter_async_context(
+                ProbeServer(metrics_port, metrics.registry, ready=worker.ready)
+            )
+        async with worker:
+            log.info("worker running", worker=worker.name)
+            try:
+                await worker.run()
+            except Exception:
+                log.exception("worker failed; exiting so the supervisor restarts it")
+                raise
     log.info("worker stopped", worker=worker.name)

@@ -30,6 +30,24 @@ class ServiceSpec:
     env: dict[str, str] = field(default_factory=dict)
     ready_url: str | None = None
     urls: tuple[str, ...] = ()
+    metrics_url: str | None = None  # what Prometheus scrapes
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _worker(name: str, args: tuple[str, ...], setting: str, default_port: int, env=None):  # type: ignore[no-untyped-def]
+    """A stream worker: no API, but /healthz, /readyz and /metrics on its probe port."""
+    port = _port(setting, default_port)
+    base = f"http://127.0.0.1:{port}"
+    return ServiceSpec(
+        name,
+        args,
+        {**(env or {}), setting: str(port)},
+        ready_url=f"{base}/readyz",
+        metrics_url=f"{base}/metrics",
+    )
 
 
 def specs(config: LocalConfig) -> list[ServiceSpec]:
@@ -56,6 +74,7 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
             ("ingest", "serve"),
             ingest_env,
             ready_url=f"{base}/readyz",
+            metrics_url=f"{base}/metrics",
             urls=(
                 f"STOW-RS    {base}/dicomweb/to/{{URA}}/studies  (demo URAs 00000101, 00000202)",
                 f"C-STORE    127.0.0.1:{dimse}  called AE BP_DEMO_OOST | BP_DEMO_WEST,"
@@ -64,43 +83,67 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
                 f"metrics    {base}/metrics",
             ),
         ),
-        ServiceSpec("ingest-assembly", ("ingest", "assemble"), ingest_env),
+        _worker(
+            "ingest-assembly",
+            ("ingest", "assemble"),
+            "BEELDPORTAAL_INGEST_ASSEMBLY_METRICS_PORT",
+            8091,
+            ingest_env,
+        ),
         ServiceSpec(
             "consent",
             ("consent", "serve"),
             {"BEELDPORTAAL_CONSENT_HTTP_PORT": str(consent_port)},
             ready_url=f"http://127.0.0.1:{consent_port}/readyz",
+            metrics_url=f"http://127.0.0.1:{consent_port}/metrics",
             urls=(
                 f"consent    http://127.0.0.1:{consent_port}/docs  (Mitz notifications, "
                 "treatment relationships, the closed question)",
             ),
         ),
-        ServiceSpec("consent-decisions", ("consent", "decide"), {}),
+        _worker(
+            "consent-decisions",
+            ("consent", "decide"),
+            "BEELDPORTAAL_CONSENT_DECISIONS_METRICS_PORT",
+            8092,
+        ),
         ServiceSpec(
             "routing",
             ("routing", "serve"),
             {"BEELDPORTAAL_ROUTING_HTTP_PORT": str(routing_port)},
             ready_url=f"http://127.0.0.1:{routing_port}/readyz",
+            metrics_url=f"http://127.0.0.1:{routing_port}/metrics",
             urls=(f"directory  http://127.0.0.1:{routing_port}/docs  (GET /providers?q=)",),
         ),
-        ServiceSpec("routing-worker", ("routing", "route"), {}),
-        ServiceSpec("notify-worker", ("notify", "deliver"), {}),
+        _worker(
+            "routing-worker", ("routing", "route"), "BEELDPORTAAL_ROUTING_WORKER_METRICS_PORT", 8093
+        ),
+        _worker(
+            "notify-worker", ("notify", "deliver"), "BEELDPORTAAL_NOTIFY_WORKER_METRICS_PORT", 8094
+        ),
         ServiceSpec(
             "notify",
             ("notify", "serve"),
             {"BEELDPORTAAL_NOTIFY_HTTP_PORT": str(notify_port)},
             ready_url=f"http://127.0.0.1:{notify_port}/readyz",
+            metrics_url=f"http://127.0.0.1:{notify_port}/metrics",
             urls=(
                 f"notify     http://127.0.0.1:{notify_port}/docs  (study status for senders, "
                 "dead letters, portal pickup)",
             ),
         ),
-        ServiceSpec("timeline-projection", ("timeline", "project"), {}),
+        _worker(
+            "timeline-projection",
+            ("timeline", "project"),
+            "BEELDPORTAAL_TIMELINE_PROJECTION_METRICS_PORT",
+            8095,
+        ),
         ServiceSpec(
             "timeline",
             ("timeline", "serve"),
             {"BEELDPORTAAL_TIMELINE_HTTP_PORT": str(timeline_port)},
             ready_url=f"http://127.0.0.1:{timeline_port}/readyz",
+            metrics_url=f"http://127.0.0.1:{timeline_port}/metrics",
             urls=(
                 f"timeline   http://127.0.0.1:{timeline_port}/docs  (FHIR ImagingStudy _search, "
                 "access log, DICOMweb for viewers)",
