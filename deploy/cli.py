@@ -55,6 +55,12 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return main.dead_letters(args.action, args.key)
 
 
+def _study(args: argparse.Namespace) -> int:
+    from services.notify import main
+
+    return main.study_status(args.uid, as_json=args.json)
+
+
 def _services(args: argparse.Namespace) -> int:
     from deploy.local.services import main
 
@@ -147,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("key", nargs="?", help="redrive: the delivery key (study|version|endpoint)")
     dead.add_argument("--all", action="store_true", help="redrive: every dead letter")
     dead.set_defaults(handler=_dead_letters)
+
+    study = commands.add_parser(
+        "study",
+        help="one study's journey (received, consent, route, delivered) read from the events",
+    )
+    study.add_argument("action", choices=("status",))
+    study.add_argument("uid", help="the Study Instance UID")
+    study.add_argument("--json", action="store_true", help="print the status as JSON")
+    study.set_defaults(handler=_study)
 
     services = commands.add_parser(
         "services", help="run the services as background processes on the local platform"

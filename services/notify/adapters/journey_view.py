@@ -200,6 +200,10 @@ class StudyJourney:
             found = self.versions[version] = VersionJourney(version)
         return found
 
+    def all_versions(self) -> list[VersionJourney]:
+        """Every version whatever its sender, oldest first: for operators only."""
+        return [self.versions[v] for v in sorted(self.versions)]
+
     def visible_to(self, ura: str) -> list[VersionJourney]:
         """The versions ``ura`` sent, oldest first. A version whose sender is not known yet is
         shown to nobody, and a UID reused by another sender shows each only their own."""

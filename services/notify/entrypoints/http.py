@@ -2,7 +2,8 @@
 
 - ``GET /studies/{uid}/status`` (provider): how each version of a study the caller's own
   organisation sent is doing, from received to delivered. Anyone else gets 404, never 403: the
-  answer must not tell another organisation that a study exists.
+  answer must not tell another organisation that a study exists. An operator sees every version
+  whoever sent it (the same as ``beeldportaal study status UID``).
 - ``GET /dead-letters``, ``POST /dead-letters/{key}/redrive``, ``POST /dead-letters/redrive``
   (operator): deliveries notify gave up on, and putting them back on their queue.
 - ``GET /pickup/{token}`` (provider of the link's recipient): the study version as a zip,
@@ -113,6 +114,7 @@ class DeliveryOut(BaseModel):
 
 class VersionStatus(BaseModel):
     version: int
+    sender_ura: str | None
     # received → consent-checked → routed → delivered | failed | not-routed
     state: State
     recipient_ura: str | None
@@ -208,6 +210,7 @@ def version_status(journey: VersionJourney) -> VersionStatus:
     failure = journey.route_failure
     return VersionStatus(
         version=journey.version,
+        sender_ura=journey.sender_ura,
         state=journey.state,
         recipient_ura=journey.recipient_ura,
         instances=journey.instances,
@@ -381,6 +384,7 @@ def build_router(api: NotifyApi) -> APIRouter:
     authenticate = api.principal_dependency
     provider = require_role(PROVIDER, authenticate=authenticate)
     operator = require_role(OPERATOR, authenticate=authenticate)
+    provider_or_operator = require_role(PROVIDER, OPERATOR, authenticate=authenticate)
     sync_timeout = api.settings.view_sync_timeout_seconds
     redrive_timeout = api.settings.redrive_timeout_seconds
 
@@ -396,12 +400,17 @@ def build_router(api: NotifyApi) -> APIRouter:
     )
     async def study_status(
         study_instance_uid: Annotated[str, Path(pattern=UID_PATTERN, max_length=64)],
-        principal: Principal = Depends(provider),  # noqa: B008  (a local: see shared.auth)
+        principal: Principal = Depends(provider_or_operator),  # noqa: B008  (see shared.auth)
     ) -> StudyStatus:
         _require_ready(api.journey, "journey")
         fresh = await _synced(api.journey, sync_timeout)
         study = api.journey.get(study_instance_uid)
-        versions = study.visible_to(principal.organisation_ura) if study is not None else []
+        if study is None:
+            versions = []
+        elif principal.has_role(OPERATOR):
+            versions = study.all_versions()  # operators follow every study, whoever sent it
+        else:
+            versions = study.visible_to(principal.organisation_ura)
         if not versions:
             # The same answer whether the study is unknown or another organisation's.
             raise Problem(404, "Not Found", "your organisation sent no study with this UID")

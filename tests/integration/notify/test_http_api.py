@@ -31,8 +31,10 @@ from services.notify.adapters.dead_letters import DeadLetterTopics
 from services.notify.adapters.journey_view import JourneyTopics
 from services.notify.api_config import NotifyApiSettings
 from services.notify.bootstrap import NotifyApi, build
+from services.notify.config import NotifySettings
 from services.notify.domain.pickup import dicom_entry_name, sign_pickup
-from services.notify.entrypoints.http import create_app
+from services.notify.entrypoints.http import StudyStatus, create_app
+from services.notify.main import _study_status, describe
 from shared import topics
 from shared.auth import AuthSettings, generate_dev_keypair, mint_token
 from shared.events import (
@@ -238,7 +240,7 @@ def read_records(kafka: KafkaSettings, topic: str) -> list[tuple[bytes, bytes | 
 
 
 def test_the_sender_sees_each_version_of_its_study_and_nobody_else_learns_it_exists(
-    notify_api: RunningNotify,
+    notify_api: RunningNotify, capsys: pytest.CaptureFixture[str]
 ) -> None:
     t = notify_api.topics.journey
     v1 = make_study(instances=2)
@@ -332,8 +334,26 @@ def test_the_sender_sees_each_version_of_its_study_and_nobody_else_learns_it_exi
         assert hidden.headers["content-type"] == "application/problem+json"
         assert hidden.json() == unknown.json()
     assert notify_api.get(f"/studies/{uid}/status").status_code == 401
-    operator_only = notify_api.auth(SENDER_URA, ("operator",))
-    assert notify_api.get(f"/studies/{uid}/status", operator_only).status_code == 403
+    # An operator (of any organisation) follows every study, and sees who sent it.
+    operator = notify_api.get(f"/studies/{uid}/status", notify_api.auth(OTHER_URA, ("operator",)))
+    assert operator.status_code == 200, operator.text
+    assert [(v["version"], v["sender_ura"]) for v in operator.json()["versions"]] == [
+        (1, SENDER_URA),
+        (2, SENDER_URA),
+    ]
+    assert operator.json()["versions"] == body["versions"]
+    printed = "\n".join(describe(StudyStatus.model_validate(operator.json())))
+    assert f"version 1: failed  (from {SENDER_URA} to {RECIPIENT_URA}, 2 instances)" in printed
+    assert "delivered    " in printed and "2 sent, 0 already there" in printed
+    assert "association rejected by the receiver" in printed
+    assert v1.patient.pseudonym not in printed
+    # `beeldportaal study status UID` prints the same, read straight from the topics.
+    settings = NotifySettings(kafka=notify_api.kafka)
+    assert asyncio.run(_study_status(settings, uid, False, notify_api.topics.journey)) == 0
+    assert capsys.readouterr().out.strip() == printed
+    assert asyncio.run(_study_status(settings, make_uid(), False, notify_api.topics.journey)) == 1
+    nobody = notify_api.auth(SENDER_URA, ("patient-representative",))
+    assert notify_api.get(f"/studies/{uid}/status", nobody).status_code == 403
 
 
 def test_a_denied_send_is_reported_not_routed_with_the_reason(notify_api: RunningNotify) -> None:
