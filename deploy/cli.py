@@ -61,6 +61,12 @@ def _study(args: argparse.Namespace) -> int:
     return main.study_status(args.uid, as_json=args.json)
 
 
+def _observability(args: argparse.Namespace) -> int:
+    from deploy.observability import main
+
+    return main(args.prometheus)
+
+
 def _services(args: argparse.Namespace) -> int:
     from deploy.local.services import main
 
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag_help = "a label that makes this process recognisable in the process list"
 
     platform = commands.add_parser(
-        "platform", help="the local Kafka, S3 and PostgreSQL (state in .state/)"
+        "platform", help="the local Kafka, S3, PostgreSQL and Prometheus (state in .state/)"
     )
     platform.add_argument(
         "action",
@@ -173,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
         "down: stop what up started; status: exit 1 unless all run and are ready",
     )
     services.set_defaults(handler=_services)
+
+    observability = commands.add_parser(
+        "observability",
+        help="check the Prometheus rules and Grafana dashboards (promtool, then a live Prometheus)",
+    )
+    observability.add_argument("action", choices=("check",))
+    observability.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="the Prometheus to run every expression on (default: the local platform's)",
+    )
+    observability.set_defaults(handler=_observability)
 
     from deploy.tokens import add_token_commands
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, get_args
 
@@ -18,6 +19,7 @@ from prometheus_client import (
     process_collector,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 
 from shared.identifiers import contains_bsn, contains_pseudonym
 
@@ -26,6 +28,13 @@ PREFIX = "beeldportaal_"
 # fmt: off
 DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# fmt: on
+# One hop of a record through Kafka: a few ms when a worker keeps up, up to hours on a retry tier.
+# fmt: off
+HOP_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 7200.0, 14400.0,
 )
 # fmt: on
 
@@ -52,6 +61,18 @@ def safe_label(value: str) -> str:
     if contains_pseudonym(value):
         raise UnsafeLabel("label value looks like a patient pseudonym")
     return value
+
+
+def initialise(metric: MetricWrapperBase, *values: Iterable[str]) -> None:
+    """Create every combination of the given label values (in label order) at zero.
+
+    A labelled series only appears at its first increment, so a rule or a panel on, say, the
+    dead-lettered deliveries would see no series at all, not a zero, until the first one; and
+    ``rate()`` needs a sample before the increment to see it. Services initialise the closed
+    label sets they know (outcomes, channels, bases) when their metrics are made.
+    """
+    for combination in itertools.product(*values):
+        metric.labels(*(safe_label(v) for v in combination))
 
 
 def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
@@ -107,6 +128,26 @@ class ServiceMetrics:
             ["handler"],
             buckets=DURATION_BUCKETS,
         )
+        # Consumer-group members (shared.stream) record these; a process without one exports
+        # the metric families without samples.
+        self.consumer_lag = self.gauge(
+            "consumer_lag",
+            "Records on a partition this consumer-group member owns that it has not fetched "
+            "yet (the partition's highwater minus the member's position, after each fetch).",
+            ["group", "topic", "partition"],
+        )
+        self.consumer_partitions = self.gauge(
+            "consumer_assigned_partitions",
+            "Partitions assigned to this consumer-group member.",
+            ["group"],
+        )
+        self.stream_latency = self.histogram(
+            "stream_record_latency_seconds",
+            "From a record's append to its topic to the end of the batch that handled it (one "
+            "hop: waiting plus handling), by consumer group and topic.",
+            ["group", "topic"],
+            buckets=HOP_BUCKETS,
+        )
 
     # --- building blocks for service-specific metrics --------------------------------------------
 
@@ -127,6 +168,17 @@ class ServiceMetrics:
         return Histogram(
             PREFIX + name, documentation, labels, registry=self.registry, buckets=buckets
         )
+
+    def expect_stream(self, group: str, topics: Sequence[str]) -> None:
+        """Create the series a consumer group will record, at zero, before its first record:
+        a rule or panel on them works from start-up (a labelled series is otherwise born at
+        its first increment, and a rate over a missing series is no rate at all)."""
+        group = safe_label(group)
+        self.consumer_partitions.labels(group).set(0)
+        for topic in topics:
+            self.stream_latency.labels(group, safe_label(topic))
+            for error_class in ERROR_CLASSES:
+                self.events_failed.labels(safe_label(topic), error_class)
 
     # --- recording, every label value through safe_label -----------------------------------------
 

@@ -56,6 +56,13 @@ Stateful workers (study assembly keeps its studies per owned partition) have thr
 When a batch (or a tick) is handled again after a transient error, the partition hooks run
 first (revoked, then assigned, for every owned partition): the state changes of the aborted
 transaction are undone by rebuilding, so the replay starts from what was committed.
+
+Metrics (on the worker's :class:`~shared.metrics.ServiceMetrics`, labelled by consumer group):
+``consumer_lag`` per owned partition after every fetch (highwater minus position: records not
+fetched yet; a partition paused on a retry tier counts the records waiting there),
+``consumer_assigned_partitions``, and ``stream_record_latency_seconds`` per topic, from a
+record's append to the end of the batch that handled it (one hop). The series of the group's
+topics exist at zero from construction on.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -78,7 +85,7 @@ from shared.errors import PoisonEvent, TransientError
 from shared.events.base import Event
 from shared.kafka import KafkaEventPublisher
 from shared.logging import get_logger, kafka_position
-from shared.metrics import ServiceMetrics
+from shared.metrics import ServiceMetrics, safe_label
 from shared.probes import ProbeServer
 from shared.settings import KafkaSettings
 
@@ -148,6 +155,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             self._worker._generation += 1
             if revoked:
                 await self._worker._partitions_hook("revoked", set(revoked))
+            self._worker._assignment_changed(set(revoked))
         if revoked:
             log.info("partitions revoked", worker=self._worker.name, partitions=len(revoked))
 
@@ -156,6 +164,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self._worker._batch_lock:
             self._worker._generation += 1
             await self._worker._partitions_hook("assigned", set(assigned))
+            self._worker._assignment_changed()
         self._worker.assigned.set()
 
 
@@ -224,6 +233,9 @@ class StreamWorker:
         self._failure: BaseException | None = None
         self.batches = 0
         self.records = 0
+        # The lag gauge's child per owned partition (removed when the partition goes).
+        self._lag_gauges: dict[TopicPartition, Any] = {}
+        metrics.expect_stream(self._group, self._topics)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -262,6 +274,8 @@ class StreamWorker:
         if consumer is not None:
             async with self._batch_lock:
                 await consumer.stop()  # leaves the group: its partitions move at once
+            self._forget_partitions(set(self._lag_gauges))
+            self._metrics.consumer_partitions.labels(self._group).set(0)
         await self._publisher.stop()
 
     async def __aenter__(self) -> StreamWorker:
@@ -291,6 +305,7 @@ class StreamWorker:
                     await fetch
                 break
             batch: dict[TopicPartition, list[Any]] = fetch.result()
+            await self._record_lag(consumer)
             if not any(batch.values()):
                 if self._tick is None or time.monotonic() < self._next_tick:
                     continue
@@ -410,6 +425,7 @@ class StreamWorker:
             return waits
         self.batches += 1
         self.records += sum(len(records) for records in batch.values())
+        self._record_latency(batch, waits)
         return waits
 
     async def _handle_partition(
@@ -492,6 +508,56 @@ class StreamWorker:
         if self._consumer is None:
             raise RuntimeError(f"worker {self.name} is not started")
         return self._consumer
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Highwater minus position for every owned partition a fetch has seen (its highwater
+        is known only then)."""
+        for tp in consumer.assignment():
+            try:
+                high = consumer.highwater(tp)
+                if high is None:
+                    continue
+                # Known once the partition was fetched: returns without waiting.
+                lag = max(0, high - await consumer.position(tp))
+            except (KafkaError, AssertionError):
+                continue  # the partition went in a rebalance meanwhile
+            gauge = self._lag_gauges.get(tp)
+            if gauge is None:
+                gauge = self._lag_gauges[tp] = self._metrics.consumer_lag.labels(
+                    self._group, safe_label(tp.topic), str(tp.partition)
+                )
+            gauge.set(lag)
+
+    def _assignment_changed(self, revoked: Collection[TopicPartition] = ()) -> None:
+        self._forget_partitions(revoked)
+        consumer = self._consumer
+        owned = len(consumer.assignment()) if consumer is not None else 0
+        self._metrics.consumer_partitions.labels(self._group).set(owned)
+
+    def _forget_partitions(self, partitions: Collection[TopicPartition]) -> None:
+        """A partition no longer owned has no lag here (its new owner reports it)."""
+        for tp in partitions:
+            if self._lag_gauges.pop(tp, None) is not None:
+                with contextlib.suppress(KeyError):
+                    self._metrics.consumer_lag.remove(self._group, tp.topic, str(tp.partition))
+
+    def _record_latency(
+        self, batch: dict[TopicPartition, list[Any]], waits: dict[TopicPartition, tuple[Any, float]]
+    ) -> None:
+        """Each handled record's hop: from its append (the record's timestamp) to now, when
+        what it caused is acknowledged. A record left waiting (not due) is not handled yet."""
+        now_ms = time.time() * 1000
+        for tp, records in batch.items():
+            stop_at = waits[tp][0].offset if tp in waits else None
+            histogram = self._metrics.stream_latency.labels(self._group, safe_label(tp.topic))
+            for record in records:
+                if stop_at is not None and record.offset >= stop_at:
+                    break
+                timestamp = getattr(record, "timestamp", None)
+                if isinstance(timestamp, int) and timestamp > 0:
+                    histogram.observe(max(0.0, (now_ms - timestamp) / 1000))
 
     # --- operations -------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class LocalConfig:
     kafka_controller_port: int
     s3_port: int
     postgres_port: int
+    prometheus_port: int = 19090
     kafka_heap: str = "-Xms256m -Xmx1g"
 
     @classmethod
@@ -56,6 +57,7 @@ class LocalConfig:
             kafka_controller_port=_env_int("BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT", 19093),
             s3_port=_env_int("BEELDPORTAAL_LOCAL_S3_PORT", 19000),
             postgres_port=_env_int("BEELDPORTAAL_LOCAL_POSTGRES_PORT", 15432),
+            prometheus_port=_env_int("BEELDPORTAAL_LOCAL_PROMETHEUS_PORT", 19090),
         )
 
     @property
@@ -90,7 +92,13 @@ class LocalConfig:
             "BEELDPORTAAL_NOTIFY_PICKUP_KEY": self.secret("pickup-key", 48),
             # Services verify bearer tokens minted by `beeldportaal token mint` (dev issuer).
             "BEELDPORTAAL_AUTH_PUBLIC_KEYS": str(self.dev_jwt_dir / "dev-jwt.pub"),
+            # Where `beeldportaal observability check` and the tests find the local Prometheus.
+            "BEELDPORTAAL_PROMETHEUS_URL": self.prometheus_url,
         }
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
 
     @property
     def dev_jwt_dir(self) -> Path:

@@ -1,4 +1,5 @@
-"""`beeldportaal platform up|down|status`: the local Kafka, S3 and PostgreSQL as one unit."""
+"""`beeldportaal platform up|down|status`: the local Kafka, S3, PostgreSQL and Prometheus as one
+unit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from deploy.local.config import LocalConfig
 from deploy.local.kafka import Kafka
 from deploy.local.postgres import Postgres
 from deploy.local.processes import PlatformError
+from deploy.local.prometheus import Prometheus
 from deploy.local.s3 import S3Server
 from shared import migrations
 from shared.auth import ensure_dev_keypair
@@ -23,6 +25,7 @@ class Platform:
         self.kafka = Kafka(self.config)
         self.s3 = S3Server(self.config)
         self.postgres = Postgres(self.config)
+        self.prometheus = Prometheus(self.config)
         self.out = out
 
     def up(self) -> None:
@@ -41,6 +44,7 @@ class Platform:
             self.out(f"postgres: {self.postgres.start()}")
             applied = migrations.migrate(env["BEELDPORTAAL_POSTGRES_DSN"])
             self.out("schema:   " + (f"applied {applied}" if applied else "up to date"))
+            self.out(f"prometheus: {self.prometheus.start()}")
         except PlatformError:
             self.out("start-up failed; `beeldportaal platform down` stops what did start")
             raise
@@ -51,16 +55,18 @@ class Platform:
         bucket = env["BEELDPORTAAL_S3_BUCKET"]
         self.out(f"S3         http://{env['BEELDPORTAAL_S3_ENDPOINT']}  (bucket {bucket})")
         self.out(f"PostgreSQL {env['BEELDPORTAAL_POSTGRES_DSN']}")
+        self.out(f"Prometheus {self.prometheus.url}  (rules: {self.prometheus.rules_dir})")
         self.out(f"settings   {env_file}  (source it, or `eval $(beeldportaal platform env)`)")
 
     def down(self) -> None:
         # Reverse order of start; each stops only the pid it recorded.
         for name, component in (
+            ("prometheus", self.prometheus),
             ("postgres", self.postgres),
             ("s3", self.s3),
             ("kafka", self.kafka),
         ):
-            self.out(f"{name + ':':9} {'stopped' if component.stop() else 'was not running'}")
+            self.out(f"{name + ':':11} {'stopped' if component.stop() else 'was not running'}")
 
     def purge(self) -> None:
         """Stop everything, then delete every byte of state (data, logs, secrets)."""
@@ -76,10 +82,11 @@ class Platform:
             ("kafka", self.kafka),
             ("s3", self.s3),
             ("postgres", self.postgres),
+            ("prometheus", self.prometheus),
         ):
             state = component.status()
             healthy &= state.startswith("ready")
-            self.out(f"{name + ':':9} {state}")
+            self.out(f"{name + ':':11} {state}")
         return healthy
 
     def env(self) -> dict[str, str]:

@@ -1,15 +1,35 @@
-"""What the consent API exports on /metrics: requests, notifications, answers, the view's state.
+"""What consent exports on /metrics: the API (requests, notifications, answers, the view's state)
+and the decision worker (a decision per study version and purpose, by basis).
 
 Labels are routes, outcomes and decision names only: never a BSN, pseudonym or relationship id.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import ServiceMetrics, safe_label
+from shared.events.consent import Basis, Decision, Purpose
+from shared.metrics import DURATION_BUCKETS, ServiceMetrics, initialise, safe_label
+
+# The decision each basis gives (design.md, "Two flows, two legal bases").
+PERMIT_BASES = (
+    Basis.PRESUMED_REFERRAL,
+    Basis.EMERGENCY,
+    Basis.PRESUMED_UNVERIFIED_IDENTITY,
+    Basis.EXPLICIT_CONSENT,
+)
+DENY_BASES = (Basis.EXPLICIT_OBJECTION, Basis.NO_EXPLICIT_CONSENT, Basis.UNVERIFIED_IDENTITY)
+FLAGGED_BASES = (Basis.EMERGENCY, Basis.PRESUMED_UNVERIFIED_IDENTITY)
+NOTIFICATION_OUTCOMES = ("registered", "revoked", "duplicate", "pending", "rejected", "unavailable")
+
+
+def _initialise_decisions(counter: Any) -> None:
+    """Every (purpose, decision, basis) a decision can have, at zero."""
+    purposes = [p.value for p in Purpose]
+    initialise(counter, purposes, [Decision.PERMIT.value], [b.value for b in PERMIT_BASES])
+    initialise(counter, purposes, [Decision.DENY.value], [b.value for b in DENY_BASES])
 
 
 class ViewState(Protocol):
@@ -60,6 +80,8 @@ class ConsentMetrics(ServiceMetrics):
         self.view_caught_up = self.gauge(
             "consent_registry_view_caught_up", "1 when the API view holds the topics' history."
         )
+        _initialise_decisions(self.queries)
+        initialise(self.notifications, NOTIFICATION_OUTCOMES)
 
     def watch_view(self, view: ViewState) -> None:
         """Read the view's state at every scrape."""
@@ -79,3 +101,28 @@ class ConsentMetrics(ServiceMetrics):
 
     def query(self, purpose: str, decision: str, basis: str) -> None:
         self.queries.labels(safe_label(purpose), safe_label(decision), safe_label(basis)).inc()
+
+
+class DecisionMetrics(ServiceMetrics):
+    """The decision worker's (``beeldportaal consent decide``)."""
+
+    def __init__(self, *, registry: Any = None, version: str = "0.1.0") -> None:
+        super().__init__("consent", version, registry=registry)
+        self.decisions = self.counter(
+            "consent_decisions",
+            "consent-checked events, by purpose, decision and basis.",
+            ["purpose", "decision", "basis"],
+        )
+        self.flagged = self.counter(
+            "consent_decisions_flagged", "Decisions flagged for an operator, by basis.", ["basis"]
+        )
+        self.decision_latency = self.histogram(
+            "consent_decision_latency_seconds",
+            "From a study's announcement (study-received) to its decision.",
+            buckets=DURATION_BUCKETS,
+        )
+        self.registry_patients = self.gauge(
+            "consent_decisions_registry_patients", "Patients in the worker's registry view."
+        )
+        _initialise_decisions(self.decisions)
+        initialise(self.flagged, [b.value for b in FLAGGED_BASES])

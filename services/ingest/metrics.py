@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import ServiceMetrics
+from shared.events.common import IngestChannel
+from shared.metrics import ServiceMetrics, initialise
 
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600)
 _SIZE_BUCKETS = tuple(float(2**n) for n in range(10, 34, 2))  # 1 KiB .. 8 GiB
+CHANNELS = tuple(c.value for c in IngestChannel)
+INSTANCE_OUTCOMES = ("stored", "duplicate", "rejected", "failed")
+STUDY_KINDS = ("first", "follow-up")
+# STOW-RS answers (README "Sending a study") and DIMSE association outcomes (entrypoints.scp).
+STOW_STATUSES = ("200", "202", "400", "401", "404", "409", "413", "415", "503")
+ASSOCIATION_OUTCOMES = ("accepted", "rejected-limit", "rejected-called-ae", "rejected-calling-ae")
 
 
 class IngestMetrics(ServiceMetrics):
@@ -50,3 +57,10 @@ class IngestMetrics(ServiceMetrics):
             "From a study's first instance to its announcement.",
             buckets=_WAIT_BUCKETS,
         )
+        # The closed label sets, at zero from start-up (rules and dashboards rely on them).
+        initialise(self.instances_received, CHANNELS, INSTANCE_OUTCOMES)
+        initialise(self.bytes_received, CHANNELS)
+        initialise(self.request_duration, CHANNELS)
+        initialise(self.studies_assembled, STUDY_KINDS)
+        initialise(self.requests, STOW_STATUSES)
+        initialise(self.associations, ASSOCIATION_OUTCOMES)

@@ -12,7 +12,11 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import ServiceMetrics, safe_label
+from shared.metrics import ServiceMetrics, initialise, safe_label
+
+PICKUP_OUTCOMES = (
+    "ok", "malformed", "tampered", "expired", "forbidden", "not-found", "unavailable", "aborted",
+)  # fmt: skip
 
 
 class ViewState(Protocol):
@@ -69,6 +73,8 @@ class NotifyApiMetrics(ServiceMetrics):
         self.dead_letters = self.gauge(
             "notify_dead_letters", "Deliveries on the dead-letter topic, as the API sees it."
         )
+        initialise(self.pickups, PICKUP_OUTCOMES)
+        initialise(self.redriven, ("delivery-urgent", "delivery-routine"))
 
     def watch_view(self, name: str, view: ViewState) -> None:
         """Read a view's state at every scrape."""

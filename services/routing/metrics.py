@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import ServiceMetrics, safe_label
+from shared.events.common import DeliveryChannel, Urgency
+from shared.events.routing import RouteFailureReason
+from shared.metrics import ServiceMetrics, initialise, safe_label
 
 
 class RoutingMetrics(ServiceMetrics):
@@ -34,6 +36,12 @@ class RoutingMetrics(ServiceMetrics):
             "Directory API writes, by action (put, unchanged, remove).",
             ["action"],
         )
+        initialise(
+            self.routes_resolved, [c.value for c in DeliveryChannel], [u.value for u in Urgency]
+        )
+        initialise(self.routes_failed, [*(r.value for r in RouteFailureReason), "unknown"])
+        initialise(self.directory_writes, ("put", "unchanged", "remove"))
+        initialise(self.handler_duration, ("route",))
 
     def resolved(self, channel: str, priority: str) -> None:
         self.routes_resolved.labels(safe_label(channel), safe_label(priority)).inc()

@@ -11,7 +11,10 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from shared.metrics import ServiceMetrics, safe_label
+from shared.metrics import ServiceMetrics, initialise, safe_label
+
+ENDPOINTS = ("timeline-search", "qido-rs", "wado-rs", "access-log-search")
+ACCESS_OUTCOMES = ("allowed", "denied", "emergency")
 
 
 class ViewState(Protocol):
@@ -67,6 +70,9 @@ class TimelineMetrics(ServiceMetrics):
             "1 when a consent view holds its topics' history and has not failed.",
             ["view"],
         )
+        initialise(self.access_decisions, ENDPOINTS, ACCESS_OUTCOMES)
+        initialise(self.audit_records, ("written", "failed"))
+        initialise(self.wado_streams, ("ok", "aborted", "checksum-mismatch"))
 
     def watch_view(self, name: str, view: ViewState) -> None:
         """Read a view's state at every scrape."""

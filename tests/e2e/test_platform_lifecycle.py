@@ -53,7 +53,7 @@ def private_platform(tmp_path: Path):
     state = tmp_path / "state"
     state.mkdir()
     tmp_path.chmod(0o755)  # the postgres user must reach its cluster under here when we are root
-    kafka, controller, s3, pg = _free_ports(4)
+    kafka, controller, s3, pg, prometheus = _free_ports(5)
     env = {
         **os.environ,
         "BEELDPORTAAL_LOCAL_STATE_DIR": str(state),
@@ -61,6 +61,7 @@ def private_platform(tmp_path: Path):
         "BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT": str(controller),
         "BEELDPORTAAL_LOCAL_S3_PORT": str(s3),
         "BEELDPORTAAL_LOCAL_POSTGRES_PORT": str(pg),
+        "BEELDPORTAAL_LOCAL_PROMETHEUS_PORT": str(prometheus),
     }
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -76,7 +77,7 @@ def private_platform(tmp_path: Path):
         return result
 
     try:
-        yield cli, state, {"kafka": kafka, "s3": s3, "postgres": pg}
+        yield cli, state, {"kafka": kafka, "s3": s3, "postgres": pg, "prometheus": prometheus}
     finally:
         cli("purge", check=False)
 
@@ -86,6 +87,7 @@ def _recorded_pids(state: Path) -> dict[str, int]:
         "kafka": "kafka/kafka.pid",
         "s3": "s3/versitygw.pid",
         "postgres": "postgres/postgres.pid",
+        "prometheus": "prometheus/prometheus.pid",
     }
     return {name: int((state / f).read_text()) for name, f in files.items()}
 
@@ -106,6 +108,7 @@ def test_up_prints_where_everything_listens_and_down_leaves_nothing_running(
     assert f"Kafka      127.0.0.1:{ports['kafka']}" in up.stdout
     assert f"S3         http://127.0.0.1:{ports['s3']}" in up.stdout
     assert f"127.0.0.1:{ports['postgres']}/beeldportaal" in up.stdout
+    assert f"Prometheus http://127.0.0.1:{ports['prometheus']}" in up.stdout
     assert cli("status").returncode == 0
     pids = _recorded_pids(state)
     assert all(_alive(pid) for pid in pids.values())
@@ -116,17 +119,17 @@ def test_up_prints_where_everything_listens_and_down_leaves_nothing_running(
     )
 
     again = cli("up")  # idempotent: nothing new is started
-    assert again.stdout.count("already running") == 3
+    assert again.stdout.count("already running") == 4
     assert _recorded_pids(state) == pids
 
     down = cli("down")
-    assert down.stdout.count("stopped") == 3
+    assert down.stdout.count("stopped") == 4
     assert not any(_alive(pid) for pid in pids.values())
     assert _processes_mentioning(str(state)) == []
     assert _processes_mentioning(postgres_home) == []
     status = cli("status", check=False)
     assert status.returncode == 1
-    assert status.stdout.count("stopped") == 3
+    assert status.stdout.count("stopped") == 4
 
 
 def test_a_restarted_platform_keeps_its_data_and_is_not_reformatted(private_platform) -> None:

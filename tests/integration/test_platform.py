@@ -69,10 +69,11 @@ def test_status_reports_every_component_ready_and_up_is_idempotent() -> None:
     lines: list[str] = []
     platform = Platform(out=lines.append)
     assert platform.status() is True
-    assert [line.split(":")[0] for line in lines] == ["kafka", "s3", "postgres"]
+    assert [line.split(":")[0] for line in lines] == ["kafka", "s3", "postgres", "prometheus"]
     lines.clear()
     platform.up()  # already running: must not start a second anything
     assert any(line.startswith("kafka:") and "already running" in line for line in lines)
     assert any(line.startswith("s3:") and "already running" in line for line in lines)
     assert any(line.startswith("postgres:") and "already running" in line for line in lines)
+    assert any(line.startswith("prometheus:") and "already running" in line for line in lines)
     assert any(line.startswith("schema:") and "up to date" in line for line in lines)

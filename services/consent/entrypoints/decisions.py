@@ -46,13 +46,13 @@ from services.consent.domain.checks import (
     decide_study,
     provider_category,
 )
+from services.consent.metrics import DecisionMetrics
 from shared.codec import Codec
 from shared.errors import TransientError
 from shared.events import ConsentChecked, StudyReceived
 from shared.events.base import utcnow
 from shared.events.consent import Decision
 from shared.logging import configure_logging, correlation_context, get_logger
-from shared.metrics import DURATION_BUCKETS, ServiceMetrics
 from shared.stream import StreamWorker, Worker, decode_as, run_worker
 
 log = get_logger(__name__)
@@ -65,27 +65,6 @@ DIRECTORY_WAIT_SECONDS = 60.0
 REGISTRY_SYNC_SECONDS = 30.0
 # How long the worker waits for the registry view's first full read.
 REGISTRY_LOAD_SECONDS = 600.0
-
-
-class DecisionMetrics(ServiceMetrics):
-    def __init__(self, *, registry: Any = None, version: str = "0.1.0") -> None:
-        super().__init__("consent", version, registry=registry)
-        self.decisions = self.counter(
-            "consent_decisions",
-            "consent-checked events, by purpose, decision and basis.",
-            ["purpose", "decision", "basis"],
-        )
-        self.flagged = self.counter(
-            "consent_decisions_flagged", "Decisions flagged for an operator, by basis.", ["basis"]
-        )
-        self.decision_latency = self.histogram(
-            "consent_decision_latency_seconds",
-            "From a study's announcement (study-received) to its decision.",
-            buckets=DURATION_BUCKETS,
-        )
-        self.registry_patients = self.gauge(
-            "consent_decisions_registry_patients", "Patients in the worker's registry view."
-        )
 
 
 @dataclass

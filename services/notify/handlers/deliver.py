@@ -254,6 +254,15 @@ class Deliverer:
                     next_attempt_at=event.next_attempt_at,
                 )
         self.metrics.consumed(source, delivery.schema_name, outcome)
+        if outcome != "unknown":
+            destination = route.destination
+            self.metrics.attempt_concluded(
+                destination.organisation_ura,
+                destination.endpoint_id,
+                channel,
+                outcome,
+                retried=delivery.attempt > 1,
+            )
         self.metrics.instances.labels(channel, "sent").inc(len(attempt.results.stored))
         self.metrics.instances.labels(channel, "failed").inc(
             len(attempt.results.failed) + len(attempt.unsendable)
