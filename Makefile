@@ -5,11 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install up down status test test-unit lint bench-bus bench-ingest bench-decide bench-deliver bench-timeline clean
+.PHONY: help install up down demo status test test-unit lint bench-bus bench-ingest bench-decide bench-deliver bench-timeline clean
 
 help:
-	@echo "make up        install what is missing, start the platform (Kafka, S3, PostgreSQL) and the services"
-	@echo "make down      stop exactly what 'make up' started"
+	@echo "make up        install what is missing, start the platform (Kafka, S3, PostgreSQL, Prometheus) and the services"
+	@echo "make down      stop exactly what 'make up' and 'make demo' started"
+	@echo "make demo      on top of 'make up': two demo hospitals send a study each to an Orthanc; prints the journeys and the timeline"
 	@echo "make status    health of each platform component"
 	@echo "make test      install, start the platform, run every test tier, stop what it started"
 	@echo "make test-unit the unit tier only (no platform needed)"
@@ -37,6 +38,9 @@ up: install
 down:
 	@if [ -x $(BIN)/beeldportaal ]; then $(BIN)/beeldportaal services down; \
 		$(BIN)/beeldportaal platform down; else echo "nothing to stop (not installed)"; fi
+
+demo: install
+	$(BIN)/beeldportaal demo
 
 status: install
 	$(BIN)/beeldportaal platform status; $(BIN)/beeldportaal services status

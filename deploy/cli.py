@@ -73,6 +73,12 @@ def _services(args: argparse.Namespace) -> int:
     return main(args.action)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from deploy.local.demo import main
+
+    return main(args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beeldportaal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
         "down: stop what up started; status: exit 1 unless all run and are ready",
     )
     services.set_defaults(handler=_services)
+
+    demo = commands.add_parser(
+        "demo",
+        help="on top of `services up`: two demo hospitals send a study each (STOW-RS, C-STORE) "
+        "to an Orthanc standing in for their PACS; prints each journey and the timeline",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for every delivery and the timeline (default 180)",
+    )
+    demo.set_defaults(handler=_demo)
 
     observability = commands.add_parser(
         "observability",

@@ -4,6 +4,7 @@ Each service runs as `beeldportaal <service> <action> --tag <state>/services/<na
 platform's settings in its environment, logs to `<state>/services/<name>.log` and is tracked by
 pid (the tag in its argv proves a pid is still ours). Ports are fixed per service so the URLs
 printed by `make up` stay the same; override them with the usual BEELDPORTAAL_* settings.
+`down` also stops the Orthanc that `beeldportaal demo` starts as the demo's receiving PACS.
 """
 
 from __future__ import annotations
@@ -33,8 +34,41 @@ class ServiceSpec:
     metrics_url: str | None = None  # what Prometheus scrapes
 
 
+# The HTTP APIs: service -> (the setting naming its port, the default port).
+API_PORTS: dict[str, tuple[str, int]] = {
+    "ingest": ("BEELDPORTAAL_INGEST_HTTP_PORT", 8081),
+    "consent": ("BEELDPORTAAL_CONSENT_HTTP_PORT", 8082),
+    "routing": ("BEELDPORTAAL_ROUTING_HTTP_PORT", 8083),
+    "notify": ("BEELDPORTAAL_NOTIFY_HTTP_PORT", 8084),
+    "timeline": ("BEELDPORTAAL_TIMELINE_HTTP_PORT", 8085),
+}
+DIMSE_PORT = ("BEELDPORTAAL_INGEST_DIMSE_PORT", 11112)
+
+
 def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+def api_port(service: str) -> int:
+    return _port(*API_PORTS[service])
+
+
+def api_base_url(service: str) -> str:
+    """Where `services up` runs a service's HTTP API (the same settings decide)."""
+    return f"http://127.0.0.1:{api_port(service)}"
+
+
+def dimse_port() -> int:
+    return _port(*DIMSE_PORT)
+
+
+def _public_base_url(setting: str, port: int) -> dict[str, str]:
+    return {setting: os.environ.get(setting, f"http://127.0.0.1:{port}")}
+
+
+def directory_seed() -> Path:
+    """The provider directory seed `services up` publishes (and `demo` builds its PACS from)."""
+    return Path(os.environ.get("BEELDPORTAAL_ROUTING_DIRECTORY_SEED", str(DEMO_DIRECTORY)))
 
 
 def _worker(name: str, args: tuple[str, ...], setting: str, default_port: int, env=None):  # type: ignore[no-untyped-def]
@@ -51,13 +85,13 @@ def _worker(name: str, args: tuple[str, ...], setting: str, default_port: int, e
 
 
 def specs(config: LocalConfig) -> list[ServiceSpec]:
-    http = int(os.environ.get("BEELDPORTAAL_INGEST_HTTP_PORT", 8081))
-    dimse = int(os.environ.get("BEELDPORTAAL_INGEST_DIMSE_PORT", 11112))
-    base = f"http://127.0.0.1:{http}"
-    consent_port = int(os.environ.get("BEELDPORTAAL_CONSENT_HTTP_PORT", 8082))
-    notify_port = int(os.environ.get("BEELDPORTAAL_NOTIFY_HTTP_PORT", 8084))
-    timeline_port = int(os.environ.get("BEELDPORTAAL_TIMELINE_HTTP_PORT", 8085))
-    routing_port = int(os.environ.get("BEELDPORTAAL_ROUTING_HTTP_PORT", 8083))
+    http = api_port("ingest")
+    dimse = dimse_port()
+    base = api_base_url("ingest")
+    consent_port = api_port("consent")
+    notify_port = api_port("notify")
+    timeline_port = api_port("timeline")
+    routing_port = api_port("routing")
     ingest_env = {
         "BEELDPORTAAL_INGEST_HTTP_PORT": str(http),
         "BEELDPORTAAL_INGEST_PUBLIC_BASE_URL": base,
@@ -119,7 +153,12 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
             "routing-worker", ("routing", "route"), "BEELDPORTAAL_ROUTING_WORKER_METRICS_PORT", 8093
         ),
         _worker(
-            "notify-worker", ("notify", "deliver"), "BEELDPORTAAL_NOTIFY_WORKER_METRICS_PORT", 8094
+            "notify-worker",
+            ("notify", "deliver"),
+            "BEELDPORTAAL_NOTIFY_WORKER_METRICS_PORT",
+            8094,
+            # Portal pickup links in webhooks point at the notify API, wherever it listens.
+            _public_base_url("BEELDPORTAAL_NOTIFY_PUBLIC_BASE_URL", notify_port),
         ),
         ServiceSpec(
             "notify",
@@ -141,7 +180,10 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
         ServiceSpec(
             "timeline",
             ("timeline", "serve"),
-            {"BEELDPORTAAL_TIMELINE_HTTP_PORT": str(timeline_port)},
+            {
+                "BEELDPORTAAL_TIMELINE_HTTP_PORT": str(timeline_port),
+                **_public_base_url("BEELDPORTAAL_TIMELINE_PUBLIC_BASE_URL", timeline_port),
+            },
             ready_url=f"http://127.0.0.1:{timeline_port}/readyz",
             metrics_url=f"http://127.0.0.1:{timeline_port}/metrics",
             urls=(
@@ -189,7 +231,7 @@ class Services:
 
     def _seed_directory(self, env: dict[str, str]) -> None:
         """The demo providers into the directory (unchanged entries are not written again)."""
-        seed = os.environ.get("BEELDPORTAAL_ROUTING_DIRECTORY_SEED", str(DEMO_DIRECTORY))
+        seed = directory_seed()
         result = subprocess.run(
             [sys.executable, "-m", "deploy.cli", "routing", "seed", "--file", seed],
             env=env,
@@ -202,9 +244,14 @@ class Services:
         self.out(f"{'directory:':17} seeded from {seed}")
 
     def down(self) -> None:
+        from deploy.local.demo import stop_demo_orthanc
+
         for spec in reversed(specs(self.config)):
             stopped = self._process(spec).stop(timeout=45)
             self.out(f"{spec.name + ':':17} {'stopped' if stopped else 'was not running'}")
+        # The demo's receiving PACS last, so that a delivery notify finishes on its way out lands.
+        if stop_demo_orthanc(self.config):
+            self.out(f"{'demo-orthanc:':17} stopped")
 
     def status(self) -> bool:
         healthy = True
@@ -217,6 +264,11 @@ class Services:
             else:
                 state = f"running (pid {process.pid()})"
             self.out(f"{spec.name + ':':17} {state}")
+        from deploy.local.demo import demo_orthanc_pid
+
+        pid = demo_orthanc_pid(self.config)
+        if pid is not None:  # started by `beeldportaal demo`; not part of the services' health
+            self.out(f"{'demo-orthanc:':17} running (pid {pid})")
         return healthy
 
 
