@@ -662,10 +662,15 @@ class Worker:
 
 
 async def run_worker(
-    worker: Worker, *, metrics: ServiceMetrics, metrics_port: int | None = None
+    worker: Worker,
+    *,
+    metrics: ServiceMetrics,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run ``worker`` until SIGTERM/SIGINT, serving ``/healthz``, ``/readyz`` and ``/metrics`` on
-    127.0.0.1:``metrics_port`` (:mod:`shared.probes`).
+    ``metrics_host``:``metrics_port`` (:mod:`shared.probes`; a container binds 0.0.0.0 so the
+    kubelet and Prometheus reach it).
 
     A signal finishes and commits the batch in hand before the process exits; a fatal error
     propagates (the process exits non-zero and its supervisor restarts it).
@@ -676,7 +681,7 @@ async def run_worker(
     async with contextlib.AsyncExitStack() as stack:
         if metrics_port is not None:
             await stack.enter_async_context(
-                ProbeServer(metrics_port, metrics.registry, ready=worker.ready)
+                ProbeServer(metrics_port, metrics.registry, ready=worker.ready, host=metrics_host)
             )
         async with worker:
             log.info("worker running", worker=worker.name)

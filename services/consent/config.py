@@ -23,8 +23,10 @@ class ConsentSettings(ServiceSettings):
     # How long a write waits to be visible in the API's registry view before it answers.
     view_sync_timeout_seconds: float = Field(default=10.0, gt=0)
 
-    # The decision worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
+    # The decision worker: /healthz, /readyz and /metrics on <host>:<port>; None serves none.
     decisions_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where the worker's probes listen: 0.0.0.0 in a container, loopback on a workstation.
+    decisions_metrics_host: str = "127.0.0.1"
     # The Mitz data category a study's images and reports fall under.
     data_category: str = "GGC002"
     # Provider type (directory type_code) -> the Mitz requesting-provider category of a

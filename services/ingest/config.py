@@ -48,7 +48,9 @@ class IngestSettings(ServiceSettings):
     # came for this long (capped at the stable age): the rest of that request is still arriving.
     # A straggler later than this is not lost: it makes a version 2.
     assembly_completion_quiet_seconds: float = Field(default=0.5, ge=0)
-    # Prometheus /metrics of the assembly worker on 127.0.0.1:<port>; None serves none.
+    # The assembly worker: /healthz, /readyz and /metrics on <host>:<port>; None serves none.
     assembly_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where the worker's probes listen: 0.0.0.0 in a container, loopback on a workstation.
+    assembly_metrics_host: str = "127.0.0.1"
     # Table state of the assembly agent (rocksdb); None keeps it in memory (tests).
     state_dir: Path | None = None

@@ -17,8 +17,10 @@ class NotifySettings(ServiceSettings):
 
     service_name: str = "notify"
 
-    # The delivery worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
+    # The delivery worker: /healthz, /readyz and /metrics on <host>:<port>; None serves none.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where the worker's probes listen: 0.0.0.0 in a container, loopback on a workstation.
+    worker_metrics_host: str = "127.0.0.1"
     # Growing delays between attempts; after the last one the delivery is dead-lettered. Each
     # delay is a topic (delivery-retry-<delay>) that shared.topics must declare.
     retry_delays: tuple[float, ...] = DEFAULT_DELAYS

@@ -27,7 +27,9 @@ class RoutingSettings(ServiceSettings):
     # waiting: routing against a half-read directory would fail studies it could deliver).
     view_start_timeout_seconds: float = Field(default=60.0, gt=0)
 
-    # The routing worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
+    # The routing worker: /healthz, /readyz and /metrics on <host>:<port>; None serves none.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where the worker's probes listen: 0.0.0.0 in a container, loopback on a workstation.
+    worker_metrics_host: str = "127.0.0.1"
     # A YAML seed (Directory.load_yaml) that `seed` publishes; see deploy/local/demo-directory.yaml.
     directory_seed: Path | None = None

@@ -22,8 +22,10 @@ class TimelineSettings(ServiceSettings):
     # The base URL clients reach the API at (FHIR fullUrl, DICOMweb RetrieveURL).
     public_base_url: str = "http://127.0.0.1:8085"
 
-    # The projection worker: Prometheus /metrics on 127.0.0.1:<port>; None serves none.
+    # The projection worker: /healthz, /readyz and /metrics on <host>:<port>; None serves none.
     projection_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where the worker's probes listen: 0.0.0.0 in a container, loopback on a workstation.
+    projection_metrics_host: str = "127.0.0.1"
     # Events per projection batch (one PostgreSQL transaction each).
     projection_batch: int = Field(default=2000, ge=1, le=100_000)
 

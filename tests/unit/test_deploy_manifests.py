@@ -350,9 +350,10 @@ def test_kubernetes_probes_ask_the_port_the_settings_give_each_process(
         assert _probe_target(container["startupProbe"], container) == (port, "/healthz"), name
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(port), name
+        # kubelet probes and Prometheus arrive on the pod's address, not the loopback.
+        host_field = "http_host" if inputs is None else port_field.replace("_port", "_host")
+        assert getattr(settings, host_field) == "0.0.0.0", name
         if inputs is None:
-            # kubelet probes arrive on the pod's address, not the loopback.
-            assert settings.http_host == "0.0.0.0", name  # type: ignore[attr-defined]
             assert {"containerPort": port, "name": "http"} in container["ports"], name
 
 
@@ -403,8 +404,9 @@ def test_compose_healthchecks_ask_readyz_on_the_port_the_settings_give(
         assert port is not None, f"{name}: {port_field} is not set"
         command = " ".join(service["healthcheck"]["test"])
         assert f"http://127.0.0.1:{port}/readyz" in command, name
-        if inputs is None:
-            assert settings.http_host == "0.0.0.0", name  # type: ignore[attr-defined]
+        # Prometheus scrapes each container over the compose network, not its loopback.
+        host_field = "http_host" if inputs is None else port_field.replace("_port", "_host")
+        assert getattr(settings, host_field) == "0.0.0.0", name
 
 
 def test_prometheus_in_compose_scrapes_every_process_on_its_metrics_port(

@@ -177,4 +177,11 @@ def main(settings: ConsentSettings) -> None:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     metrics = DecisionMetrics()
     worker = build_decision_worker(settings, metrics=metrics)
-    asyncio.run(run_worker(worker, metrics=metrics, metrics_port=settings.decisions_metrics_port))
+    asyncio.run(
+        run_worker(
+            worker,
+            metrics=metrics,
+            metrics_port=settings.decisions_metrics_port,
+            metrics_host=settings.decisions_metrics_host,
+        )
+    )

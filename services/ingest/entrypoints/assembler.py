@@ -502,4 +502,11 @@ def main(settings: IngestSettings) -> None:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     metrics = IngestMetrics()
     worker = build_assembler(settings, metrics=metrics)
-    asyncio.run(run_worker(worker, metrics=metrics, metrics_port=settings.assembly_metrics_port))
+    asyncio.run(
+        run_worker(
+            worker,
+            metrics=metrics,
+            metrics_port=settings.assembly_metrics_port,
+            metrics_host=settings.assembly_metrics_host,
+        )
+    )

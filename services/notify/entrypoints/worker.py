@@ -172,7 +172,12 @@ async def _run(settings: NotifySettings) -> None:
     asyncio.get_running_loop().set_default_executor(executor)
     metrics = NotifyWorkerMetrics()
     worker = build_notify_worker(settings, metrics=metrics)
-    await run_worker(worker, metrics=metrics, metrics_port=settings.worker_metrics_port)
+    await run_worker(
+        worker,
+        metrics=metrics,
+        metrics_port=settings.worker_metrics_port,
+        metrics_host=settings.worker_metrics_host,
+    )
 
 
 def main(settings: NotifySettings) -> None:

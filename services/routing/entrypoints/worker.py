@@ -158,4 +158,11 @@ def main(settings: RoutingSettings) -> None:
     configure_logging(f"{settings.service_name}-worker", settings.log_level, settings.log_json)
     metrics = RoutingMetrics()
     worker = build_routing_worker(settings, metrics=metrics)
-    asyncio.run(run_worker(worker, metrics=metrics, metrics_port=settings.worker_metrics_port))
+    asyncio.run(
+        run_worker(
+            worker,
+            metrics=metrics,
+            metrics_port=settings.worker_metrics_port,
+            metrics_host=settings.worker_metrics_host,
+        )
+    )

@@ -141,4 +141,11 @@ def main(settings: TimelineSettings) -> None:
         log.info("migrations applied", migrations=applied)
     metrics = ProjectionMetrics()
     worker = build_projection(settings, metrics=metrics)
-    asyncio.run(run_worker(worker, metrics=metrics, metrics_port=settings.projection_metrics_port))
+    asyncio.run(
+        run_worker(
+            worker,
+            metrics=metrics,
+            metrics_port=settings.projection_metrics_port,
+            metrics_host=settings.projection_metrics_host,
+        )
+    )
