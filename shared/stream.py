@@ -78,10 +78,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from shared.codec import Codec
-from shared.errors import PoisonEvent, TransientError
+from shared.errors import FatalError, PoisonEvent, TransientError
 from shared.events.base import Event
 from shared.kafka import KafkaEventPublisher
 from shared.logging import get_logger, kafka_position
@@ -410,17 +410,27 @@ class StreamWorker:
         offsets = self._offsets(batch, waits)
         if not outgoing and not offsets:
             return waits
+        producer = await self._publisher.ready()
         try:
             if self._transactional:
-                producer = self._publisher.producer
                 async with producer.transaction():
                     await asyncio.gather(*[await self._send(item) for item in outgoing])
                     if offsets:
                         await producer.send_offsets_to_transaction(offsets, self._group)
             else:
                 await asyncio.gather(*[await self._send(item) for item in outgoing])
-        except KafkaError as exc:
-            raise TransientError(f"publishing failed: {exc}") from exc
+        except ProducerFenced as exc:
+            # Another member runs under this transactional id (a replica started with the same
+            # BEELDPORTAAL_REPLICA_ID, or this one was presumed dead): stop, never fence it back.
+            raise FatalError(f"{self.name}: producer fenced: {exc}") from exc
+        except TransientError as exc:
+            await self._publisher.failed(producer, exc.__cause__ or exc)
+            raise
+        except (KafkaError, AssertionError) as exc:
+            # AssertionError: aiokafka's transaction manager asserts its state machine, and a
+            # transaction whose connection dropped is left in a state it refuses to leave.
+            await self._publisher.failed(producer, exc)
+            raise TransientError(f"publishing failed: {exc!r}") from exc
         if not batch:
             return waits
         self.batches += 1
@@ -450,11 +460,13 @@ class StreamWorker:
 
     async def _send(self, item: Outgoing) -> asyncio.Future[Any]:
         if isinstance(item, RawRecord):
+            producer = await self._publisher.ready()
             try:
-                return await self._publisher.producer.send(
+                return await producer.send(
                     item.topic, value=item.value, key=item.key, partition=item.partition
                 )
             except KafkaError as exc:
+                await self._publisher.failed(producer, exc)
                 raise TransientError(f"publishing failed: {exc}") from exc
         if isinstance(item, tuple):
             topic, event = item
