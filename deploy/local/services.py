@@ -114,7 +114,6 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
                 f"C-STORE    127.0.0.1:{dimse}  called AE BP_DEMO_OOST | BP_DEMO_WEST,"
                 " calling AE OOST_PACS | WEST_PACS",
                 f"API docs   {base}/docs",
-                f"metrics    {base}/metrics",
             ),
         ),
         _worker(
@@ -228,6 +227,13 @@ class Services:
         for spec in specs(self.config):
             for url in spec.urls:
                 self.out(url)
+        self.out("")
+        self.out("/healthz, /readyz and /metrics of every process:")
+        for spec in specs(self.config):
+            if spec.metrics_url:
+                self.out(f"  {spec.name:20} {spec.metrics_url.removesuffix('/metrics')}")
+        prometheus = self.config.prometheus_url
+        self.out(f"Prometheus {prometheus}  (alerts: {prometheus}/alerts)")
 
     def _seed_directory(self, env: dict[str, str]) -> None:
         """The demo providers into the directory (unchanged entries are not written again)."""
