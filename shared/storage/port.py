@@ -19,9 +19,13 @@ _KEY_CHARACTERS = re.compile(r"[A-Za-z0-9._/-]+")
 # Every rule of validate_key in one pattern: segments of the allowed characters, none of them
 # "." or "..", joined by single slashes. Events carry one key per instance and are decoded by
 # the thousand per second, so the common case costs one match; a refusal is then explained by
-# the checks below.
-_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"
-_VALID_KEY = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+# the checks below. No look-around: the same pattern is an event field's constraint
+# (``shared.events.common.ObjectKey``), which pydantic-core checks with Rust's regex engine,
+# without calling back into Python. A segment starts with a character other than a dot, or is
+# one dot and a non-dot, or two dots and at least one more character.
+_SEGMENT = r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)"
+OBJECT_KEY_PATTERN = rf"{_SEGMENT}(?:/{_SEGMENT})*"
+_VALID_KEY = re.compile(OBJECT_KEY_PATTERN)
 # User metadata travels as HTTP headers (x-amz-meta-<name>): keep names to lowercase tokens, since
 # S3 lowercases them anyway, and values to printable ASCII, the only thing every S3 returns intact.
 _METADATA_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")

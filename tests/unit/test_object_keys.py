@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
 
+from shared.events.common import ObjectKey
 from shared.storage.port import MAX_KEY_LENGTH, InvalidObjectKey, validate_key
 
 
@@ -47,3 +49,26 @@ def test_keys_a_filesystem_or_proxy_could_rewrite_are_refused(key: str) -> None:
 @pytest.mark.parametrize("key", ["a/.b/..c/b.", "...", "a/.../b", "x" * 1024, "0"])
 def test_dots_inside_a_segment_are_fine(key: str) -> None:
     assert accepted(key)
+
+
+class _Holder(BaseModel):
+    key: ObjectKey
+
+
+def accepted_in_an_event(key: str) -> bool:
+    try:
+        return _Holder(key=key).key == key
+    except ValidationError:
+        return False
+
+
+# The event field's pattern runs in pydantic-core's (Rust) regex engine, where "$" and
+# character classes could differ from Python's re: newlines and non-ASCII are in the alphabet.
+@given(st.text(alphabet="a9./-_Zé \x00\n", max_size=12))
+def test_an_event_field_accepts_exactly_the_keys_the_store_accepts(key: str) -> None:
+    assert accepted_in_an_event(key) == accepted(key) == follows_the_rules(key)
+
+
+@pytest.mark.parametrize("key", ["a\n", "a/\n", "..", "a/..", ".", "x" * 1025, "...", ".a/..b"])
+def test_edge_keys_read_the_same_in_an_event_and_in_the_store(key: str) -> None:
+    assert accepted_in_an_event(key) == accepted(key)
