@@ -55,6 +55,7 @@ class Codec:
             (CORRELATION_HEADER, event.correlation_id.encode()),
             (PRODUCER_HEADER, event.producer.encode()),
             (CONTENT_TYPE_HEADER, CONTENT_TYPE),
+            *event.filter_headers(),
         )
         return Record(
             topic=type(event).topic,
@@ -109,6 +110,15 @@ class Codec:
     def decode_record(self, record: Any) -> Event:
         """Decode an aiokafka ``ConsumerRecord`` (or anything with ``value`` and ``headers``)."""
         return self.decode(record.value, record.headers)
+
+
+def header(record: Any, name: str) -> bytes | None:
+    """The value of header ``name`` of an aiokafka ``ConsumerRecord`` (the first, if repeated),
+    or None; for filtering on an event's ``filter_headers`` before decoding its value."""
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value)
+    return None
 
 
 def _summarise(exc: ValidationError, limit: int = 5) -> str:

@@ -16,6 +16,7 @@ from shared.events.common import (
     Urgency,
 )
 from shared.events.consent import (
+    PURPOSE_HEADER,
     Basis,
     ConsentChecked,
     ConsentRegistered,
@@ -38,6 +39,7 @@ from shared.events.ingest import InstanceStored, StudyReceived
 from shared.events.routing import Destination, RouteFailed, RouteResolved
 
 __all__ = [
+    "PURPOSE_HEADER",
     "REPORT_SOP_CLASSES",
     "AccessLogged",
     "AuditAction",

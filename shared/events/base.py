@@ -42,6 +42,12 @@ class Event(Model):
         """The Kafka message key: events of one aggregate share it so they stay ordered."""
         raise NotImplementedError(f"{type(self).__name__} must define partition_key()")
 
+    def filter_headers(self) -> tuple[tuple[str, bytes], ...]:
+        """Kafka headers repeating a fact of the value that consumers filter on, so a consumer
+        can pass over a record that is not for it without decoding the value (none by default).
+        """
+        return ()
+
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -92,6 +92,11 @@ class TreatmentRelationshipEnded(Event):
         return self.patient
 
 
+# The Kafka header that repeats ConsentChecked.purpose (see Event.filter_headers): routing
+# passes over timeline decisions and the timeline over delivery decisions without decoding them.
+PURPOSE_HEADER = "purpose"
+
+
 class Purpose(StrEnum):
     DELIVERY = "delivery"  # targeted send to the named recipient
     TIMELINE = "timeline"  # inclusion in the patient's cross-institution timeline
@@ -134,3 +139,6 @@ class ConsentChecked(Event):
 
     def partition_key(self) -> str:
         return self.study.study_instance_uid
+
+    def filter_headers(self) -> tuple[tuple[str, bytes], ...]:
+        return ((PURPOSE_HEADER, self.purpose.value.encode()),)

@@ -21,11 +21,14 @@ from shared.codec import (
     SCHEMA_HEADER,
     Codec,
     Record,
+    header,
 )
 from shared.errors import BeeldportaalError, PoisonEvent
 from shared.events import (
+    PURPOSE_HEADER,
     BsnStatus,
     Event,
+    Purpose,
     RouteFailed,
     SchemaRegistry,
     StudyReceived,
@@ -35,6 +38,7 @@ from shared.events import (
 )
 from shared.identifiers import contains_bsn
 from tests.factories import (
+    make_consent_checked,
     make_consent_revoked,
     make_delivered,
     make_instance_ref,
@@ -127,6 +131,22 @@ def test_a_consumer_record_from_aiokafka_decodes() -> None:
         headers=record.headers,
     )
     assert codec.decode_record(consumed) == event
+
+
+@pytest.mark.parametrize("purpose", list(Purpose))
+def test_a_consent_decision_repeats_its_purpose_in_a_header_to_filter_on(purpose: Purpose) -> None:
+    event = make_consent_checked(purpose=purpose)
+    record = codec.encode(event)
+    assert header(record, PURPOSE_HEADER) == purpose.value.encode()
+    assert codec.decode(record.value, record.headers) == event
+
+
+def test_events_without_filter_headers_carry_only_the_envelope_headers() -> None:
+    record = codec.encode(make_study_received())
+    assert header(record, PURPOSE_HEADER) is None
+    assert [name for name, _ in record.headers] == [
+        SCHEMA_HEADER, EVENT_ID_HEADER, CORRELATION_HEADER, PRODUCER_HEADER, CONTENT_TYPE_HEADER
+    ]  # fmt: skip
 
 
 def test_header_order_and_headers_added_by_others_do_not_matter() -> None:

@@ -30,9 +30,9 @@ from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, Directo
 from services.routing.config import RoutingSettings
 from services.routing.domain.route import PRODUCER, route
 from services.routing.metrics import RoutingMetrics
-from shared.codec import Codec
+from shared.codec import Codec, header
 from shared.errors import FatalError
-from shared.events import ConsentChecked
+from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
 from shared.events.routing import RouteFailed, RouteResolved
 from shared.logging import configure_logging, correlation_context, get_logger
 from shared.stream import StreamWorker, Worker, decode_as, run_worker
@@ -41,6 +41,8 @@ from shared.topic_view import ViewFailed
 log = get_logger(__name__)
 
 SERVICE = "routing"
+# Timeline decisions carry this purpose header (Event.filter_headers).
+_TIMELINE = Purpose.TIMELINE.value.encode()
 
 
 @dataclass
@@ -71,6 +73,10 @@ class Router:
             raise FatalError("the provider directory view failed")
 
     async def handle(self, record: Any) -> Sequence[RouteResolved | RouteFailed]:
+        if header(record, PURPOSE_HEADER) == _TIMELINE:
+            # A timeline decision, said by its header: not ours, and not worth decoding.
+            self.metrics.consumed(record.topic, ConsentChecked.schema_name, "not-routed")
+            return ()
         checked = decode_as(self.codec, record, ConsentChecked)
         with correlation_context(checked.correlation_id):
             with self.metrics.time_handler("route"):

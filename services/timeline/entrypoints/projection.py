@@ -29,8 +29,15 @@ from typing import Any
 from services.timeline.adapters.store import PostgresTimeline, ProjectionBatch
 from services.timeline.config import TimelineSettings
 from shared import migrations
-from shared.codec import Codec
-from shared.events import ConsentChecked, ConsentRevoked, Delivered, StudyReceived
+from shared.codec import Codec, header
+from shared.events import (
+    PURPOSE_HEADER,
+    ConsentChecked,
+    ConsentRevoked,
+    Delivered,
+    Purpose,
+    StudyReceived,
+)
 from shared.logging import configure_logging, get_logger
 from shared.metrics import DURATION_BUCKETS, ServiceMetrics, safe_label
 from shared.stream import Outgoing, StreamWorker, Worker, decode_as, run_worker
@@ -38,6 +45,9 @@ from shared.stream import Outgoing, StreamWorker, Worker, decode_as, run_worker
 log = get_logger(__name__)
 
 SERVICE = "timeline-projection"
+# Delivery decisions carry this purpose header: passed over without decoding (half the
+# consent-checked records, each carrying a whole study snapshot).
+_DELIVERY = Purpose.DELIVERY.value.encode()
 # The topics the projection reads, as declared (``rename`` maps them to test copies).
 TOPICS = (StudyReceived.topic, ConsentChecked.topic, ConsentRevoked.topic, Delivered.topic)
 PROJECTED = (StudyReceived, ConsentChecked, ConsentRevoked, Delivered)
@@ -74,6 +84,10 @@ class Projector:
         self._batch, self._outcomes, self._records = ProjectionBatch(), Counter(), 0
 
     async def handle(self, record: Any) -> Sequence[Outgoing]:
+        if header(record, PURPOSE_HEADER) == _DELIVERY:
+            self._outcomes[(record.topic, ConsentChecked.schema_name, "ignored")] += 1
+            self._records += 1
+            return ()
         # A record that does not decode raises PoisonEvent: the worker logs and skips it.
         event = decode_as(self.codec, record, *PROJECTED)
         self._outcomes[(record.topic, event.schema_name, self._batch.add(event))] += 1
@@ -83,8 +97,9 @@ class Projector:
     async def tick(self) -> Sequence[Outgoing]:
         if not self._records:
             return ()  # a tick without a batch, or a batch of poison only
-        with self.metrics.batch_seconds.time():
-            await self.store.apply(self._batch)
+        if self._batch:  # not a batch of delivery decisions only
+            with self.metrics.batch_seconds.time():
+                await self.store.apply(self._batch)
         # Counted once the transaction committed: a retried batch is not counted twice.
         self.metrics.batch_events.observe(self._records)
         for (topic, schema, outcome), n in self._outcomes.items():

@@ -93,6 +93,19 @@ async def test_a_batch_is_folded_and_applied_once_by_the_tick_delivery_decisions
     assert len(store.batches) == 1
 
 
+async def test_a_delivery_decision_is_passed_over_by_its_purpose_header_without_decoding() -> None:
+    store = FakeStore()
+    worker, metrics = projector(store)
+    delivery = record(make_consent_checked(purpose=Purpose.DELIVERY))
+    # Not even looked at: a value that would be poison if it were decoded.
+    delivery.value = b"{not json"
+    await worker.prepare()
+    assert await worker.handle(delivery) == ()
+    await worker.tick()
+    assert store.batches == []  # nothing to apply: an empty fold is not written
+    assert consumed(metrics, "consent-checked", "consent.checked.v1", "ignored") == 1
+
+
 async def test_a_record_that_does_not_decode_is_poison_for_the_worker_to_skip() -> None:
     worker, _ = projector(FakeStore())
     await worker.prepare()
