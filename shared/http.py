@@ -11,6 +11,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from shared.metrics import ServiceMetrics
+from shared.runtime import tune_gc
 
 # uvicorn handles SIGTERM/SIGINT: it stops accepting, drains requests in flight for up to this
 # long, then runs the app's lifespan shutdown.
@@ -19,6 +20,7 @@ GRACEFUL_SHUTDOWN_SECONDS = 30
 
 def http_server(app: Any, host: str, port: int) -> uvicorn.Server:
     """A uvicorn server for ``app``; ``await server.serve()`` runs it until SIGTERM/SIGINT."""
+    tune_gc()
     return uvicorn.Server(
         uvicorn.Config(
             app,

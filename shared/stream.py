@@ -87,6 +87,7 @@ from shared.kafka import KafkaEventPublisher
 from shared.logging import get_logger, kafka_position
 from shared.metrics import ServiceMetrics, safe_label
 from shared.probes import ProbeServer
+from shared.runtime import tune_gc
 from shared.settings import KafkaSettings
 
 log = get_logger(__name__)
@@ -687,6 +688,7 @@ async def run_worker(
     A signal finishes and commits the batch in hand before the process exits; a fatal error
     propagates (the process exits non-zero and its supervisor restarts it).
     """
+    tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)

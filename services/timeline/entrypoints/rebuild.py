@@ -55,6 +55,7 @@ from shared.codec import Codec
 from shared.errors import FatalError, PoisonEvent
 from shared.events import ConsentRevoked
 from shared.logging import get_logger
+from shared.runtime import tune_gc
 from shared.stream import decode_as, position
 
 log = get_logger(__name__)
@@ -111,6 +112,7 @@ async def rebuild(
 ) -> RebuildReport:
     """Empty the projection's tables and replay the topics into them until caught up with the
     end offsets at start; the projection worker must be stopped (see the module docstring)."""
+    tune_gc()
     started = time.monotonic()
     names = dict(rename or {})
     topics = [names.get(topic, topic) for topic in TOPICS]

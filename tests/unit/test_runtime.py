@@ -1,0 +1,28 @@
+"""tune_gc: the start-up heap is frozen and young collections are rarer."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from shared.runtime import YOUNG_THRESHOLD, tune_gc
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_the_heap_alive_at_start_up_is_frozen_and_young_collections_are_rarer() -> None:
+    gc.unfreeze()
+    alive_before = len(gc.get_objects())
+    tune_gc()
+    assert gc.get_freeze_count() >= alive_before // 2  # the start-up heap, not a few objects
+    assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    assert gc.isenabled()  # cycles are still collected, only less often
