@@ -48,6 +48,7 @@ from shared.events import BsnStatus, PatientRef, StudyReceived
 from shared.events.consent import ConsentRegistered, Provision
 from shared.kafka import KafkaEventPublisher, delete_topics_containing, provision_topics
 from shared.logging import configure_logging
+from shared.runtime import tune_gc
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec
 from tests.factories import make_pseudonym
@@ -117,6 +118,7 @@ def consent_worker(bootstrap: str, tag: str, patients: int, ready: Any, stop: An
     registry = worker.views[0]
 
     async def run() -> None:
+        tune_gc()  # as run_worker does in the production process
         started = time.monotonic()
         async with worker:
             await registry.wait_caught_up(TIMEOUT * 10)  # type: ignore[attr-defined]
@@ -129,7 +131,7 @@ def consent_worker(bootstrap: str, tag: str, patients: int, ready: Any, stop: An
             await _run_until(worker, stop)
         ready.put({"consent_worker_cpu_seconds": _cpu_seconds()})
 
-    asyncio.run(run())
+    _profiled("consent", lambda: asyncio.run(run()))
 
 
 def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
@@ -151,12 +153,29 @@ def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
     )
 
     async def run() -> None:
+        tune_gc()  # as run_worker does in the production process
         async with worker:
             ready.put({"routing_worker": "started"})
             await _run_until(worker, stop)
         ready.put({"routing_worker_cpu_seconds": _cpu_seconds()})
 
-    asyncio.run(run())
+    _profiled("routing", lambda: asyncio.run(run()))
+
+
+def _profiled(name: str, run: Any) -> None:
+    """Run a worker process's loop, under cProfile when ``BENCH_PROFILE`` names a directory
+    (``<dir>/<name>.prof``, for ``python -m pstats``): where a worker's CPU goes."""
+    directory = os.environ.get("BENCH_PROFILE")
+    if not directory:
+        run()
+        return
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        profile.runcall(run)
+    finally:
+        profile.dump_stats(os.path.join(directory, f"{name}.prof"))
 
 
 async def _run_until(worker: Any, stop: Any) -> None:

@@ -273,8 +273,12 @@ def beeldportaal_target() -> Iterator[tuple[Target, Any]]:
         )
         log_file = open(work / "ingest.log", "wb")  # noqa: SIM115 - closed by the stack
         stack.callback(log_file.close)
+        # BENCH_PROFILE=<dir>: the server runs under cProfile (its event loop thread), written
+        # to <dir>/ingest.prof when it stops.
+        profile = os.environ.get("BENCH_PROFILE")
+        profiler = ["-m", "cProfile", "-o", f"{profile}/ingest.prof"] if profile else []
         server = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "ingest", "serve"],
+            [sys.executable, *profiler, "-m", "deploy.cli", "ingest", "serve"],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,6 +57,14 @@ def safe_label(value: str) -> str:
     """
     if not isinstance(value, str):
         raise UnsafeLabel(f"a label value must be a str, not {type(value).__name__}")
+    return _checked_label(value)
+
+
+# Label values come from small closed sets (topics, schemas, outcomes) and are checked on every
+# increment: a worker checked each of them a dozen times per event. A value that passed is
+# remembered; one that failed raises again every time (lru_cache keeps no exceptions).
+@functools.lru_cache(maxsize=4096)
+def _checked_label(value: str) -> str:
     if contains_bsn(value):
         raise UnsafeLabel("label value looks like a BSN")
     if contains_pseudonym(value):

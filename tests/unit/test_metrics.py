@@ -152,6 +152,12 @@ class TestSafeLabel:
         assert "BSN" in str(raised.value)
         assert VALID_BSN not in str(raised.value) and "999990019" not in str(raised.value)
 
+    def test_a_refused_value_is_refused_again_however_often_safe_values_repeat(self) -> None:
+        for _ in range(3):  # safe values are remembered; a refusal never is
+            assert safe_label("study-received") == "study-received"
+            with pytest.raises(UnsafeLabel):
+                safe_label(VALID_BSN)
+
     def test_a_pseudonym_is_refused(self) -> None:
         pseudonym = Pseudonymizer(b"k" * 32).pseudonym(parse_bsn(VALID_BSN))
         with pytest.raises(UnsafeLabel, match="pseudonym"):

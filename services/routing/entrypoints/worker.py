@@ -33,7 +33,7 @@ from services.routing.metrics import RoutingMetrics
 from shared.codec import Codec, header
 from shared.errors import FatalError
 from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
-from shared.events.routing import RouteFailed, RouteResolved
+from shared.events.routing import RouteFailed, RouteFailureReason, RouteResolved
 from shared.logging import configure_logging, correlation_context, get_logger
 from shared.stream import StreamWorker, Worker, decode_as, run_worker
 from shared.topic_view import ViewFailed
@@ -103,7 +103,10 @@ class Router:
             if isinstance(event, RouteFailed):
                 code = event.reason_code.value if event.reason_code else "unknown"
                 self.metrics.route_failed(code)
-                log.warning(
+                # A patient's objection is the system working; the other reasons (an unknown
+                # recipient, no usable endpoint) need an operator.
+                denied = event.reason_code is RouteFailureReason.CONSENT_DENIED
+                (log.info if denied else log.warning)(
                     "study not routed",
                     study_instance_uid=study.study_instance_uid,
                     version=study.version,
