@@ -274,11 +274,15 @@ def beeldportaal_target() -> Iterator[tuple[Target, Any]]:
         log_file = open(work / "ingest.log", "wb")  # noqa: SIM115 - closed by the stack
         stack.callback(log_file.close)
         # BENCH_PROFILE=<dir>: the server runs under cProfile (its event loop thread), written
-        # to <dir>/ingest.prof when it stops.
+        # to <dir>/ingest.prof when it stops (benchmarks/profiled.py).
         profile = os.environ.get("BENCH_PROFILE")
-        profiler = ["-m", "cProfile", "-o", f"{profile}/ingest.prof"] if profile else []
+        run = (
+            ["-m", "benchmarks.profiled", f"{profile}/ingest.prof", "deploy.cli"]
+            if profile
+            else ["-m", "deploy.cli"]
+        )
         server = subprocess.Popen(
-            [sys.executable, *profiler, "-m", "deploy.cli", "ingest", "serve"],
+            [sys.executable, *run, "ingest", "serve"],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
