@@ -1,6 +1,6 @@
 """The study assembly worker on shared.stream: instance-stored in, stable studies announced.
 
-The same rules and events as the faust worker (``services.ingest.entrypoints.assembly``), on an
+The same rules and events as the faust agent it replaced (``benchmarks.faust_assembly``), on an
 aiokafka consumer group (:class:`~shared.stream.StreamWorker`) with one Kafka transaction per
 batch. How it fits together:
 
@@ -93,6 +93,12 @@ STATE_TOPIC = "ingest-assembly-state"
 RETRY_SECONDS = 30.0
 # How often a rebuild that waits (for a transaction a dead member left open) says so.
 RESTORE_LOG_SECONDS = 10.0
+# At most this many studies are announced per tick; the rest stay due for the next ticks (after
+# the next batch, or assembly_check_interval_seconds later). After downtime thousands of studies
+# can be due at once: announcing them all in one tick blocked the event loop past the group's
+# session timeout, so the member was evicted, its transaction aborted and the same announcements
+# began again on rejoining, a loop (seen in make bench-deliver on a platform with old studies).
+MAX_ANNOUNCED_PER_TICK = 200
 # How long start waits for the topics to appear in the cluster metadata.
 METADATA_WAIT_SECONDS = 10.0
 _SEPARATOR = KEY_SEPARATOR.encode()
@@ -193,6 +199,7 @@ class StudyAssembler:
     codec: Codec = field(default_factory=Codec)
     clock: Callable[[], datetime] = utcnow
     stream: StreamWorker | None = None
+    max_announced_per_tick: int = MAX_ANNOUNCED_PER_TICK
     _owned: dict[int, PartitionState] = field(default_factory=dict)
     # (partition, study) -> when it becomes due; _heap holds (due, partition, study) entries,
     # an entry counting only while it matches _due (moved due times leave stale entries).
@@ -326,7 +333,8 @@ class StudyAssembler:
         unread = {tp.partition for tp in await self.stream.unread()}
         events: list[Outgoing] = []
         held = []
-        while self._heap and self._heap[0][0] <= now:
+        announced = 0
+        while self._heap and self._heap[0][0] <= now and announced < self.max_announced_per_tick:
             entry = heapq.heappop(self._heap)
             at, number, uid = entry
             if self._due.get((number, uid)) != at:
@@ -341,6 +349,7 @@ class StudyAssembler:
                 held.append(entry)
                 continue
             events += self._announce(state, uid, now)
+            announced += 1
         for entry in held:
             heapq.heappush(self._heap, entry)
         return events
@@ -455,6 +464,7 @@ def build_assembler(
     clock: Callable[[], datetime] = utcnow,
     max_records: int = 500,
     transactional_id: str | None = None,
+    max_announced_per_tick: int = MAX_ANNOUNCED_PER_TICK,
 ) -> Worker:
     """The assembly worker (consumer group ``beeldportaal-<group>``) on the declared topics."""
     source_spec, state_spec = declared_topic(source_topic), declared_topic(state_topic)
@@ -476,6 +486,7 @@ def build_assembler(
         metrics=metrics,
         kafka_bootstrap=settings.kafka.bootstrap_list,
         clock=clock,
+        max_announced_per_tick=max_announced_per_tick,
     )
     stream = StreamWorker(
         settings.kafka,

@@ -80,6 +80,7 @@ def assembler(
     metrics: IngestMetrics | None = None,
     member: str = "a",
     max_records: int = 500,
+    max_announced_per_tick: int = 200,
 ) -> Worker:
     """A member of the test's group; ``member`` names its transactional id (a restarted member
     with the same name fences its predecessor, as a restarted replica does)."""
@@ -98,6 +99,7 @@ def assembler(
         metrics=metrics or IngestMetrics(),
         transactional_id=f"{names.group}-{member}",
         max_records=max_records,
+        max_announced_per_tick=max_announced_per_tick,
     )
 
 
@@ -462,6 +464,37 @@ async def test_a_study_open_when_the_member_stopped_is_announced_by_the_next(
     assert [e.study.version for e in seen] == [1]
     assert {r.sop_instance_uid for r in v1.study.instances} == uids(study)
     assert taken_in(again, names) == 0  # from the changelog, not by reading instances again
+
+
+async def test_many_studies_due_at_once_are_announced_a_few_per_tick_each_once(
+    kafka_settings: KafkaSettings, names: Names
+) -> None:
+    # After downtime every open study is due at once; announcing them in one tick blocked the
+    # event loop past the session timeout (evicted, aborted, announced again: a loop).
+    open_studies = studies(30, 2)
+    metrics = IngestMetrics()
+    # Taken in by a member that would wait a minute, then stopped: all 30 studies stay open.
+    async with running(assembler(kafka_settings, names, stable_age=60.0, metrics=metrics)):
+        await publish(kafka_settings, names.source, flat(open_studies))
+        await until_taken_in(metrics, names, 60)
+    worker = assembler(kafka_settings, names, stable_age=1.0, max_announced_per_tick=4)
+    [state] = worker.views
+    assert isinstance(state, StudyAssembler)
+    per_tick: list[int] = []
+    announce_due = state._announce_due
+
+    async def counted(now: Any) -> list[Any]:
+        events = await announce_due(now)
+        per_tick.append(len(events))
+        return events
+
+    state._announce_due = counted  # type: ignore[method-assign]
+    async with announcements(kafka_settings, names.sink) as out, running(worker):
+        await out.wait_for(30)
+        seen = await out.quiet_for(1.0)  # everything so far: nothing more comes
+
+    assert_every_study_announced_once_per_version(seen, flat(open_studies))
+    assert max(per_tick) == 4 and sum(per_tick) == 30  # at most 4 a tick, all of them in the end
 
 
 async def test_a_member_that_dies_mid_transaction_loses_and_repeats_nothing(
