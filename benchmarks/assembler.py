@@ -157,7 +157,7 @@ async def measure(impl: str, config: dict[str, Any], conn: Connection) -> dict[s
     source, sink, tag = config[f"source_{impl}"], config[f"sink_{impl}"], config["tag"]
     stop: Any
     if impl == "faust":
-        from services.ingest.entrypoints.assembly import build_assembly_app
+        from benchmarks.faust_assembly import build_assembly_app
         from shared.faust_app import declare_changelogs
 
         app = build_assembly_app(

@@ -4,7 +4,7 @@
                                   [--store memory|rocksdb] [--stable-age 3.0]
                                   [--bootstrap HOST:PORT]
 
-The assembly worker (``services.ingest.entrypoints.assembly``) runs in this process against the
+The faust assembly agent (``benchmarks.faust_assembly``) runs in this process against the
 real broker, on a fresh pair of instance-stored/study-received topics and a fresh app id (so fresh
 changelogs), all deleted at the end. Once it owns every partition, a spawned child process
 publishes ``--instances`` instance-stored events of one study (``--series`` series) as ingest
@@ -54,8 +54,8 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer
 
+from benchmarks.faust_assembly import build_assembly_app
 from services.ingest.config import IngestSettings
-from services.ingest.entrypoints.assembly import build_assembly_app
 from services.ingest.metrics import IngestMetrics
 from shared import topics
 from shared.codec import Codec
@@ -184,7 +184,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         kafka=kafka,
         stable_age_seconds=args.stable_age,
         assembly_check_interval_seconds=0.2,
-        state_dir=state_dir,
     )
     metrics = IngestMetrics()
     app = build_assembly_app(
@@ -193,6 +192,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         source_topic=source.name,
         sink_topic=sink.name,
         metrics=metrics,
+        state_dir=state_dir,
     )
     volume = ChangelogVolume()
     app.sensors.add(volume)

@@ -100,7 +100,6 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
             "BEELDPORTAAL_INGEST_PEERS_FILE", str(DEMO_PEERS)
         ),
         "BEELDPORTAAL_INGEST_SPOOL_DIR": str(config.state_dir / "services" / "spool"),
-        "BEELDPORTAAL_INGEST_STATE_DIR": str(config.state_dir / "services" / "ingest-assembly"),
     }
     return [
         ServiceSpec(

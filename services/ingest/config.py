@@ -52,5 +52,3 @@ class IngestSettings(ServiceSettings):
     assembly_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Where the worker's probes listen: 0.0.0.0 in a container, loopback on a workstation.
     assembly_metrics_host: str = "127.0.0.1"
-    # Table state of the assembly agent (rocksdb); None keeps it in memory (tests).
-    state_dir: Path | None = None

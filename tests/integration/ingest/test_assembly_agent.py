@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -14,8 +13,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from benchmarks.faust_assembly import build_assembly_app
 from services.ingest.config import IngestSettings
-from services.ingest.entrypoints.assembly import build_assembly_app, serve_metrics
 from services.ingest.metrics import IngestMetrics
 from shared import topics
 from shared.codec import Codec
@@ -25,7 +24,6 @@ from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings
 from shared.topics import TopicSpec
 from tests.ingest_factories import make_study_instances
-from tests.integration.ingest.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +58,6 @@ def assembly_app(
         stable_age_seconds=stable_age,
         assembly_check_interval_seconds=0.2,
         assembly_completion_quiet_seconds=completion_quiet,
-        state_dir=state_dir,
     )
     source, sink = declared
     return build_assembly_app(
@@ -69,6 +66,7 @@ def assembly_app(
         source_topic=source,
         sink_topic=sink,
         metrics=kwargs.pop("metrics", None) or IngestMetrics(),
+        state_dir=state_dir,
         **kwargs,
     )
 
@@ -319,23 +317,3 @@ async def test_a_study_of_2000_instances_is_announced_once_as_v1_listing_all_of_
     assert len(v1.study.instances) == 2000
     assert {r.sop_instance_uid for r in v1.study.instances} == uids(study)
     assert set(v1.study.new_sop_instance_uids) == uids(study)
-
-
-def test_the_worker_serves_its_metrics_on_loopback_when_a_port_is_set(
-    kafka_settings: KafkaSettings,
-) -> None:
-    metrics = IngestMetrics()
-    metrics.studies_assembled.labels("first").inc()
-    assert serve_metrics(IngestSettings(kafka=kafka_settings), metrics) is None
-
-    port = free_port()
-    settings = IngestSettings(kafka=kafka_settings, assembly_metrics_port=port)
-    server = serve_metrics(settings, metrics)
-    try:
-        assert server.server_address[0] == "127.0.0.1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            body = response.read().decode()
-        assert 'beeldportaal_ingest_studies_assembled_total{kind="first"} 1.0' in body
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -1,6 +1,8 @@
-"""Superseded by ``services.ingest.entrypoints.assembler`` (aiokafka), which ``beeldportaal
-ingest assemble`` runs since 2026-11-26; kept only for the side-by-side benchmark
-(``benchmarks/assembler.py``) until it is removed.
+"""The faust study assembly agent: the reference implementation the production assembler
+(``services.ingest.entrypoints.assembler``, aiokafka on ``shared.stream``) replaced on
+2026-11-26. It lives here, out of the product, for ``benchmarks/assembler.py`` (the two side by
+side) and ``tests/integration/ingest/test_assembler.py`` (same studies announced by both); nothing
+in ``make up``, compose or k8s runs it.
 
 The study assembly worker: folds instance-stored into a faust table, announces stable studies.
 
@@ -72,6 +74,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -82,7 +85,6 @@ from faust.types import (
     TableT,
     TopicT,
 )
-from prometheus_client import start_http_server
 
 from services.ingest.config import IngestSettings
 from services.ingest.domain.assembly import (
@@ -104,9 +106,9 @@ from shared.codec import Codec
 from shared.errors import PoisonEvent
 from shared.events import Event, InstanceStored, StudyReceived
 from shared.events.base import utcnow
-from shared.faust_app import App, bytes_table, declare_changelogs, decode_event, make_app
+from shared.faust_app import App, bytes_table, decode_event, make_app
 from shared.kafka import CachedMurmur2Partitioner
-from shared.logging import configure_logging, correlation_context, get_logger, kafka_position
+from shared.logging import correlation_context, get_logger, kafka_position
 from shared.topics import topic as declared_topic
 
 log = get_logger(__name__)
@@ -418,9 +420,11 @@ def build_assembly_app(
     sink_topic: str = StudyReceived.topic,
     metrics: IngestMetrics | None = None,
     clock: Callable[[], datetime] = utcnow,
+    state_dir: Path | None = None,
     **faust_overrides: Any,
 ) -> App:
-    """The assembly worker's faust app (``beeldportaal-<app_id>``) on the declared topics."""
+    """The assembly agent's faust app (``beeldportaal-<app_id>``) on the declared topics; its
+    tables in RocksDB under ``state_dir``, or in memory without one."""
     source_spec, sink_spec = declared_topic(source_topic), declared_topic(sink_topic)
     if source_spec.partitions != sink_spec.partitions:
         raise ValueError(
@@ -428,12 +432,12 @@ def build_assembly_app(
             f"{source_spec.partitions} != {sink_spec.partitions} partitions"
         )
     partitions = source_spec.partitions
-    store = "rocksdb://" if settings.state_dir is not None else "memory://"
+    store = "rocksdb://" if state_dir is not None else "memory://"
     app = make_app(
         app_id,
         settings.kafka,
         store=store,
-        data_dir=settings.state_dir,
+        data_dir=state_dir,
         # The mapping ingest's publisher uses; faust's default (aiokafka's) is the same mapping.
         producer_partitioner=CachedMurmur2Partitioner(),
         **faust_overrides,
@@ -494,27 +498,3 @@ def _guarded(handle: Callable[[EventT], None], faust_event: EventT) -> None:
         log.exception(
             "record could not be handled; skipped", position=_position(faust_event), error=str(exc)
         )
-
-
-def serve_metrics(settings: IngestSettings, metrics: IngestMetrics) -> Any:
-    """/metrics on 127.0.0.1:<assembly_metrics_port> (a daemon thread); None when not set."""
-    if settings.assembly_metrics_port is None:
-        return None
-    server, _thread = start_http_server(
-        settings.assembly_metrics_port, addr="127.0.0.1", registry=metrics.registry
-    )
-    return server
-
-
-def main(settings: IngestSettings) -> None:
-    """Run the assembly worker until stopped (``beeldportaal ingest assemble``)."""
-    configure_logging(SERVICE, settings.log_level, settings.log_json)
-    metrics = IngestMetrics()
-    app = build_assembly_app(settings, metrics=metrics)
-    # The worker's own loop, so that faust finds it current (asyncio.run would unset it).
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(declare_changelogs(app, settings.kafka))
-    serve_metrics(settings, metrics)
-    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, override_logging=False)
-    worker.execute_from_commandline()
