@@ -34,7 +34,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from deploy.local.config import LocalConfig, read_env_file
-from deploy.local.orthanc import OrthancConfig, OrthancError, OrthancPeer
+from deploy.local.orthanc import OrthancConfig, OrthancPeer
 from deploy.local.processes import PlatformError
 from services.consent.domain.mitz import PROVIDER_CATEGORY_EXTENSION
 from shared.identifiers import BSN_DICOM_ISSUER, BSN_OID, BSN_SYSTEM, URA_SYSTEM, Bsn, Pseudonymizer
@@ -107,66 +107,24 @@ class ReceivingPacs:
         )
         return cls(url.port or 80, dimse[0].port, dimse[0].ae_title, credentials)
 
-
-class DemoOrthanc(OrthancPeer):
-    """An OrthancPeer that asks for the credentials the directory gives beeldportaal."""
-
-    def __init__(self, state_dir: Path, pacs: ReceivingPacs | None = None) -> None:
-        credentials = pacs.credentials if pacs is not None else None
-        extra: dict[str, Any] = {}
-        if credentials is not None:
-            extra = {"AuthenticationEnabled": True, "RegisteredUsers": dict([credentials])}
-        config = (
-            OrthancConfig(
-                http_port=pacs.http_port,
-                dicom_port=pacs.dicom_port,
-                aet=pacs.aet,
-                name="beeldportaal-demo-pacs",
-                extra=extra,
-            )
-            if pacs is not None
-            else None
+    def orthanc_config(self) -> OrthancConfig:
+        """The Orthanc that stands in for this PACS, asking for the directory's credentials."""
+        return OrthancConfig(
+            http_port=self.http_port,
+            dicom_port=self.dicom_port,
+            aet=self.aet,
+            name="beeldportaal-demo-pacs",
+            credentials=self.credentials,
         )
-        super().__init__(state_dir, config)
-        self._auth = httpx.BasicAuth(*credentials) if credentials is not None else None
 
-    def rest(
-        self,
-        method: str,
-        path: str,
-        json: Any = None,
-        *,
-        data: bytes | None = None,
-        content_type: str | None = None,
-        timeout: float = 120.0,
-    ) -> Any:
-        headers = {"Content-Type": content_type} if content_type is not None else {}
-        try:
-            response = httpx.request(
-                method,
-                self.base_url + path,
-                json=json,
-                content=data,
-                headers=headers,
-                auth=self._auth,
-                timeout=timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise OSError(f"Orthanc {method} {path}: {exc}") from exc
-        if response.status_code >= 400:
-            raise OrthancError(method, path, response.status_code, response.text)
-        kind = response.headers.get("content-type", "")
-        if kind.startswith(("application/json", "application/dicom+json")):
-            return response.json() if response.content else None
-        return response.content
 
-    def matches(self, pacs: ReceivingPacs) -> bool:
-        """Whether the running Orthanc was configured for ``pacs`` (else it is restarted)."""
-        try:
-            running = json.loads(self.config_file.read_text())
-        except (OSError, ValueError):
-            return False
-        return all(running.get(key) == value for key, value in self.config_json().items())
+def running_as_configured(peer: OrthancPeer) -> bool:
+    """Whether the running Orthanc was started with ``peer``'s configuration (else restart it)."""
+    try:
+        running = json.loads(peer.config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(running.get(key) == value for key, value in peer.config_json().items())
 
 
 def orthanc_dir(config: LocalConfig) -> Path:
@@ -175,11 +133,11 @@ def orthanc_dir(config: LocalConfig) -> Path:
 
 def ensure_orthanc(
     config: LocalConfig, pacs: ReceivingPacs, out: Callable[[str], None]
-) -> DemoOrthanc:
+) -> OrthancPeer:
     """The demo's receiving PACS, started unless it already runs as ``pacs`` says."""
-    peer = DemoOrthanc(orthanc_dir(config), pacs)
+    peer = OrthancPeer(orthanc_dir(config), pacs.orthanc_config())
     if peer.process.running():
-        if peer.matches(pacs) and peer.ready():
+        if running_as_configured(peer) and peer.ready():
             out(f"{'demo-orthanc:':17} already running (pid {peer.pid})")
             return peer
         peer.stop()
@@ -196,12 +154,12 @@ def ensure_orthanc(
 
 
 def demo_orthanc_pid(config: LocalConfig) -> int | None:
-    return DemoOrthanc(orthanc_dir(config)).pid
+    return OrthancPeer(orthanc_dir(config)).pid
 
 
 def stop_demo_orthanc(config: LocalConfig) -> bool:
     """Stop the demo Orthanc if it runs (by its recorded pid); whether it did."""
-    return DemoOrthanc(orthanc_dir(config)).stop()
+    return OrthancPeer(orthanc_dir(config)).stop()
 
 
 # -- sample studies --------------------------------------------------------------------------
@@ -466,7 +424,7 @@ class Demo:
 
     # -- the receiving PACS -------------------------------------------------------------------
 
-    def check_orthanc(self, orthanc: DemoOrthanc, study: DemoStudy) -> None:
+    def check_orthanc(self, orthanc: OrthancPeer, study: DemoStudy) -> None:
         found = [r for r in orthanc.lookup(study.uid) if r.get("Type") == "Study"]
         present: set[str] = set()
         if found:

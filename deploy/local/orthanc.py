@@ -12,6 +12,7 @@ configuration path in argv, and stopped by that pid only, never by name.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.local.processes import ManagedProcess, PlatformError, run, wait_until
+from deploy.local.processes import ManagedProcess, PlatformError, apt_install, wait_until
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 # Where orthanc-dicomweb puts its plugin (a symlink to /usr/lib/orthanc/libOrthancDicomWeb.so.<v>).
@@ -36,7 +37,6 @@ DICOMWEB_PLUGIN_CANDIDATES = (
 # (storescu, echoscu, findscu, ...) that come first on a virtualenv's or pyenv's PATH.
 DCMTK_BIN = Path("/usr/bin")
 APT_PACKAGES = ("orthanc", "orthanc-dicomweb", "dcmtk")
-POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
 class OrthancError(PlatformError):
@@ -87,8 +87,10 @@ class DicomWebServer:
 class OrthancConfig:
     """What varies between peers; everything else is fixed in ``OrthancPeer.config_json``.
 
-    Ports of 0 are replaced by free ones when the peer starts. ``extra`` is merged last into the
-    generated configuration, for any Orthanc option not named here.
+    Ports of 0 are replaced by free ones when the peer starts. ``credentials`` (user, password),
+    when given, are what the peer's REST API requires (HTTP basic auth) and what its own REST
+    calls send, so the two cannot disagree. ``extra`` is merged last into the generated
+    configuration, for any Orthanc option not named here.
     """
 
     http_port: int = 0
@@ -99,6 +101,7 @@ class OrthancConfig:
     dicomweb_servers: Mapping[str, DicomWebServer] = field(default_factory=dict)
     stable_age: int = 60
     verbose: bool = False
+    credentials: tuple[str, str] | None = field(default=None, repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -149,25 +152,12 @@ def install() -> str:
     """Install orthanc, orthanc-dicomweb and dcmtk with apt when missing (root only).
 
     The orthanc package's maintainer scripts start (and a trigger of orthanc-dicomweb restarts)
-    a system Orthanc service through invoke-rc.d. Without systemd that would be a stray daemon on
-    ports 8042/4242 with /etc/orthanc's configuration, so the install runs under a policy-rc.d
-    that denies every service action (unless the machine already has one).
+    a system Orthanc service, on ports 8042/4242 with /etc/orthanc's configuration:
+    :func:`apt_install` keeps it from starting. One that runs nevertheless is reported, not stopped.
     """
     if installed():
         return "already installed"
-    if os.geteuid() != 0:
-        raise PlatformError(
-            "Orthanc is not installed and this is not root: "
-            f"apt-get install -y --no-install-recommends {' '.join(APT_PACKAGES)}"
-        )
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    argv = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-    with _services_denied():
-        try:
-            run(argv, "installing Orthanc", env=env)
-        except PlatformError:
-            run(["apt-get", "update"], "apt-get update", env=env)
-            run(argv, "installing Orthanc", env=env)
+    apt_install(APT_PACKAGES, "Orthanc")
     if not installed():
         raise PlatformError("Orthanc, its DICOMweb plugin or dcmtk still missing after apt-get")
     stray = system_orthanc_pids()
@@ -175,19 +165,6 @@ def install() -> str:
         # Not ours to stop: say so, the peers themselves run on ports of their own.
         return f"installed; a system Orthanc runs nevertheless (pids {stray}), left alone"
     return "installed"
-
-
-@contextlib.contextmanager
-def _services_denied() -> Iterator[None]:
-    if POLICY_RC_D.exists():
-        yield  # the machine's own policy stands (Debian images ship one that denies with 101)
-        return
-    POLICY_RC_D.write_text("#!/bin/sh\n# beeldportaal: no services started by apt\nexit 101\n")
-    POLICY_RC_D.chmod(0o755)
-    try:
-        yield
-    finally:
-        POLICY_RC_D.unlink(missing_ok=True)
 
 
 def system_orthanc_pids() -> list[int]:
@@ -273,7 +250,7 @@ class OrthancPeer:
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            **self._authentication(),
             "KeepAlive": True,
             "TcpNoDelay": True,
             "HttpCompressionEnabled": False,
@@ -310,6 +287,13 @@ class OrthancPeer:
         }
         config.update(self.config.extra)
         return config
+
+    def _authentication(self) -> dict[str, Any]:
+        """Orthanc's basic auth options: one registered user when the peer has credentials."""
+        if self.config.credentials is None:
+            return {"AuthenticationEnabled": False}
+        user, password = self.config.credentials
+        return {"AuthenticationEnabled": True, "RegisteredUsers": {user: password}}
 
     def start(self, timeout: float = 60.0) -> OrthancPeer:
         if self.process.running():
@@ -371,7 +355,7 @@ class OrthancPeer:
     ) -> Any:
         """Call the REST API; JSON answers are decoded, anything else is returned as bytes."""
         body = data
-        headers = {}
+        headers = self._authorization()
         if json is not None:
             body = _json_dumps(json)
             headers["Content-Type"] = "application/json"
@@ -389,6 +373,13 @@ class OrthancPeer:
         if kind.startswith("application/json") or kind.startswith("application/dicom+json"):
             return _json_loads(payload) if payload else None
         return payload
+
+    def _authorization(self) -> dict[str, str]:
+        """The basic auth header a peer with credentials requires on every REST call."""
+        if self.config.credentials is None:
+            return {}
+        token = base64.b64encode(":".join(self.config.credentials).encode()).decode()
+        return {"Authorization": f"Basic {token}"}
 
     def studies(self) -> list[str]:
         return list(self.rest("GET", "/studies"))

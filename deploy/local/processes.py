@@ -1,19 +1,25 @@
-"""Start, identify and stop the platform's own processes by recorded pid (never by name)."""
+"""Start, identify and stop the platform's own processes by recorded pid (never by name).
+
+Also the set-up steps they share: running a command to completion, installing Debian packages.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 # Popen objects of the servers this process started, by pid: kept so that they are waited for
 # (no zombie, no ResourceWarning) when this same process stops them.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# Debian's invoke-rc.d asks this program whether a package's maintainer script may start a service.
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
 class PlatformError(RuntimeError):
@@ -150,3 +156,54 @@ def run(argv: Sequence[str], what: str, **kwargs: object) -> subprocess.Complete
         out = (result.stdout + result.stderr).strip()[-4000:]
         raise PlatformError(f"{what} failed (exit {result.returncode}): {' '.join(argv)}\n{out}")
     return result
+
+
+def apt_install(packages: Sequence[str], what: str) -> None:
+    """Install Debian packages with apt-get (root only), without starting any of their services.
+
+    The maintainer scripts of server packages (orthanc, prometheus) start a system daemon through
+    invoke-rc.d. Without systemd that would be a stray process on the very ports the platform
+    wants, with /etc's configuration and no pid file of ours, so the install runs under a
+    policy-rc.d that denies every service action. A failed install is tried once more after
+    ``apt-get update`` (a fresh image has no package lists). ``what`` names the component in
+    the errors, which tell the operator what to run instead.
+    """
+    _require_apt(packages, what)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    with _services_denied():
+        try:
+            run(argv, f"installing {what}", env=env)
+        except PlatformError:
+            run(["apt-get", "update", "-q"], "apt-get update", env=env)
+            run(argv, f"installing {what}", env=env)
+
+
+def _require_apt(packages: Sequence[str], what: str) -> None:
+    """Fail with the command to run by hand where this process cannot install (no apt, no root)."""
+    command = f"apt-get install -y --no-install-recommends {' '.join(packages)}"
+    if shutil.which("apt-get") is None:
+        raise PlatformError(
+            f"{what} is not installed and there is no apt-get here; install the equivalent of: "
+            f"{command}"
+        )
+    if os.geteuid() != 0:
+        raise PlatformError(f"{what} is not installed and this is not root: {command}")
+
+
+@contextlib.contextmanager
+def _services_denied() -> Iterator[None]:
+    """A policy-rc.d that denies every service action (exit 101) for the duration, then none.
+
+    A machine that already has one keeps it: its own policy stands (Debian's container images
+    ship one that denies with 101), and it is not ours to remove afterwards.
+    """
+    if POLICY_RC_D.exists():
+        yield
+        return
+    POLICY_RC_D.write_text("#!/bin/sh\n# beeldportaal: no services started by apt\nexit 101\n")
+    POLICY_RC_D.chmod(0o755)
+    try:
+        yield
+    finally:
+        POLICY_RC_D.unlink(missing_ok=True)

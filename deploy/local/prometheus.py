@@ -18,13 +18,12 @@ The scrape and evaluation interval is short (5 s) so that tests see series quick
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,12 +31,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from deploy.local.config import LocalConfig
-from deploy.local.processes import ManagedProcess, PlatformError, run, wait_until
+from deploy.local.processes import ManagedProcess, PlatformError, apt_install, run, wait_until
 
 PROMETHEUS_BINARY = Path("/usr/bin/prometheus")
 PROMTOOL_BINARY = Path("/usr/bin/promtool")
 APT_PACKAGES = ("prometheus",)
-POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 RULES_DIR = Path(__file__).resolve().parents[1] / "prometheus" / "rules"
 SCRAPE_INTERVAL = "5s"
 RETENTION = "15d"
@@ -72,41 +70,15 @@ def installed() -> bool:
 def install() -> str:
     """Install Debian's prometheus when missing (root only), without starting its service.
 
-    The package's maintainer scripts would start a system Prometheus on :9090 through
-    invoke-rc.d: the install runs under a policy-rc.d that denies every service action (unless
-    the machine already has one), as for Orthanc.
+    The package's maintainer scripts would start a system Prometheus on :9090: :func:`apt_install`
+    keeps it from starting.
     """
     if installed():
         return "already installed"
-    if os.geteuid() != 0:
-        raise PlatformError(
-            "Prometheus is not installed and this is not root: "
-            f"apt-get install -y --no-install-recommends {' '.join(APT_PACKAGES)}"
-        )
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES]
-    with _services_denied():
-        try:
-            run(argv, "installing Prometheus", env=env)
-        except PlatformError:
-            run(["apt-get", "update", "-q"], "apt-get update", env=env)
-            run(argv, "installing Prometheus", env=env)
+    apt_install(APT_PACKAGES, "Prometheus")
     if not installed():
         raise PlatformError(f"{PROMETHEUS_BINARY} or {PROMTOOL_BINARY} missing after apt-get")
     return "installed"
-
-
-@contextlib.contextmanager
-def _services_denied() -> Iterator[None]:
-    if POLICY_RC_D.exists():
-        yield  # the machine's own policy stands
-        return
-    POLICY_RC_D.write_text("#!/bin/sh\n# beeldportaal: no services started by apt\nexit 101\n")
-    POLICY_RC_D.chmod(0o755)
-    try:
-        yield
-    finally:
-        POLICY_RC_D.unlink(missing_ok=True)
 
 
 def promtool() -> str:
