@@ -16,16 +16,176 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from minio import Minio
 
 from deploy.local.config import LocalConfig, read_env_file
 
+# Settings the shell that runs the tests may export for the shared platform (`make test` does);
+# none of them may leak into a private platform, except where the downloads are cached.
+KEEP_SETTINGS = ("BEELDPORTAAL_LOCAL_CACHE_DIR",)
+# Every port setting of the processes `make up` runs (deploy.local.services.specs()).
+SERVICE_PORT_SETTINGS = (
+    "BEELDPORTAAL_INGEST_HTTP_PORT",
+    "BEELDPORTAAL_INGEST_DIMSE_PORT",
+    "BEELDPORTAAL_CONSENT_HTTP_PORT",
+    "BEELDPORTAAL_ROUTING_HTTP_PORT",
+    "BEELDPORTAAL_NOTIFY_HTTP_PORT",
+    "BEELDPORTAAL_TIMELINE_HTTP_PORT",
+    "BEELDPORTAAL_INGEST_ASSEMBLY_METRICS_PORT",
+    "BEELDPORTAAL_CONSENT_DECISIONS_METRICS_PORT",
+    "BEELDPORTAAL_ROUTING_WORKER_METRICS_PORT",
+    "BEELDPORTAAL_NOTIFY_WORKER_METRICS_PORT",
+    "BEELDPORTAAL_TIMELINE_PROJECTION_METRICS_PORT",
+)
+
+_handed_out: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1, none of them handed out before in this run.
+
+    A port is only taken once its process listens, so two calls shortly after each other (the
+    platform's ports, then the services') could otherwise be told the same one.
+    """
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            sock = socket.socket()
+            sockets.append(sock)  # held until all are found: the kernel gives each one once
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port not in _handed_out:
+                ports.append(port)
+    finally:
+        for sock in sockets:
+            sock.close()
+    _handed_out.update(ports)
+    return ports
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def service_ports() -> dict[str, str]:
+    """Every service port setting on a free port, so `make up`'s processes run beside others."""
+    ports = free_ports(len(SERVICE_PORT_SETTINGS))
+    return {name: str(port) for name, port in zip(SERVICE_PORT_SETTINGS, ports, strict=True)}
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; a zombie has exited (its parent only did not reap it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The live processes with ``text`` (a state directory, say) in their command line: how a
+    test sees that `down` left nothing of its platform running, whoever started it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if text.encode() in cmdline and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def inherited_env() -> dict[str, str]:
+    """This process's environment without the shared platform's settings (but KEEP_SETTINGS)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BEELDPORTAAL_") or k in KEEP_SETTINGS
+    }
+
+
+class PrivatePlatform:
+    """Kafka, S3, PostgreSQL and Prometheus of one test alone, through `beeldportaal platform`.
+
+    Its own state directory under ``root`` and free ports, so it runs beside the shared platform
+    (and a developer's) without touching it, and `purge` stops and deletes only what it started.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.state = root / "state"
+        self.state.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)  # the postgres user must reach its cluster under here when we are root
+        kafka, controller, s3, postgres, prometheus = free_ports(5)
+        # What every `beeldportaal ...` of this platform runs with.
+        self.env = {
+            **inherited_env(),
+            "BEELDPORTAAL_LOCAL_STATE_DIR": str(self.state),
+            "BEELDPORTAAL_LOCAL_KAFKA_PORT": str(kafka),
+            "BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT": str(controller),
+            "BEELDPORTAAL_LOCAL_S3_PORT": str(s3),
+            "BEELDPORTAAL_LOCAL_POSTGRES_PORT": str(postgres),
+            "BEELDPORTAAL_LOCAL_PROMETHEUS_PORT": str(prometheus),
+        }
+        with mock.patch.dict(os.environ, self.env, clear=True):
+            self.config = LocalConfig.from_env()  # as the CLI sees it
+
+    def run(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        """`beeldportaal <args>` on this platform (``env`` on top); the caller judges the exit."""
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.cli", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def cli(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 600) -> str:
+        """The output of `beeldportaal <args>`; a failure raises with the output, to show why."""
+        result = self.run(*args, env=env, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"beeldportaal {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        return result.stdout
+
+    def up(self) -> str:
+        return self.cli("platform", "up")
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """The settings that point a service or a client at this platform (once it is up)."""
+        return read_env_file(self.config.env_file)
+
+    def purge(self) -> None:
+        """Stop what runs from the state directory and delete it. A failure is reported, not
+        raised: clean-up must not hide how the test itself ended."""
+        try:
+            self.cli("platform", "purge")
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"private platform purge: {exc}", file=sys.stderr)
+
+
+@contextmanager
+def private_platform(root: Path, *, start: bool = True) -> Iterator[PrivatePlatform]:
+    """A PrivatePlatform under ``root``, purged however the test ends. ``start=False`` is for a
+    test that starts it itself (with `make up`, or the CLI it tests)."""
+    platform = PrivatePlatform(root)
+    try:
+        if start:
+            platform.up()
+        yield platform
+    finally:
+        platform.purge()
 
 
 def platform_env() -> dict[str, str]:
@@ -51,6 +211,19 @@ def drop_bucket(env: Mapping[str, str], bucket: str) -> None:
         for obj in client.list_objects(bucket, recursive=True):
             client.remove_object(bucket, obj.object_name)
         client.remove_bucket(bucket)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """Stop ``proc`` as an operator would (SIGTERM, so it shuts down cleanly), SIGKILL if it has
+    not exited within ``timeout`` seconds; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return int(proc.returncode)
 
 
 @dataclass
@@ -89,14 +262,7 @@ class ServiceProcess:
         raise RuntimeError(f"{self.name} not ready at {url}:\n{self.log()}")
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
+        return terminate(self.proc, timeout)
 
 
 @contextmanager
@@ -159,7 +325,6 @@ def ingest_deployment(
         BEELDPORTAAL_INGEST_PEERS_FILE=str(peers_file),
         BEELDPORTAAL_INGEST_SPOOL_DIR=str(workdir),
         BEELDPORTAAL_INGEST_STABLE_AGE_SECONDS=str(stable_age),
-        BEELDPORTAAL_INGEST_STATE_DIR=str(workdir / "assembly-state"),
     )
     try:
         with contextlib.ExitStack() as stack:

@@ -19,7 +19,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,43 +37,22 @@ from unittest import mock
 import psycopg
 from pydicom.uid import generate_uid
 
-from deploy.local.config import LocalConfig, read_env_file
+from deploy.local.config import LocalConfig
 from deploy.local.kafka import Kafka
 from deploy.local.orthanc import OrthancPeer
 from deploy.local.services import ServiceSpec, specs
 from services.consent.domain.mitz import PROVIDER_CATEGORY_EXTENSION
 from shared.identifiers import BSN_SYSTEM, URA_SYSTEM, is_valid_bsn
 from tests.dicom_samples import bsn_item, make_dicom_bytes
+from tests.e2e import harness
 
 DELIVERED_TOPIC = "delivered"
 STUDY_RECEIVED_TOPIC = "study-received"
 REFERENCED_SOP_SEQUENCE = "00081199"
-# Settings a service may inherit from the shell that runs the tests (e.g. `make test` exports the
-# shared platform's); none of them may leak into the private one, except where the jars are cached.
-KEEP_SETTINGS = ("BEELDPORTAAL_LOCAL_CACHE_DIR",)
 
 
 def log(message: str) -> None:
     print(f"[resilience {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def inherited_env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("BEELDPORTAAL_") or k in KEEP_SETTINGS
-    }
 
 
 def valid_test_bsns(count: int) -> list[str]:
@@ -94,50 +72,12 @@ def _http_ready(url: str) -> bool:
 # -- the platform -----------------------------------------------------------------------------
 
 
-class PrivatePlatform:
-    """Kafka, S3 and PostgreSQL of this test alone, through `beeldportaal platform ...`."""
+class PrivatePlatform(harness.PrivatePlatform):
+    """The test's own platform (see harness.PrivatePlatform), whose broker the test restarts."""
 
     def __init__(self, root: Path) -> None:
-        self.state = root / "state"
-        self.state.mkdir(parents=True)
-        root.chmod(0o755)  # the postgres user must reach its cluster under here when we are root
-        kafka, controller, s3, pg, prometheus = free_ports(5)
-        self.local = {
-            "BEELDPORTAAL_LOCAL_STATE_DIR": str(self.state),
-            "BEELDPORTAAL_LOCAL_KAFKA_PORT": str(kafka),
-            "BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT": str(controller),
-            "BEELDPORTAAL_LOCAL_S3_PORT": str(s3),
-            "BEELDPORTAAL_LOCAL_POSTGRES_PORT": str(pg),
-            # Only used once the platform runs a Prometheus; harmless before.
-            "BEELDPORTAAL_LOCAL_PROMETHEUS_PORT": str(prometheus),
-        }
-        self.cli_env = {**inherited_env(), **self.local}
-        with mock.patch.dict(os.environ, self.local):
-            self.config = LocalConfig.from_env()
+        super().__init__(root)
         self._broker_restarted = False
-
-    def cli(self, *args: str, timeout: float = 600, env: Mapping[str, str] | None = None) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "deploy.cli", *args],
-            env={**self.cli_env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"beeldportaal {' '.join(args)} failed ({result.returncode}):\n"
-                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-            )
-        return result.stdout
-
-    def up(self) -> None:
-        self.cli("platform", "up")
-
-    @property
-    def client_env(self) -> dict[str, str]:
-        return read_env_file(self.config.env_file)
 
     @property
     def bootstrap(self) -> str:
@@ -169,10 +109,7 @@ class PrivatePlatform:
             # That broker is a child of this process: stop it here, so that it is reaped.
             with contextlib.suppress(Exception):
                 Kafka(self.config).stop()
-        try:
-            self.cli("platform", "purge")
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            log(f"platform purge: {exc}")
+        super().purge()
 
 
 # -- the services -----------------------------------------------------------------------------
@@ -231,15 +168,8 @@ class Service:
         return pid
 
     def stop(self, timeout: float = 30) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            harness.terminate(self.proc, timeout)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -266,22 +196,14 @@ class Services:
         peers_file: Path,
         extra_env: Mapping[str, str],
     ) -> None:
-        names = (
-            "INGEST_HTTP_PORT", "INGEST_DIMSE_PORT", "CONSENT_HTTP_PORT", "ROUTING_HTTP_PORT",
-            "NOTIFY_HTTP_PORT", "TIMELINE_HTTP_PORT", "INGEST_ASSEMBLY_METRICS_PORT",
-            "CONSENT_DECISIONS_METRICS_PORT", "ROUTING_WORKER_METRICS_PORT",
-            "NOTIFY_WORKER_METRICS_PORT", "TIMELINE_PROJECTION_METRICS_PORT",
-        )  # fmt: skip
-        ports = {
-            f"BEELDPORTAAL_{n}": str(p) for n, p in zip(names, free_ports(len(names)), strict=True)
-        }
+        ports = harness.service_ports()
         (config.state_dir / "services" / "spool").mkdir(parents=True, exist_ok=True)
         with mock.patch.dict(
             os.environ, {**ports, "BEELDPORTAAL_INGEST_PEERS_FILE": str(peers_file)}
         ):
             self.specs = specs(config)  # reads the ports and the peers file from the environment
         self.ports = ports
-        base = {**inherited_env(), **client_env, **extra_env}
+        base = {**harness.inherited_env(), **client_env, **extra_env}
         self.services: dict[str, Service] = {}
         for spec in self.specs:
             marker = str(workdir / spec.name)

@@ -10,11 +10,10 @@ patient's timeline as Demo Ziekenhuis Oost sees it, no BSN in any output or log,
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,58 +23,19 @@ from deploy.local.demo import DEMO_BSN, OOST
 from deploy.local.services import DEMO_DIRECTORY
 from shared.auth import ensure_dev_keypair, mint_token
 from shared.identifiers import BSN_SYSTEM
+from tests.e2e.harness import (
+    PrivatePlatform,
+    free_ports,
+    private_platform,
+    processes_mentioning,
+    service_ports,
+)
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 # The demo seed's Oost endpoint and its credentials (demo-only values of the repository file).
 ORTHANC_USER = ("beeldportaal", "demo-only-oost-password")
-PORTS = (
-    "BEELDPORTAAL_LOCAL_KAFKA_PORT",
-    "BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT",
-    "BEELDPORTAAL_LOCAL_S3_PORT",
-    "BEELDPORTAAL_LOCAL_POSTGRES_PORT",
-    "BEELDPORTAAL_LOCAL_PROMETHEUS_PORT",
-    "BEELDPORTAAL_INGEST_HTTP_PORT",
-    "BEELDPORTAAL_INGEST_DIMSE_PORT",
-    "BEELDPORTAAL_CONSENT_HTTP_PORT",
-    "BEELDPORTAAL_ROUTING_HTTP_PORT",
-    "BEELDPORTAAL_NOTIFY_HTTP_PORT",
-    "BEELDPORTAAL_TIMELINE_HTTP_PORT",
-    "BEELDPORTAAL_INGEST_ASSEMBLY_METRICS_PORT",
-    "BEELDPORTAAL_CONSENT_DECISIONS_METRICS_PORT",
-    "BEELDPORTAAL_ROUTING_WORKER_METRICS_PORT",
-    "BEELDPORTAAL_NOTIFY_WORKER_METRICS_PORT",
-    "BEELDPORTAAL_TIMELINE_PROJECTION_METRICS_PORT",
-    "ORTHANC_HTTP",
-    "ORTHANC_DICOM",
-)
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if text.encode() in cmdline and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 def _seed_for(http_port: int, dicom_port: int) -> str:
@@ -88,21 +48,27 @@ def _seed_for(http_port: int, dicom_port: int) -> str:
     return moved
 
 
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[PrivatePlatform]:
+    """For `make up` to start. Afterwards, however the test ends, what `make` left running of it
+    is stopped: the services and the demo's Orthanc, then the platform (purged)."""
+    with private_platform(tmp_path, start=False) as platform:
+        try:
+            yield platform
+        finally:
+            platform.run("services", "down", timeout=300)
+
+
 def test_make_up_demo_down_delivers_both_studies_into_orthanc_and_leaves_nothing_running(
-    tmp_path: Path,
+    tmp_path: Path, platform: PrivatePlatform
 ) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    tmp_path.chmod(0o755)  # the postgres user must reach its cluster under here when we are root
-    ports = dict(zip(PORTS, _free_ports(len(PORTS)), strict=True))
+    state = platform.state
+    ports = service_ports()
+    orthanc_http, orthanc_dicom = free_ports(2)
     seed = tmp_path / "directory.yaml"
-    seed.write_text(_seed_for(ports["ORTHANC_HTTP"], ports["ORTHANC_DICOM"]))
-    # Nothing of the test platform's settings may leak into the private one.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEELDPORTAAL_")}
-    env.update({k: str(v) for k, v in ports.items() if k.startswith("BEELDPORTAAL_")})
-    env["BEELDPORTAAL_LOCAL_STATE_DIR"] = str(state)
-    env["BEELDPORTAAL_ROUTING_DIRECTORY_SEED"] = str(seed)
-    orthanc = f"http://127.0.0.1:{ports['ORTHANC_HTTP']}"
+    seed.write_text(_seed_for(orthanc_http, orthanc_dicom))
+    env = {**platform.env, **ports, "BEELDPORTAAL_ROUTING_DIRECTORY_SEED": str(seed)}
+    orthanc = f"http://127.0.0.1:{orthanc_http}"
     timings: dict[str, float] = {}
 
     def make(target: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -117,78 +83,65 @@ def test_make_up_demo_down_delivers_both_studies_into_orthanc_and_leaves_nothing
         timings[target] = round(time.monotonic() - started, 1)
         return result
 
-    def cli(*args: str) -> None:
-        subprocess.run(
-            [str(REPO / ".venv" / "bin" / "beeldportaal"), *args],
-            env=env,
-            capture_output=True,
-            timeout=300,
-            check=False,
-        )
+    up = make("up", 900)
+    assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+    demo = make("demo", 600)
+    output = demo.stdout + demo.stderr
+    assert demo.returncode == 0, f"make demo failed:\n{output[-6000:]}"
 
-    try:
-        up = make("up", 900)
-        assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
-        demo = make("demo", 600)
-        output = demo.stdout + demo.stderr
-        assert demo.returncode == 0, f"make demo failed:\n{output[-6000:]}"
+    # The two studies the demo says it sent: one over STOW-RS, one over C-STORE.
+    sent = dict(re.findall(r"sends study (\S+) to .* \((STOW-RS|C-STORE)\)", demo.stdout))
+    assert sorted(sent.values()) == ["C-STORE", "STOW-RS"], demo.stdout
+    for uid in sent:
+        assert f"orthanc  study {uid}: all 3 instances present" in demo.stdout
 
-        # The two studies the demo says it sent: one over STOW-RS, one over C-STORE.
-        sent = dict(re.findall(r"sends study (\S+) to .* \((STOW-RS|C-STORE)\)", demo.stdout))
-        assert sorted(sent.values()) == ["C-STORE", "STOW-RS"], demo.stdout
+    # Orthanc itself holds every instance of both, behind the directory's credentials.
+    assert httpx.get(f"{orthanc}/studies", timeout=30).status_code == 401
+    with httpx.Client(base_url=orthanc, auth=ORTHANC_USER, timeout=30) as pacs:
         for uid in sent:
-            assert f"orthanc  study {uid}: all 3 instances present" in demo.stdout
+            found = pacs.post("/tools/lookup", content=uid).json()
+            (study,) = [r for r in found if r["Type"] == "Study"]
+            instances = pacs.get(f"/studies/{study['ID']}/instances").json()
+            assert len({i["MainDicomTags"]["SOPInstanceUID"] for i in instances}) == 3
+            tags = pacs.get(f"/instances/{instances[0]['ID']}/simplified-tags").json()
+            assert (tags["StudyInstanceUID"], tags["Modality"]) == (uid, "CT")
 
-        # Orthanc itself holds every instance of both, behind the directory's credentials.
-        assert httpx.get(f"{orthanc}/studies", timeout=30).status_code == 401
-        with httpx.Client(base_url=orthanc, auth=ORTHANC_USER, timeout=30) as pacs:
-            for uid in sent:
-                found = pacs.post("/tools/lookup", content=uid).json()
-                (study,) = [r for r in found if r["Type"] == "Study"]
-                instances = pacs.get(f"/studies/{study['ID']}/instances").json()
-                assert len({i["MainDicomTags"]["SOPInstanceUID"] for i in instances}) == 3
-                tags = pacs.get(f"/instances/{instances[0]['ID']}/simplified-tags").json()
-                assert (tags["StudyInstanceUID"], tags["Modality"]) == (uid, "CT")
+    # The demo printed the timeline, and the timeline API answers Oost the same.
+    timeline = demo.stdout.split("== the timeline", 1)[1]
+    for uid in sent:
+        assert re.search(rf"^\* ImagingStudy {re.escape(uid)} ", timeline, re.M), timeline
+    key, _ = ensure_dev_keypair(state / "secrets" / "dev-jwt")
+    token = mint_token(key, ura=OOST, uzi="900000001", roles=("provider",), purpose="TREAT")
+    search = httpx.post(
+        f"http://127.0.0.1:{ports['BEELDPORTAAL_TIMELINE_HTTP_PORT']}/fhir/ImagingStudy/_search",
+        data={"patient.identifier": f"{BSN_SYSTEM}|{DEMO_BSN.value}"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert search.status_code == 200, search.text
+    entries = {e["resource"]["id"] for e in search.json()["entry"]}
+    assert set(sent) <= entries
 
-        # The demo printed the timeline, and the timeline API answers Oost the same.
-        timeline = demo.stdout.split("== the timeline", 1)[1]
-        for uid in sent:
-            assert re.search(rf"^\* ImagingStudy {re.escape(uid)} ", timeline, re.M), timeline
-        key, _ = ensure_dev_keypair(state / "secrets" / "dev-jwt")
-        token = mint_token(key, ura=OOST, uzi="900000001", roles=("provider",), purpose="TREAT")
-        search = httpx.post(
-            f"http://127.0.0.1:{ports['BEELDPORTAAL_TIMELINE_HTTP_PORT']}/fhir/ImagingStudy/_search",
-            data={"patient.identifier": f"{BSN_SYSTEM}|{DEMO_BSN.value}"},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        assert search.status_code == 200, search.text
-        entries = {e["resource"]["id"] for e in search.json()["entry"]}
-        assert set(sent) <= entries
+    # The BSN is in no output and no log of the run.
+    assert DEMO_BSN.value not in output
+    logs = [*state.glob("services/*.log"), *state.glob("demo/orthanc/*.log")]
+    assert len(logs) >= 11
+    assert [p.name for p in logs if DEMO_BSN.value in p.read_text(errors="replace")] == []
 
-        # The BSN is in no output and no log of the run.
-        assert DEMO_BSN.value not in output
-        logs = [*state.glob("services/*.log"), *state.glob("demo/orthanc/*.log")]
-        assert len(logs) >= 11
-        assert [p.name for p in logs if DEMO_BSN.value in p.read_text(errors="replace")] == []
+    # Prometheus scraped the services during the demo: every dashboard and alert
+    # expression reads metrics that exist there.
+    _every_dashboard_metric_exists(platform.config.prometheus_port)
 
-        # Prometheus scraped the services during the demo: every dashboard and alert
-        # expression reads metrics that exist there.
-        _every_dashboard_metric_exists(ports["BEELDPORTAAL_LOCAL_PROMETHEUS_PORT"])
-
-        down = make("down", 600)
-        assert down.returncode == 0, f"make down failed:\n{down.stdout}\n{down.stderr}"
-        assert "demo-orthanc:     stopped" in down.stdout
-        assert _processes_mentioning(str(state)) == []
-        home = state / "postgres" / "home"
-        if home.exists():
-            assert _processes_mentioning(home.read_text().strip()) == []
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{orthanc}/system", timeout=5)
-        print(f"timings (s): {timings}")
-    finally:
-        cli("services", "down")
-        cli("platform", "purge")
+    down = make("down", 600)
+    assert down.returncode == 0, f"make down failed:\n{down.stdout}\n{down.stderr}"
+    assert "demo-orthanc:     stopped" in down.stdout
+    assert processes_mentioning(str(state)) == []
+    home = state / "postgres" / "home"
+    if home.exists():
+        assert processes_mentioning(home.read_text().strip()) == []
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{orthanc}/system", timeout=5)
+    print(f"timings (s): {timings}")
 
 
 def _every_dashboard_metric_exists(prometheus_port: int) -> None:

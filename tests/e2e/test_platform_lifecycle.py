@@ -7,79 +7,31 @@ proves what a fresh `make up` / `make down` does without disturbing anything els
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import subprocess
-import sys
+import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from deploy.local.config import LocalConfig, read_env_file
+from deploy.local.config import LocalConfig
 from deploy.local.kafka import Kafka
+from tests.e2e.harness import (
+    PrivatePlatform,
+    alive,
+    private_platform,
+    processes_mentioning,
+    s3_client,
+)
 
 pytestmark = pytest.mark.e2e
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if text.encode() in cmdline and state != "Z":
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.fixture
-def private_platform(tmp_path: Path):
-    state = tmp_path / "state"
-    state.mkdir()
-    tmp_path.chmod(0o755)  # the postgres user must reach its cluster under here when we are root
-    kafka, controller, s3, pg, prometheus = _free_ports(5)
-    env = {
-        **os.environ,
-        "BEELDPORTAAL_LOCAL_STATE_DIR": str(state),
-        "BEELDPORTAAL_LOCAL_KAFKA_PORT": str(kafka),
-        "BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT": str(controller),
-        "BEELDPORTAAL_LOCAL_S3_PORT": str(s3),
-        "BEELDPORTAAL_LOCAL_POSTGRES_PORT": str(pg),
-        "BEELDPORTAAL_LOCAL_PROMETHEUS_PORT": str(prometheus),
-    }
-
-    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "deploy.cli", "platform", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if check and result.returncode != 0:
-            pytest.fail(f"platform {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    try:
-        yield cli, state, {"kafka": kafka, "s3": s3, "postgres": pg, "prometheus": prometheus}
-    finally:
-        cli("purge", check=False)
+def platform(tmp_path: Path) -> Iterator[PrivatePlatform]:
+    """Not started: starting and stopping it is what these tests are about."""
+    with private_platform(tmp_path, start=False) as platform:
+        yield platform
 
 
 def _recorded_pids(state: Path) -> dict[str, int]:
@@ -92,83 +44,64 @@ def _recorded_pids(state: Path) -> dict[str, int]:
     return {name: int((state / f).read_text()) for name, f in files.items()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def test_up_prints_where_everything_listens_and_down_leaves_nothing_running(
-    private_platform,
+    platform: PrivatePlatform,
 ) -> None:
-    cli, state, ports = private_platform
-    up = cli("up")
-    assert f"Kafka      127.0.0.1:{ports['kafka']}" in up.stdout
-    assert f"S3         http://127.0.0.1:{ports['s3']}" in up.stdout
-    assert f"127.0.0.1:{ports['postgres']}/beeldportaal" in up.stdout
-    assert f"Prometheus http://127.0.0.1:{ports['prometheus']}" in up.stdout
-    assert cli("status").returncode == 0
+    state, config = platform.state, platform.config
+    up = platform.cli("platform", "up")
+    assert f"Kafka      127.0.0.1:{config.kafka_port}" in up
+    assert f"S3         http://127.0.0.1:{config.s3_port}" in up
+    assert f"127.0.0.1:{config.postgres_port}/beeldportaal" in up
+    assert f"Prometheus http://127.0.0.1:{config.prometheus_port}" in up
+    platform.cli("platform", "status")  # exits 0: everything is ready
     pids = _recorded_pids(state)
-    assert all(_alive(pid) for pid in pids.values())
+    assert all(alive(pid) for pid in pids.values())
     postgres_home = (
         (state / "postgres" / "home").read_text().strip()
         if (state / "postgres" / "home").exists()
         else str(state)
     )
 
-    again = cli("up")  # idempotent: nothing new is started
-    assert again.stdout.count("already running") == 4
+    again = platform.cli("platform", "up")  # idempotent: nothing new is started
+    assert again.count("already running") == 4
     assert _recorded_pids(state) == pids
 
-    down = cli("down")
-    assert down.stdout.count("stopped") == 4
-    assert not any(_alive(pid) for pid in pids.values())
-    assert _processes_mentioning(str(state)) == []
-    assert _processes_mentioning(postgres_home) == []
-    status = cli("status", check=False)
+    down = platform.cli("platform", "down")
+    assert down.count("stopped") == 4
+    assert not any(alive(pid) for pid in pids.values())
+    assert processes_mentioning(str(state)) == []
+    assert processes_mentioning(postgres_home) == []
+    status = platform.run("platform", "status")
     assert status.returncode == 1
     assert status.stdout.count("stopped") == 4
 
 
-def test_a_restarted_platform_keeps_its_data_and_is_not_reformatted(private_platform) -> None:
-    cli, state, _ports = private_platform
-    cli("up")
-    env = read_env_file(state / "platform.env")
+def test_a_restarted_platform_keeps_its_data_and_is_not_reformatted(
+    platform: PrivatePlatform,
+) -> None:
+    state = platform.state
+    platform.up()
+    env = platform.client_env
     meta = (state / "kafka" / "data" / "meta.properties").read_text()
     dsn = env["BEELDPORTAAL_POSTGRES_DSN"]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (id int)")
         conn.execute("INSERT INTO kept VALUES (42)")
-    from minio import Minio
+    s3_client(env).put_object("dicom", "kept/object", io.BytesIO(b"bytes"), 5)
 
-    def s3() -> Minio:
-        return Minio(
-            env["BEELDPORTAAL_S3_ENDPOINT"],
-            access_key=env["BEELDPORTAAL_S3_ACCESS_KEY"],
-            secret_key=env["BEELDPORTAAL_S3_SECRET_KEY"],
-            region="us-east-1",
-            secure=False,
-        )
-
-    import io
-
-    s3().put_object("dicom", "kept/object", io.BytesIO(b"bytes"), 5)
-
-    cli("down")
-    cli("up")
+    platform.cli("platform", "down")
+    platform.up()
 
     assert (state / "kafka" / "data" / "meta.properties").read_text() == meta
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT id FROM kept").fetchall() == [(42,)]
-    response = s3().get_object("dicom", "kept/object")
+    response = s3_client(env).get_object("dicom", "kept/object")
     try:
         assert response.read() == b"bytes"
     finally:
         response.close()
         response.release_conn()
-    assert read_env_file(state / "platform.env") == env  # secrets are generated once
+    assert platform.client_env == env  # secrets are generated once
 
 
 def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path: Path) -> None:

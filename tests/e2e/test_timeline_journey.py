@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,13 +26,13 @@ from dicomweb_client import DICOMwebClient
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
-from deploy.local.config import LocalConfig, read_env_file
+from deploy.local.config import LocalConfig
 from deploy.local.services import specs
 from services.timeline.domain.fhir import accession_identifier
 from shared.auth import ensure_dev_keypair, mint_token
 from shared.identifiers import BSN_SYSTEM, URA_SYSTEM
 from tests.dicom_samples import bsn_item, make_dicom_bytes
-from tests.e2e.harness import ServiceProcess, free_port, service
+from tests.e2e.harness import ServiceProcess, private_platform, service, service_ports
 from tests.factories import TEST_BSN
 from tests.integration.consent.test_consent_api import make_bundle
 
@@ -57,20 +55,6 @@ PROCESSES = (
     "timeline-projection",
     "timeline",
 )
-PORT_SETTINGS = (
-    "BEELDPORTAAL_INGEST_HTTP_PORT",
-    "BEELDPORTAAL_INGEST_DIMSE_PORT",
-    "BEELDPORTAAL_CONSENT_HTTP_PORT",
-    "BEELDPORTAAL_ROUTING_HTTP_PORT",
-    "BEELDPORTAAL_NOTIFY_HTTP_PORT",
-    "BEELDPORTAAL_TIMELINE_HTTP_PORT",
-    "BEELDPORTAAL_INGEST_ASSEMBLY_METRICS_PORT",
-    "BEELDPORTAAL_CONSENT_DECISIONS_METRICS_PORT",
-    "BEELDPORTAAL_ROUTING_WORKER_METRICS_PORT",
-    "BEELDPORTAAL_NOTIFY_WORKER_METRICS_PORT",
-    "BEELDPORTAAL_TIMELINE_PROJECTION_METRICS_PORT",
-)
-
 T = TypeVar("T")
 
 
@@ -118,40 +102,13 @@ class Stack:
         return "\n".join(f"--- {n}\n{p.log(3000)}" for n, p in self.processes.items())
 
 
-def _platform_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    import os
-
     root = tmp_path_factory.mktemp("journey")
-    root.chmod(0o755)  # the postgres user must reach its cluster under here when we are root
-    state = root / "state"
-    local = {
-        "BEELDPORTAAL_LOCAL_STATE_DIR": str(state),
-        "BEELDPORTAAL_LOCAL_KAFKA_PORT": str(free_port()),
-        "BEELDPORTAAL_LOCAL_KAFKA_CONTROLLER_PORT": str(free_port()),
-        "BEELDPORTAAL_LOCAL_S3_PORT": str(free_port()),
-        "BEELDPORTAAL_LOCAL_POSTGRES_PORT": str(free_port()),
-        "BEELDPORTAAL_LOCAL_PROMETHEUS_PORT": str(free_port()),
-    }
-    # Not the platform `make test` runs: drop its settings so only the private one applies.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("BEELDPORTAAL_")}
-    cli_env = {**base, **local}
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(_platform_cli, cli_env, "platform", "purge")
-        up = _platform_cli(cli_env, "platform", "up")
-        assert up.returncode == 0, up.stdout + up.stderr
-        env = {**cli_env, **read_env_file(state / "platform.env")}
-        ports = {name: str(free_port()) for name in PORT_SETTINGS}
+        platform = cleanup.enter_context(private_platform(root))
+        env = {**platform.env, **platform.client_env}
+        ports = service_ports()
         peers = root / "peers.json"
         peers.write_text(json.dumps(_peers()))
         directory = root / "directory.yaml"
@@ -162,8 +119,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             BEELDPORTAAL_INGEST_STABLE_AGE_SECONDS="2",
             BEELDPORTAAL_LOG_JSON="false",
         )
-        seeded = _platform_cli(env, "routing", "seed", "--file", str(directory))
-        assert seeded.returncode == 0, seeded.stdout + seeded.stderr
+        platform.cli("routing", "seed", "--file", str(directory), env=env)
 
         with pytest.MonkeyPatch.context() as patch:
             for name, value in env.items():
@@ -177,7 +133,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for spec in chosen:
             assert spec.ready_url is not None
             processes[spec.name].wait_ready(spec.ready_url, timeout=120)
-        key, _public = ensure_dev_keypair(state / "secrets" / "dev-jwt")
+        key, _public = ensure_dev_keypair(platform.state / "secrets" / "dev-jwt")
         urls = {
             "ingest": f"http://127.0.0.1:{ports['BEELDPORTAAL_INGEST_HTTP_PORT']}",
             "consent": f"http://127.0.0.1:{ports['BEELDPORTAAL_CONSENT_HTTP_PORT']}",
