@@ -10,6 +10,7 @@ import asyncio
 import os
 import secrets
 import string
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -83,8 +84,30 @@ def scratch_database(postgres_settings: PostgresSettings) -> Iterator[str]:
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
+        drop_database(postgres_settings.conninfo, name)
+
+
+def drop_database(conninfo: str, name: str, attempts: int = 10) -> None:
+    """Drop database ``name``, ending the sessions still in it (a pool the test left open).
+
+    FORCE may not end an autovacuum worker busy in it: that fails with InsufficientPrivilege
+    (our role is no superuser, nor in pg_signal_backend; seen once in CI). A plain DROP cancels
+    autovacuum itself and waits a few seconds for other sessions, so that is tried next.
+    """
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        try:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        for attempt in range(attempts):
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+                return
+            except psycopg.errors.ObjectInUse:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
 
 
 @pytest.fixture
