@@ -82,7 +82,7 @@ from pydicom.uid import generate_uid
 from benchmarks.ingest import Body, build_bodies
 from deploy.local.config import LocalConfig, read_env_file
 from deploy.local.orthanc import OrthancConfig, OrthancPeer
-from deploy.local.processes import ManagedProcess, PlatformError, wait_until
+from deploy.local.processes import ManagedProcess, PlatformError, http_ready, wait_until
 from shared.identifiers import is_valid_bsn
 
 BENCH_SENDER = "00000771"
@@ -447,14 +447,6 @@ def _cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _http_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def platform_env(config: LocalConfig) -> dict[str, str]:
     """The running platform's settings; a clear exit when it is not up."""
     from aiokafka import AIOKafkaConsumer
@@ -685,7 +677,7 @@ class Pipeline:
             self.services.append(Service(name, process))
             log(f"{name}: pid {process.pid()} ({' '.join(argv_of[name])}), log {process.log_file}")
         ingest = self.services[0].process
-        wait_until(lambda: _http_ready(f"{self.ingest_url}/readyz"), 90, "ingest", ingest)
+        wait_until(lambda: http_ready(f"{self.ingest_url}/readyz"), 90, "ingest", ingest)
         log(f"ingest ready on {self.ingest_url}")
 
     def alive(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -95,13 +95,7 @@ class KafkaEventPublisher:
     async def start(self) -> None:
         async with self._starting:
             if self._producer is None:
-                producer = AIOKafkaProducer(**self._config)
-                try:
-                    await producer.start()
-                except KafkaError as exc:
-                    await producer.stop()
-                    raise TransientError(f"Kafka unavailable: {exc}") from exc
-                self._producer = producer
+                self._producer = await start_producer(self._config)
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -193,6 +187,17 @@ class KafkaEventPublisher:
         except KafkaError as exc:
             await self.failed(producer, exc)
             raise TransientError(f"publishing {len(events)} events failed: {exc}") from exc
+
+
+async def start_producer(config: Mapping[str, Any]) -> AIOKafkaProducer:
+    """A started aiokafka producer; Kafka unreachable is TransientError (nothing left open)."""
+    producer = AIOKafkaProducer(**config)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise TransientError(f"Kafka unavailable: {exc}") from exc
+    return producer
 
 
 async def _close(producer: AIOKafkaProducer) -> None:

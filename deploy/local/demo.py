@@ -505,11 +505,14 @@ class Demo:
         )
 
 
-def mitz_bundle(bsn: Bsn) -> dict[str, Any]:
-    """A Mitz notification: the patient permits hospitals to see their treatment data."""
+def mitz_bundle(
+    bsn: Bsn, organisation_ura: str = OOST, consent_id: str = "demo-timeline-consent"
+) -> dict[str, Any]:
+    """A Mitz notification: the patient permits hospitals to see their treatment data (the
+    consent ``consent_id``, recorded at ``organisation_ura``)."""
     consent = {
         "resourceType": "Consent",
-        "id": "demo-timeline-consent",
+        "id": consent_id,
         "status": "active",
         "extension": [
             {
@@ -542,7 +545,7 @@ def mitz_bundle(bsn: Bsn) -> dict[str, Any]:
                 "resource": {
                     "resourceType": "Organization",
                     "id": "demo-oost",
-                    "identifier": [{"system": URA_SYSTEM, "value": OOST}],
+                    "identifier": [{"system": URA_SYSTEM, "value": organisation_ura}],
                 },
             },
         ],

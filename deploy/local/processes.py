@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,3 +209,12 @@ def _services_denied() -> Iterator[None]:
         yield
     finally:
         POLICY_RC_D.unlink(missing_ok=True)
+
+
+def http_ready(url: str) -> bool:
+    """Whether ``url`` (a /readyz) answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.local.config import LocalConfig
-from deploy.local.processes import ManagedProcess, PlatformError, wait_until
+from deploy.local.processes import ManagedProcess, PlatformError, http_ready, wait_until
 
 DEMO_PEERS = Path(__file__).with_name("demo-peers.json")
 DEMO_DIRECTORY = Path(__file__).with_name("demo-directory.yaml")
@@ -220,7 +218,7 @@ class Services:
             argv = [sys.executable, "-m", "deploy.cli", *spec.args, "--tag", process.marker]
             process.start(argv, env={**base_env, **spec.env})
             if spec.ready_url:
-                wait_until(lambda url=spec.ready_url: _ready(url), 60, spec.name, process)
+                wait_until(lambda url=spec.ready_url: http_ready(url), 60, spec.name, process)
             self.out(f"{spec.name + ':':17} started (pid {process.pid()}, log {process.log_file})")
         self.out("")
         for spec in specs(self.config):
@@ -264,7 +262,7 @@ class Services:
             process = self._process(spec)
             if not process.running():
                 state, healthy = "stopped", False
-            elif spec.ready_url and not _ready(spec.ready_url):
+            elif spec.ready_url and not http_ready(spec.ready_url):
                 state, healthy = "running, not ready", False
             else:
                 state = f"running (pid {process.pid()})"
@@ -275,14 +273,6 @@ class Services:
         if pid is not None:  # started by `beeldportaal demo`; not part of the services' health
             self.out(f"{'demo-orthanc:':17} running (pid {pid})")
         return healthy
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def main(action: str) -> int:

@@ -40,9 +40,9 @@ from pydicom.uid import generate_uid
 from deploy.local.config import LocalConfig
 from deploy.local.kafka import Kafka
 from deploy.local.orthanc import OrthancPeer
+from deploy.local.processes import http_ready
 from deploy.local.services import ServiceSpec, specs
-from services.consent.domain.mitz import PROVIDER_CATEGORY_EXTENSION
-from shared.identifiers import BSN_SYSTEM, URA_SYSTEM, is_valid_bsn
+from shared.identifiers import BSN_SYSTEM, is_valid_bsn
 from tests.dicom_samples import bsn_item, make_dicom_bytes
 from tests.e2e import harness
 
@@ -59,14 +59,6 @@ def valid_test_bsns(count: int) -> list[str]:
     """Valid BSNs from the government's test range (99999xxxx, passing the 11-proof)."""
     found = [str(n) for n in range(999_990_000, 1_000_000_000) if is_valid_bsn(str(n))]
     return found[:count]
-
-
-def _http_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 # -- the platform -----------------------------------------------------------------------------
@@ -148,7 +140,7 @@ class Service:
         return self.proc is not None and self.proc.poll() is None
 
     def ready(self) -> bool:
-        return self.spec.ready_url is None or _http_ready(self.spec.ready_url)
+        return self.spec.ready_url is None or http_ready(self.spec.ready_url)
 
     def wait_ready(self, timeout: float) -> float:
         began = time.monotonic()
@@ -537,52 +529,6 @@ class Stream:
 
 
 # -- consent for the timeline -----------------------------------------------------------------
-
-
-def mitz_permit(bsn: str, organisation_ura: str, consent_id: str) -> dict[str, Any]:
-    """An explicit Mitz consent (FHIR Bundle) of ``bsn`` for ``organisation_ura``'s hospitals."""
-    return {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [
-            {
-                "fullUrl": "urn:uuid:consent-1",
-                "resource": {
-                    "resourceType": "Consent",
-                    "id": consent_id,
-                    "status": "active",
-                    "extension": [
-                        {
-                            "url": PROVIDER_CATEGORY_EXTENSION,
-                            "valueCoding": {"system": "urn:example:mitz", "code": "RPZAC104"},
-                        }
-                    ],
-                    "category": [
-                        {"coding": [{"system": "http://loinc.org", "code": "59284-0"}]},
-                        {"coding": [{"system": "urn:example:mitz", "code": "GGC002"}]},
-                    ],
-                    "patient": {"reference": "urn:uuid:patient-1"},
-                    "organization": [{"reference": "Organization/org-1"}],
-                    "provision": {"type": "permit", "period": {"start": "2025-01-01"}},
-                },
-            },
-            {
-                "fullUrl": "urn:uuid:patient-1",
-                "resource": {
-                    "resourceType": "Patient",
-                    "identifier": [{"system": BSN_SYSTEM, "value": bsn}],
-                },
-            },
-            {
-                "fullUrl": "https://mitz.example/Organization/org-1",
-                "resource": {
-                    "resourceType": "Organization",
-                    "id": "org-1",
-                    "identifier": [{"system": URA_SYSTEM, "value": organisation_ura}],
-                },
-            },
-        ],
-    }
 
 
 def post_json(url: str, body: Any, token: str, content_type: str = "application/json") -> int:

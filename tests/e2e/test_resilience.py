@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from deploy.local.demo import mitz_bundle
 from deploy.local.orthanc import OrthancPeer
 from services.consent.entrypoints.http import FHIR_JSON
+from shared.identifiers import parse_bsn
 from tests.e2e.resilience_harness import (
     Outcome,
     PrivatePlatform,
@@ -37,7 +39,6 @@ from tests.e2e.resilience_harness import (
     kafka_log_digest,
     log,
     make_studies,
-    mitz_permit,
     observe,
     post_json,
     valid_test_bsns,
@@ -165,7 +166,7 @@ def _register_consents(pipeline: Pipeline) -> None:
             "source": "referral",
         }
         assert post_json(f"{consent}/treatment-relationships", relationship, provider) == 201
-        bundle = mitz_permit(bsn, RECIPIENT, f"resilience-consent-{n}")
+        bundle = mitz_bundle(parse_bsn(bsn), RECIPIENT, f"resilience-consent-{n}")
         assert post_json(f"{consent}/mitz/notifications", bundle, authority, FHIR_JSON) in (
             201,
             202,

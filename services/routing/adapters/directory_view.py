@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from services.routing.domain.directory import Directory, Provider, validation_problems
 from services.routing.metrics import RoutingMetrics
 from shared.errors import PoisonEvent, TransientError
-from shared.kafka import CachedMurmur2Partitioner
+from shared.kafka import CachedMurmur2Partitioner, start_producer
 from shared.settings import KafkaSettings
 from shared.topic_view import TopicView
 
@@ -247,13 +247,7 @@ class KafkaDirectoryWriter:
 
     async def start(self) -> None:
         if self._producer is None:
-            producer = AIOKafkaProducer(**self._config)
-            try:
-                await producer.start()
-            except KafkaError as exc:
-                await producer.stop()
-                raise TransientError(f"Kafka unavailable: {exc}") from exc
-            self._producer = producer
+            self._producer = await start_producer(self._config)
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
