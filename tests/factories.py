@@ -23,6 +23,7 @@ from shared.events import (
     AuditOutcome,
     Basis,
     BsnStatus,
+    CompletingRequestStored,
     ConsentChecked,
     ConsentRegistered,
     ConsentRevoked,
@@ -202,6 +203,20 @@ def make_instance_stored(
     return InstanceStored(**fields)
 
 
+def make_completing_request_stored(
+    *, study_instance_uid: str | None = None, **overrides: Any
+) -> CompletingRequestStored:
+    fields: dict[str, Any] = make_envelope(
+        study_instance_uid=make_uid() if study_instance_uid is None else study_instance_uid,
+        channel=IngestChannel.STOW_RS,
+        sender_ura=SENDER_URA,
+        recipient_ura=RECIPIENT_URA,
+        instances=3,
+    )
+    fields.update(overrides)
+    return CompletingRequestStored(**fields)
+
+
 def make_study_received(*, study: StudySnapshot | None = None, **overrides: Any) -> StudyReceived:
     return StudyReceived(**{**make_envelope(study=study or make_study()), **overrides})
 
@@ -357,6 +372,7 @@ def make_delivery_queued(**overrides: Any) -> DeliveryQueued:
 
 FACTORIES: dict[type[Event], Callable[..., Event]] = {
     InstanceStored: make_instance_stored,
+    CompletingRequestStored: make_completing_request_stored,
     StudyReceived: make_study_received,
     ConsentRegistered: make_consent_registered,
     ConsentRevoked: make_consent_revoked,

@@ -35,7 +35,7 @@ from shared.events.delivery import (
     RefusedInstance,
     delivery_key,
 )
-from shared.events.ingest import InstanceStored, StudyReceived
+from shared.events.ingest import CompletingRequestStored, InstanceStored, StudyReceived
 from shared.events.routing import Destination, RouteFailed, RouteResolved
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "AuditOutcome",
     "Basis",
     "BsnStatus",
+    "CompletingRequestStored",
     "ConsentChecked",
     "ConsentRegistered",
     "ConsentRevoked",

@@ -57,6 +57,32 @@ class InstanceStored(Event):
 
 
 @event
+class CompletingRequestStored(Event):
+    """Emitted by ingest once a request the sender marked as completing the study has ended,
+    for each study in it that had an instance stored: after every one of that request's
+    instance-stored events of the study was acknowledged, on the same topic and key, so it
+    follows them in their partition.
+
+    Study assembly announces the study on it at once: no quiet period to wait for the rest of
+    the request (its ``completes_study`` instances alone leave that question open, since
+    ingest publishes each as soon as its bytes are stored).
+    """
+
+    schema_name: ClassVar[str] = "ingest.completing-request-stored.v1"
+    topic: ClassVar[str] = "instance-stored"
+
+    study_instance_uid: DicomUid
+    channel: IngestChannel
+    sender_ura: Ura
+    recipient_ura: Ura
+    # Instances of this study the request had stored (resends of stored ones included).
+    instances: int = Field(ge=1)
+
+    def partition_key(self) -> str:
+        return self.study_instance_uid
+
+
+@event
 class StudyReceived(Event):
     """Emitted by ingest's study assembly for each version of a stable study."""
 

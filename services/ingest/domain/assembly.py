@@ -41,6 +41,7 @@ from pydantic import AwareDatetime, Field
 from shared.events import (
     REPORT_SOP_CLASSES,
     BsnStatus,
+    CompletingRequestStored,
     InstanceRef,
     InstanceStored,
     PatientRef,
@@ -56,7 +57,9 @@ from shared.events.common import Sha256Hex
 # A completes_study mark announces the study once no new instance came for this long (capped at
 # the stable age). Ingest flags *every* instance of the completing request and publishes them as
 # their bytes are stored, so without a short quiet period the first flagged instance would
-# announce a partial study and the rest of the request would follow as version 2. The worker
+# announce a partial study and the rest of the request would follow as version 2. When the
+# request ends, ingest says so (CompletingRequestStored) and the study is due at once; the quiet
+# period is what is left when that word never came (ingest stopped between the two). The worker
 # passes its setting (IngestSettings.assembly_completion_quiet_seconds); this is its default.
 COMPLETION_QUIET = timedelta(seconds=2)
 
@@ -137,6 +140,9 @@ class Assembly(Model):
     # Assembler clock: when the last new instance was seen, and the last completes_study mark.
     last_new_at: AwareDatetime
     completion_marked_at: AwareDatetime | None = None
+    # When a completing request was seen to have ended (CompletingRequestStored): due at once
+    # unless a new instance came after it.
+    request_completed_at: AwareDatetime | None = None
     # Same SOP Instance UID with other bytes (ingest refuses that, so this stays 0).
     conflicts: int = Field(default=0, ge=0)
     announced_version: int = Field(default=0, ge=0)
@@ -173,7 +179,7 @@ class StudyAssemblies(Model):
         return self.assemblies.get(key.slot)
 
 
-def key_of(event: InstanceStored) -> AssemblyKey:
+def key_of(event: InstanceStored | CompletingRequestStored) -> AssemblyKey:
     return AssemblyKey(event.study_instance_uid, event.sender_ura, event.recipient_ura)
 
 
@@ -265,6 +271,27 @@ def add_instance(
     return Addition(_with(state, assembly), Added.NEW, record, marker)
 
 
+def complete_request(
+    state: StudyAssemblies | None, event: CompletingRequestStored, now: datetime
+) -> StudyAssemblies | None:
+    """Take in the end of a completing request: its assembly is due at once, unless a new
+    instance comes first. The state unchanged (the same object, or None) when no instance of
+    that assembly was taken in: the request's instances precede it in the partition, so they
+    were all duplicates of what an earlier version holds, or poison."""
+    if state is None:
+        return None
+    current = state.assembly(key_of(event))
+    if current is None:
+        return state
+    return _with(state, current.model_copy(update={"request_completed_at": now}))
+
+
+def confirmed_completion(assembly: Assembly) -> datetime | None:
+    """When a completing request ended after the assembly's newest instance came, or None."""
+    completed = assembly.request_completed_at
+    return completed if completed is not None and completed >= assembly.last_new_at else None
+
+
 def _with(state: StudyAssemblies, assembly: Assembly) -> StudyAssemblies:
     return state.model_copy(
         update={"assemblies": {**state.assemblies, assembly.key.slot: assembly}}
@@ -326,6 +353,9 @@ def ready_at(
     """When the assembly becomes due, or None while it has nothing new to announce."""
     if assembly.unannounced <= 0:
         return None
+    completed = confirmed_completion(assembly)
+    if completed is not None:
+        return completed
     wait = stable_age
     marked = assembly.completion_marked_at
     if marked is not None and marked >= assembly.last_new_at:
@@ -351,7 +381,8 @@ def due(
     """Assemblies ready to announce: unannounced instances, and stable or marked complete.
 
     Stable: the last new instance is at least ``stable_age`` old. Marked complete: the newest
-    instance came with ``completes_study`` and nothing new came for ``completion_quiet``.
+    instance came with ``completes_study`` and nothing new came for ``completion_quiet``, or a
+    completing request was seen to end (:func:`complete_request`) after the newest instance.
     """
     ready = []
     for assembly in state.assemblies.values():

@@ -34,7 +34,9 @@ batch. How it fits together:
   lock). A failed transaction rebuilds the same way before its batch is replayed.
 - **A backlog is not quiet**: a due study is not announced while its partition has records
   not yet handled, or was not fetched since it was assigned (:meth:`StreamWorker.unread`):
-  after a restart, the instances that arrived meanwhile are taken in first.
+  after a restart, the instances that arrived meanwhile are taken in first. Except a study
+  whose completing request ended (``CompletingRequestStored``, on the same topic and key after
+  that request's instances): it is due at once and waits for nothing.
 
 The changelog must be declared like every topic (shared.topics), compacted, with exactly as
 many partitions as instance-stored; :func:`build_assembler` and :meth:`StudyAssembler.start`
@@ -66,6 +68,8 @@ from services.ingest.domain.assembly import (
     StudyAssemblies,
     add_instance,
     announce,
+    complete_request,
+    confirmed_completion,
     due,
     key_of,
     next_due_at,
@@ -76,7 +80,7 @@ from services.ingest.domain.assembly import (
 from services.ingest.metrics import IngestMetrics
 from shared.codec import Codec
 from shared.errors import FatalError, PoisonEvent, TransientError
-from shared.events import InstanceStored, StudyReceived
+from shared.events import CompletingRequestStored, InstanceStored, StudyReceived
 from shared.events.base import utcnow
 from shared.kafka import CachedMurmur2Partitioner
 from shared.logging import configure_logging, correlation_context, get_logger
@@ -131,6 +135,15 @@ class PartitionState:
         if addition.state is not state:
             self.put_study(addition.state)
         return addition
+
+    def complete_request(
+        self, event: CompletingRequestStored, now: datetime
+    ) -> StudyAssemblies | None:
+        before = self.studies.get(event.study_instance_uid)
+        after = complete_request(before, event, now)
+        if after is not None and after is not before:
+            self.put_study(after)
+        return after
 
     def put_study(self, state: StudyAssemblies) -> None:
         self.studies[state.study_instance_uid] = state
@@ -263,7 +276,7 @@ class StudyAssembler:
     async def handle(self, record: Any) -> Iterable[Outgoing]:
         """Take one instance-stored into its partition's state; what it changes is flushed by
         the tick at the end of the batch, in the batch's transaction."""
-        event = decode_as(self.codec, record, InstanceStored)
+        event = decode_as(self.codec, record, InstanceStored, CompletingRequestStored)
         key = event.partition_key().encode()
         if record.key != key:
             raise PoisonEvent("record key is not the event's Study Instance UID")
@@ -272,6 +285,13 @@ class StudyAssembler:
         state = self._owned.get(record.partition)
         if state is None:  # shared.stream hands over only records of rebuilt partitions
             raise FatalError(f"partition {record.partition} has no state on this member")
+        if isinstance(event, CompletingRequestStored):
+            with correlation_context(event.correlation_id):
+                study = state.complete_request(event, self.clock())
+                if study is not None:
+                    self._schedule(state.partition, event.study_instance_uid, study)
+                self.metrics.consumed(record.topic, event.schema_name, "ok")
+            return ()
         with correlation_context(event.correlation_id):
             addition = state.take_in(event, self.clock())
             self._schedule(state.partition, event.study_instance_uid, addition.state)
@@ -343,9 +363,10 @@ class StudyAssembler:
             if state is None:
                 self._due.pop((number, uid), None)
                 continue
-            if number in unread:
+            if number in unread and not _confirmed_complete(state.studies[uid]):
                 # Fetched but not yet taken in (or not fetched yet): a backlog or a restart must
-                # not look like a quiet study. Announced once the partition is caught up.
+                # not look like a quiet study. Announced once the partition is caught up. A
+                # study whose completing request ended needs no quiet: its instances came first.
                 held.append(entry)
                 continue
             events += self._announce(state, uid, now)
@@ -451,6 +472,13 @@ class StudyAssembler:
                     missing=missing,
                 )
         return states
+
+
+def _confirmed_complete(study: StudyAssemblies) -> bool:
+    """Every assembly of the study with something to announce has seen its completing request
+    end after its newest instance."""
+    assemblies = [a for a in study.assemblies.values() if a.unannounced > 0]
+    return bool(assemblies) and all(confirmed_completion(a) is not None for a in assemblies)
 
 
 def build_assembler(

@@ -74,6 +74,8 @@ def build_router(ingest: Ingest) -> APIRouter:
         except MalformedMultipart as exc:  # 400, or 413 (PayloadTooLarge) for the limits
             ingest.metrics.requests.labels(str(exc.status_code)).inc()
             raise HTTPException(exc.status_code, f"multipart/related body refused: {exc}") from None
+        if submission.completes_study:
+            await ingest.store.request_ended(submission, _stored_per_study(results))
         status = http_status(results)
         study_url = _study_url(ingest, results, study_uid)
         headers = _warning_headers(results)
@@ -186,6 +188,15 @@ def _result(ingest: Ingest, outcome: Outcome) -> InstanceResult:
         outcome.study_instance_uid,
         url,
     )
+
+
+def _stored_per_study(results: list[InstanceResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for result in results:
+        if result.retrieve_url is not None and result.study_instance_uid is not None:
+            uid = result.study_instance_uid
+            counts[uid] = counts.get(uid, 0) + 1
+    return counts
 
 
 def _study_url(ingest: Ingest, results: list[InstanceResult], study_uid: str | None) -> str | None:

@@ -19,7 +19,7 @@ import hashlib
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +30,14 @@ from services.ingest.domain.keys import object_key
 from services.ingest.domain.status import Status
 from services.ingest.metrics import IngestMetrics
 from shared.errors import TransientError
-from shared.events import IngestChannel, InstanceRef, InstanceStored, PatientRef, Urgency
+from shared.events import (
+    CompletingRequestStored,
+    IngestChannel,
+    InstanceRef,
+    InstanceStored,
+    PatientRef,
+    Urgency,
+)
 from shared.identifiers import Pseudonymizer
 from shared.kafka import EventPublisher
 from shared.logging import get_logger
@@ -197,6 +204,44 @@ class InstanceStore:
             stored=ref,
             announced=True,
         )
+
+    async def request_ended(self, submission: Submission, stored: Mapping[str, int]) -> bool:
+        """After a request the sender marked as completing its study, once every instance of
+        it was handled: announce per study (Study Instance UID -> instances of it stored) that
+        the request is in, so study assembly announces the study at once.
+
+        False when Kafka did not take it. Nothing is lost then: the instances are stored and
+        carry ``completes_study``, so assembly announces the study after its completion quiet
+        period instead.
+        """
+        if not submission.completes_study or not stored:
+            return True
+        events = [
+            CompletingRequestStored(
+                occurred_at=self._clock(),
+                correlation_id=submission.correlation_id,
+                producer=self._producer,
+                study_instance_uid=uid,
+                channel=submission.channel,
+                sender_ura=submission.sender_ura,
+                recipient_ura=submission.recipient_ura,
+                instances=count,
+            )
+            for uid, count in sorted(stored.items())
+        ]
+        try:
+            await self._publisher.publish_many(events)
+        except TransientError as exc:
+            log.warning(
+                "the end of a completing request was not announced; assembly waits for its "
+                "quiet period instead",
+                error=str(exc),
+                studies=len(events),
+            )
+            return False
+        for event in events:
+            self._metrics.produced(event.topic, event.schema_name)
+        return True
 
     def _persist(
         self, received: Received, submission: Submission

@@ -27,12 +27,12 @@ from services.ingest.entrypoints.assembler import StudyAssembler, build_assemble
 from services.ingest.metrics import IngestMetrics
 from shared import topics
 from shared.codec import Codec
-from shared.events import InstanceStored, StudyReceived
+from shared.events import CompletingRequestStored, InstanceStored, StudyReceived
 from shared.kafka import CachedMurmur2Partitioner, KafkaEventPublisher
 from shared.settings import KafkaSettings
 from shared.stream import Worker
 from shared.topics import TopicSpec
-from tests.factories import RECIPIENT_URA, make_patient
+from tests.factories import RECIPIENT_URA, make_completing_request_stored, make_patient
 from tests.ingest_factories import BASIC_TEXT_SR, copy_of, make_study_instances
 from tests.integration.ingest.test_assembly_agent import assembly_app
 from tests.integration.ingest.test_assembly_agent import running as running_faust
@@ -167,7 +167,9 @@ async def announcements(
         await consumer.stop()
 
 
-async def publish(settings: KafkaSettings, topic: str, events: list[InstanceStored]) -> None:
+async def publish(
+    settings: KafkaSettings, topic: str, events: list[InstanceStored | CompletingRequestStored]
+) -> None:
     async with KafkaEventPublisher(settings, "test-assembler") as publisher:
         await publisher.publish_many(events, topic=topic)
 
@@ -331,6 +333,42 @@ async def test_a_study_marked_complete_is_announced_long_before_the_stable_age(
 
     assert v1.study.version == 1
     assert {r.sop_instance_uid for r in v1.study.instances} == uids(study)
+
+
+def end_of_request(study: list[InstanceStored]) -> CompletingRequestStored:
+    first = study[0]
+    return make_completing_request_stored(
+        study_instance_uid=first.study_instance_uid,
+        sender_ura=first.sender_ura,
+        recipient_ura=first.recipient_ura,
+        correlation_id=first.correlation_id,
+        instances=len(study),
+    )
+
+
+async def test_a_study_is_announced_as_soon_as_the_end_of_its_completing_request_comes(
+    kafka_settings: KafkaSettings, names: Names
+) -> None:
+    ended, waiting = (make_study_instances(3, completes_study=True) for _ in range(2))
+    metrics = IngestMetrics()
+    # A quiet period and a stable age far beyond the test: only the end of a request counts.
+    worker = assembler(
+        kafka_settings, names, stable_age=300.0, completion_quiet=300.0, metrics=metrics
+    )
+    async with running(worker), announcements(kafka_settings, names.sink) as out:
+        await publish(kafka_settings, names.source, [*ended, *waiting])
+        await until_taken_in(metrics, names, 6)
+        assert await out.quiet_for(1.0) == []
+        await publish(kafka_settings, names.source, [end_of_request(ended)])
+        [v1] = await out.wait_for(1, timeout=20.0)
+        assert await out.quiet_for(1.5) == [v1]  # the other study still waits for its end
+
+    assert v1.study.study_instance_uid == ended[0].study_instance_uid
+    assert {r.sop_instance_uid for r in v1.study.instances} == uids(ended)
+    consumed = metrics.events_consumed.labels(
+        names.source, CompletingRequestStored.schema_name, "ok"
+    )._value.get()
+    assert consumed == 1
 
 
 async def test_instance_stored_again_changes_nothing_announced_or_not(

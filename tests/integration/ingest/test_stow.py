@@ -20,7 +20,7 @@ from minio import Minio
 from deploy.local.config import LocalConfig
 from deploy.local.s3 import S3Server
 from services.ingest.domain.status import Status
-from shared.events import BsnStatus, InstanceStored, Urgency
+from shared.events import BsnStatus, CompletingRequestStored, InstanceStored, Urgency
 from shared.settings import KafkaSettings, S3Settings
 from tests.dicom_samples import bsn_item, make_dicom_bytes, malformed_samples, well_formed_samples
 from tests.integration.ingest.conftest import (
@@ -268,6 +268,37 @@ def test_the_senders_note_urgency_and_completion_mark_travel_with_the_instances(
     assert event.completes_study is True
     bad = post(ingest_service, multipart([data]), headers={"X-Beeldportaal-Urgency": "asap"})
     assert bad.status_code == 400
+
+
+def test_a_completing_request_is_followed_by_its_end_per_study_after_its_instances(
+    ingest_service: RunningIngest, instance_stored_tap: EventTap
+) -> None:
+    studies = [pydicom.uid.generate_uid() for _ in range(2)]
+    parts = [make_dicom_bytes(StudyInstanceUID=studies[i % 2]) for i in range(5)]
+    sops = [pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID for p in parts]
+    plain = make_dicom_bytes()
+    response = post(
+        ingest_service, multipart(parts), headers={"X-Beeldportaal-Study-Complete": "true"}
+    )
+    assert response.status_code == 200
+    assert post(ingest_service, multipart([plain])).status_code == 200  # not completing
+
+    wanted = {*studies, pydicom.dcmread(io.BytesIO(plain)).StudyInstanceUID}
+    events = instance_stored_tap.read(
+        lambda e: e.study_instance_uid in wanted, expect=len(parts) + 1 + 2
+    )
+    ends = [e for e in events if isinstance(e, CompletingRequestStored)]
+    assert sorted((e.study_instance_uid, e.instances) for e in ends) == sorted(
+        [(studies[0], 3), (studies[1], 2)]
+    )
+    for end in ends:
+        assert end.sender_ura == SENDER_URA and end.recipient_ura == RECIPIENT_URA
+        assert end.correlation_id == response.headers["X-Correlation-ID"]
+        # After every instance of its study in the partition: the tap reads partitions in order.
+        of_study = [e for e in events if e.study_instance_uid == end.study_instance_uid]
+        assert of_study[-1] is end
+    stored = {e.instance.sop_instance_uid for e in events if isinstance(e, InstanceStored)}
+    assert set(sops) <= stored
 
 
 def test_a_part_that_is_not_dicom_fails_alone_while_its_siblings_are_stored(

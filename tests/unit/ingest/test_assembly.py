@@ -14,6 +14,8 @@ from services.ingest.domain.assembly import (
     StudyAssemblies,
     add_instance,
     announce,
+    complete_request,
+    confirmed_completion,
     due,
     key_of,
     next_due_at,
@@ -34,7 +36,14 @@ from shared.events import (
     StudyReceived,
     Urgency,
 )
-from tests.factories import RECIPIENT_URA, SENDER_URA, T0, make_instance_ref, make_patient
+from tests.factories import (
+    RECIPIENT_URA,
+    SENDER_URA,
+    T0,
+    make_completing_request_stored,
+    make_instance_ref,
+    make_patient,
+)
 from tests.ingest_factories import (
     BASIC_TEXT_SR,
     ENCAPSULATED_PDF,
@@ -163,6 +172,69 @@ def test_the_completion_quiet_period_is_whatever_the_worker_is_configured_with()
 
 
 # --- duplicates and conflicts ---------------------------------------------------------------------
+
+
+def request_end(table: AssemblyTable, event: InstanceStored, at: float) -> StudyAssemblies:
+    """The study row after the end of ``event``'s completing request was taken in at ``at``."""
+    mark = make_completing_request_stored(
+        study_instance_uid=event.study_instance_uid,
+        sender_ura=event.sender_ura,
+        recipient_ura=event.recipient_ura,
+    )
+    state = complete_request(table.state(event.study_instance_uid), mark, seconds(at))
+    assert state is not None
+    table[study_row_key(event.study_instance_uid)] = state.to_bytes()
+    return state
+
+
+def test_the_end_of_a_completing_request_makes_the_study_due_at_once_without_a_quiet_period() -> (
+    None
+):
+    flagged = make_study_instances(3, completes_study=True)
+    table = fold(flagged, at=0)
+    assert due(table.state(), seconds(0.1), STABLE) == []  # quiet period still running
+
+    state = request_end(table, flagged[0], at=0.1)
+
+    assert due(state, seconds(0.1), STABLE) == [key_of(flagged[0])]
+    assert next_due_at(state, STABLE) == seconds(0.1)
+    assembly = state.assembly(key_of(flagged[0]))
+    assert assembly is not None and confirmed_completion(assembly) == seconds(0.1)
+
+
+def test_an_instance_after_the_end_of_the_completing_request_brings_back_the_usual_rules() -> None:
+    first, later = make_study_instances(2)
+    table = fold([copy_of(first, completes_study=True)], at=0)
+    request_end(table, first, at=0.2)
+    state = fold([later], at=1, table=table).state()
+
+    assert due(state, seconds(1), STABLE) == []
+    assert due(state, seconds(16), STABLE) == [key_of(later)]
+    assembly = state.assembly(key_of(later))
+    assert assembly is not None and confirmed_completion(assembly) is None
+
+
+def test_the_end_of_a_request_with_nothing_new_announces_nothing() -> None:
+    [event] = make_study_instances(1, completes_study=True)
+    table = fold([event], at=0)
+    announce_only(table, at=15)  # everything announced already
+
+    state = request_end(table, event, at=20)
+
+    assert due(state, seconds(20), STABLE) == []
+    assert next_due_at(state, STABLE) is None
+
+
+def test_the_end_of_a_request_for_an_assembly_never_taken_in_changes_nothing() -> None:
+    [event] = make_study_instances(1)
+    table = fold([event], at=0)
+    state = table.state()
+    other = make_completing_request_stored(
+        study_instance_uid=event.study_instance_uid, recipient_ura=OTHER_RECIPIENT
+    )
+
+    assert complete_request(state, other, seconds(1)) is state
+    assert complete_request(None, other, seconds(1)) is None
 
 
 def test_a_duplicate_instance_changes_nothing_and_does_not_postpone_stability() -> None:
