@@ -1,7 +1,8 @@
 """Delivery benchmark: STOW-RS into ingest until every instance is present in the receiver's PACS.
 
-    python -m benchmarks.deliver [--studies 200] [--instances 20] [--routine-backlog 500]
-                                 [--concurrency 8] [--quick]
+    python -m benchmarks.deliver [--studies 200] [--paced-rate 2] [--flood-studies 200]
+                                 [--instances 20] [--routine-backlog 500] [--concurrency 8]
+                                 [--quick]
 
 End to end through the whole pipeline, against the running local platform: ingest serve (STOW-RS)
 → ingest assemble → consent decide → routing route → notify deliver → a fresh Orthanc (Debian
@@ -26,8 +27,13 @@ and SOP Instance UID) back to the studies sent, so presence costs one small requ
 Phases, after ``--warmup`` studies went all the way through one at a time (that is also the
 readiness check of the four workers, which have no HTTP endpoint):
 
-- **steady**: ``--studies`` routine studies over ``--concurrency`` keep-alive connections:
-  p50/p99 latency, studies/s and instances/s from the first request to the last study present;
+- **paced**: ``--studies`` routine studies, one started every 1 / ``--paced-rate`` seconds
+  whatever the answers do (an open loop, up to ``--concurrency`` connections): p50/p99 latency
+  at a load the pipeline sustains, which is what the latency targets are about;
+- **flood**: ``--flood-studies`` routine studies over ``--concurrency`` keep-alive connections,
+  each connection sending its next as soon as its last was answered: studies/s and
+  instances/s from the first request to the last study present (the pipeline's capacity);
+  its latencies are mostly queueing, since ingest takes studies faster than they are delivered;
 - **urgent**: ``--routine-backlog`` routine studies sent as fast as ingest takes them, then, as
   soon as all of them are acknowledged (queued), one study marked ``urgent``: its latency, and
   how many of the backlog had been delivered when it was sent and when it was present.
@@ -38,10 +44,11 @@ STOW-RS answer, to study-received, consent-checked, route-resolved, the delivery
 notify's ``delivered``, and presence in Orthanc (Kafka record timestamps; one clock, one machine).
 ``cpu_seconds`` is each process's CPU time per phase.
 
-Stdout is one JSON object; progress goes to stderr. Targets (p50 < 1 s, p99 < 3 s, urgent < 3 s)
-are reported in ``targets``, not enforced. Exit status 1 when any study was not accepted or not
-delivered (``pipeline_events.undelivered`` says how far each got; waiting for them stops after
-``--stall-timeout`` without progress). Service logs stay in ``.state/bench-deliver/<run>/``.
+Stdout is one JSON object; progress goes to stderr. Targets (p50 < 1 s, p99 < 3 s of the paced
+phase, urgent < 3 s) are reported in ``targets``, not enforced. Exit status 1 when any study was
+not accepted or not delivered (``pipeline_events.undelivered`` says how far each got; waiting for
+them stops after ``--stall-timeout`` without progress). Service logs stay in
+``.state/bench-deliver/<run>/``.
 
 The workers join the production consumer groups, so the benchmark refuses to start while
 ``make up``'s services (or another run of it) are running, and reports in ``interference``
@@ -277,6 +284,39 @@ class Sender:
             thread.start()
         for thread in threads:
             thread.join()
+
+    def send_paced(self, studies: list[Study], rate: float, concurrency: int) -> float:
+        """Study i sent at start + i / ``rate`` (an open loop: a slow answer does not delay
+        the next study), from up to ``concurrency`` connections; returns how late the latest
+        request started, in seconds (the senders ran short of connections when > 0.1)."""
+        work: queue.SimpleQueue[tuple[float, Study]] = queue.SimpleQueue()
+        start = time.monotonic() + 0.05
+        for i, study in enumerate(studies):
+            work.put((start + i / rate, study))
+        lateness = [0.0]
+        connections = [self.connect() for _ in range(min(concurrency, len(studies)))]
+
+        def client(conn: http.client.HTTPConnection) -> None:
+            try:
+                while True:
+                    try:
+                        at, study = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    wait = at - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    lateness[0] = max(lateness[0], time.monotonic() - at)
+                    self.send(conn, study)
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in connections]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return lateness[0]
 
     def send_one(self, study: Study) -> None:
         conn = self.connect()
@@ -921,14 +961,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     factory = StudyFactory(run_id, args.instances, args.image_size)
 
     log(
-        f"building {args.warmup} + {args.studies} + {args.routine_backlog} + 1 studies of "
+        f"building {args.warmup} + {args.studies} + {args.flood_studies} + "
+        f"{args.routine_backlog} + 1 studies of "
         f"{args.instances} instances"
     )
     warmups = [factory.make(f"warmup-{i}") for i in range(args.warmup)]
-    steady = [factory.make(f"steady-{i}") for i in range(args.studies)]
+    paced = [factory.make(f"paced-{i}") for i in range(args.studies)]
+    flood = [factory.make(f"flood-{i}") for i in range(args.flood_studies)]
     backlog = [factory.make(f"backlog-{i}") for i in range(args.routine_backlog)]
     urgent = factory.make("urgent", urgency="urgent")
-    everything = [*warmups, *steady, *backlog, urgent]
+    everything = [*warmups, *paced, *flood, *backlog, urgent]
     instance_bytes = sum(s.body.dicom_bytes for s in everything) / (
         len(everything) * args.instances
     )
@@ -938,6 +980,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         "run": run_id,
         "config": {
             "studies": args.studies,
+            "paced_rate_per_s": args.paced_rate,
+            "flood_studies": args.flood_studies,
             "instances_per_study": args.instances,
             "routine_backlog": args.routine_backlog,
             "concurrency": args.concurrency,
@@ -983,38 +1027,33 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         pipeline.mark_logs()
         wall_offset = time.time() - time.monotonic()
 
-        # Steady: N studies, bounded concurrency.
-        log(f"steady: {len(steady)} studies, {args.concurrency} in flight")
-        pipeline.mark_cpu("steady-start")
-        started = time.monotonic()
-        sender.send_all(steady, args.concurrency)
-        sent_seconds = time.monotonic() - started
-        errors = _check_accepted(steady, "steady")
-        accepted = [s for s in steady if s.accepted]
-        complete = watcher.wait(
-            accepted, args.timeout, pipeline.alive, "steady", stall=args.stall_timeout
+        # Paced: studies at a fixed rate (an open loop), the latency the targets are about.
+        log(f"paced: {len(paced)} studies at {args.paced_rate}/s")
+        report["paced"], phase_ok = _measure(
+            "paced",
+            paced,
+            lambda: sender.send_paced(paced, args.paced_rate, args.concurrency),
+            watcher,
+            pipeline,
+            args,
         )
-        pipeline.mark_cpu("steady-end")
-        delivered = [s for s in steady if s.present_at is not None]
-        last = max((s.present_at for s in delivered), default=None)  # type: ignore[type-var]
-        seconds = (last - started) if last is not None else None
-        ok &= complete and not errors and len(delivered) == len(steady)
-        report["steady"] = {
-            "studies": len(steady),
-            "accepted": len(accepted),
-            "delivered": len(delivered),
-            "latency_ms": summary_ms([s.latency_s for s in delivered]),  # type: ignore[misc]
-            "throughput": {
-                "seconds": round(seconds, 2) if seconds else None,
-                "send_seconds": round(sent_seconds, 2),
-                "studies_per_s": round(len(delivered) / seconds, 2) if seconds else None,
-                "instances_per_s": (
-                    round(len(delivered) * args.instances / seconds, 1) if seconds else None
-                ),
-            },
-            "first_errors": errors,
-        }
-        log(f"steady: {report['steady']['latency_ms']} {report['steady']['throughput']}")
+        report["paced"]["rate_per_s"] = args.paced_rate
+        ok &= phase_ok
+        log(f"paced: {report['paced']['latency_ms']} {report['paced']['throughput']}")
+
+        # Flood: as fast as ingest takes them, bounded concurrency: the throughput (latencies
+        # here are mostly queueing: the senders outrun delivery).
+        log(f"flood: {len(flood)} studies, {args.concurrency} in flight")
+        report["flood"], phase_ok = _measure(
+            "flood",
+            flood,
+            lambda: sender.send_all(flood, args.concurrency),
+            watcher,
+            pipeline,
+            args,
+        )
+        ok &= phase_ok
+        log(f"flood: {report['flood']['latency_ms']} {report['flood']['throughput']}")
 
         # Urgent: a routine backlog, then at once one urgent study.
         log(f"urgent: {len(backlog)} routine studies as fast as ingest takes them")
@@ -1061,14 +1100,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         }
 
         # Where the time went, from the pipeline's own events.
-        wanted = {s.correlation_id for s in (*steady, *backlog, urgent)}
+        wanted = {s.correlation_id for s in (*paced, *flood, *backlog, urgent)}
         events = asyncio.run(_pipeline_events(pipeline.bootstrap, offsets, wanted))
         stamps = events.stamps
-        report["steady"]["stages_ms"] = stage_summary(steady, stamps, wall_offset)
+        report["paced"]["stages_ms"] = stage_summary(paced, stamps, wall_offset)
+        report["flood"]["stages_ms"] = stage_summary(flood, stamps, wall_offset)
         report["urgent"]["stages_ms"] = one_study_stages(urgent, stamps, wall_offset)
         report["urgent"]["backlog_stages_ms"] = stage_summary(backlog, stamps, wall_offset)
         report["cpu_seconds"] = {
-            "steady": pipeline.cpu_between("steady-start", "steady-end"),
+            "paced": pipeline.cpu_between("paced-start", "paced-end"),
+            "flood": pipeline.cpu_between("flood-start", "flood-end"),
             "urgent": pipeline.cpu_between("urgent-start", "urgent-end"),
         }
         report["pipeline_events"] = {
@@ -1079,7 +1120,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             ),
             "refusal_reasons": events.refusals,
             "undelivered": [
-                _undelivered(s, events) for s in (*steady, *backlog, urgent) if not s.present_at
+                _undelivered(s, events)
+                for s in (*paced, *flood, *backlog, urgent)
+                if not s.present_at
             ][:20],
         }
         rebalances = pipeline.rebalances()
@@ -1098,8 +1141,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         }
         log("stopping the services, Orthanc, the bucket and the directory entry")
 
-    p50 = report["steady"]["latency_ms"]["p50"]
-    p99 = report["steady"]["latency_ms"]["p99"]
+    p50 = report["paced"]["latency_ms"]["p50"]
+    p99 = report["paced"]["latency_ms"]["p99"]
     urgent_ms = report["urgent"]["latency_ms"]
     report["targets"] = {
         "p50_ms": {"target": TARGETS["p50_ms"], "measured": p50, "met": _met(p50, "p50_ms")},
@@ -1114,6 +1157,47 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     report["logs"] = str(work)
     report["load_avg_1m"] = round(os.getloadavg()[0], 2)
     report["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return report, ok
+
+
+def _measure(
+    name: str,
+    studies: list[Study],
+    send: Callable[[], float | None],
+    watcher: OrthancWatcher,
+    pipeline: Pipeline,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], bool]:
+    """Send ``studies`` with ``send`` and wait until they are present in Orthanc (or stall)."""
+    pipeline.mark_cpu(f"{name}-start")
+    started = time.monotonic()
+    lateness = send()
+    sent_seconds = time.monotonic() - started
+    errors = _check_accepted(studies, name)
+    accepted = [s for s in studies if s.accepted]
+    complete = watcher.wait(accepted, args.timeout, pipeline.alive, name, stall=args.stall_timeout)
+    pipeline.mark_cpu(f"{name}-end")
+    delivered = [s for s in studies if s.present_at is not None]
+    last = max((s.present_at for s in delivered), default=None)  # type: ignore[type-var]
+    seconds = (last - started) if last is not None else None
+    ok = complete and not errors and len(delivered) == len(studies)
+    report: dict[str, Any] = {
+        "studies": len(studies),
+        "accepted": len(accepted),
+        "delivered": len(delivered),
+        "latency_ms": summary_ms([s.latency_s for s in delivered]),  # type: ignore[misc]
+        "throughput": {
+            "seconds": round(seconds, 2) if seconds else None,
+            "send_seconds": round(sent_seconds, 2),
+            "studies_per_s": round(len(delivered) / seconds, 2) if seconds else None,
+            "instances_per_s": (
+                round(len(delivered) * args.instances / seconds, 1) if seconds else None
+            ),
+        },
+        "first_errors": errors,
+    }
+    if lateness is not None:
+        report["latest_send_late_ms"] = round(lateness * 1000, 1)
     return report, ok
 
 
@@ -1142,7 +1226,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.deliver", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--studies", type=int, default=200, help="studies in the steady phase")
+    p.add_argument("--studies", type=int, default=200, help="studies in the paced phase")
+    p.add_argument(
+        "--paced-rate", type=float, default=2.0, help="studies/s sent in the paced phase"
+    )
+    p.add_argument("--flood-studies", type=int, default=200, help="studies in the flood phase")
     p.add_argument("--instances", type=int, default=20, help="instances per study")
     p.add_argument("--routine-backlog", type=int, default=500, help="routine studies queued")
     p.add_argument("--concurrency", type=int, default=8, help="STOW-RS requests in flight")
@@ -1160,13 +1248,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--start-timeout", type=float, default=240.0, help="for a warm-up study, seconds"
     )
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: 10 studies, a backlog of 20, 1 warm-up"
+        "--quick",
+        action="store_true",
+        help="smoke run: 10 paced and 10 flood studies, a backlog of 20, 1 warm-up",
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.studies, args.routine_backlog, args.warmup = 10, 20, 1
-    if min(args.studies, args.instances, args.concurrency, args.warmup) < 1:
-        p.error("--studies, --instances, --concurrency and --warmup must be at least 1")
+        args.studies, args.flood_studies, args.routine_backlog, args.warmup = 10, 10, 20, 1
+    if min(args.studies, args.flood_studies, args.instances, args.concurrency, args.warmup) < 1:
+        p.error(
+            "--studies, --flood-studies, --instances, --concurrency and --warmup must be at least 1"
+        )
+    if args.paced_rate <= 0:
+        p.error("--paced-rate must be positive")
     return args
 
 
