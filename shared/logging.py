@@ -153,6 +153,13 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
 
 
+def debug_enabled(name: str) -> bool:
+    """Whether the logger ``name`` (a module's ``__name__``) logs at DEBUG. A per-event hot
+    path asks before a debug line: a structlog call that the level filters out still costs
+    7-10 us (the lazy logger binds itself first); this costs 0.1 us."""
+    return logging.getLogger(name).isEnabledFor(logging.DEBUG)
+
+
 # --- Correlation id and Kafka positions -----------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -108,6 +108,11 @@ class ServiceMetrics:
         runtime_collectors: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # The children of events_consumed / events_produced by label values: taken once per
+        # event in every worker, and prometheus_client's labels() costs microseconds each time.
+        self._consumed: dict[tuple[str, str, str], Any] = {}
+        self._produced: dict[tuple[str, str], Any] = {}
+        self._handlers: dict[str, Any] = {}
         if runtime_collectors:
             # What the default registry would have given: CPU, memory, fds, GC, Python version.
             process_collector.ProcessCollector(registry=self.registry)
@@ -192,12 +197,22 @@ class ServiceMetrics:
     # --- recording, every label value through safe_label -----------------------------------------
 
     def consumed(self, topic: str, schema: str, outcome: str = "ok") -> None:
-        self.events_consumed.labels(
-            safe_label(topic), safe_label(schema), safe_label(outcome)
-        ).inc()
+        key = (topic, schema, outcome)
+        child = self._consumed.get(key)
+        if child is None:
+            child = self.events_consumed.labels(
+                safe_label(topic), safe_label(schema), safe_label(outcome)
+            )
+            self._consumed[key] = child
+        child.inc()
 
     def produced(self, topic: str, schema: str) -> None:
-        self.events_produced.labels(safe_label(topic), safe_label(schema)).inc()
+        key = (topic, schema)
+        child = self._produced.get(key)
+        if child is None:
+            child = self.events_produced.labels(safe_label(topic), safe_label(schema))
+            self._produced[key] = child
+        child.inc()
 
     def failed(self, topic: str, error_class: ErrorClass) -> None:
         if error_class not in ERROR_CLASSES:
@@ -207,7 +222,9 @@ class ServiceMetrics:
     @contextmanager
     def time_handler(self, handler: str) -> Iterator[None]:
         """Observe the duration of the block, also when it raises (slow failures matter most)."""
-        child = self.handler_duration.labels(safe_label(handler))
+        child = self._handlers.get(handler)
+        if child is None:
+            child = self._handlers[handler] = self.handler_duration.labels(safe_label(handler))
         start = time.perf_counter()
         try:
             yield

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.kafka import CachedMurmur2Partitioner, KafkaEventPublisher
+from shared.kafka import CachedMurmur2Partitioner, KafkaEventPublisher, murmur2
 from shared.settings import KafkaSettings
 
 
@@ -23,6 +24,25 @@ def test_the_cached_partitioner_maps_every_key_exactly_as_aiokafka_does(
         assert cached(key, all_partitions, all_partitions) == default(
             key, all_partitions, all_partitions
         )
+
+
+@given(st.binary(max_size=300))
+def test_our_murmur2_gives_aiokafkas_values_for_any_bytes(data: bytes) -> None:
+    assert murmur2(data) == aiokafka_murmur2(data)
+
+
+def test_murmur2_matches_the_java_clients_known_values() -> None:
+    # org.apache.kafka.common.utils.UtilsTest.testMurmur2 (signed ints there).
+    cases = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    for data, signed in cases.items():
+        assert murmur2(data) == signed & 0xFFFFFFFF, data
 
 
 def test_the_cache_never_grows_past_its_bound() -> None:

@@ -52,7 +52,7 @@ from shared.errors import TransientError
 from shared.events import ConsentChecked, StudyReceived
 from shared.events.base import utcnow
 from shared.events.consent import Decision
-from shared.logging import configure_logging, correlation_context, get_logger
+from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
 from shared.stream import StreamWorker, Worker, decode_as, run_worker
 
 log = get_logger(__name__)
@@ -104,14 +104,15 @@ class ConsentDecider:
                     self.metrics.flagged.labels(checked.basis.value).inc()
             # Every decision is an event already; the log names the ones an operator looks at.
             notable = decisions.delivery.flagged or decisions.delivery.decision is Decision.DENY
-            (log.info if notable else log.debug)(
-                "consent checked",
-                study_instance_uid=received.study.study_instance_uid,
-                version=received.study.version,
-                delivery=decisions.delivery.decision.value,
-                delivery_basis=decisions.delivery.basis.value,
-                timeline=decisions.timeline.decision.value,
-            )
+            if notable or debug_enabled(__name__):
+                (log.info if notable else log.debug)(
+                    "consent checked",
+                    study_instance_uid=received.study.study_instance_uid,
+                    version=received.study.version,
+                    delivery=decisions.delivery.decision.value,
+                    delivery_basis=decisions.delivery.basis.value,
+                    timeline=decisions.timeline.decision.value,
+                )
         return events
 
     def decide(self, received: StudyReceived) -> StudyDecisions:

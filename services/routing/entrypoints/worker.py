@@ -34,7 +34,7 @@ from shared.codec import Codec, header
 from shared.errors import FatalError
 from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
 from shared.events.routing import RouteFailed, RouteFailureReason, RouteResolved
-from shared.logging import configure_logging, correlation_context, get_logger
+from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
 from shared.stream import StreamWorker, Worker, decode_as, run_worker
 from shared.topic_view import ViewFailed
 
@@ -116,7 +116,10 @@ class Router:
                 )
             else:
                 self.metrics.resolved(event.destination.channel.value, event.priority.value)
-                log.info(
+                # The route-resolved event is the record; the log names what needs a look.
+                if not debug_enabled(__name__):
+                    continue
+                log.debug(
                     "study routed",
                     study_instance_uid=study.study_instance_uid,
                     version=study.version,
