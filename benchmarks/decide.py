@@ -43,7 +43,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from shared import topics
+from shared import runtime, topics
 from shared.events import BsnStatus, PatientRef, StudyReceived
 from shared.events.consent import ConsentRegistered, Provision
 from shared.kafka import KafkaEventPublisher, delete_topics_containing, provision_topics
@@ -131,7 +131,7 @@ def consent_worker(bootstrap: str, tag: str, patients: int, ready: Any, stop: An
             await _run_until(worker, stop)
         ready.put({"consent_worker_cpu_seconds": _cpu_seconds()})
 
-    _profiled("consent", lambda: asyncio.run(run()))
+    _profiled("consent", lambda: runtime.run(run()))
 
 
 def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
@@ -159,7 +159,7 @@ def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
             await _run_until(worker, stop)
         ready.put({"routing_worker_cpu_seconds": _cpu_seconds()})
 
-    _profiled("routing", lambda: asyncio.run(run()))
+    _profiled("routing", lambda: runtime.run(run()))
 
 
 def _profiled(name: str, run: Any) -> None:

@@ -49,7 +49,7 @@ from services.timeline.config import TimelineSettings
 from services.timeline.domain.ports import EntryKind, TimelineQuery
 from services.timeline.entrypoints.projection import TOPICS
 from services.timeline.entrypoints.rebuild import rebuild
-from shared import migrations, topics
+from shared import migrations, runtime, topics
 from shared.events import (
     Basis,
     BsnStatus,
@@ -410,7 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("bench-timeline", "WARNING", json=False, stream=sys.stderr)
-    result = asyncio.run(run(args))
+    result = runtime.run(run(args))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,4 +1,11 @@
-"""Process-wide settings every long-running beeldportaal process applies once it has started.
+"""Process-wide settings every long-running beeldportaal process applies once it has started,
+and the event loop it runs on.
+
+Every service and worker runs its main coroutine with :func:`run`: on uvloop (libuv; MIT and
+Apache-2.0), whose socket transports, callbacks and timers are C where asyncio's are Python.
+Each worker spends much of its CPU in Kafka's network I/O, and ingest in HTTP bodies (uvicorn
+then parses with httptools too). ``BEELDPORTAAL_EVENT_LOOP=asyncio`` runs the standard loop
+instead, e.g. to rule uvloop out when chasing a bug.
 
 The cyclic garbage collector is tuned for event streams: a worker decodes thousands of events a
 second into pydantic models and holds a batch of them until it is applied. With CPython's
@@ -15,9 +22,29 @@ took 2-4x as long as decoding the same events one at a time (``make bench-timeli
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 YOUNG_THRESHOLD = 10_000
+EVENT_LOOP_VARIABLE = "BEELDPORTAAL_EVENT_LOOP"
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on uvloop (see above), or on asyncio's loop when
+    ``BEELDPORTAAL_EVENT_LOOP`` says ``asyncio``; like :func:`asyncio.run` otherwise."""
+    choice = os.environ.get(EVENT_LOOP_VARIABLE, "uvloop").strip().lower()
+    if choice not in ("uvloop", "asyncio"):
+        main.close()
+        raise ValueError(f"{EVENT_LOOP_VARIABLE} must be uvloop or asyncio, not {choice!r}")
+    if choice == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def tune_gc() -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.consent.bootstrap import build
 from services.consent.config import ConsentSettings
+from shared import runtime
 from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
@@ -24,7 +23,7 @@ async def _serve(settings: ConsentSettings) -> None:
 def serve(settings: ConsentSettings | None = None) -> int:
     settings = settings or ConsentSettings()
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    asyncio.run(_serve(settings))
+    runtime.run(_serve(settings))
     return 0
 
 

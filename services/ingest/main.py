@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from services.ingest.bootstrap import build
 from services.ingest.config import IngestSettings
+from shared import runtime
 from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
@@ -35,7 +35,7 @@ def serve(settings: IngestSettings | None = None) -> int:
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
     # pynetdicom logs a line per received instance at INFO; our own log says what matters.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    asyncio.run(_serve(settings))
+    runtime.run(_serve(settings))
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from services.notify.api_config import NotifyApiSettings
 from services.notify.config import NotifySettings
+from shared import runtime
 from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
@@ -36,7 +37,7 @@ def serve(settings: NotifyApiSettings | None = None) -> int:
     """Run the notify API until SIGTERM/SIGINT (``beeldportaal notify serve``)."""
     settings = settings or NotifyApiSettings()  # type: ignore[call-arg]
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    asyncio.run(_serve(settings))
+    runtime.run(_serve(settings))
     return 0
 
 

@@ -15,6 +15,7 @@ from services.routing.bootstrap import build
 from services.routing.config import RoutingSettings
 from services.routing.domain.directory import Directory, DirectoryError
 from services.routing.handlers.seed import SeedOutcome, seed_directory
+from shared import runtime
 from shared.http import http_server
 from shared.logging import configure_logging, get_logger
 
@@ -36,7 +37,7 @@ def serve(settings: RoutingSettings | None = None) -> int:
     """Run the directory API until SIGTERM/SIGINT (``beeldportaal routing serve``)."""
     settings = settings or RoutingSettings()
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    asyncio.run(_serve(settings))
+    runtime.run(_serve(settings))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from services.timeline.config import TimelineSettings
+from shared import runtime
 
 
 def project(settings: TimelineSettings | None = None) -> int:
@@ -28,7 +29,7 @@ def rebuild(settings: TimelineSettings | None = None) -> int:
     configure_logging("timeline-rebuild", settings.log_level, settings.log_json)
     migrations.migrate(settings.postgres.conninfo)
     try:
-        asyncio.run(replay(settings))
+        runtime.run(replay(settings))
     except RebuildRefused as exc:
         get_logger(__name__).error("rebuild refused", reason=str(exc))
         return 1
@@ -64,5 +65,5 @@ def serve(settings: TimelineSettings | None = None) -> int:
 
     settings = settings or TimelineSettings()
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    asyncio.run(_serve(settings))
+    runtime.run(_serve(settings))
     return 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
 
 import pytest
 
-from shared.runtime import YOUNG_THRESHOLD, tune_gc
+from shared.runtime import EVENT_LOOP_VARIABLE, YOUNG_THRESHOLD, run, tune_gc
 
 
 @pytest.fixture
@@ -26,3 +27,19 @@ def test_the_heap_alive_at_start_up_is_frozen_and_young_collections_are_rarer() 
     assert gc.get_freeze_count() >= alive_before // 2  # the start-up heap, not a few objects
     assert gc.get_threshold()[0] == YOUNG_THRESHOLD
     assert gc.isenabled()  # cycles are still collected, only less often
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_services_run_on_uvloop_unless_told_to_use_asyncios_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(EVENT_LOOP_VARIABLE, raising=False)
+    assert run(_loop_module()).startswith("uvloop")
+    monkeypatch.setenv(EVENT_LOOP_VARIABLE, "asyncio")
+    assert run(_loop_module()).startswith("asyncio")
+    monkeypatch.setenv(EVENT_LOOP_VARIABLE, "trio")
+    with pytest.raises(ValueError, match="uvloop or asyncio"):
+        run(_loop_module())

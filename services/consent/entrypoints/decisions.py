@@ -32,7 +32,6 @@ Why not faust here (it was, until measured): see ``shared.stream``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from services.consent.domain.checks import (
     provider_category,
 )
 from services.consent.metrics import DecisionMetrics
+from shared import runtime
 from shared.codec import Codec
 from shared.errors import TransientError
 from shared.events import ConsentChecked, StudyReceived
@@ -178,7 +178,7 @@ def main(settings: ConsentSettings) -> None:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     metrics = DecisionMetrics()
     worker = build_decision_worker(settings, metrics=metrics)
-    asyncio.run(
+    runtime.run(
         run_worker(
             worker,
             metrics=metrics,

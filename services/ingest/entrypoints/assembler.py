@@ -78,6 +78,7 @@ from services.ingest.domain.assembly import (
     seen_row_key,
 )
 from services.ingest.metrics import IngestMetrics
+from shared import runtime
 from shared.codec import Codec
 from shared.errors import FatalError, PoisonEvent, TransientError
 from shared.events import CompletingRequestStored, InstanceStored, StudyReceived
@@ -541,7 +542,7 @@ def main(settings: IngestSettings) -> None:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     metrics = IngestMetrics()
     worker = build_assembler(settings, metrics=metrics)
-    asyncio.run(
+    runtime.run(
         run_worker(
             worker,
             metrics=metrics,

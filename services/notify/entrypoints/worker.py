@@ -43,6 +43,7 @@ from services.notify.handlers.deliver import Deliverer, Dispatcher
 from services.notify.handlers.webhooks import Notifier, PickupLinks
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, DirectoryView
+from shared import runtime
 from shared.events import Delivered, DeliveryFailed, RouteResolved
 from shared.logging import configure_logging, get_logger
 from shared.storage.port import ObjectStore
@@ -187,4 +188,4 @@ def main(settings: NotifySettings) -> None:
     # pynetdicom every association at INFO; our own log says what matters, without addresses.
     for noisy in ("httpx", "httpcore", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    asyncio.run(_run(settings))
+    runtime.run(_run(settings))

@@ -21,7 +21,6 @@ what :func:`services.routing.domain.route.route` decides. How it fits together:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, Directo
 from services.routing.config import RoutingSettings
 from services.routing.domain.route import PRODUCER, route
 from services.routing.metrics import RoutingMetrics
+from shared import runtime
 from shared.codec import Codec, header
 from shared.errors import FatalError
 from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
@@ -170,7 +170,7 @@ def main(settings: RoutingSettings) -> None:
     configure_logging(f"{settings.service_name}-worker", settings.log_level, settings.log_json)
     metrics = RoutingMetrics()
     worker = build_routing_worker(settings, metrics=metrics)
-    asyncio.run(
+    runtime.run(
         run_worker(
             worker,
             metrics=metrics,

@@ -20,7 +20,6 @@ How it fits together:
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 from services.timeline.adapters.store import PostgresTimeline, ProjectionBatch
 from services.timeline.config import TimelineSettings
-from shared import migrations
+from shared import migrations, runtime
 from shared.codec import Codec, header
 from shared.events import (
     PURPOSE_HEADER,
@@ -156,7 +155,7 @@ def main(settings: TimelineSettings) -> None:
         log.info("migrations applied", migrations=applied)
     metrics = ProjectionMetrics()
     worker = build_projection(settings, metrics=metrics)
-    asyncio.run(
+    runtime.run(
         run_worker(
             worker,
             metrics=metrics,
