@@ -91,7 +91,13 @@ class ManagedProcess:
             return False
         os.kill(pid, signal.SIGTERM)
         if not _wait_gone(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
+            # Its own session (start): the group is it and what it started (a supervised
+            # service), and none of that may outlive it.
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, 10)
         child = _CHILDREN.pop(pid, None)
         if child is not None:

@@ -215,8 +215,14 @@ class Services:
             if process.running():
                 self.out(f"{spec.name + ':':17} already running")
                 continue
-            argv = [sys.executable, "-m", "deploy.cli", *spec.args, "--tag", process.marker]
-            process.start(argv, env={**base_env, **spec.env})
+            service = [sys.executable, "-m", "deploy.cli", *spec.args, "--tag", process.marker]
+            # Under a supervisor that starts it again when it exits by itself (a worker's fatal
+            # error, a crash), as a container platform would.
+            supervised = [
+                *(sys.executable, "-m", "deploy.local.supervisor", "--name", spec.name),
+                *("--tag", process.marker, "--", *service),
+            ]
+            process.start(supervised, env={**base_env, **spec.env})
             if spec.ready_url:
                 wait_until(lambda url=spec.ready_url: http_ready(url), 60, spec.name, process)
             self.out(f"{spec.name + ':':17} started (pid {process.pid()}, log {process.log_file})")

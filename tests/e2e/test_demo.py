@@ -10,7 +10,9 @@ patient's timeline as Demo Ziekenhuis Oost sees it, no BSN in any output or log,
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -36,6 +38,13 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 # The demo seed's Oost endpoint and its credentials (demo-only values of the repository file).
 ORTHANC_USER = ("beeldportaal", "demo-only-oost-password")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 def _seed_for(http_port: int, dicom_port: int) -> str:
@@ -131,6 +140,24 @@ def test_make_up_demo_down_delivers_both_studies_into_orthanc_and_leaves_nothing
     # Prometheus scraped the services during the demo: every dashboard and alert
     # expression reads metrics that exist there.
     _every_dashboard_metric_exists(platform.config.prometheus_port)
+
+    # A service that dies is started again by its supervisor (make up's stand-in for the
+    # kubelet), and is ready again.
+    supervisor = int((state / "services" / "notify-worker.pid").read_text())
+    [first] = _children(supervisor)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while _children(supervisor) in ([], [first]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [second] = _children(supervisor)
+    assert second != first
+    log = (state / "services" / "notify-worker.log").read_text(errors="replace")
+    assert "supervisor: notify-worker exited (killed by SIGKILL)" in log
+    status = platform.run("services", "status", env=env, timeout=60)
+    while status.returncode != 0 and time.monotonic() < deadline:
+        time.sleep(1)
+        status = platform.run("services", "status", env=env, timeout=60)
+    assert status.returncode == 0, status.stdout
 
     down = make("down", 600)
     assert down.returncode == 0, f"make down failed:\n{down.stdout}\n{down.stderr}"
