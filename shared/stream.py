@@ -6,9 +6,10 @@ The loop, per batch of records:
 2. ``prepare()`` runs once (a worker brings its read models up to date here, e.g. a
    :class:`~shared.topic_view.TopicView` ``sync``, so a batch is decided on state at least as
    new as the batch);
-3. ``handle(record)`` runs for each record, in offset order per partition, and returns the
-   events the record causes; they go to the idempotent producer (acks=all) at once, not
-   awaited one by one;
+3. ``handle(record)`` runs for each record, in offset order per partition (with
+   ``parallel_keys``: per key, the keys of a partition side by side), and returns the events
+   the record causes; they go to the idempotent producer (acks=all) as one batch per topic
+   partition, not awaited one by one;
 4. when every acknowledgement is in, the batch's offsets are committed.
 
 So no offset is committed before what its record caused is on the broker, and a crash anywhere
@@ -83,7 +84,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from shared.codec import Codec
 from shared.errors import FatalError, PoisonEvent, TransientError
 from shared.events.base import Event
-from shared.kafka import KafkaEventPublisher
+from shared.kafka import KafkaEventPublisher, WireRecord
 from shared.logging import get_logger, kafka_position
 from shared.metrics import ServiceMetrics, safe_label
 from shared.probes import ProbeServer
@@ -196,8 +197,14 @@ class StreamWorker:
         tick_interval_ms: int = 1000,
         on_assigned: PartitionsHook | None = None,
         on_revoked: PartitionsHook | None = None,
+        parallel_keys: bool = False,
     ) -> None:
         self.name = name
+        # Records of one partition with different keys are handled side by side (those of one
+        # key in order): for workers whose records of different keys are independent and slow
+        # (notify's deliveries, one key per delivery), so that a batch is not as slow as its
+        # longest partition.
+        self._parallel_keys = parallel_keys
         self.assigned = asyncio.Event()
         self._kafka = kafka
         self._group = f"{kafka.client_id_prefix}-{group}"
@@ -221,7 +228,8 @@ class StreamWorker:
                 "transactional_id": transactional_id or f"{self._group}-{replica_id()}",
                 "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
             }
-        self._publisher = KafkaEventPublisher(kafka, name, codec, **overrides)
+        self._codec = codec or Codec()
+        self._publisher = KafkaEventPublisher(kafka, name, self._codec, **overrides)
         self._consumer: AIOKafkaConsumer | None = None
         self._batch_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -400,9 +408,8 @@ class StreamWorker:
         An empty batch is a tick on its own."""
         if self._prepare is not None and batch:
             await self._prepare()
-        handled = await asyncio.gather(
-            *(self._handle_partition(records) for records in batch.values())
-        )
+        by_partition = self._handle_by_key if self._parallel_keys else self._handle_partition
+        handled = await asyncio.gather(*(by_partition(records) for records in batch.values()))
         waits = {tp: wait for tp, (_, wait) in zip(batch, handled, strict=True) if wait}
         outgoing = [item for items, _ in handled for item in items]
         if self._tick is not None:
@@ -411,15 +418,16 @@ class StreamWorker:
         offsets = self._offsets(batch, waits)
         if not outgoing and not offsets:
             return waits
+        records = [self._wire(item) for item in outgoing]
         producer = await self._publisher.ready()
         try:
             if self._transactional:
                 async with producer.transaction():
-                    await asyncio.gather(*[await self._send(item) for item in outgoing])
+                    await asyncio.gather(*await self._publisher.send_many(producer, records))
                     if offsets:
                         await producer.send_offsets_to_transaction(offsets, self._group)
             else:
-                await asyncio.gather(*[await self._send(item) for item in outgoing])
+                await asyncio.gather(*await self._publisher.send_many(producer, records))
         except ProducerFenced as exc:
             # Another member runs under this transactional id (a replica started with the same
             # BEELDPORTAAL_REPLICA_ID, or this one was presumed dead): stop, never fence it back.
@@ -450,6 +458,50 @@ class StreamWorker:
                 return outgoing, (record, wait.seconds)
         return outgoing, None
 
+    async def _handle_by_key(
+        self, records: list[Any]
+    ) -> tuple[list[Outgoing], tuple[Any, float] | None]:
+        """``_handle_partition`` with the records of each key side by side. Every key's records
+        run to their end before an error is raised (nothing goes on in the background). A
+        record not yet due stops the partition at the earliest such record: what records after
+        it caused is dropped (they are handled again once it is due, a repeat the handlers'
+        idempotency absorbs)."""
+        keys: dict[Any, list[Any]] = {}
+        for record in records:
+            keys.setdefault(record.key, []).append(record)
+        if len(keys) == 1:
+            return await self._handle_partition(records)
+        results = await asyncio.gather(
+            *(self._handle_key(group) for group in keys.values()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        done = sorted(
+            (entry for handled, _ in results for entry in handled),  # type: ignore[union-attr]
+            key=lambda entry: entry[0],
+        )
+        waits = [wait for _, wait in results if wait is not None]  # type: ignore[misc]
+        stop = min(waits, key=lambda wait: wait[0].offset) if waits else None
+        outgoing = [
+            item
+            for offset, items in done
+            if stop is None or offset < stop[0].offset
+            for item in items
+        ]
+        return outgoing, stop
+
+    async def _handle_key(
+        self, records: list[Any]
+    ) -> tuple[list[tuple[int, Iterable[Outgoing]]], tuple[Any, float] | None]:
+        done: list[tuple[int, Iterable[Outgoing]]] = []
+        for record in records:
+            try:
+                done.append((record.offset, await self._handle_one(record)))
+            except NotDue as wait:
+                return done, (record, wait.seconds)
+        return done, None
+
     async def _handle_one(self, record: Any) -> Iterable[Outgoing]:
         try:
             return list(await self._handle(record))
@@ -459,27 +511,18 @@ class StreamWorker:
             self._metrics.consumed(record.topic, "unknown", "poison")
             return ()
 
-    async def _send(self, item: Outgoing) -> asyncio.Future[Any]:
+    def _wire(self, item: Outgoing) -> WireRecord:
+        """An output as its record: an event encoded for its (renamed) topic, or raw as is."""
         if isinstance(item, RawRecord):
-            producer = await self._publisher.ready()
-            try:
-                return await producer.send(
-                    item.topic, value=item.value, key=item.key, partition=item.partition
-                )
-            except KafkaError as exc:
-                await self._publisher.failed(producer, exc)
-                raise TransientError(f"publishing failed: {exc}") from exc
+            return WireRecord(item.topic, item.key, item.value, (), item.partition)
         if isinstance(item, tuple):
             topic, event = item
         else:
             event, topic = item, item.topic
         topic = self._rename.get(topic, topic)
-        try:
-            future = await self._publisher.send(event, topic)
-        except KafkaError as exc:
-            raise TransientError(f"publishing failed: {exc}") from exc
+        record = self._codec.encode(event)
         self._metrics.produced(topic, event.schema_name)
-        return future
+        return WireRecord(topic, record.key, record.value, record.headers)
 
     async def _commit(
         self,

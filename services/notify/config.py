@@ -24,9 +24,13 @@ class NotifySettings(ServiceSettings):
     # Growing delays between attempts; after the last one the delivery is dead-lettered. Each
     # delay is a topic (delivery-retry-<delay>) that shared.topics must declare.
     retry_delays: tuple[float, ...] = DEFAULT_DELAYS
-    # Deliveries of one worker in flight at once, per queue (urgent, routine, retries): at most
-    # one per partition, since a partition's deliveries go in order.
+    # Deliveries taken per fetch, per queue (urgent, routine, retries). On the urgent and the
+    # routine queue, deliveries of one partition go side by side (each delivery's attempts in
+    # order), at most max_concurrent_deliveries at once; a retry tier's go one by one.
     max_records_per_batch: int = Field(default=50, ge=1, le=10_000)
+    # Deliveries in flight at once per queue: what one worker asks of the receivers' PACSs at
+    # a time, and what it holds in memory (a batch of instances each).
+    max_concurrent_deliveries: int = Field(default=12, ge=1, le=512)
     # Seconds a receiver gets to answer one request (STOW-RS) or association (C-STORE).
     receiver_timeout_seconds: float = Field(default=60.0, gt=0)
     connect_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -14,7 +15,7 @@ from aiokafka.errors import KafkaError
 from shared.codec import SCHEMA_HEADER, Codec
 from shared.errors import PoisonEvent
 from shared.events import ConsentRevoked, registry
-from shared.kafka import KafkaEventPublisher
+from shared.kafka import KafkaEventPublisher, WireRecord
 from shared.settings import KafkaSettings
 from tests.factories import sample_event
 
@@ -94,6 +95,54 @@ async def test_events_of_one_aggregate_land_in_one_partition_in_order(
     assert [Codec().decode_record(r).consent_id for r in records] == [
         e.consent_id for e in revocations
     ]
+
+
+async def test_records_sent_in_batches_land_where_one_by_one_sends_put_them_in_order(
+    kafka_settings: KafkaSettings, make_topic: MakeTopic
+) -> None:
+    batched, single = await make_topic(partitions=6), await make_topic(partitions=6)
+    keys = [f"1.2.826.0.1.{i % 37}".encode() for i in range(300)]
+    # Big enough values that a partition's records need several batches (max_batch_bytes).
+    records = [
+        WireRecord(batched, key, f"{i}:".encode() + b"x" * 2_000, (("n", str(i).encode()),))
+        for i, key in enumerate(keys)
+    ]
+    pinned = WireRecord(batched, b"anywhere", b"pinned", (), partition=4)
+    async with KafkaEventPublisher(kafka_settings, "test", max_batch_size=16_384) as publisher:
+        producer = await publisher.ready()
+        futures = await publisher.send_many(producer, [*records, pinned])
+        assert len(futures) > 6  # a batch per partition, and more where one was full
+        await asyncio.gather(*futures)
+    # The reference: aiokafka's own producer and default partitioner, one record at a time.
+    plain = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_list)
+    await plain.start()
+    try:
+        for key in set(keys):
+            await plain.send_and_wait(single, value=b"", key=key)
+    finally:
+        await plain.stop()
+
+    async def read(topic: str, count: int) -> list:
+        consumer = _consumer(kafka_settings, topic, f"g-{uuid.uuid4().hex}")
+        await consumer.start()
+        try:
+            return await _drain(consumer, count)
+        finally:
+            await consumer.stop()
+
+    got, expected = await read(batched, len(records) + 1), await read(single, len(set(keys)))
+    where = {r.key: r.partition for r in expected}
+    [pinned_back] = [r for r in got if r.key == b"anywhere"]
+    assert pinned_back.partition == 4 and pinned_back.value == b"pinned"
+    got = [r for r in got if r.key != b"anywhere"]
+    assert len(got) == len(records)
+    assert all(r.partition == where[r.key] for r in got)
+    for partition in {r.partition for r in got}:
+        numbers = [int(dict(r.headers)["n"]) for r in got if r.partition == partition]
+        assert numbers == sorted(numbers)  # in the order given, per partition
+        assert all(
+            r.value.startswith(dict(r.headers)["n"] + b":") for r in got if r.partition == partition
+        )
 
 
 async def test_a_record_with_an_unknown_schema_is_recognised_as_poison_after_the_trip(

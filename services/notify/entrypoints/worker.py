@@ -12,8 +12,9 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
   taken off ``route-resolved`` at once and an urgent one lands on a queue of its own.
 - **deliver** (``notify-urgent``, ``notify-routine``, ``notify-retry``) makes attempts; a
   retry tier's record that is not yet due pauses its partition (``NotDue``) without holding
-  the others. Deliveries of one partition go in order, partitions side by side: up to
-  ``max_records_per_batch`` records per fetch.
+  the others. On the urgent and routine queues deliveries go side by side, also within a
+  partition (each delivery's key in order; ``max_concurrent_deliveries`` at once per queue);
+  on the retry tiers a partition's go in order. Up to ``max_records_per_batch`` per fetch.
 - **webhooks** (``notify-webhooks``) tells the recipient, by its webhook from the directory,
   of each delivery and each final failure.
 - The deliver groups are **transactional**: an attempt's events (delivered, delivery-failed,
@@ -113,6 +114,7 @@ def build_notify_worker(
         policy=policy,
         metrics=metrics,
         view_timeout=settings.view_start_timeout_seconds,
+        max_concurrent=settings.max_concurrent_deliveries,
     )
     tiers = [t for t in retry_topic_names(policy) if t.startswith("delivery-retry-")]
 
@@ -127,7 +129,7 @@ def build_notify_worker(
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def deliver(group: str, sources: list[str]) -> StreamWorker:
+    def deliver(group: str, sources: list[str], *, side_by_side: bool) -> StreamWorker:
         return stream(
             group,
             sources,
@@ -135,6 +137,7 @@ def build_notify_worker(
             prepare=deliverer.prepare,
             transactional=True,
             max_records=settings.max_records_per_batch,
+            parallel_keys=side_by_side,
         )
 
     # Webhooks: no redirects (the signed body must not be replayed elsewhere).
@@ -154,9 +157,11 @@ def build_notify_worker(
     )
     streams = [
         stream("dispatch", [RouteResolved.topic], handle=Dispatcher(metrics).handle),
-        deliver("urgent", [URGENT_QUEUE]),
-        deliver("routine", [ROUTINE_QUEUE]),
-        deliver("retry", tiers),
+        deliver("urgent", [URGENT_QUEUE], side_by_side=True),
+        deliver("routine", [ROUTINE_QUEUE], side_by_side=True),
+        # A tier's record not yet due stops its partition; what went side by side after it
+        # would be sent again later. Retries are few: one by one.
+        deliver("retry", tiers, side_by_side=False),
         stream(
             "webhooks",
             [Delivered.topic, DeliveryFailed.topic],

@@ -89,7 +89,11 @@ class Deliverer:
     metrics: NotifyWorkerMetrics
     codec: Codec = field(default_factory=Codec)
     view_timeout: float = 60.0
+    # Deliveries in flight at once per source topic (a queue, or a retry tier), so that the
+    # urgent queue never waits for a slot the routine one holds.
+    max_concurrent: int = 12
     _directory_ready: bool = False
+    _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
     async def prepare(self) -> None:
         if not self._directory_ready:
@@ -105,8 +109,12 @@ class Deliverer:
         now = utcnow()
         if delivery.not_before is not None and delivery.not_before > now:
             raise NotDue((delivery.not_before - now).total_seconds())
+        slots = self._slots.get(record.topic)
+        if slots is None:
+            slots = self._slots[record.topic] = asyncio.Semaphore(self.max_concurrent)
         with correlation_context(delivery.correlation_id):
-            attempt = await self.attempt(delivery)
+            async with slots:
+                attempt = await self.attempt(delivery)
             outgoing = conclude(delivery, attempt, policy=self.policy, now=utcnow())
             self._record(record.topic, delivery, attempt, outgoing)
         return outgoing
