@@ -38,7 +38,12 @@ class TopicSpec:
 
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec("instance-stored", 12, 30 * DAY_MS, purpose="one per stored DICOM instance"),
+    TopicSpec(
+        "instance-stored",
+        12,
+        30 * DAY_MS,
+        purpose="one per stored DICOM instance, and the end of each completing STOW-RS request",
+    ),
     TopicSpec("study-received", 12, FOREVER, purpose="a stable study, per version"),
     # Internal to ingest: the study assembly's state (changelog), co-partitioned with
     # instance-stored (same count, key = Study Instance UID), written in the transaction of the
