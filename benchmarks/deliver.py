@@ -82,7 +82,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.uid import generate_uid
 
@@ -107,6 +107,7 @@ STAGE_TOPICS: dict[str, tuple[str, ...]] = {
     "delivered_event": ("delivered",),
 }
 REFERENCED_SOP_SEQUENCE = "00081199"
+T = TypeVar("T")
 TARGETS = {"p50_ms": 1000.0, "p99_ms": 3000.0, "urgent_ms": 3000.0}
 
 
@@ -266,24 +267,7 @@ class Sender:
         work: queue.SimpleQueue[Study] = queue.SimpleQueue()
         for study in studies:
             work.put(study)
-        connections = [self.connect() for _ in range(min(concurrency, len(studies)))]
-
-        def client(conn: http.client.HTTPConnection) -> None:
-            try:
-                while True:
-                    try:
-                        study = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    self.send(conn, study)
-            finally:
-                conn.close()
-
-        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in connections]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        self._clients(work, concurrency, self.send)
 
     def send_paced(self, studies: list[Study], rate: float, concurrency: int) -> float:
         """Study i sent at start + i / ``rate`` (an open loop: a slow answer does not delay
@@ -294,20 +278,35 @@ class Sender:
         for i, study in enumerate(studies):
             work.put((start + i / rate, study))
         lateness = [0.0]
-        connections = [self.connect() for _ in range(min(concurrency, len(studies)))]
+
+        def send_at(conn: http.client.HTTPConnection, item: tuple[float, Study]) -> None:
+            at, study = item
+            wait = at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            lateness[0] = max(lateness[0], time.monotonic() - at)
+            self.send(conn, study)
+
+        self._clients(work, concurrency, send_at)
+        return lateness[0]
+
+    def _clients(
+        self,
+        work: queue.SimpleQueue[T],
+        concurrency: int,
+        send: Callable[[http.client.HTTPConnection, T], None],
+    ) -> None:
+        """Threads, one keep-alive connection each, taking items off ``work`` until it is empty."""
+        connections = [self.connect() for _ in range(min(concurrency, work.qsize()))]
 
         def client(conn: http.client.HTTPConnection) -> None:
             try:
                 while True:
                     try:
-                        at, study = work.get_nowait()
+                        item = work.get_nowait()
                     except queue.Empty:
                         return
-                    wait = at - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    lateness[0] = max(lateness[0], time.monotonic() - at)
-                    self.send(conn, study)
+                    send(conn, item)
             finally:
                 conn.close()
 
@@ -316,7 +315,6 @@ class Sender:
             thread.start()
         for thread in threads:
             thread.join()
-        return lateness[0]
 
     def send_one(self, study: Study) -> None:
         conn = self.connect()

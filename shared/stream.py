@@ -450,13 +450,8 @@ class StreamWorker:
     async def _handle_partition(
         self, records: list[Any]
     ) -> tuple[list[Outgoing], tuple[Any, float] | None]:
-        outgoing: list[Outgoing] = []
-        for record in records:
-            try:
-                outgoing += await self._handle_one(record)
-            except NotDue as wait:
-                return outgoing, (record, wait.seconds)
-        return outgoing, None
+        done, wait = await self._handle_in_order(records)
+        return [item for _, items in done for item in items], wait
 
     async def _handle_by_key(
         self, records: list[Any]
@@ -472,7 +467,7 @@ class StreamWorker:
         if len(keys) == 1:
             return await self._handle_partition(records)
         results = await asyncio.gather(
-            *(self._handle_key(group) for group in keys.values()), return_exceptions=True
+            *(self._handle_in_order(group) for group in keys.values()), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
@@ -491,9 +486,11 @@ class StreamWorker:
         ]
         return outgoing, stop
 
-    async def _handle_key(
+    async def _handle_in_order(
         self, records: list[Any]
     ) -> tuple[list[tuple[int, Iterable[Outgoing]]], tuple[Any, float] | None]:
+        """Each record's offset and outputs, one after the other, up to a record not yet due
+        (returned with its wait)."""
         done: list[tuple[int, Iterable[Outgoing]]] = []
         for record in records:
             try:

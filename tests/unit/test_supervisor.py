@@ -48,21 +48,34 @@ def wait_for(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-d
         time.sleep(0.02)
 
 
+def supervised_until(supervisor: Supervisor, check) -> int | None:  # type: ignore[no-untyped-def]
+    """Run ``supervisor`` in a thread until ``check()`` holds, stop it; its run's result."""
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor.run()))
+    thread.start()
+    try:
+        wait_for(check)
+    finally:
+        supervisor.stop()
+        thread.join(20)
+    assert not thread.is_alive()
+    return result[0] if result else None
+
+
+def delays(said: list[str]) -> list[str]:
+    return [re.search(r"in ([0-9.]+) s", line).group(1) for line in said]  # type: ignore[union-attr]
+
+
 def test_a_service_that_exits_by_itself_is_started_again_until_it_stays_up(
     tmp_path: Path,
 ) -> None:
     said: list[str] = []
     supervisor = Supervisor("svc", service(tmp_path, crashes=2), min_delay=0.01, say=said.append)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(supervisor.run()))
-    thread.start()
-    wait_for((tmp_path / "runs.up").exists)
-    assert (tmp_path / "runs").read_text() == "3"
-
-    supervisor.stop()
-    thread.join(20)
-    assert not thread.is_alive()
-    assert result == [0]  # the service's own status after the stop
+    runs = tmp_path / "runs"
+    status = supervised_until(
+        supervisor, lambda: (tmp_path / "runs.up").exists() and runs.read_text() == "3"
+    )
+    assert status == 0  # the service's own status after the stop
     assert supervisor.restarts == 2
     assert all("svc exited (status 3)" in line for line in said)
     assert [re.search(r"restart (\d+)", line).group(1) for line in said] == ["1", "2"]  # type: ignore[union-attr]
@@ -74,24 +87,15 @@ def test_the_delay_doubles_up_to_its_maximum_and_a_steady_run_resets_it(tmp_path
     supervisor = Supervisor(
         "svc", service(tmp_path, crashes=99), min_delay=0.01, max_delay=0.04, say=said.append
     )
-    thread = threading.Thread(target=supervisor.run)
-    thread.start()
-    wait_for(lambda: len(said) >= 5)
-    supervisor.stop()
-    thread.join(20)
-    delays = [float(re.search(r"in ([0-9.]+) s", line).group(1)) for line in said]  # type: ignore[union-attr]
-    assert delays[:5] == [0.01, 0.02, 0.04, 0.04, 0.04]
+    supervised_until(supervisor, lambda: len(said) >= 5)
+    assert [float(d) for d in delays(said)][:5] == [0.01, 0.02, 0.04, 0.04, 0.04]
 
     said.clear()
     steady = Supervisor(
         "svc", service(tmp_path, crashes=99), min_delay=0.01, steady=0.0, say=said.append
     )
-    thread = threading.Thread(target=steady.run)
-    thread.start()
-    wait_for(lambda: len(said) >= 3)
-    steady.stop()
-    thread.join(20)
-    assert {re.search(r"in ([0-9.]+) s", line).group(1) for line in said} == {"0.01"}  # type: ignore[union-attr]
+    supervised_until(steady, lambda: len(said) >= 3)
+    assert set(delays(said)) == {"0.01"}
 
 
 def test_sigterm_to_the_supervisor_process_stops_the_service_and_nothing_restarts(

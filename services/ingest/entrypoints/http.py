@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import urllib.parse
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
@@ -190,13 +191,8 @@ def _result(ingest: Ingest, outcome: Outcome) -> InstanceResult:
     )
 
 
-def _stored_per_study(results: list[InstanceResult]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for result in results:
-        if result.retrieve_url is not None and result.study_instance_uid is not None:
-            uid = result.study_instance_uid
-            counts[uid] = counts.get(uid, 0) + 1
-    return counts
+def _stored_per_study(results: list[InstanceResult]) -> Counter[str]:
+    return Counter(r.study_instance_uid for r in results if r.retrieve_url and r.study_instance_uid)
 
 
 def _study_url(ingest: Ingest, results: list[InstanceResult], study_uid: str | None) -> str | None:
