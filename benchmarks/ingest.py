@@ -215,13 +215,17 @@ def parse_target(spec: str) -> Target:
 
 
 @contextlib.contextmanager
-def orthanc_target(state_dir: Path | None = None) -> Iterator[tuple[Target, OrthancPeer]]:
-    """A fresh Orthanc for one run, stopped (and its storage deleted) afterwards."""
+def orthanc_target(
+    cleanup: contextlib.ExitStack, state_dir: Path | None = None
+) -> Iterator[tuple[Target, OrthancPeer]]:
+    """A fresh Orthanc for one run, stopped afterwards; ``cleanup`` deletes its storage (see
+    :func:`main` for why not at once)."""
     with contextlib.ExitStack() as stack:
         if state_dir is None:
-            state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+            state_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         peer = OrthancPeer(state_dir / "orthanc", OrthancConfig(aet="BENCH", stable_age=3600))
-        stack.callback(peer.purge)
+        cleanup.callback(peer.purge)
+        stack.callback(peer.stop)
         peer.start()
         log(f"orthanc {peer.rest('GET', '/system')['Version']} pid {peer.pid} on {peer.base_url}")
         yield Target("orthanc", peer.stow_url, {}, peer.pid), peer
@@ -232,10 +236,10 @@ BENCH_RECIPIENT = "00000002"
 
 
 @contextlib.contextmanager
-def beeldportaal_target() -> Iterator[tuple[Target, Any]]:
+def beeldportaal_target(cleanup: contextlib.ExitStack) -> Iterator[tuple[Target, Any]]:
     """``beeldportaal ingest serve`` as its own process against the running local platform.
 
-    It writes to a bucket of its own (deleted afterwards); the second value counts what is
+    It writes to a bucket of its own (``cleanup`` deletes it); the second value counts what is
     durably in that bucket, to check that every acknowledged instance really was stored.
     """
     from minio import Minio
@@ -325,7 +329,7 @@ def beeldportaal_target() -> Iterator[tuple[Target, Any]]:
                 s3.remove_object(bucket, obj.object_name)
             s3.remove_bucket(bucket)
 
-        stack.callback(drop_bucket)
+        cleanup.callback(drop_bucket)
 
         def durable_instances() -> int:
             return sum(
@@ -673,36 +677,43 @@ def main(argv: list[str] | None = None) -> int:
         report["mix"]["avg_instance_kb"] = round(sum(map(len, instances)) / len(instances) / 1e3, 1)
         return build_bodies(instances, args.per_request)
 
-    if not args.no_orthanc:
-        built = bodies()
-        with orthanc_target(args.orthanc_state) as (target, peer):
-            log(f"orthanc: {args.instances} instances in {len(built)} requests")
+    # What a target stored is deleted only after every target was measured. This machine's
+    # root file system is ext4 without a journal, where creating a file or directory checks
+    # the inodes deleted in the last 5 s (305 s while their inode table block is not yet
+    # written back) before reusing one: deleting Orthanc's 2,000 files and directories right
+    # before beeldportaal's run made versitygw spend 60 % of its CPU in the kernel's
+    # recently_deleted() (perf, 2026-11-26). No target now pays for another one's cleanup.
+    with contextlib.ExitStack() as cleanup:
+        if not args.no_orthanc:
+            built = bodies()
+            with orthanc_target(cleanup, args.orthanc_state) as (target, peer):
+                log(f"orthanc: {args.instances} instances in {len(built)} requests")
+                result = measure(target, built, args.clients)
+                count = peer.statistics()["CountInstances"]
+                result["verified_instances"] = count
+                result["verified"] = count == args.instances
+                report["orthanc_version"] = peer.rest("GET", "/system")["Version"]
+            ok &= result["verified"] and result["failures"] == 0
+            report["targets"]["orthanc"] = result
+            log(f"orthanc: {result['instances_per_s']} instances/s, {count} stored")
+        if not args.no_beeldportaal:
+            built = bodies()
+            with beeldportaal_target(cleanup) as (target, durable_instances):
+                log(f"beeldportaal: {args.instances} instances in {len(built)} requests")
+                result = measure(target, built, args.clients)
+                count = durable_instances()
+                result["verified_instances"] = count
+                result["verified"] = count == args.instances
+            ok &= result["verified"] and result["failures"] == 0
+            report["targets"]["beeldportaal"] = result
+            log(f"beeldportaal: {result['instances_per_s']} instances/s, {count} durable in S3")
+        for target in args.target:
+            built = bodies()
+            log(f"{target.name}: {args.instances} instances to {target.stow_url}")
             result = measure(target, built, args.clients)
-            count = peer.statistics()["CountInstances"]
-            result["verified_instances"] = count
-            result["verified"] = count == args.instances
-            report["orthanc_version"] = peer.rest("GET", "/system")["Version"]
-        ok &= result["verified"] and result["failures"] == 0
-        report["targets"]["orthanc"] = result
-        log(f"orthanc: {result['instances_per_s']} instances/s, {count} stored")
-    if not args.no_beeldportaal:
-        built = bodies()
-        with beeldportaal_target() as (target, durable_instances):
-            log(f"beeldportaal: {args.instances} instances in {len(built)} requests")
-            result = measure(target, built, args.clients)
-            count = durable_instances()
-            result["verified_instances"] = count
-            result["verified"] = count == args.instances
-        ok &= result["verified"] and result["failures"] == 0
-        report["targets"]["beeldportaal"] = result
-        log(f"beeldportaal: {result['instances_per_s']} instances/s, {count} durable in S3")
-    for target in args.target:
-        built = bodies()
-        log(f"{target.name}: {args.instances} instances to {target.stow_url}")
-        result = measure(target, built, args.clients)
-        ok &= result["failures"] == 0
-        report["targets"][target.name] = result
-        log(f"{target.name}: {result['instances_per_s']} instances/s")
+            ok &= result["failures"] == 0
+            report["targets"][target.name] = result
+            log(f"{target.name}: {result['instances_per_s']} instances/s")
     if "orthanc" in report["targets"]:
         baseline = report["targets"]["orthanc"]
         report["ratios_vs_orthanc"] = {

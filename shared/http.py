@@ -3,13 +3,18 @@ operational routes every service has."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import uvicorn
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.identifiers import contains_bsn
+from shared.logging import correlation_context
 from shared.metrics import ServiceMetrics
 from shared.runtime import tune_gc
 
@@ -32,6 +37,62 @@ def http_server(app: Any, host: str, port: int) -> uvicorn.Server:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
     )
+
+
+CORRELATION_HEADER = "X-Correlation-Id"
+# An offered correlation id is taken over only if it is short and plain: it goes into every log
+# line and event of the request and is echoed in the response.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def offered_correlation_id(value: str | None) -> str | None:
+    """``value`` if it may serve as the correlation id, else None (a new one is made)."""
+    if value and _SAFE_ID.match(value) and not contains_bsn(value):
+        return value
+    return None
+
+
+class CorrelationMiddleware:
+    """Every request gets a correlation id: the caller's ``X-Correlation-Id`` if it is safe to
+    keep (:func:`offered_correlation_id`), a new one otherwise. It is bound for the request's
+    log lines (``shared.logging``), is ``request.state.correlation_id`` for the events the
+    request publishes, and is echoed in the response. ``on_response(route, status)`` is called
+    for every answered request with the route's template, never the path: a path holds UIDs.
+
+    Plain ASGI, not ``@app.middleware("http")``. Starlette's BaseHTTPMiddleware runs the app in
+    a task of its own and passes the request body through a memory stream, which costs every
+    STOW-RS body chunk a task switch. It also ends a streamed response normally when the stream
+    fails, so a WADO-RS response or a pickup zip broken off half-way would reach the client as
+    complete. Here the failure reaches the server, which closes the connection without the
+    final chunk: the client sees that the download failed.
+    """
+
+    def __init__(self, app: ASGIApp, on_response: Callable[[str, int], None] | None = None) -> None:
+        self.app = app
+        self.on_response = on_response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = offered_correlation_id(Headers(scope=scope).get(CORRELATION_HEADER))
+        with correlation_context(offered) as cid:
+            scope.setdefault("state", {})["correlation_id"] = cid
+            status = 500
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    MutableHeaders(scope=message)[CORRELATION_HEADER] = cid
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                if self.on_response is not None:
+                    route = scope.get("route")
+                    self.on_response(getattr(route, "path", "<unmatched>"), status)
 
 
 def add_operational_routes(

@@ -7,7 +7,6 @@ it is pseudonymised at once, validation errors never echo input, and no answer n
 from __future__ import annotations
 
 import json
-import re
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -33,9 +32,9 @@ from services.consent.domain.mitz import InvalidNotification, NotificationKind, 
 from services.consent.domain.query import answer_query
 from shared.auth import Principal, require_role
 from shared.events.consent import Decision, Purpose
-from shared.http import add_operational_routes
+from shared.http import CorrelationMiddleware, add_operational_routes
 from shared.identifiers import Bsn, Ura
-from shared.logging import correlation_context, get_logger
+from shared.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -43,7 +42,6 @@ FHIR_JSON = "application/fhir+json"
 _JSON_TYPES = (FHIR_JSON, "application/json")
 # A Mitz notification is a few kilobytes; anything near this is not one.
 MAX_NOTIFICATION_BYTES = 256 * 1024
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}$"
 SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}$"
@@ -453,16 +451,7 @@ def create_app(api: ConsentApi) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return JSONResponse({"detail": _without_input(exc.errors())}, status_code=422)
 
-    @app.middleware("http")
-    async def correlation(request: Request, call_next):  # type: ignore[no-untyped-def]
-        offered = request.headers.get("x-correlation-id")
-        with correlation_context(offered if offered and _SAFE_ID.match(offered) else None) as cid:
-            request.state.correlation_id = cid
-            response = await call_next(request)
-            response.headers["X-Correlation-Id"] = cid
-            route = request.scope.get("route")
-            api.metrics.request(getattr(route, "path", "<unmatched>"), response.status_code)
-            return response
+    app.add_middleware(CorrelationMiddleware, on_response=api.metrics.request)
 
     app.include_router(build_router(api))
     add_operational_routes(

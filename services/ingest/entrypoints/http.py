@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.parse
 from collections import Counter
@@ -26,12 +25,12 @@ from services.ingest.domain.stow_response import InstanceResult, http_status, re
 from services.ingest.handlers.store import Outcome, Received, Submission
 from shared.auth import Principal
 from shared.events import IngestChannel, Urgency
-from shared.logging import correlation_context, get_logger
+from shared.http import CorrelationMiddleware
+from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NOTE_HEADER = "X-Beeldportaal-Note"
 URGENCY_HEADER = "X-Beeldportaal-Urgency"
 COMPLETE_HEADER = "X-Beeldportaal-Study-Complete"
@@ -266,15 +265,7 @@ def create_app(ingest: Ingest) -> FastAPI:
         lifespan=ingest.lifespan,
     )
 
-    @app.middleware("http")
-    async def correlation(request: Request, call_next):  # type: ignore[no-untyped-def]
-        offered = request.headers.get("x-correlation-id")
-        with correlation_context(offered if offered and _SAFE_ID.match(offered) else None) as cid:
-            request.state.correlation_id = cid
-            response = await call_next(request)
-            response.headers["X-Correlation-Id"] = cid
-            return response
-
+    app.add_middleware(CorrelationMiddleware)
     app.include_router(build_router(ingest))
     add_operational_routes(app, ingest)
     return app

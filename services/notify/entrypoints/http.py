@@ -16,7 +16,6 @@ what happened. Errors are problem documents (RFC 9457) that never quote the requ
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -25,8 +24,6 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.notify.adapters.dead_letters import KEY_PATTERN, DeadLetter, Redriven
 from services.notify.adapters.journey_view import (
@@ -46,12 +43,11 @@ from services.notify.domain.pickup import (
     verify_pickup,
     zip_entries,
 )
-from services.notify.metrics import NotifyApiMetrics
 from shared.auth import Principal, require_role
 from shared.errors import TransientError
 from shared.events import Basis, Decision, DeliveryChannel, InstanceOutcomes, Urgency
-from shared.http import add_operational_routes
-from shared.logging import correlation_context, get_logger, scrub_bsns
+from shared.http import CorrelationMiddleware, add_operational_routes
+from shared.logging import get_logger, scrub_bsns
 from shared.storage.port import ObjectStoreError, read_verified
 from shared.topic_view import ViewFailed
 
@@ -62,7 +58,6 @@ OPERATOR = "operator"
 PROBLEM_JSON = "application/problem+json"
 ZIP = "application/zip"
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READ_CHUNK = 1024 * 1024
 _NOT_TAKEN = "Kafka did not take the re-drive; nothing changed, try again"
 
@@ -609,43 +604,6 @@ def build_router(api: NotifyApi) -> APIRouter:
     return router
 
 
-class CorrelationMiddleware:
-    """Correlation id in and out, and a request count per route template.
-
-    Plain ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware ends a streamed
-    body normally when the stream fails, so a pickup zip broken off half-way would reach the
-    recipient as a complete (unreadable) download. Here the failure reaches the server, which
-    closes the connection without the final chunk: the client sees the download failed.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: NotifyApiMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        offered = Headers(scope=scope).get("x-correlation-id")
-        with correlation_context(offered if offered and _SAFE_ID.match(offered) else None) as cid:
-            status = 500
-
-            async def send_with_id(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    headers = MutableHeaders(scope=message)
-                    headers["X-Correlation-Id"] = cid
-                await send(message)
-
-            try:
-                await self.app(scope, receive, send_with_id)
-            finally:
-                # The route's template, never the path: a path holds UIDs and pickup tokens.
-                route = scope.get("route")
-                self.metrics.request(getattr(route, "path", "<unmatched>"), status)
-
-
 def _render_loc(loc: Any) -> str:
     out = ""
     for part in loc:
@@ -662,7 +620,7 @@ def create_app(api: NotifyApi) -> FastAPI:
         lifespan=api.lifespan,
     )
 
-    app.add_middleware(CorrelationMiddleware, metrics=api.metrics)
+    app.add_middleware(CorrelationMiddleware, on_response=api.metrics.request)
 
     @app.exception_handler(Problem)
     async def problem(_request: Request, exc: Problem) -> JSONResponse:

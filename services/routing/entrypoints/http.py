@@ -22,14 +22,14 @@ from services.routing.bootstrap import Routing
 from services.routing.domain.directory import Provider, PublicProvider
 from shared.auth import Principal, require_role
 from shared.errors import TransientError
-from shared.logging import correlation_context, get_logger
+from shared.http import CorrelationMiddleware
+from shared.logging import get_logger
 from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
 
 OPERATOR = "operator"
 _URA = re.compile(r"[0-9]{8}")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # A provider entry is a few KB; anything far larger is not an entry.
 MAX_BODY_BYTES = 256 * 1024
 RETRY_AFTER = {"Retry-After": "5"}
@@ -235,19 +235,17 @@ def create_app(routing: Routing) -> FastAPI:
     )
 
     @app.middleware("http")
-    async def correlation(request: Request, call_next):  # type: ignore[no-untyped-def]
-        offered = request.headers.get("x-correlation-id")
-        with correlation_context(offered if offered and _SAFE_ID.match(offered) else None) as cid:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                response: Response = JSONResponse(
-                    {"detail": f"a provider entry is at most {MAX_BODY_BYTES} bytes"},
-                    status_code=413,
-                )
-            else:
-                response = await call_next(request)
-            response.headers["X-Correlation-Id"] = cid
-            return response
+    async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse(
+                {"detail": f"a provider entry is at most {MAX_BODY_BYTES} bytes"},
+                status_code=413,
+            )
+        return await call_next(request)
+
+    # Added last, so outermost: a refused body gets its correlation id too.
+    app.add_middleware(CorrelationMiddleware)
 
     @app.exception_handler(Refused)
     async def refused(_request: Request, exc: Refused) -> JSONResponse:

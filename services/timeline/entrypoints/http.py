@@ -51,9 +51,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.timeline.bootstrap import TimelineApi
 from services.timeline.domain.access import AccessCheckUnavailable
@@ -79,11 +77,11 @@ from services.timeline.domain.ports import (
     TimelineEntry,
     TimelineQuery,
 )
-from services.timeline.metrics import TimelineMetrics
 from shared.auth import Principal
 from shared.events import AccessLogged, AuditAction, AuditOutcome
-from shared.identifiers import Bsn, contains_bsn
-from shared.logging import correlation_context, get_logger, scrub_bsns
+from shared.http import CorrelationMiddleware
+from shared.identifiers import Bsn
+from shared.logging import get_logger, scrub_bsns
 from shared.storage.port import ChecksumMismatch, ObjectNotFound, ObjectStoreError, read_verified
 
 log = get_logger(__name__)
@@ -105,7 +103,6 @@ MAX_QIDO_LIMIT: Final = 1000
 MAX_HEADER_BYTES: Final = 32 * 1024 * 1024
 UID_PATTERN: Final = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
 _UID = re.compile(UID_PATTERN)
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _READ_CHUNK = 1024 * 1024
 _HEADER_CHUNK = 64 * 1024
@@ -1296,47 +1293,6 @@ def add_operational_routes(app: FastAPI, api: TimelineApi) -> None:
         return Response(body, media_type=content_type)
 
 
-class CorrelationMiddleware:
-    """Correlation id in and out, and a request count per route template.
-
-    Plain ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware ends a streamed
-    body normally when the stream fails, so a WADO-RS response broken off on a checksum mismatch
-    would reach the viewer as complete. Here the failure reaches the server, which closes the
-    connection without the final chunk. An offered correlation id that holds a BSN is replaced:
-    it would be echoed in a response header.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: TimelineMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        offered = Headers(scope=scope).get("x-correlation-id")
-        safe = (
-            offered if offered and _SAFE_ID.match(offered) and not contains_bsn(offered) else None
-        )
-        with correlation_context(safe) as cid:
-            scope.setdefault("state", {})["correlation_id"] = cid
-            status = 500
-
-            async def send_with_id(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    MutableHeaders(scope=message)["X-Correlation-Id"] = cid
-                await send(message)
-
-            try:
-                await self.app(scope, receive, send_with_id)
-            finally:
-                # The route's template, never the path: a path holds UIDs and page tokens.
-                route = scope.get("route")
-                self.metrics.request(getattr(route, "path", "<unmatched>"), status)
-
-
 def _safe_loc(error: Any) -> list[Any]:
     loc = list(error.get("loc", ()))
     if error.get("type") == "extra_forbidden" and loc:
@@ -1361,7 +1317,7 @@ def create_app(api: TimelineApi) -> FastAPI:
         version="0.1.0",
         lifespan=api.lifespan,
     )
-    app.add_middleware(CorrelationMiddleware, metrics=api.metrics)
+    app.add_middleware(CorrelationMiddleware, on_response=api.metrics.request)
 
     @app.exception_handler(Refusal)
     async def refusal(_request: Request, exc: Refusal) -> JSONResponse:
