@@ -17,9 +17,12 @@ the first request to the last answer: ``instances_per_s``, ``mb_per_s`` (DICOM b
 (``VmHWM`` from /proc, MB = 2^20 bytes; without a pid it is null). A failure is an instance the
 server did not list in the STOW-RS ReferencedSOPSequence (0008,1199) of a 2xx answer.
 
-The built-in Orthanc target is a fresh Orthanc (Debian package, DICOMweb plugin, TCP_NODELAY=1)
-in a temporary state directory, stopped at the end. Its instance count is verified over REST
-afterwards: it must hold exactly the instances sent. Any other running STOW-RS endpoint is
+The built-in Orthanc target is a fresh Orthanc (Debian package, DICOMweb plugin, TCP_NODELAY=1);
+its instance count is verified over REST afterwards: it must hold exactly the instances sent.
+The built-in beeldportaal target is ``beeldportaal ingest serve`` with the local platform's
+Kafka and a fresh versitygw of its own; what is durable in its bucket is counted afterwards.
+Both keep what they store side by side in one directory (``--state-dir``, default a temporary
+one), deleted only after every target was measured. Any other running STOW-RS endpoint is
 measured with ``--target``, e.g. beeldportaal's ingest::
 
     --target "beeldportaal=$URL,pid=$PID,header=Authorization:Bearer $TOKEN"
@@ -53,7 +56,7 @@ import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,20 +218,20 @@ def parse_target(spec: str) -> Target:
 
 
 @contextlib.contextmanager
-def orthanc_target(
-    cleanup: contextlib.ExitStack, state_dir: Path | None = None
-) -> Iterator[tuple[Target, OrthancPeer]]:
-    """A fresh Orthanc for one run, stopped afterwards; ``cleanup`` deletes its storage (see
-    :func:`main` for why not at once)."""
+def orthanc_target(state_dir: Path) -> Iterator[tuple[Target, OrthancPeer]]:
+    """A fresh Orthanc keeping its storage and index in ``state_dir``, stopped afterwards. The
+    directory is left for its owner to delete."""
     with contextlib.ExitStack() as stack:
-        if state_dir is None:
-            state_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         peer = OrthancPeer(state_dir / "orthanc", OrthancConfig(aet="BENCH", stable_age=3600))
-        cleanup.callback(peer.purge)
         stack.callback(peer.stop)
         peer.start()
         log(f"orthanc {peer.rest('GET', '/system')['Version']} pid {peer.pid} on {peer.base_url}")
         yield Target("orthanc", peer.stow_url, {}, peer.pid), peer
+
+
+def _s3_env(server: Any) -> dict[str, str]:
+    env = server.config.client_env()
+    return {name: value for name, value in env.items() if name.startswith("BEELDPORTAAL_S3_")}
 
 
 BENCH_SENDER = "00000001"
@@ -236,24 +239,29 @@ BENCH_RECIPIENT = "00000002"
 
 
 @contextlib.contextmanager
-def beeldportaal_target(cleanup: contextlib.ExitStack) -> Iterator[tuple[Target, Any]]:
-    """``beeldportaal ingest serve`` as its own process against the running local platform.
-
-    It writes to a bucket of its own (``cleanup`` deletes it); the second value counts what is
-    durably in that bucket, to check that every acknowledged instance really was stored.
+def beeldportaal_target(state_dir: Path) -> Iterator[tuple[Target, Any]]:
+    """``beeldportaal ingest serve`` as its own process, with the running local platform's
+    Kafka and a fresh S3 server (the platform's versitygw build) keeping its objects in
+    ``state_dir``, as Orthanc keeps its own; both are stopped afterwards, and the directory is
+    left for its owner to delete. The second value counts what is durably in the bucket, to
+    check that every acknowledged instance really was stored.
     """
-    from minio import Minio
-
     from deploy.local.config import LocalConfig, read_env_file
+    from deploy.local.s3 import S3Server
     from shared.auth import mint_token
 
     config = LocalConfig.from_env()
     if not config.env_file.exists():
         raise SystemExit("the local platform is not up: run `beeldportaal platform up` first")
-    env = {**os.environ, **read_env_file(config.env_file)}
-    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    bucket = "bench"
     with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-")))
+        work = state_dir / "beeldportaal"
+        s3_server = S3Server(replace(config, state_dir=work, s3_port=_free_port()))
+        stack.callback(s3_server.stop)
+        s3_server.start()
+        s3 = s3_server.client()
+        s3.make_bucket(bucket)
+        env = {**os.environ, **read_env_file(config.env_file), **_s3_env(s3_server)}
         peers = work / "peers.json"
         peers.write_text(
             json.dumps(
@@ -316,20 +324,6 @@ def beeldportaal_target(cleanup: contextlib.ExitStack) -> Iterator[tuple[Target,
                     + (work / "ingest.log").read_text(errors="replace")[-3000:]
                 )
             time.sleep(0.2)
-        s3 = Minio(
-            env["BEELDPORTAAL_S3_ENDPOINT"],
-            access_key=env["BEELDPORTAAL_S3_ACCESS_KEY"],
-            secret_key=env["BEELDPORTAAL_S3_SECRET_KEY"],
-            region=env.get("BEELDPORTAAL_S3_REGION", "us-east-1"),
-            secure=False,
-        )
-
-        def drop_bucket() -> None:
-            for obj in s3.list_objects(bucket, recursive=True):
-                s3.remove_object(bucket, obj.object_name)
-            s3.remove_bucket(bucket)
-
-        cleanup.callback(drop_bucket)
 
         def durable_instances() -> int:
             return sum(
@@ -339,7 +333,7 @@ def beeldportaal_target(cleanup: contextlib.ExitStack) -> Iterator[tuple[Target,
             )
 
         token = mint_token(config.dev_jwt_dir / "dev-jwt.key", ura=BENCH_SENDER)
-        log(f"beeldportaal ingest pid {server.pid} on {base}")
+        log(f"beeldportaal ingest pid {server.pid} on {base}, S3 on {s3_server.endpoint}")
         yield (
             Target(
                 "beeldportaal",
@@ -637,7 +631,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the built-in beeldportaal ingest (needs `beeldportaal platform up`)",
     )
     parser.add_argument(
-        "--orthanc-state", type=Path, help="state directory for Orthanc (default: a temp dir)"
+        "--state-dir",
+        type=Path,
+        help="where the built-in targets keep what they store, side by side (default: a new "
+        "temporary directory, deleted afterwards)",
     )
     args = parser.parse_args(argv)
     if args.no_orthanc and args.no_beeldportaal and not args.target:
@@ -677,16 +674,22 @@ def main(argv: list[str] | None = None) -> int:
         report["mix"]["avg_instance_kb"] = round(sum(map(len, instances)) / len(instances) / 1e3, 1)
         return build_bodies(instances, args.per_request)
 
-    # What a target stored is deleted only after every target was measured. This machine's
-    # root file system is ext4 without a journal, where creating a file or directory checks
-    # the inodes deleted in the last 5 s (305 s while their inode table block is not yet
-    # written back) before reusing one: deleting Orthanc's 2,000 files and directories right
-    # before beeldportaal's run made versitygw spend 60 % of its CPU in the kernel's
-    # recently_deleted() (perf, 2026-11-26). No target now pays for another one's cleanup.
+    # Both built-in targets are fresh servers keeping what they store side by side in one
+    # directory, deleted only after every target was measured. Where a file is created matters
+    # on this machine: its root file system is ext4 without a journal, where creating an inode
+    # skips the ones deleted in the last 5 s (305 s while their inode table block is dirty),
+    # one page cache lookup each. Creating 2,000 objects as versitygw lays them out cost 0.8-1.3
+    # ms of kernel CPU each under /tmp and 1.7-2.7 ms under the repository's .state (measured
+    # 2026-11-26), and perf put 60 % of versitygw's CPU in recently_deleted() when it wrote to
+    # the platform's data directory while Orthanc wrote to /tmp.
     with contextlib.ExitStack() as cleanup:
+        state_dir = args.state_dir or Path(
+            cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-"))
+        )
+        report["state_dir"] = str(state_dir)
         if not args.no_orthanc:
             built = bodies()
-            with orthanc_target(cleanup, args.orthanc_state) as (target, peer):
+            with orthanc_target(state_dir) as (target, peer):
                 log(f"orthanc: {args.instances} instances in {len(built)} requests")
                 result = measure(target, built, args.clients)
                 count = peer.statistics()["CountInstances"]
@@ -698,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"orthanc: {result['instances_per_s']} instances/s, {count} stored")
         if not args.no_beeldportaal:
             built = bodies()
-            with beeldportaal_target(cleanup) as (target, durable_instances):
+            with beeldportaal_target(state_dir) as (target, durable_instances):
                 log(f"beeldportaal: {args.instances} instances in {len(built)} requests")
                 result = measure(target, built, args.clients)
                 count = durable_instances()
