@@ -1,21 +1,44 @@
-"""An urllib3 pool for S3 that never reuses a connection a refusal may have left dirty.
+"""The HTTP transport under the minio client: urllib3, plus a lean path for plain-HTTP PUTs.
 
-An S3 server may refuse a PUT or POST (412 for If-None-Match on a taken key, 403, 400 ...) as soon
-as it has read the headers, before it has read the body. HTTP lets it, and lets it keep the
-connection open; the rest of the body is then still on the wire, and the server reads it as the
-start of the next request on that connection. versitygw v1.7.0 does this: about 1 in 100 refused
-conditional writes of a 36 KiB instance left a connection whose next request, whatever it was,
-came back ``400 BadRequest`` (the ingest answered A700 for a plain duplicate). Refusals are rare,
-so closing the connection after each costs nothing measurable.
+**Refusals leave a connection dirty.** An S3 server may refuse a PUT or POST (412 for
+If-None-Match on a taken key, 403, 400 ...) as soon as it has read the headers, before it has
+read the body. HTTP lets it, and lets it keep the connection open; the rest of the body is then
+still on the wire, and the server reads it as the start of the next request on that connection.
+versitygw v1.7.0 does this: about 1 in 100 refused conditional writes of a 36 KiB instance left a
+connection whose next request, whatever it was, came back ``400 BadRequest`` (the ingest answered
+A700 for a plain duplicate). Refusals are rare, so closing the connection after each costs nothing
+measurable. Both paths below do so.
+
+**Storing an instance is one PUT**, and through urllib3 and http.client its request and answer
+cost more of the ingest's one core than anything else in it: a fifth of the GIL-holding time in a
+STOW-RS benchmark (py-spy, 2026-11-26), for building, sending and parsing a dozen headers. A PUT
+of a body already in memory over plain HTTP (``put_fast``) therefore skips them: the request is
+written with one ``sendall`` and the answer read with a buffered reader. It keeps urllib3's
+behaviour for what the object store relies on: the same timeouts, the same retries (connection
+errors, read errors and 5xx, with the same backoff; the last 5xx is returned), a stale keep-alive
+connection retried once on a new one, ``MaxRetryError`` when retries run out. Everything else
+(GET, HEAD, POST, DELETE, streamed bodies, HTTPS) goes through urllib3.
 """
 
 from __future__ import annotations
 
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+from urllib.parse import urlsplit
+
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager, Retry, Timeout
+from urllib3._collections import HTTPHeaderDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.response import HTTPResponse
+from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.response import BaseHTTPResponse, HTTPResponse
 
 _WITH_BODY = frozenset({"PUT", "POST"})
+# Longest status or header line accepted in an answer, and most header lines (as http.client).
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
 
 
 class _Discarding:
@@ -57,8 +80,248 @@ class _TLSPool(_Returning, HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 
-def pool_manager(**options: object) -> PoolManager:
-    """A urllib3 PoolManager (same options) whose pools discard connections after a refusal."""
-    manager = PoolManager(**options)  # type: ignore[arg-type]
-    manager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
-    return manager
+class _Stale(Exception):
+    """A kept-alive connection turned out closed before any answer: try a new one."""
+
+
+class _ConnectFailed(OSError):
+    """No connection to the S3 server (refused, unresolvable, timed out): urllib3's connect
+    retries apply, not its read retries."""
+
+
+class _Lean:
+    """One plain-HTTP keep-alive connection: a socket and a buffered reader on it."""
+
+    __slots__ = ("reader", "reused", "sock")
+
+    def __init__(self, host: str, port: int, connect_timeout: float | None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+        self.reused = False
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def exchange(
+        self, request: bytes, read_timeout: float | None
+    ) -> tuple[int, str, list[tuple[str, str]], bytes, bool]:
+        """Send ``request``; (status, reason, headers, body, keep the connection)."""
+        self.sock.settimeout(read_timeout)
+        try:
+            self.sock.sendall(request)
+            status_line = self.reader.readline(_MAX_LINE + 1)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            if self.reused:
+                raise _Stale from exc
+            raise
+        if not status_line:
+            if self.reused:
+                raise _Stale
+            raise ProtocolError("the S3 server closed the connection without an answer")
+        version, _, rest = status_line.rstrip(b"\r\n").partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+        headers: list[tuple[str, str]] = []
+        length: int | None = None
+        chunked = False
+        keep = version == b"HTTP/1.1"
+        while True:
+            line = self.reader.readline(_MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                break
+            if not line or len(line) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
+                raise ProtocolError("the S3 server's answer has malformed headers")
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon:
+                raise ProtocolError("the S3 server's answer has malformed headers")
+            name, value = name.strip(), value.strip()
+            headers.append((name, value))
+            lowered = name.lower()
+            if lowered == "content-length":
+                if not value.isdigit():
+                    raise ProtocolError("the S3 server's answer has a bad Content-Length")
+                length = int(value)
+            elif lowered == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+            elif lowered == "connection":
+                keep = value.lower() != "close" and (keep or value.lower() == "keep-alive")
+        status = int(code)
+        if chunked:
+            body = self._chunked()
+        elif length is not None:
+            body = self.reader.read(length)
+            if len(body) != length:
+                raise ProtocolError("the S3 server's answer ended before its Content-Length")
+        elif status in (204, 304) or 100 <= status < 200:
+            body = b""
+        else:  # no length: the body runs to the end of the connection
+            body, keep = self.reader.read(), False
+        return status, reason.decode("latin-1"), headers, body, keep
+
+    def _chunked(self) -> bytes:
+        pieces = []
+        while True:
+            size_line = self.reader.readline(_MAX_LINE + 1)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise ProtocolError("the S3 server's answer has a bad chunk size") from None
+            if size == 0:
+                while self.reader.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(pieces)
+            chunk = self.reader.read(size + 2)
+            if len(chunk) != size + 2:
+                raise ProtocolError("the S3 server's answer ended inside a chunk")
+            pieces.append(chunk[:size])
+
+
+class S3PoolManager(PoolManager):
+    """urllib3's PoolManager with refusal-safe pools and the lean PUT path (module docstring)."""
+
+    def __init__(self, *, timeout: Timeout, retries: Retry, maxsize: int = 10, **options: Any):
+        super().__init__(timeout=timeout, retries=retries, maxsize=maxsize, **options)
+        self.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self._lean_timeout = timeout
+        self._lean_retries = retries
+        self._lean_max_idle = maxsize
+        self._idle: dict[tuple[str, int], list[_Lean]] = {}
+        self._idle_lock = threading.Lock()
+        # As urllib3's pools do: the kept connections close when the manager is collected.
+        weakref.finalize(self, _close_idle, self._idle, self._idle_lock)
+
+    def urlopen(  # type: ignore[override]
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> BaseHTTPResponse:
+        body = kw.get("body")
+        if (
+            method == "PUT"
+            and isinstance(body, bytes)
+            and kw.get("preload_content", True)
+            and url.startswith("http://")
+        ):
+            return self.put_fast(url, body, kw.get("headers") or {})
+        return super().urlopen(method, url, redirect=redirect, **kw)
+
+    def put_fast(self, url: str, body: bytes, headers: Any) -> HTTPResponse:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or 80
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        request = _request_head("PUT", target, headers, len(body)) + body
+        retries = self._lean_retries
+        timeout = self._lean_timeout
+        errors = 0
+        while True:
+            try:
+                status, reason, answer, data = self._exchange(host, port, request, timeout)
+            except (OSError, ProtocolError) as exc:  # socket.timeout is an OSError
+                errors += 1
+                if errors > _budget(retries, exc):
+                    raise MaxRetryError(None, url, exc) from exc  # type: ignore[arg-type]
+                time.sleep(_backoff(retries, errors))
+                continue
+            if status in (retries.status_forcelist or ()) and errors < _budget(retries, None):
+                errors += 1
+                time.sleep(_backoff(retries, errors))
+                continue
+            return HTTPResponse(
+                body=data,
+                headers=HTTPHeaderDict(answer),
+                status=status,
+                reason=reason,
+                preload_content=False,
+                decode_content=False,
+                request_method="PUT",
+                request_url=url,
+            )
+
+    def _exchange(
+        self, host: str, port: int, request: bytes, timeout: Timeout
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        key = (host, port)
+        while True:
+            with self._idle_lock:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                try:
+                    conn = _Lean(host, port, timeout.connect_timeout)  # type: ignore[arg-type]
+                except OSError as exc:
+                    raise _ConnectFailed(str(exc)) from exc
+            try:
+                status, reason, headers, body, keep = conn.exchange(
+                    request,
+                    timeout.read_timeout,  # type: ignore[arg-type]
+                )
+            except _Stale:
+                conn.close()
+                continue  # a fresh connection, not counted as a retry (nothing was answered)
+            except BaseException:
+                conn.close()
+                raise
+            # A refused PUT may have left part of its body unread on this connection.
+            if keep and status < 400:
+                conn.reused = True
+                with self._idle_lock:
+                    idle = self._idle.setdefault(key, [])
+                    if len(idle) < self._lean_max_idle:
+                        idle.append(conn)
+                        conn = None
+            if conn is not None:
+                conn.close()
+            return status, reason, headers, body
+
+    def clear(self) -> None:
+        _close_idle(self._idle, self._idle_lock)
+        super().clear()
+
+
+def _close_idle(idle: dict[tuple[str, int], list[_Lean]], lock: threading.Lock) -> None:
+    with lock:
+        conns = [conn for kept in idle.values() for conn in kept]
+        idle.clear()
+    for conn in conns:
+        conn.close()
+
+
+def _request_head(method: str, target: str, headers: Any, length: int) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    has_length = False
+    for name, value in headers.items():
+        value = str(value)
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise ValueError(f"invalid HTTP header {name!r}")
+        if name.lower() == "content-length":
+            has_length = True
+        lines.append(f"{name}: {value}")
+    if not has_length:
+        lines.append(f"Content-Length: {length}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _budget(retries: Retry, exc: BaseException | None) -> int:
+    """How many retries a failure of this kind gets (urllib3's per-kind counts, capped by total)."""
+    if exc is None:
+        kind = retries.status
+    elif isinstance(exc, _ConnectFailed):
+        kind = retries.connect
+    else:
+        kind = retries.read
+    counts = [c for c in (kind, retries.total) if isinstance(c, int)]
+    return min(counts) if counts else 0
+
+
+def _backoff(retries: Retry, errors: int) -> float:
+    """urllib3's backoff: none before the first retry, then factor * 2^(n-1), at most the max."""
+    if errors <= 1:
+        return 0.0
+    return float(min(retries.backoff_max, retries.backoff_factor * 2 ** (errors - 1)))
+
+
+def pool_manager(**options: Any) -> S3PoolManager:
+    """The S3 transport (same options as urllib3's PoolManager; timeout and retries required)."""
+    return S3PoolManager(**options)

@@ -1,0 +1,226 @@
+"""shared.storage.s3_pool: the lean plain-HTTP PUT path under the minio client, against a scripted
+HTTP server on 127.0.0.1 (what a real S3 server does with it: tests/integration/
+test_object_store_s3.py and the object store contract)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from urllib3 import Retry, Timeout
+from urllib3.exceptions import MaxRetryError
+
+from shared.storage.s3_pool import S3PoolManager, pool_manager
+
+
+@dataclass
+class Seen:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int
+
+
+# (request, its number on this connection) -> raw answer bytes, or None to close without one,
+# or (answer, True) to close after it
+Script = Callable[[Seen, int], bytes | tuple[bytes, bool] | None]
+
+
+@dataclass
+class Server:
+    script: Script
+    requests: list[Seen] = field(default_factory=list)
+    connections: int = 0
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        reader = conn.makefile("rb")
+        with conn, reader, contextlib.suppress(OSError):  # the client may hang up any time
+            for index in range(1_000):
+                line = reader.readline()
+                if not line:
+                    return
+                method, target, _ = line.decode().split(" ", 2)
+                headers = {}
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = reader.read(int(headers.get("content-length", "0")))
+                seen = Seen(method, target, headers, body, number)
+                self.requests.append(seen)
+                answer = self.script(seen, index)
+                if answer is None:
+                    return
+                close = isinstance(answer, tuple)
+                conn.sendall(answer[0] if isinstance(answer, tuple) else answer)
+                if close:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ok(etag: str = "abc") -> bytes:
+    return f'HTTP/1.1 200 OK\r\nETag: "{etag}"\r\nContent-Length: 0\r\n\r\n'.encode()
+
+
+def answer(status: str, body: bytes = b"", *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return f"HTTP/1.1 {status}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Script], Server]]:
+    servers: list[Server] = []
+
+    def start(script: Script) -> Server:
+        servers.append(Server(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def transport(retries: int = 2, read_timeout: float = 5.0) -> S3PoolManager:
+    return pool_manager(
+        timeout=Timeout(connect=1.0, read=read_timeout),
+        retries=Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            backoff_factor=0.01,
+            status_forcelist=(500, 502, 503, 504),
+            raise_on_status=False,
+        ),
+        maxsize=4,
+    )
+
+
+def put(http: S3PoolManager, url: str, body: bytes = b"dicom bytes", **headers: str):
+    return http.urlopen("PUT", url, body=body, headers=headers, preload_content=True)
+
+
+def test_a_put_is_one_well_formed_request_and_the_connection_is_kept(serve) -> None:
+    server = serve(lambda seen, index: ok(f"e{index}"))
+    http = transport()
+    first = put(http, f"{server.url}/bucket/a/b.dcm?x=1", b"0123456789", **{"X-Amz-Meta-K": "v"})
+    second = put(http, f"{server.url}/bucket/c.dcm", b"")
+
+    assert (first.status, first.headers["etag"]) == (200, '"e0"')
+    assert second.headers["ETag"] == '"e1"'  # case-insensitive, as urllib3's
+    a, b = server.requests
+    assert (a.method, a.target, a.body) == ("PUT", "/bucket/a/b.dcm?x=1", b"0123456789")
+    assert a.headers["content-length"] == "10"
+    assert a.headers["x-amz-meta-k"] == "v"
+    assert (b.target, b.body, b.headers["content-length"]) == ("/bucket/c.dcm", b"", "0")
+    assert server.connections == 1
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_an_error(serve) -> None:
+    # The server answers one request per connection and closes it without saying so.
+    server = serve(lambda seen, index: ok() if index == 0 else None)
+    http = transport(retries=0)  # not even one retry is needed: nothing was answered
+    statuses = [put(http, f"{server.url}/b/{n}.dcm").status for n in range(3)]
+    assert statuses == [200, 200, 200]
+    assert server.connections == 3
+
+
+def test_a_refused_put_closes_its_connection(serve) -> None:
+    taken = answer(
+        "412 Precondition Failed",
+        b"<Error><Code>PreconditionFailed</Code></Error>",
+        "Content-Type: application/xml",
+    )
+    server = serve(lambda seen, index: taken if seen.target.endswith("taken.dcm") else ok())
+    http = transport()
+    refused = put(http, f"{server.url}/b/taken.dcm", **{"If-None-Match": "*"})
+    assert refused.status == 412
+    assert refused.data == b"<Error><Code>PreconditionFailed</Code></Error>"
+    assert put(http, f"{server.url}/b/next.dcm").status == 200
+    # Part of the refused body may still be unread on that connection: never reused.
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+def test_a_5xx_is_retried_and_the_last_one_returned_when_retries_run_out(serve) -> None:
+    busy = answer("503 Slow Down", b"<Error><Code>SlowDown</Code></Error>")
+    server = serve(lambda seen, index: busy if len(server.requests) <= 2 else ok())
+    assert put(transport(retries=2), f"{server.url}/b/x.dcm").status == 200
+    assert len(server.requests) == 3
+
+    always = serve(lambda seen, index: busy)
+    last = put(transport(retries=1), f"{always.url}/b/x.dcm")
+    assert (last.status, len(always.requests)) == (503, 2)
+
+
+def test_chunked_and_unframed_answers_are_read_whole(serve) -> None:
+    chunked = (
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"6\r\n<Error\r\n2;ext=1\r\n/>\r\n0\r\nTrailer: x\r\n\r\n"
+    )
+    server = serve(lambda seen, index: chunked)
+    assert put(transport(), f"{server.url}/b/x.dcm").data == b"<Error/>"
+
+    unframed = serve(lambda seen, index: (b"HTTP/1.0 200 OK\r\nETag: x\r\n\r\nrest of it", True))
+    response = put(transport(), f"{unframed.url}/b/x.dcm")
+    assert (response.status, response.data) == (200, b"rest of it")
+
+
+def test_a_header_that_would_split_the_request_is_refused(serve) -> None:
+    server = serve(lambda seen, index: ok())
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        put(transport(), f"{server.url}/b/x.dcm", **{"X-Amz-Meta-K": "v\r\nX-Evil: 1"})
+    assert server.requests == []
+
+
+def test_no_server_fails_after_the_connect_retries() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    with pytest.raises(MaxRetryError):
+        put(transport(retries=2), f"http://127.0.0.1:{port}/b/x.dcm")
+
+
+def test_a_server_that_never_answers_times_out() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = "http://{}:{}/b/x.dcm".format(*silent.getsockname())
+        started = time.monotonic()
+        with pytest.raises(MaxRetryError):
+            put(transport(retries=1, read_timeout=0.2), url)
+        assert time.monotonic() - started < 3
+
+
+def test_everything_but_an_in_memory_plain_http_put_goes_through_urllib3(serve) -> None:
+    server = serve(lambda seen, index: answer("200 OK", b"object bytes"))
+    http = transport()
+    got = http.urlopen("GET", f"{server.url}/b/x.dcm", preload_content=True)
+    assert got.data == b"object bytes"
+    not_bytes = http.urlopen("PUT", f"{server.url}/b/y.dcm", body=bytearray(b"ab"))
+    assert not_bytes.status == 200
+    assert [(r.method, r.body) for r in server.requests] == [("GET", b""), ("PUT", b"ab")]
+    # urllib3 says who it is; the lean path sends only what minio gave it.
+    assert all("user-agent" in r.headers for r in server.requests)
