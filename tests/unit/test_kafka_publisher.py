@@ -59,7 +59,7 @@ def test_the_publisher_is_idempotent_with_acks_all_and_batches_for_throughput() 
     assert config["enable_idempotence"] is True
     assert config["bootstrap_servers"] == ["a:1", "b:2"]
     assert config["client_id"] == "beeldportaal-ingest"
-    assert config["compression_type"] == "lz4"
+    assert config["compression_type"] == "zstd"
     assert config["max_batch_size"] == 256 * 1024
     assert config["max_request_size"] == 16 * 1024 * 1024
     assert isinstance(config["partitioner"], CachedMurmur2Partitioner)
