@@ -109,16 +109,22 @@ class _Lean:
     ) -> tuple[int, str, list[tuple[str, str]], bytes, bool]:
         """Send ``request``; (status, reason, headers, body, keep the connection)."""
         self.sock.settimeout(read_timeout)
+        # A server may answer (a 412 for a taken key) and hang up before it has read the whole
+        # body; sending the rest then fails. Its answer is read all the same, as urllib3 does.
+        send_failed: OSError | None = None
         try:
             self.sock.sendall(request)
-            status_line = self.reader.readline(_MAX_LINE + 1)
         except (BrokenPipeError, ConnectionResetError) as exc:
-            if self.reused:
-                raise _Stale from exc
-            raise
+            send_failed = exc
+        try:
+            status_line = self.reader.readline(_MAX_LINE + 1)
+        except ConnectionResetError as exc:
+            send_failed, status_line = send_failed or exc, b""
         if not status_line:
             if self.reused:
-                raise _Stale
+                raise _Stale from send_failed
+            if send_failed is not None:
+                raise send_failed
             raise ProtocolError("the S3 server closed the connection without an answer")
         version, _, rest = status_line.rstrip(b"\r\n").partition(b" ")
         code, _, reason = rest.partition(b" ")
@@ -149,6 +155,7 @@ class _Lean:
             elif lowered == "connection":
                 keep = value.lower() != "close" and (keep or value.lower() == "keep-alive")
         status = int(code)
+        keep = keep and send_failed is None
         if chunked:
             body = self._chunked()
         elif length is not None:

@@ -224,3 +224,27 @@ def test_everything_but_an_in_memory_plain_http_put_goes_through_urllib3(serve) 
     assert [(r.method, r.body) for r in server.requests] == [("GET", b""), ("PUT", b"ab")]
     # urllib3 says who it is; the lean path sends only what minio gave it.
     assert all("user-agent" in r.headers for r in server.requests)
+
+
+def test_an_answer_sent_before_the_body_was_read_is_taken_when_the_server_hangs_up() -> None:
+    # The server reads the head only, refuses the write and closes the connection with most
+    # of a 16 MB body unread: the client's send fails, but the 412 is the answer.
+    refusal = answer("412 Precondition Failed", b"<Error/>", "Connection: close")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def refuse_early() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                conn.sendall(refusal)
+
+        server = threading.Thread(target=refuse_early, daemon=True)
+        server.start()
+        url = "http://{}:{}/b/big.dcm".format(*listener.getsockname())
+        response = put(transport(retries=0), url, b"x" * 16_000_000, **{"If-None-Match": "*"})
+        server.join(5)
+    assert (response.status, response.data) == (412, b"<Error/>")
