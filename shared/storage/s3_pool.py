@@ -18,10 +18,18 @@ behaviour for what the object store relies on: the same timeouts, the same retri
 errors, read errors and 5xx, with the same backoff; the last 5xx is returned), a stale keep-alive
 connection retried once on a new one, ``MaxRetryError`` when retries run out. Everything else
 (GET, HEAD, POST, DELETE, streamed bodies, HTTPS) goes through urllib3.
+
+Where it differs from urllib3, knowingly: the retry counts are read from the ``Retry`` the store
+builds (``S3ObjectStore._build_client``: connect, read, status and total all equal), with one
+counter for every kind of failure; a kept connection found closed before it answered is
+replaced without counting a retry (nothing was answered); ``raise_on_status``, jitter,
+redirects and per-call ``retries`` or ``timeout`` arguments are not looked at.
 """
 
 from __future__ import annotations
 
+import io
+import select
 import socket
 import threading
 import time
@@ -126,10 +134,31 @@ class _Lean:
             if send_failed is not None:
                 raise send_failed
             raise ProtocolError("the S3 server closed the connection without an answer")
-        version, _, rest = status_line.rstrip(b"\r\n").partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+        version, status, reason = _status(status_line)
+        headers, length, chunked, keep = self._headers(version)
+        # An interim answer (100 Continue, 103 Early Hints ...) is followed by the real one
+        # (RFC 9110 15.2; minio sends no Expect, so only an odd server or proxy sends one).
+        while 100 <= status < 200 and status != 101:
+            status_line = self.reader.readline(_MAX_LINE + 1)
+            if not status_line:
+                raise ProtocolError("the S3 server closed the connection after an interim answer")
+            version, status, reason = _status(status_line)
+            headers, length, chunked, keep = self._headers(version)
+        keep = keep and send_failed is None and status != 101
+        if chunked:
+            body = self._chunked()
+        elif length is not None:
+            body = self.reader.read(length)
+            if len(body) != length:
+                raise ProtocolError("the S3 server's answer ended before its Content-Length")
+        elif status in (204, 304):
+            body = b""
+        else:  # no length: the body runs to the end of the connection
+            body, keep = self.reader.read(), False
+        return status, reason, headers, body, keep
+
+    def _headers(self, version: bytes) -> tuple[list[tuple[str, str]], int | None, bool, bool]:
+        """(headers, Content-Length, chunked, keep the connection) of the answer being read."""
         headers: list[tuple[str, str]] = []
         length: int | None = None
         chunked = False
@@ -137,7 +166,7 @@ class _Lean:
         while True:
             line = self.reader.readline(_MAX_LINE + 1)
             if line in (b"\r\n", b"\n"):
-                break
+                return headers, length, chunked, keep
             if not line or len(line) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
                 raise ProtocolError("the S3 server's answer has malformed headers")
             name, colon, value = line.decode("latin-1").partition(":")
@@ -147,26 +176,26 @@ class _Lean:
             headers.append((name, value))
             lowered = name.lower()
             if lowered == "content-length":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     raise ProtocolError("the S3 server's answer has a bad Content-Length")
                 length = int(value)
             elif lowered == "transfer-encoding":
                 chunked = "chunked" in value.lower()
             elif lowered == "connection":
-                keep = value.lower() != "close" and (keep or value.lower() == "keep-alive")
-        status = int(code)
-        keep = keep and send_failed is None
-        if chunked:
-            body = self._chunked()
-        elif length is not None:
-            body = self.reader.read(length)
-            if len(body) != length:
-                raise ProtocolError("the S3 server's answer ended before its Content-Length")
-        elif status in (204, 304) or 100 <= status < 200:
-            body = b""
-        else:  # no length: the body runs to the end of the connection
-            body, keep = self.reader.read(), False
-        return status, reason.decode("latin-1"), headers, body, keep
+                options = {option.strip() for option in value.lower().split(",")}
+                keep = "close" not in options and (keep or "keep-alive" in options)
+
+    def idle_and_open(self) -> bool:
+        """Whether a kept connection can take a request: nothing waits to be read on it. A
+        server that closed it (or sent a 408 on its idle timeout) left something, or an end."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        if poller.poll(0):  # data or the end waits on the socket
+            return False
+        # Or it came with the last answer and waits in the reader's buffer. Without blocking:
+        # the next exchange sets the timeout again.
+        self.sock.setblocking(False)
+        return not self.reader.peek(1)
 
     def _chunked(self) -> bytes:
         pieces = []
@@ -234,12 +263,13 @@ class S3PoolManager(PoolManager):
                 errors += 1
                 time.sleep(_backoff(retries, errors))
                 continue
+            # From a stream, read at once: ``.data`` is b"" for an empty body, as urllib3's.
             return HTTPResponse(
-                body=data,
+                body=io.BytesIO(data),
                 headers=HTTPHeaderDict(answer),
                 status=status,
                 reason=reason,
-                preload_content=False,
+                preload_content=True,
                 decode_content=False,
                 request_method="PUT",
                 request_url=url,
@@ -253,6 +283,9 @@ class S3PoolManager(PoolManager):
             with self._idle_lock:
                 idle = self._idle.get(key)
                 conn = idle.pop() if idle else None
+            if conn is not None and not conn.idle_and_open():
+                conn.close()
+                continue
             if conn is None:
                 try:
                     conn = _Lean(host, port, timeout.connect_timeout)  # type: ignore[arg-type]
@@ -292,6 +325,17 @@ def _close_idle(idle: dict[tuple[str, int], list[_Lean]], lock: threading.Lock) 
         idle.clear()
     for conn in conns:
         conn.close()
+
+
+def _status(line: bytes) -> tuple[bytes, int, str]:
+    """(HTTP version, status, reason) of a status line."""
+    if len(line) > _MAX_LINE:
+        raise ProtocolError("the S3 server's status line is too long")
+    version, _, rest = line.rstrip(b"\r\n").partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
+    return version, int(code), reason.decode("latin-1")
 
 
 def _request_head(method: str, target: str, headers: Any, length: int) -> bytes:

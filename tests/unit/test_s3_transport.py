@@ -248,3 +248,65 @@ def test_an_answer_sent_before_the_body_was_read_is_taken_when_the_server_hangs_
         response = put(transport(retries=0), url, b"x" * 16_000_000, **{"If-None-Match": "*"})
         server.join(5)
     assert (response.status, response.data) == (412, b"<Error/>")
+
+
+def test_an_interim_answer_is_skipped_for_the_final_one(serve) -> None:
+    server = serve(
+        lambda seen, index: (
+            b"HTTP/1.1 100 Continue\r\n\r\n" + ok("first")
+            if index == 0
+            else answer("412 Precondition Failed", b"<Error/>")
+        )
+    )
+    http = transport()
+    first = put(http, f"{server.url}/b/1.dcm")
+    second = put(http, f"{server.url}/b/2.dcm")
+    # Nothing of the first answer is left on the connection to pass for the second one's.
+    assert (first.status, first.headers["etag"]) == (200, '"first"')
+    assert second.status == 412
+
+
+def test_a_kept_connection_with_something_waiting_on_it_is_not_used(serve) -> None:
+    # As some proxies do on their idle timeout: a 408 out of the blue, then the close.
+    def script(seen: Seen, index: int) -> bytes:
+        return ok() + answer("408 Request Timeout", b"", "Connection: close")
+
+    server = serve(script)
+    http = transport(retries=0)
+    time.sleep(0.01)
+    statuses = [put(http, f"{server.url}/b/{n}.dcm").status for n in range(3)]
+    assert statuses == [200, 200, 200]
+    assert server.connections == 3
+
+
+def test_connection_close_on_a_success_is_honoured_and_chunked_answers_keep_it(serve) -> None:
+    chunked_ok = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    server = serve(
+        lambda seen, index: (
+            answer("200 OK", b"", "Connection: keep-alive, close")
+            if seen.target.endswith("close.dcm")
+            else chunked_ok
+        )
+    )
+    http = transport()
+    for name in ("a", "b", "close", "c"):
+        assert put(http, f"{server.url}/b/{name}.dcm").status == 200
+    assert [r.connection for r in server.requests] == [1, 1, 1, 2]
+
+
+def test_a_refused_connection_is_tried_once_per_allowed_retry(monkeypatch) -> None:
+    attempts: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], timeout: float | None = None) -> socket.socket:
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(MaxRetryError):
+        put(transport(retries=2), "http://127.0.0.1:9/b/x.dcm")
+    assert attempts == [("127.0.0.1", 9)] * 3
+
+
+def test_an_empty_answer_body_reads_as_empty_bytes_as_through_urllib3(serve) -> None:
+    server = serve(lambda seen, index: ok())
+    assert put(transport(), f"{server.url}/b/x.dcm").data == b""
