@@ -24,9 +24,10 @@ class KafkaSettings(BaseSettings):
     max_message_bytes: int = 16 * 1024 * 1024
     # zstd. aiokafka fixes the level of every codec: lz4 and gzip at 9, zstd at 3. On a batch of
     # 50 study snapshots (117 KB) lz4 took 1,050 us, gzip 2,690, zstd 303, snappy 113; zstd
-    # packs it 8.9x, lz4 5.8x, snappy 4.4x (2026-11-26). lz4 was 11 % of the consent and
-    # routing workers' CPU under load. zstd: a third of that CPU, and the smallest topics, which
-    # matters as the topics are kept to rebuild the timeline from.
+    # packs it 8.9x, lz4 5.8x, snappy 4.4x; decoding takes 38-75 us with any (2026-11-26).
+    # Under load lz4 was 11 % of the consent and routing workers' samples, zstd 4 %, though
+    # bench-decide's throughput did not change beyond its noise. zstd keeps the topics, which
+    # are kept to rebuild the timeline from, smallest.
     compression: str = "zstd"
     # aiokafka's 16 KB default batch holds ~12 events and caps a producer at a few thousand
     # events/s (it sends one request per broker at a time); 256 KB measured 2-3x faster.
