@@ -37,6 +37,7 @@ from shared.auth import (
     mint_token,
     require_role,
 )
+from tests.asgi import asgi_get
 
 ISSUER = "https://issuer.example"
 AUDIENCE = "beeldportaal"
@@ -424,35 +425,10 @@ def make_app(verifier: TokenVerifier) -> FastAPI:
 
 
 async def call(app: FastAPI, path: str, token: str | None = None, scheme: str = "Bearer"):
-    """One GET through the ASGI interface (httpx, and so TestClient, is not installed)."""
-    headers = [] if token is None else [(b"authorization", f"{scheme} {token}".encode())]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    response_headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-    return start["status"], response_headers, json.loads(body)
+    """One GET: (status, headers, JSON body)."""
+    headers = {} if token is None else {"authorization": f"{scheme} {token}"}
+    answer = await asgi_get(app, path, headers)
+    return answer.status, answer.headers, json.loads(answer.body)
 
 
 async def test_a_request_without_a_bearer_token_gets_a_401_challenge() -> None:
