@@ -78,17 +78,33 @@ class CorrelationMiddleware:
         offered = offered_correlation_id(Headers(scope=scope).get(CORRELATION_HEADER))
         with correlation_context(offered) as cid:
             scope.setdefault("state", {})["correlation_id"] = cid
-            status = 500
+            status, started = 500, False
 
             async def send_with_id(message: Message) -> None:
-                nonlocal status
+                nonlocal status, started
                 if message["type"] == "http.response.start":
-                    status = message["status"]
+                    status, started = message["status"], True
                     MutableHeaders(scope=message)[CORRELATION_HEADER] = cid
                 await send(message)
 
             try:
                 await self.app(scope, receive, send_with_id)
+            except Exception:
+                # Unhandled: answer the 500 here, with the id the logs carry, rather than leave
+                # it to Starlette's ServerErrorMiddleware outside, which sends it without. The
+                # error still goes on to be logged.
+                if not started:
+                    await send_with_id(
+                        {
+                            "type": "http.response.start",
+                            "status": 500,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                        }
+                    )
+                    await send_with_id(
+                        {"type": "http.response.body", "body": b"Internal Server Error"}
+                    )
+                raise
             finally:
                 if self.on_response is not None:
                     route = scope.get("route")

@@ -87,3 +87,21 @@ async def test_a_stream_that_fails_half_way_reaches_the_server_as_a_failure() ->
     assert b"first half" in answer.body
     assert all(m.get("more_body", False) for m in answer.bodies)
     assert answered == [("/broken", 200)]
+
+
+async def test_an_unhandled_error_is_answered_500_with_the_id_and_still_raised() -> None:
+    answered: list[tuple[str, int]] = []
+    app = _app(answered)
+
+    @app.get("/boom/{uid}")
+    async def boom(uid: str) -> None:
+        raise RuntimeError("a bug")
+
+    answer = Answer()
+    with pytest.raises(RuntimeError, match="a bug"):  # on to the server, which logs it
+        await asgi_get(app, "/boom/1.2.3", offering("req-500"), answer=answer)
+    assert answer.status == 500
+    assert answer.headers["x-correlation-id"] == "req-500"
+    assert answer.body == b"Internal Server Error"
+    assert [m["type"] for m in answer.sent].count("http.response.start") == 1
+    assert answered == [("/boom/{uid}", 500)]
