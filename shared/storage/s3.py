@@ -33,7 +33,7 @@ from shared.storage.port import (
     validate_prefix,
     validate_sha256,
 )
-from shared.storage.s3_pool import pool_manager
+from shared.storage.s3_pool import S3PoolManager
 
 if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
@@ -424,7 +424,7 @@ class S3ObjectStore:
             # Return the last 5xx so minio parses it into an S3Error we can classify.
             raise_on_status=False,
         )
-        http = pool_manager(
+        http = S3PoolManager(
             timeout=urllib3.Timeout(connect=self._connect_timeout, read=self._read_timeout),
             retries=retry,
             # One per worker thread of asyncio.to_thread's default executor (at most 32).

@@ -12,12 +12,12 @@ measurable. Both paths below do so.
 **Storing an instance is one PUT**, and through urllib3 and http.client its request and answer
 cost more of the ingest's one core than anything else in it: a fifth of the GIL-holding time in a
 STOW-RS benchmark (py-spy, 2026-11-26), for building, sending and parsing a dozen headers. A PUT
-of a body already in memory over plain HTTP (``put_fast``) therefore skips them: the request is
-written with one ``sendall`` and the answer read with a buffered reader. It keeps urllib3's
-behaviour for what the object store relies on: the same timeouts, the same retries (connection
-errors, read errors and 5xx, with the same backoff; the last 5xx is returned), a stale keep-alive
-connection retried once on a new one, ``MaxRetryError`` when retries run out. Everything else
-(GET, HEAD, POST, DELETE, streamed bodies, HTTPS) goes through urllib3.
+of a body already in memory over plain HTTP (``S3PoolManager._put_fast``) therefore skips them:
+the request is written with one ``sendall`` and the answer read with a buffered reader. It keeps
+urllib3's behaviour for what the object store relies on: the same timeouts, the same retries
+(connection errors, read errors and 5xx, with the same backoff; the last 5xx is returned), a
+stale keep-alive connection retried once on a new one, ``MaxRetryError`` when retries run out.
+Everything else (GET, HEAD, POST, DELETE, streamed bodies, HTTPS) goes through urllib3.
 
 Where it differs from urllib3, knowingly: the retry counts are read from the ``Retry`` the store
 builds (``S3ObjectStore._build_client``: connect, read, status and total all equal), with one
@@ -239,10 +239,10 @@ class S3PoolManager(PoolManager):
             and kw.get("preload_content", True)
             and url.startswith("http://")
         ):
-            return self.put_fast(url, body, kw.get("headers") or {})
+            return self._put_fast(url, body, kw.get("headers") or {})
         return super().urlopen(method, url, redirect=redirect, **kw)
 
-    def put_fast(self, url: str, body: bytes, headers: Any) -> HTTPResponse:
+    def _put_fast(self, url: str, body: bytes, headers: Any) -> HTTPResponse:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -371,8 +371,3 @@ def _backoff(retries: Retry, errors: int) -> float:
     if errors <= 1:
         return 0.0
     return float(min(retries.backoff_max, retries.backoff_factor * 2 ** (errors - 1)))
-
-
-def pool_manager(**options: Any) -> S3PoolManager:
-    """The S3 transport (same options as urllib3's PoolManager; timeout and retries required)."""
-    return S3PoolManager(**options)

@@ -15,7 +15,7 @@ import pytest
 from urllib3 import Retry, Timeout
 from urllib3.exceptions import MaxRetryError
 
-from shared.storage.s3_pool import S3PoolManager, pool_manager
+from shared.storage.s3_pool import S3PoolManager
 
 
 @dataclass
@@ -104,7 +104,7 @@ def serve() -> Iterator[Callable[[Script], Server]]:
 
 
 def transport(retries: int = 2, read_timeout: float = 5.0) -> S3PoolManager:
-    return pool_manager(
+    return S3PoolManager(
         timeout=Timeout(connect=1.0, read=read_timeout),
         retries=Retry(
             total=retries,
