@@ -17,9 +17,10 @@
    announces them (study-received, consent-checked for delivery and for the timeline, delivered;
    4 events a study) plus revocations for 2 % of their patients, on tagged copies of the four
    topics (production partition counts; deleted at the end). Then
-   ``services.timeline.entrypoints.rebuild.rebuild`` empties the tables and replays them:
-   ``events_per_second`` from starting the projection (consumer group join included) to caught
-   up, ``steady_events_per_second`` from its first applied batch on.
+   ``services.timeline.entrypoints.rebuild.rebuild`` replays them into the read model:
+   ``events_per_second`` over the whole rebuild (offsets noted, events read, decoded and
+   loaded, the tables replaced in one transaction, the group moved), with ``load_seconds``
+   and ``replace_seconds`` its two parts.
 
 Targets (reported in ``targets``, not enforced): search p99 < 20 ms; replay >= 20,000 events/s.
 One JSON object on stdout; progress on stderr.

@@ -18,8 +18,9 @@ def project(settings: TimelineSettings | None = None) -> int:
 
 
 def rebuild(settings: TimelineSettings | None = None) -> int:
-    """Replay the topics into emptied projection tables (``beeldportaal timeline rebuild``); the
-    projection worker must be stopped first. Exit status 1 when refused or failed."""
+    """Replace the projection tables with what the topics give (``beeldportaal timeline
+    rebuild``); the projection worker must be stopped first. Exit status 1 when refused or
+    failed."""
     from services.timeline.entrypoints.rebuild import RebuildRefused
     from services.timeline.entrypoints.rebuild import rebuild as replay
     from shared import migrations

@@ -261,6 +261,7 @@ INSERT INTO timeline_reports
 SELECT x.* FROM timeline_stage_reports x JOIN timeline_stage_advanced a USING (u, s);
 INSERT INTO timeline_stage_touched SELECT u FROM timeline_stage_advanced
 """
+_ADVANCED_TOUCHED = "INSERT INTO timeline_stage_touched SELECT u FROM timeline_stage_advanced"
 
 # A decision replaces the source's when its key is greater; a permit naming a revoked consent
 # is withdrawn at once.
@@ -600,33 +601,75 @@ def _search_sql(query: TimelineQuery, *, count_only: bool = False) -> tuple[str,
     return text, params
 
 
+def _children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """A snapshot's rows of the series, instances and reports staging tables (``extra``
+    appended to each row)."""
+    uid, sender = study.study_instance_uid, study.sender_ura
+    return {
+        "series": [
+            (uid, sender, s.series_instance_uid, s.modality, s.series_number,
+             s.series_description, s.number_of_instances, *extra)
+            for s in study.series
+        ],
+        "instances": [
+            (uid, sender, i.sop_instance_uid, i.series_instance_uid, i.sop_class_uid,
+             i.transfer_syntax_uid, i.object_key, i.size, i.sha256, *extra)
+            for i in study.instances
+        ],
+        "reports": [
+            (uid, sender, r.sop_instance_uid, r.series_instance_uid, r.kind.value, *extra)
+            for r in study.reports
+        ],
+    }  # fmt: skip
+
+
+def _decision_row(checked: ConsentChecked) -> tuple[Any, ...]:
+    study = checked.study
+    return (
+        study.study_instance_uid, study.sender_ura, study.version, study.last_received_at,
+        study.recipient_ura, checked.decision is Decision.PERMIT, checked.basis.value,
+        checked.decided_by, study.patient.pseudonym,
+    )  # fmt: skip
+
+
 def _staged_rows(batch: ProjectionBatch) -> dict[str, list[tuple[Any, ...]]]:
     """The batch as rows of the staging tables."""
     staged: dict[str, list[tuple[Any, ...]]] = {table: [] for table in _STAGE_COPY}
-    for (uid, sender), study in batch.snapshots.items():
+    for study in batch.snapshots.values():
         staged["snapshots"].append(_snapshot_row(study))
-        staged["series"] += [
-            (uid, sender, s.series_instance_uid, s.modality, s.series_number,
-             s.series_description, s.number_of_instances)
-            for s in study.series
-        ]  # fmt: skip
-        staged["instances"] += [
-            (uid, sender, i.sop_instance_uid, i.series_instance_uid, i.sop_class_uid,
-             i.transfer_syntax_uid, i.object_key, i.size, i.sha256)
-            for i in study.instances
-        ]  # fmt: skip
-        staged["reports"] += [
-            (uid, sender, r.sop_instance_uid, r.series_instance_uid, r.kind.value)
-            for r in study.reports
-        ]
-    staged["decisions"] = [
-        (uid, sender, c.study.version, c.study.last_received_at, c.study.recipient_ura,
-         c.decision is Decision.PERMIT, c.basis.value, c.decided_by, c.study.patient.pseudonym)
-        for (uid, sender), c in batch.decisions.items()
-    ]  # fmt: skip
+        for table, rows in _children_rows(study).items():
+            staged[table] += rows
+    staged["decisions"] = [_decision_row(c) for c in batch.decisions.values()]
     staged["revocations"] = [(p, c, at) for (p, c), at in batch.revocations.items()]
     staged["deliveries"] = [(*key, v, at) for key, (v, at) in batch.deliveries.items()]
     return staged
+
+
+async def apply_staged(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    revocations: bool,
+    snapshots: bool,
+    decisions: bool,
+    deliveries: bool,
+    children: bool = True,
+) -> None:
+    """Apply what the staging tables hold (at most one row per natural key) to the projection's
+    tables and refresh the studies it touched; the caller's transaction holds
+    ``PROJECTION_LOCK``. The flags say which staging tables hold rows; ``children=False``
+    leaves the series, instances and reports of the advanced sources to the caller."""
+    if revocations:
+        await conn.execute(_UPSERT_REVOCATIONS)
+    if snapshots:
+        await conn.execute(_UPSERT_SNAPSHOTS)
+        await conn.execute(_REPLACE_CHILDREN if children else _ADVANCED_TOUCHED)
+    if decisions:
+        await conn.execute(_UPDATE_DECISIONS)
+    if revocations:
+        await conn.execute(_WITHDRAW)
+    if deliveries:
+        await conn.execute(_UPSERT_DELIVERIES)
+    await conn.execute(_REFRESH_TOUCHED)
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -699,18 +742,13 @@ class PostgresTimeline:
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
                 await conn.execute(_STAGING)
                 await self._stage(conn, batch)
-                if batch.revocations:
-                    await conn.execute(_UPSERT_REVOCATIONS)
-                if batch.snapshots:
-                    await conn.execute(_UPSERT_SNAPSHOTS)
-                    await conn.execute(_REPLACE_CHILDREN)
-                if batch.decisions:
-                    await conn.execute(_UPDATE_DECISIONS)
-                if batch.revocations:
-                    await conn.execute(_WITHDRAW)
-                if batch.deliveries:
-                    await conn.execute(_UPSERT_DELIVERIES)
-                await conn.execute(_REFRESH_TOUCHED)
+                await apply_staged(
+                    conn,
+                    revocations=bool(batch.revocations),
+                    snapshots=bool(batch.snapshots),
+                    decisions=bool(batch.decisions),
+                    deliveries=bool(batch.deliveries),
+                )
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise TransientError(f"applying the timeline batch failed: {exc}") from exc
 

@@ -34,6 +34,7 @@ from shared.events import (
     ConsentChecked,
     ConsentRevoked,
     Delivered,
+    Event,
     Purpose,
     StudyReceived,
 )
@@ -67,6 +68,23 @@ class ProjectionMetrics(ServiceMetrics):
         )
 
 
+def decode_projected(codec: Codec, record: Any) -> Event | None:
+    """The record's event, or None for a delivery decision (passed over undecoded); raises
+    PoisonEvent for a record that does not decode into an event the projection reads."""
+    if header(record, PURPOSE_HEADER) == _DELIVERY:
+        return None
+    return decode_as(codec, record, *PROJECTED)
+
+
+def fold(batch: ProjectionBatch, codec: Codec, record: Any) -> tuple[str, str]:
+    """Fold one record into ``batch``; returns its schema and outcome ("projected", or
+    "ignored" for a delivery decision) and raises PoisonEvent for one that does not decode."""
+    event = decode_projected(codec, record)
+    if event is None:
+        return ConsentChecked.schema_name, "ignored"
+    return event.schema_name, batch.add(event)
+
+
 @dataclass
 class Projector:
     """Fold a batch's records (``prepare``, ``handle``) and apply them in one transaction
@@ -83,13 +101,8 @@ class Projector:
         self._batch, self._outcomes, self._records = ProjectionBatch(), Counter(), 0
 
     async def handle(self, record: Any) -> Sequence[Outgoing]:
-        if header(record, PURPOSE_HEADER) == _DELIVERY:
-            self._outcomes[(record.topic, ConsentChecked.schema_name, "ignored")] += 1
-            self._records += 1
-            return ()
         # A record that does not decode raises PoisonEvent: the worker logs and skips it.
-        event = decode_as(self.codec, record, *PROJECTED)
-        self._outcomes[(record.topic, event.schema_name, self._batch.add(event))] += 1
+        self._outcomes[(record.topic, *fold(self._batch, self.codec, record))] += 1
         self._records += 1
         return ()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.timeline.adapters.store import PROJECTION_TABLES, PostgresTimeline
@@ -516,8 +516,9 @@ async def test_replaying_the_same_events_twice_changes_nothing(timeline: Timelin
     assert [await timeline.entries(p) for p in patients] == visible
 
 
+@pytest.mark.parametrize("chunk_events", [3, 5000], ids=["chunks-of-3", "one-chunk"])
 async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_access_log(
-    timeline: Timeline,
+    timeline: Timeline, chunk_events: int
 ) -> None:
     patients = [make_pseudonym() for _ in range(4)]
     events = [e for p in patients for e in history(p)]
@@ -540,13 +541,21 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
 
     lines: list[str] = []
     report = await rebuild(
-        timeline.settings, group=timeline.group, rename=timeline.names, progress=lines.append
+        timeline.settings,
+        group=timeline.group,
+        rename=timeline.names,
+        progress=lines.append,
+        chunk_events=chunk_events,
     )
 
     assert timeline.dump() == before
     assert report.events == len(events)
     assert report.revocations == len(patients)
-    assert any("revocations applied first" in line for line in lines)
+    assert report.poison == 0
+    assert (report.sources, report.studies) == (
+        len(before["timeline_sources"]),
+        len(before["timeline_studies"]),
+    )
     assert lines[-1].startswith(f"done: {len(events)} events")
     with psycopg.connect(timeline.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (1,)
@@ -555,3 +564,55 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
     extra = study_of(patients[0], study_date=date(2026, 1, 1))
     await project(timeline, *decided(extra, consent="consent-2"))
     assert (await timeline.entries(patients[0]))[0].study_instance_uid == extra.study_instance_uid
+
+
+async def test_a_rebuild_that_fails_before_it_replaces_the_tables_changes_nothing(
+    timeline: Timeline,
+) -> None:
+    patient = make_pseudonym()
+    await project(timeline, *history(patient))
+    before = timeline.dump()
+    # Published while the worker is stopped: the rebuild reads it, the worker has not.
+    late = study_of(patient, study_date=date(2026, 2, 2))
+    await timeline.publish(*decided(late, consent="consent-2"))
+
+    def progress(line: str) -> None:
+        if "events loaded" in line:  # after the load, before the replacing transaction
+            raise RuntimeError("stopped by the operator")
+
+    with pytest.raises(RuntimeError, match="stopped by the operator"):
+        await rebuild(
+            timeline.settings, group=timeline.group, rename=timeline.names, progress=progress
+        )
+
+    assert timeline.dump() == before
+    # Nor did the group move: the worker still has the late study to apply.
+    await project(timeline)
+    assert (await timeline.entries(patient))[0].study_instance_uid == late.study_instance_uid
+
+
+async def test_a_rebuild_skips_a_poison_record_as_the_projection_does(
+    timeline: Timeline, kafka_settings: KafkaSettings
+) -> None:
+    patient = make_pseudonym()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_list)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            timeline.names[ConsentChecked.topic],
+            b"{not json",
+            key=b"x",
+            headers=[("schema", ConsentChecked.schema_name.encode())],
+        )
+    finally:
+        await producer.stop()
+    await project(timeline, *history(patient))
+    projected = timeline.dump()
+    assert len(projected["timeline_studies"]) == 3
+
+    report = await rebuild(
+        timeline.settings, group=timeline.group, rename=timeline.names, progress=print
+    )
+
+    assert report.poison == 1
+    assert timeline.dump() == projected
