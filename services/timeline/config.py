@@ -28,6 +28,9 @@ class TimelineSettings(ServiceSettings):
     projection_metrics_host: str = "127.0.0.1"
     # Events per projection batch (one PostgreSQL transaction each).
     projection_batch: int = Field(default=2000, ge=1, le=100_000)
+    # Processes ``beeldportaal timeline rebuild`` reads and loads the topics with (each a share
+    # of the partitions); 0: one per CPU.
+    rebuild_processes: int = Field(default=0, ge=0, le=64)
 
     # The Mitz data category images and reports fall under (as consent decides them).
     data_category: str = "GGC002"

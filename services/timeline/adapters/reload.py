@@ -7,28 +7,29 @@ inserts a study's instance rows twice (its snapshot arrives in study-received an
 timeline decision, usually in another batch) and refreshes each study once per batch that
 touched it. A rebuild starts from empty tables, so it does it once:
 
-1. :meth:`Reload.add` turns each event into rows, which :meth:`Reload.copy` COPYs in chunks
-   into load tables: temporary tables of this session, shaped like the staging tables, without
-   keys or indexes. A snapshot no greater
-   than one already loaded for its source (``snapshot_key``) is not loaded again, nor are its
-   children; each loaded snapshot gets a serial ``load_n`` that its children rows carry.
-2. :meth:`Reload.replace`, in ONE transaction under ``PROJECTION_LOCK``: empties the projection's
-   tables, reduces the load tables to one row per natural key into the staging tables with the
-   orders ``ProjectionBatch`` folds by (greatest snapshot with its own children, greatest
-   decision, earliest revocation, greatest delivery version and time), and applies them with
-   the projection's own statements (``store.apply_staged``), which also derive every study and
-   entry row. The result is what applying all events as one batch gives, which is what applying
-   them in any batches gives (see ``store.py``).
+1. :class:`Reload` (the rebuild's own session) takes the rebuild lock and makes the load
+   tables: UNLOGGED tables shaped like the staging tables, without keys or indexes.
+2. Each loading process's :class:`Loader` turns events into rows (:meth:`Loader.add`) and COPYs
+   them in chunks into the load tables (:meth:`Loader.copy`). A snapshot no greater than one
+   that loader already loaded for its source (``snapshot_key``) is not loaded again, nor are
+   its children; each loaded snapshot gets a serial ``load_n`` that its children rows carry.
+3. :meth:`Reload.replace`, in ONE transaction under ``PROJECTION_LOCK``: empties the
+   projection's tables, reduces the load tables to one row per natural key into the staging
+   tables with the orders ``ProjectionBatch`` folds by (greatest snapshot with its own
+   children, greatest decision, earliest revocation, greatest delivery version and time), and
+   applies them with the projection's own statements (``store.apply_staged``), which also
+   derive every study and entry row. The result is what applying all events as one batch
+   gives, which is what applying them in any batches gives (see ``store.py``).
+4. Leaving the ``Reload`` block drops the load tables.
 
 Until that transaction commits, the API reads the tables as they were; it waits for the replace
-step's table lock, not for the load. If anything fails before the commit, nothing changed: the
-load tables are the session's and vanish with it.
+step's table lock, not for the load. If anything fails before the commit, nothing changed; load
+tables a dead rebuild left behind are dropped by the next one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -47,7 +48,7 @@ from services.timeline.adapters.store import (
     apply_staged,
     snapshot_key,
 )
-from shared.errors import TransientError
+from shared.errors import FatalError, TransientError
 from shared.events import (
     ConsentChecked,
     ConsentRevoked,
@@ -57,7 +58,12 @@ from shared.events import (
     StudyReceived,
     StudySnapshot,
 )
+from shared.logging import get_logger
 
+log = get_logger(__name__)
+
+# pg_advisory_lock key held by a rebuild's session: one rebuild at a time (its load tables).
+REBUILD_LOCK = 0x7153_7A12
 # Snapshot keys remembered to skip reloading a snapshot (and its children): a source costs a
 # few hundred bytes here, so past this many the memory is cleared. That only costs rows: the
 # replace step keeps the greatest snapshot of each source however often it was loaded.
@@ -89,74 +95,36 @@ class ReloadCounts:
     entries: int
 
 
-class Reload:
-    """One rebuild's load tables on a connection of its own.
+class Loader:
+    """One loading process's connection: turns events into rows and COPYs them into the load
+    tables (which :class:`Reload` made).
 
-    ``async with Reload(conninfo) as reload:``, ``reload.add(event)`` for every event (in any
-    order), ``await reload.copy(reload.take())`` now and then, then ``await reload.replace()``;
-    leaving the block without it changes nothing. Raises :class:`TransientError` when
-    PostgreSQL is away.
+    ``async with Loader(conninfo, index, count) as loader:``, ``loader.add(event)`` for every
+    event (in any order), ``await loader.copy(loader.take())`` now and then. ``index`` of
+    ``count`` loaders: their snapshot serials never collide. Raises :class:`TransientError`
+    when PostgreSQL is away.
     """
 
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, index: int = 0, count: int = 1) -> None:
         self._conninfo = conninfo
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._loaded: dict[SourceKey, SnapshotKey] = {}
-        self._serial = 0
-        self._columns: dict[str, list[str]] = {}
-        self._has = dict.fromkeys(("snapshots", *_PLAIN), False)
+        self._serial = index + 1
+        self._step = count
         self._rows = _empty_rows()
         self.rows = 0
 
-    async def __aenter__(self) -> Reload:
+    async def __aenter__(self) -> Loader:
         try:
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            await _configure(self._conn)
-            # A fresh session, so its temporary tables may get more local buffers than the
-            # default 8 MB: the load tables are written once and read once by the replace step.
-            await self._conn.execute("SET temp_buffers = '256MB'")
-            await self._conn.execute(_STAGING)
-            for table in (*_KEYED, *_PLAIN):
-                self._columns[table] = await self._stage_columns(table)
-                extra = sql.SQL(", load_n int") if table in _KEYED else sql.SQL("")
-                await self._conn.execute(
-                    sql.SQL("CREATE TEMP TABLE {} (LIKE {}{})").format(
-                        _load(table), _stage(table), extra
-                    )
-                )
         except psycopg.OperationalError as exc:
-            await self._close()
             raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-    @property
-    def conn(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None:
-            raise RuntimeError("Reload is used outside its `async with` block")
-        return self._conn
-
-    async def _stage_columns(self, table: str) -> list[str]:
-        cursor = await self.conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum",
-            (f"timeline_stage_{table}",),
-        )
-        return [row[0] for row in await cursor.fetchall()]
-
-    # --- load -------------------------------------------------------------------------------
 
     def add(self, event: Event) -> None:
         """Turn one event into load-table rows at once, so its decoded model is freed (holding
@@ -189,9 +157,9 @@ class Reload:
         if len(self._loaded) >= REMEMBERED_SOURCES:
             self._loaded.clear()
         self._loaded[key] = order
-        self._serial += 1
-        self._rows["snapshots"].append((*_snapshot_row(study), self._serial))
-        for table, children in _children_rows(study, self._serial).items():
+        serial, self._serial = self._serial, self._serial + self._step
+        self._rows["snapshots"].append((*_snapshot_row(study), serial))
+        for table, children in _children_rows(study, serial).items():
             self._rows[table] += children
 
     def take(self) -> dict[str, list[tuple[Any, ...]]]:
@@ -201,13 +169,13 @@ class Reload:
 
     async def copy(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
         """COPY rows (from ``take()``) into the load tables."""
+        if self._conn is None:
+            raise RuntimeError("Loader is used outside its `async with` block")
         try:
-            cursor = self.conn.cursor()
+            cursor = self._conn.cursor()
             for table, table_rows in rows.items():
                 if not table_rows:
                     continue
-                if table in self._has:
-                    self._has[table] = True
                 self.rows += len(table_rows)
                 statement = sql.SQL("COPY {} FROM STDIN").format(_load(table))
                 async with cursor.copy(statement) as copy:
@@ -215,6 +183,95 @@ class Reload:
                         await copy.write_row(row)
         except psycopg.OperationalError as exc:
             raise TransientError(f"loading the rebuild's rows failed: {exc}") from exc
+
+
+class RebuildRefused(FatalError):
+    """The rebuild would race a running projection worker or another rebuild."""
+
+
+class Reload:
+    """The rebuild's own session: holds the rebuild lock, makes the load tables (UNLOGGED,
+    so every loading process's connection can COPY into them without writing WAL), replaces
+    the projection's tables from them, and drops them.
+
+    ``async with Reload(conninfo) as reload:``, loaders fill the tables, then
+    ``await reload.replace()``; leaving the block without it changes nothing. Raises
+    :class:`RebuildRefused` when another rebuild holds the lock, :class:`TransientError` when
+    PostgreSQL is away.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._columns: dict[str, list[str]] = {}
+
+    async def __aenter__(self) -> Reload:
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            await _configure(self._conn)
+            row = await (
+                await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (REBUILD_LOCK,))
+            ).fetchone()
+            if not (row and row[0]):
+                raise RebuildRefused("another timeline rebuild is running")
+            await self._conn.execute(_STAGING)
+            # Left by a rebuild that died: ours to drop, as we hold the lock.
+            await self._drop_load_tables()
+            for table in (*_KEYED, *_PLAIN):
+                self._columns[table] = await self._stage_columns(table)
+                extra = sql.SQL(", load_n bigint") if table in _KEYED else sql.SQL("")
+                await self._conn.execute(
+                    sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {}{})").format(
+                        _load(table), _stage(table), extra
+                    )
+                )
+        except psycopg.OperationalError as exc:
+            await self._close()
+            raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._conn is not None and not self._conn.closed:
+                await self._drop_load_tables()
+        except psycopg.Error as exc:  # dropped by the next rebuild then
+            log.warning("the rebuild's load tables were not dropped", reason=str(exc))
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()  # also releases the rebuild lock
+            self._conn = None
+
+    async def _drop_load_tables(self) -> None:
+        await self.conn.execute(
+            sql.SQL("DROP TABLE IF EXISTS {}").format(
+                sql.SQL(", ").join(_load(t) for t in (*_KEYED, *_PLAIN))
+            )
+        )
+
+    @property
+    def conn(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None:
+            raise RuntimeError("Reload is used outside its `async with` block")
+        return self._conn
+
+    async def _stage_columns(self, table: str) -> list[str]:
+        cursor = await self.conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum",
+            (f"timeline_stage_{table}",),
+        )
+        return [row[0] for row in await cursor.fetchall()]
+
+    async def _holds_rows(self, table: str) -> bool:
+        statement = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_load(table))
+        row = await (await self.conn.execute(statement)).fetchone()
+        return bool(row and row[0])
 
     # --- replace ----------------------------------------------------------------------------
 
@@ -235,10 +292,10 @@ class Reload:
                 await self._reduce()
                 await apply_staged(
                     conn,
-                    revocations=self._has["revocations"],
-                    snapshots=self._has["snapshots"],
-                    decisions=self._has["decisions"],
-                    deliveries=self._has["deliveries"],
+                    revocations=await self._holds_rows("revocations"),
+                    snapshots=await self._holds_rows("snapshots"),
+                    decisions=await self._holds_rows("decisions"),
+                    deliveries=await self._holds_rows("deliveries"),
                     children=False,  # inserted by _reduce
                 )
                 counts = await (

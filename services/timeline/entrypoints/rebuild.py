@@ -13,8 +13,10 @@ How an operator runs it (with the projection stopped; the API keeps serving):
    a. notes the end offsets of the four topics (what "caught up" means),
    b. reads every partition from its start to that offset, decodes the events as the projection
       does (``projection.decode_projected``) and loads their rows, a fetched chunk at a time,
-      into tables of its own session (``services/timeline/adapters/reload.py``); the next chunk
-      is decoded while PostgreSQL takes in the last,
+      into load tables (``services/timeline/adapters/reload.py``); the next chunk is decoded
+      while PostgreSQL takes in the last. ``BEELDPORTAAL_TIMELINE_REBUILD_PROCESSES`` processes
+      (default one per CPU) do this, each for a share of the partition numbers; they are forked
+      from the rebuild, so they start in milliseconds,
    c. checks again that the projection's group has no members, then replaces the projection's
       tables (never the append-only ``access_log``) with what the events give, in ONE
       transaction,
@@ -30,28 +32,32 @@ already applied, which changes nothing.
 Why not the projection worker itself, replaying into emptied tables (as before 2026-11-26): it
 applies a batch of a few thousand events per transaction with upserts, so it inserts a study's
 rows once for its study-received and again for its timeline decision, and derives each study's
-rows once per batch that touched it. That replayed about 3,000 events/s on this project's 2-core
-machine; loading first and deriving once is several times faster, and the timeline is never
-seen half-rebuilt.
+rows once per batch that touched it. On this project's 2-core machine that replayed 2,900-3,100
+events/s; loading first and deriving once, with two loading processes, 6,500
+(``make bench-timeline``), and the timeline is never seen half-rebuilt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.timeline.adapters.reload import Reload
+from services.timeline.adapters.reload import Loader, RebuildRefused, Reload
 from services.timeline.config import TimelineSettings
 from services.timeline.entrypoints.projection import SERVICE, TOPICS, decode_projected
+from shared import runtime
 from shared.codec import Codec
-from shared.errors import FatalError, PoisonEvent
+from shared.errors import PoisonEvent
 from shared.events import ConsentRevoked
 from shared.logging import get_logger
 from shared.runtime import tune_gc
@@ -62,10 +68,6 @@ log = get_logger(__name__)
 PROGRESS_SECONDS = 2.0
 # Events decoded per chunk, whose rows are loaded while the next chunk is decoded.
 CHUNK_EVENTS = 5000
-
-
-class RebuildRefused(FatalError):
-    """The rebuild would race a running projection worker."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ async def rebuild(
     rename: Mapping[str, str] | None = None,
     progress: Callable[[str], None] = _stderr,
     chunk_events: int = CHUNK_EVENTS,
+    processes: int | None = None,
 ) -> RebuildReport:
     """Replace the projection's tables with what the topics up to their end offsets at start
     give, and move the projection's group there; the projection worker must be stopped (see
@@ -135,13 +138,15 @@ async def rebuild(
         begin, end = await _offsets(kafka, tps)
         total = sum(end[tp] - begin[tp] for tp in tps)
         progress(f"{total} events on {len(tps)} partitions of {', '.join(topics)}")
+        shards = _shards(kafka, settings.postgres.conninfo, begin, end,
+                         processes or settings.rebuild_processes or os.cpu_count() or 1,
+                         chunk_events, revoked_topic)  # fmt: skip
+        progress(f"loading with {len(shards)} process(es)")
         async with Reload(settings.postgres.conninfo) as reload:
-            loaded = await _load(
-                kafka, begin, end, reload, revoked_topic, chunk_events, progress, total
-            )
+            loaded = await _load(shards, progress, total)
             load_seconds = time.monotonic() - started
             progress(
-                f"{loaded.decoded} events loaded ({reload.rows} rows, {loaded.poison} poison "
+                f"{loaded.decoded} events loaded ({loaded.rows} rows, {loaded.poison} poison "
                 f"skipped) in {load_seconds:.1f} s; replacing the projection tables"
             )
             await _refuse_if_running(admin, group_id)
@@ -176,71 +181,156 @@ class _Loaded:
     decoded: int = 0
     revocations: int = 0
     poison: int = 0
+    rows: int = 0
+
+    def __add__(self, other: _Loaded) -> _Loaded:
+        return _Loaded(
+            self.decoded + other.decoded,
+            self.revocations + other.revocations,
+            self.poison + other.poison,
+            self.rows + other.rows,
+        )
 
 
-async def _load(
+@dataclass(frozen=True)
+class _Shard:
+    """What one loading process reads: partitions, each from ``begin`` to ``end``."""
+
+    kafka: list[str]
+    conninfo: str
+    begin: dict[TopicPartition, int]
+    end: dict[TopicPartition, int]
+    index: int
+    count: int
+    chunk_events: int
+    revoked_topic: str
+
+
+def _shards(
     kafka: list[str],
+    conninfo: str,
     begin: dict[TopicPartition, int],
     end: dict[TopicPartition, int],
-    reload: Reload,
-    revoked_topic: str,
+    processes: int,
     chunk_events: int,
-    progress: Callable[[str], None],
-    total: int,
-) -> _Loaded:
-    """Read every partition from ``begin`` to ``end``, fold chunks and load their rows."""
+    revoked_topic: str,
+) -> list[_Shard]:
+    """The partitions holding events, by partition number over ``processes`` shards: the
+    topics are keyed alike (a study's events share a partition number), so each loader sees
+    both announcements of most snapshots and loads them once."""
+    todo = sorted((tp for tp in begin if end[tp] > begin[tp]), key=lambda tp: tp.partition)
+    numbers = sorted({tp.partition for tp in todo})
+    count = max(1, min(processes, len(numbers)))
+    shards = []
+    for index in range(count):
+        mine = [tp for tp in todo if numbers.index(tp.partition) % count == index]
+        shards.append(
+            _Shard(kafka, conninfo, {tp: begin[tp] for tp in mine}, {tp: end[tp] for tp in mine},
+                   index, count, chunk_events, revoked_topic)
+        )  # fmt: skip
+    return shards
+
+
+async def _load(shards: list[_Shard], progress: Callable[[str], None], total: int) -> _Loaded:
+    """Run the shards' loaders: in this process for one, else one process each (forked, so
+    they start in milliseconds with what this process imported); report progress meanwhile."""
+    if not shards:
+        return _Loaded()
+    counters: Any = multiprocessing.get_context("fork").Array("q", len(shards), lock=False)
+    started = time.monotonic()
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_SECONDS)
+            done = sum(counters)
+            progress(
+                f"{done}/{total} events read ({100 * done / max(total, 1):.0f} %), "
+                f"{done / (time.monotonic() - started):.0f} events/s"
+            )
+
+    reporter = asyncio.create_task(report())
+    try:
+        if len(shards) == 1:
+            return await _load_shard(shards[0], counters)
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(
+            len(shards),
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_share_counters,
+            initargs=(counters,),
+        ) as pool:
+            results = await asyncio.gather(
+                *(loop.run_in_executor(pool, _load_shard_in_process, shard) for shard in shards)
+            )
+        return sum(results, _Loaded())
+    finally:
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
+
+
+_counters: Any = None
+
+
+def _share_counters(counters: Any) -> None:
+    global _counters
+    _counters = counters
+
+
+def _load_shard_in_process(shard: _Shard) -> _Loaded:
+    return runtime.run(_load_shard(shard, _counters))
+
+
+async def _load_shard(shard: _Shard, counters: Any) -> _Loaded:
+    """Read the shard's partitions to their end offsets and load their rows; the next chunk
+    is decoded while PostgreSQL takes in the last."""
     loaded = _Loaded()
-    todo = {tp for tp in begin if end[tp] > begin[tp]}
-    if not todo:
-        return loaded
+    todo = set(shard.begin)
     codec = Codec()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka,
+        bootstrap_servers=shard.kafka,
         enable_auto_commit=False,
         isolation_level="read_committed",
         fetch_max_bytes=52_428_800,
     )
     await consumer.start()
     loading: asyncio.Task[None] | None = None
-    started = last_report = time.monotonic()
     try:
         consumer.assign(list(todo))
         for tp in todo:
-            consumer.seek(tp, begin[tp])
-        while todo:
-            fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=chunk_events)
-            for tp, records in fetched.items():
-                for record in records:
-                    if record.offset >= end[tp]:
-                        continue  # published after the rebuild started: the worker's
-                    try:
-                        event = decode_projected(codec, record)
-                    except PoisonEvent as exc:
-                        loaded.poison += 1
-                        log.error(
-                            "poison record skipped", position=position(record), reason=str(exc)
-                        )
-                        continue
-                    loaded.decoded += 1
-                    if event is not None:
-                        reload.add(event)
-                        loaded.revocations += record.topic == revoked_topic
-            if loading is not None:
-                await loading  # one chunk in PostgreSQL's hands at a time
-            loading = asyncio.create_task(reload.copy(reload.take()))
-            for tp in list(todo):
-                if await consumer.position(tp) >= end[tp]:
-                    todo.discard(tp)
-            now = time.monotonic()
-            if now - last_report >= PROGRESS_SECONDS:
-                done = loaded.decoded + loaded.poison
-                progress(
-                    f"{done}/{total} events read ({100 * done / max(total, 1):.0f} %), "
-                    f"{done / (now - started):.0f} events/s"
+            consumer.seek(tp, shard.begin[tp])
+        async with Loader(shard.conninfo, shard.index, shard.count) as loader:
+            while todo:
+                fetched = await consumer.getmany(
+                    *todo, timeout_ms=500, max_records=shard.chunk_events
                 )
-                last_report = now
-        if loading is not None:
-            await loading
+                for tp, records in fetched.items():
+                    for record in records:
+                        if record.offset >= shard.end[tp]:
+                            continue  # published after the rebuild started: the worker's
+                        try:
+                            event = decode_projected(codec, record)
+                        except PoisonEvent as exc:
+                            loaded.poison += 1
+                            log.error(
+                                "poison record skipped",
+                                position=position(record),
+                                reason=str(exc),
+                            )
+                            continue
+                        loaded.decoded += 1
+                        if event is not None:
+                            loader.add(event)
+                            loaded.revocations += record.topic == shard.revoked_topic
+                if loading is not None:
+                    await loading  # one chunk in PostgreSQL's hands at a time
+                loading = asyncio.create_task(loader.copy(loader.take()))
+                for tp in list(todo):
+                    if await consumer.position(tp) >= shard.end[tp]:
+                        todo.discard(tp)
+                counters[shard.index] = loaded.decoded + loaded.poison
+            if loading is not None:
+                await loading
+            loaded.rows = loader.rows
     finally:
         if loading is not None and not loading.done():
             loading.cancel()

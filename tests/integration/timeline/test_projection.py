@@ -20,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.timeline.adapters.reload import Reload
 from services.timeline.adapters.store import PROJECTION_TABLES, PostgresTimeline
 from services.timeline.config import TimelineSettings
 from services.timeline.domain.ports import EntryKind, TimelineEntry, TimelineQuery
@@ -516,9 +517,13 @@ async def test_replaying_the_same_events_twice_changes_nothing(timeline: Timelin
     assert [await timeline.entries(p) for p in patients] == visible
 
 
-@pytest.mark.parametrize("chunk_events", [3, 5000], ids=["chunks-of-3", "one-chunk"])
+@pytest.mark.parametrize(
+    ("chunk_events", "processes"),
+    [(3, 1), (5000, 2)],
+    ids=["one-process-chunks-of-3", "two-processes"],
+)
 async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_access_log(
-    timeline: Timeline, chunk_events: int
+    timeline: Timeline, chunk_events: int, processes: int
 ) -> None:
     patients = [make_pseudonym() for _ in range(4)]
     events = [e for p in patients for e in history(p)]
@@ -546,6 +551,7 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
         rename=timeline.names,
         progress=lines.append,
         chunk_events=chunk_events,
+        processes=processes,
     )
 
     assert timeline.dump() == before
@@ -556,9 +562,11 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
         len(before["timeline_sources"]),
         len(before["timeline_studies"]),
     )
+    assert f"loading with {processes} process(es)" in lines
     assert lines[-1].startswith(f"done: {len(events)} events")
     with psycopg.connect(timeline.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (1,)
+        assert load_tables(conn) == []
 
     # The worker continues after the rebuild: only what is new is applied.
     extra = study_of(patients[0], study_date=date(2026, 1, 1))
@@ -586,9 +594,33 @@ async def test_a_rebuild_that_fails_before_it_replaces_the_tables_changes_nothin
         )
 
     assert timeline.dump() == before
+    with psycopg.connect(timeline.dsn) as conn:
+        assert load_tables(conn) == []
     # Nor did the group move: the worker still has the late study to apply.
     await project(timeline)
     assert (await timeline.entries(patient))[0].study_instance_uid == late.study_instance_uid
+
+
+async def test_a_second_rebuild_is_refused_while_one_runs(timeline: Timeline) -> None:
+    await project(timeline, *history(make_pseudonym()))
+    before = timeline.dump()
+    async with Reload(timeline.dsn):  # what a running rebuild holds
+        with pytest.raises(RebuildRefused, match="another timeline rebuild is running"):
+            await rebuild(
+                timeline.settings, group=timeline.group, rename=timeline.names, progress=print
+            )
+        with psycopg.connect(timeline.dsn) as conn:  # the running one's are left alone
+            assert len(load_tables(conn)) == 7
+    assert timeline.dump() == before
+
+
+def load_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE tablename LIKE 'timeline\\_load\\_%' ORDER BY 1"
+        )
+    ]
 
 
 async def test_a_rebuild_skips_a_poison_record_as_the_projection_does(
