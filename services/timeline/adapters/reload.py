@@ -282,14 +282,23 @@ class Reload:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
-                # Index builds sort in memory up to this (the default is 64 MB).
+                # Index builds, and the reductions' sorts, in memory up to these (the
+                # defaults are 64 MB and 4 MB): one session, used once.
                 await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+                await conn.execute("SET LOCAL work_mem = '64MB'")
                 await conn.execute(
                     sql.SQL("TRUNCATE {}").format(
                         sql.SQL(", ").join(sql.Identifier(t) for t in PROJECTION_TABLES)
                     )
                 )
                 await self._reduce()
+                # The derived tables' other indexes (not their keys: the upserts' arbiters)
+                # are made again once they are filled.
+                remake = [
+                    statement
+                    for table in ("timeline_sources", "timeline_entries")
+                    for statement in await _drop_indexes(conn, table, keys=False)
+                ]
                 await apply_staged(
                     conn,
                     revocations=await self._holds_rows("revocations"),
@@ -298,6 +307,8 @@ class Reload:
                     deliveries=await self._holds_rows("deliveries"),
                     children=False,  # inserted by _reduce
                 )
+                for statement in remake:
+                    await conn.execute(statement)
                 counts = await (
                     await conn.execute(
                         "SELECT (SELECT count(*) FROM timeline_sources), "
@@ -363,23 +374,26 @@ class Reload:
         )
 
 
-async def _drop_indexes(conn: psycopg.AsyncConnection[Any], table: str) -> list[str]:
-    """Drop ``table``'s indexes (and the key constraints they back); returns the statements
-    that make them again, as the catalog defines them (the migrations stay their one source)."""
+async def _drop_indexes(
+    conn: psycopg.AsyncConnection[Any], table: str, *, keys: bool = True
+) -> list[str]:
+    """Drop ``table``'s indexes (and the key constraints they back; with ``keys=False`` only
+    the indexes that back none); returns the statements that make them again, as the catalog
+    defines them (the migrations stay their one source)."""
     cursor = await conn.execute(
         """
         SELECT format('ALTER TABLE %%I DROP CONSTRAINT %%I', %(table)s::text, c.conname),
                format('ALTER TABLE %%I ADD CONSTRAINT %%I %%s', %(table)s::text, c.conname,
                       pg_get_constraintdef(c.oid))
         FROM pg_constraint c
-        WHERE c.conrelid = %(table)s::regclass AND c.contype IN ('p', 'u')
+        WHERE c.conrelid = %(table)s::regclass AND c.contype IN ('p', 'u') AND %(keys)s
         UNION ALL
         SELECT format('DROP INDEX %%s', i.indexrelid::regclass), pg_get_indexdef(i.indexrelid)
         FROM pg_index i
         WHERE i.indrelid = %(table)s::regclass
           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
         """,
-        {"table": table},
+        {"table": table, "keys": keys},
     )
     pairs = await cursor.fetchall()
     for drop, _ in pairs:
