@@ -36,17 +36,17 @@ import psycopg
 from psycopg import sql
 
 from services.timeline.adapters.store import (
-    _STAGING,
     PROJECTION_LOCK,
     PROJECTION_TABLES,
+    STAGING_TABLES,
     SnapshotKey,
     SourceKey,
-    _children_rows,
-    _configure,
-    _decision_row,
-    _snapshot_row,
     apply_staged,
+    children_rows,
+    configure_connection,
+    decision_row,
     snapshot_key,
+    snapshot_row,
 )
 from shared.errors import FatalError, TransientError
 from shared.events import (
@@ -137,7 +137,7 @@ class Loader:
             if event.purpose is not Purpose.TIMELINE:
                 return
             self._snapshot(event.study)
-            rows["decisions"].append(_decision_row(event))
+            rows["decisions"].append(decision_row(event))
         elif isinstance(event, ConsentRevoked):
             rows["revocations"].append((event.patient, event.consent_id, event.occurred_at))
         elif isinstance(event, Delivered):
@@ -158,8 +158,8 @@ class Loader:
             self._loaded.clear()
         self._loaded[key] = order
         serial, self._serial = self._serial, self._serial + self._step
-        self._rows["snapshots"].append((*_snapshot_row(study), serial))
-        for table, children in _children_rows(study, serial).items():
+        self._rows["snapshots"].append((*snapshot_row(study), serial))
+        for table, children in children_rows(study, serial).items():
             self._rows[table] += children
 
     def take(self) -> dict[str, list[tuple[Any, ...]]]:
@@ -208,13 +208,13 @@ class Reload:
     async def __aenter__(self) -> Reload:
         try:
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            await _configure(self._conn)
+            await configure_connection(self._conn)
             row = await (
                 await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (REBUILD_LOCK,))
             ).fetchone()
             if not (row and row[0]):
                 raise RebuildRefused("another timeline rebuild is running")
-            await self._conn.execute(_STAGING)
+            await self._conn.execute(STAGING_TABLES)
             # Left by a rebuild that died: ours to drop, as we hold the lock.
             await self._drop_load_tables()
             for table in (*_KEYED, *_PLAIN):

@@ -171,7 +171,7 @@ def number_of_images(study: StudySnapshot) -> int:
 # A batch is COPYed into per-session staging tables (cleared at commit), then applied with a
 # fixed number of set-based statements, whatever the batch size.
 
-_STAGING = """
+STAGING_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS timeline_stage_snapshots (
     u text COLLATE "C", s text COLLATE "C", v int, lra timestamptz, r text COLLATE "C",
     fra timestamptz, p text, acc text, d date, tm text, descr text, inst text, m text, ns int,
@@ -458,7 +458,8 @@ _REFRESH_TOUCHED = ";\n".join(
 )
 
 
-def _snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
+def snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
+    """A snapshot's row of the snapshots staging table."""
     return (
         study.study_instance_uid,
         study.sender_ura,
@@ -601,7 +602,7 @@ def _search_sql(query: TimelineQuery, *, count_only: bool = False) -> tuple[str,
     return text, params
 
 
-def _children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[Any, ...]]]:
+def children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[Any, ...]]]:
     """A snapshot's rows of the series, instances and reports staging tables (``extra``
     appended to each row)."""
     uid, sender = study.study_instance_uid, study.sender_ura
@@ -623,7 +624,8 @@ def _children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[An
     }  # fmt: skip
 
 
-def _decision_row(checked: ConsentChecked) -> tuple[Any, ...]:
+def decision_row(checked: ConsentChecked) -> tuple[Any, ...]:
+    """A timeline decision's row of the decisions staging table."""
     study = checked.study
     return (
         study.study_instance_uid, study.sender_ura, study.version, study.last_received_at,
@@ -636,10 +638,10 @@ def _staged_rows(batch: ProjectionBatch) -> dict[str, list[tuple[Any, ...]]]:
     """The batch as rows of the staging tables."""
     staged: dict[str, list[tuple[Any, ...]]] = {table: [] for table in _STAGE_COPY}
     for study in batch.snapshots.values():
-        staged["snapshots"].append(_snapshot_row(study))
-        for table, rows in _children_rows(study).items():
+        staged["snapshots"].append(snapshot_row(study))
+        for table, rows in children_rows(study).items():
             staged[table] += rows
-    staged["decisions"] = [_decision_row(c) for c in batch.decisions.values()]
+    staged["decisions"] = [decision_row(c) for c in batch.decisions.values()]
     staged["revocations"] = [(p, c, at) for (p, c), at in batch.revocations.items()]
     staged["deliveries"] = [(*key, v, at) for key, (v, at) in batch.deliveries.items()]
     return staged
@@ -672,7 +674,7 @@ async def apply_staged(
     await conn.execute(_REFRESH_TOUCHED)
 
 
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     # Every statement here is a key lookup or a batch's worth of them, done in milliseconds;
     # the planner's estimates for the projection's statements (freshly filled tables during a
     # rebuild) crossed jit_above_cost, and compiling them took 50-150 ms per statement.
@@ -696,7 +698,7 @@ class PostgresTimeline:
             open=False,
             name=name,
             kwargs={"autocommit": True},
-            configure=_configure,
+            configure=configure_connection,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -740,7 +742,7 @@ class PostgresTimeline:
         try:
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
-                await conn.execute(_STAGING)
+                await conn.execute(STAGING_TABLES)
                 await self._stage(conn, batch)
                 await apply_staged(
                     conn,

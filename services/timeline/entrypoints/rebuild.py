@@ -57,7 +57,7 @@ from services.timeline.config import TimelineSettings
 from services.timeline.entrypoints.projection import SERVICE, TOPICS, decode_projected
 from shared import runtime
 from shared.codec import Codec
-from shared.errors import PoisonEvent
+from shared.errors import FatalError, PoisonEvent
 from shared.events import ConsentRevoked
 from shared.logging import get_logger
 from shared.runtime import tune_gc
@@ -231,18 +231,31 @@ def _shards(
     return shards
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What the rebuild and its loading processes share (inherited through fork)."""
+
+    read: Any  # events read, per shard
+    stop: Any  # set when a loader failed: the others stop at their next chunk
+
+    @classmethod
+    def make(cls, shards: int) -> _Shared:
+        context = multiprocessing.get_context("fork")
+        return cls(context.Array("q", shards, lock=False), context.Value("b", 0, lock=False))
+
+
 async def _load(shards: list[_Shard], progress: Callable[[str], None], total: int) -> _Loaded:
     """Run the shards' loaders: in this process for one, else one process each (forked, so
     they start in milliseconds with what this process imported); report progress meanwhile."""
     if not shards:
         return _Loaded()
-    counters: Any = multiprocessing.get_context("fork").Array("q", len(shards), lock=False)
+    shared = _Shared.make(len(shards))
     started = time.monotonic()
 
     async def report() -> None:
         while True:
             await asyncio.sleep(PROGRESS_SECONDS)
-            done = sum(counters)
+            done = sum(shared.read)
             progress(
                 f"{done}/{total} events read ({100 * done / max(total, 1):.0f} %), "
                 f"{done / (time.monotonic() - started):.0f} events/s"
@@ -251,36 +264,40 @@ async def _load(shards: list[_Shard], progress: Callable[[str], None], total: in
     reporter = asyncio.create_task(report())
     try:
         if len(shards) == 1:
-            return await _load_shard(shards[0], counters)
+            return await _load_shard(shards[0], shared)
         loop = asyncio.get_running_loop()
         with ProcessPoolExecutor(
             len(shards),
             mp_context=multiprocessing.get_context("fork"),
-            initializer=_share_counters,
-            initargs=(counters,),
+            initializer=_inherit,
+            initargs=(shared,),
         ) as pool:
-            results = await asyncio.gather(
-                *(loop.run_in_executor(pool, _load_shard_in_process, shard) for shard in shards)
-            )
+            loading = [loop.run_in_executor(pool, _load_shard_in_process, s) for s in shards]
+            try:
+                results = await asyncio.gather(*loading)
+            except BaseException:
+                shared.stop.value = 1  # before the pool waits for the others
+                raise
         return sum(results, _Loaded())
     finally:
         reporter.cancel()
         await asyncio.gather(reporter, return_exceptions=True)
 
 
-_counters: Any = None
+_inherited: _Shared | None = None
 
 
-def _share_counters(counters: Any) -> None:
-    global _counters
-    _counters = counters
+def _inherit(shared: _Shared) -> None:
+    global _inherited
+    _inherited = shared
 
 
 def _load_shard_in_process(shard: _Shard) -> _Loaded:
-    return runtime.run(_load_shard(shard, _counters))
+    assert _inherited is not None, "the pool's initializer passes the shared state"
+    return runtime.run(_load_shard(shard, _inherited))
 
 
-async def _load_shard(shard: _Shard, counters: Any) -> _Loaded:
+async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
     """Read the shard's partitions to their end offsets and load their rows; the next chunk
     is decoded while PostgreSQL takes in the last."""
     loaded = _Loaded()
@@ -300,6 +317,8 @@ async def _load_shard(shard: _Shard, counters: Any) -> _Loaded:
             consumer.seek(tp, shard.begin[tp])
         async with Loader(shard.conninfo, shard.index, shard.count) as loader:
             while todo:
+                if shared.stop.value:
+                    raise FatalError("stopped: another loading process failed")
                 fetched = await consumer.getmany(
                     *todo, timeout_ms=500, max_records=shard.chunk_events
                 )
@@ -327,7 +346,7 @@ async def _load_shard(shard: _Shard, counters: Any) -> _Loaded:
                 for tp in list(todo):
                     if await consumer.position(tp) >= shard.end[tp]:
                         todo.discard(tp)
-                counters[shard.index] = loaded.decoded + loaded.poison
+                shared.read[shard.index] = loaded.decoded + loaded.poison
             if loading is not None:
                 await loading
             loaded.rows = loader.rows
