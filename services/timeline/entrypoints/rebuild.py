@@ -33,8 +33,8 @@ Why not the projection worker itself, replaying into emptied tables (as before 2
 applies a batch of a few thousand events per transaction with upserts, so it inserts a study's
 rows once for its study-received and again for its timeline decision, and derives each study's
 rows once per batch that touched it. On this project's 2-core machine that replayed 2,900-3,100
-events/s; loading first and deriving once, with two loading processes, 6,500
-(``make bench-timeline``), and the timeline is never seen half-rebuilt.
+events/s of 10,000 studies; loading first and deriving once, with two loading processes,
+7,200-7,700 (``benchmarks/README.md``), and the timeline is never seen half-rebuilt.
 """
 
 from __future__ import annotations
@@ -220,7 +220,9 @@ def _shards(
     both announcements of most snapshots and loads them once."""
     todo = sorted((tp for tp in begin if end[tp] > begin[tp]), key=lambda tp: tp.partition)
     numbers = sorted({tp.partition for tp in todo})
-    count = max(1, min(processes, len(numbers)))
+    if not numbers:
+        return []
+    count = min(max(processes, 1), len(numbers))
     shards = []
     for index in range(count):
         mine = [tp for tp in todo if numbers.index(tp.partition) % count == index]

@@ -1,0 +1,50 @@
+"""How the rebuild shares the partitions among its loading processes (pure logic)."""
+
+from __future__ import annotations
+
+from aiokafka import TopicPartition
+
+from services.timeline.entrypoints import rebuild
+
+TOPICS = ("study-received", "consent-checked", "consent-revoked", "delivered")
+
+
+def shards(filled: dict[TopicPartition, int], processes: int) -> list[rebuild._Shard]:
+    begin = {tp: 0 for tp in filled}
+    return rebuild._shards(["k:9092"], "dbname=x", begin, filled, processes, 100, "revoked")
+
+
+def everything(partitions: int, events: int = 5) -> dict[TopicPartition, int]:
+    return {TopicPartition(t, p): events for t in TOPICS for p in range(partitions)}
+
+
+def test_a_partition_number_goes_to_one_loader_with_every_topic() -> None:
+    loaders = shards(everything(12), processes=3)
+
+    assert [(s.index, s.count) for s in loaders] == [(0, 3), (1, 3), (2, 3)]
+    numbers = [{tp.partition for tp in s.begin} for s in loaders]
+    assert [len(n) for n in numbers] == [4, 4, 4]
+    assert set().union(*numbers) == set(range(12))
+    for shard in loaders:
+        for number in {tp.partition for tp in shard.begin}:
+            # A study's announcement, decisions and deliveries share its partition number.
+            assert {tp.topic for tp in shard.begin if tp.partition == number} == set(TOPICS)
+
+
+def test_only_partitions_holding_events_are_read_and_no_loader_idles() -> None:
+    filled = everything(12, events=0)
+    filled[TopicPartition("delivered", 7)] = 3
+    filled[TopicPartition("study-received", 2)] = 1
+
+    loaders = shards(filled, processes=8)
+
+    assert len(loaders) == 2
+    assert sorted(tp for s in loaders for tp in s.begin) == sorted(
+        [TopicPartition("delivered", 7), TopicPartition("study-received", 2)]
+    )
+    assert all(s.end[tp] > s.begin[tp] for s in loaders for tp in s.begin)
+
+
+def test_empty_topics_need_no_loader() -> None:
+    assert shards(everything(12, events=0), processes=2) == []
+    assert len(shards(everything(3), processes=0)) == 1
