@@ -72,8 +72,10 @@ CHUNK_EVENTS = 5000
 
 @dataclass(frozen=True)
 class RebuildReport:
-    # Offsets replayed (records, including poison skipped and transaction markers).
+    # Records read (poison skipped included); the offsets they span, which also count the
+    # markers of transactions.
     events: int
+    offsets: int
     revocations: int
     poison: int
     seconds: float
@@ -91,6 +93,7 @@ class RebuildReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "events": self.events,
+            "offsets": self.offsets,
             "revocations": self.revocations,
             "poison": self.poison,
             "seconds": round(self.seconds, 2),
@@ -137,7 +140,10 @@ async def rebuild(
         ]
         begin, end = await _offsets(kafka, tps)
         total = sum(end[tp] - begin[tp] for tp in tps)
-        progress(f"{total} events on {len(tps)} partitions of {', '.join(topics)}")
+        progress(
+            f"{total} offsets (events and transaction markers) on {len(tps)} partitions of "
+            f"{', '.join(topics)}"
+        )
         shards = _shards(kafka, settings.postgres.conninfo, begin, end,
                          processes or settings.rebuild_processes or os.cpu_count() or 1,
                          chunk_events, revoked_topic)  # fmt: skip
@@ -158,7 +164,8 @@ async def rebuild(
     finally:
         await admin.close()
     report = RebuildReport(
-        events=total,
+        events=loaded.decoded + loaded.poison,
+        offsets=total,
         revocations=loaded.revocations,
         poison=loaded.poison,
         seconds=time.monotonic() - started,
@@ -169,8 +176,9 @@ async def rebuild(
         entries=counts.entries,
     )
     progress(
-        f"done: {total} events in {report.seconds:.1f} s ({report.events_per_second:.0f} "
-        f"events/s; replace {replace_seconds:.1f} s): {counts.studies} studies, "
+        f"done: {report.events} events in {report.seconds:.1f} s "
+        f"({report.events_per_second:.0f} events/s; replace {replace_seconds:.1f} s): "
+        f"{counts.studies} studies, "
         f"{counts.entries} entries; start the projection worker again"
     )
     return report
