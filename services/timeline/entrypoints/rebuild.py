@@ -40,8 +40,10 @@ events/s of 10,000 studies; loading first and deriving once, with two loading pr
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -57,7 +59,7 @@ from services.timeline.config import TimelineSettings
 from services.timeline.entrypoints.projection import SERVICE, TOPICS, decode_projected
 from shared import runtime
 from shared.codec import Codec
-from shared.errors import FatalError, PoisonEvent
+from shared.errors import FatalError, PoisonEvent, TransientError
 from shared.events import ConsentRevoked
 from shared.logging import get_logger
 from shared.runtime import tune_gc
@@ -68,6 +70,10 @@ log = get_logger(__name__)
 PROGRESS_SECONDS = 2.0
 # Events decoded per chunk, whose rows are loaded while the next chunk is decoded.
 CHUNK_EVENTS = 5000
+# A loader that gets no records for this long, with partitions left to read, fails the rebuild.
+STALL_SECONDS = 60.0
+# prctl(2): the signal a process gets when the thread that forked it exits.
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,10 @@ async def _load(shards: list[_Shard], progress: Callable[[str], None], total: in
             try:
                 results = await asyncio.gather(*loading)
             except BaseException:
-                shared.stop.value = 1  # before the pool waits for the others
+                # The others stop at their next chunk; wait for them here, not blocked in the
+                # pool's shutdown, and take their errors so none is reported as unretrieved.
+                shared.stop.value = 1
+                await asyncio.gather(*loading, return_exceptions=True)
                 raise
         return sum(results, _Loaded())
     finally:
@@ -298,8 +307,17 @@ _inherited: _Shared | None = None
 
 
 def _inherit(shared: _Shared) -> None:
+    """A loading process's start: the shared state, and its end when the rebuild's ends (a
+    rebuild killed outright would otherwise leave its loaders loading, then waiting for work
+    forever)."""
     global _inherited
     _inherited = shared
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("loader not tied to the rebuild's life", errno=ctypes.get_errno())
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _load_shard_in_process(shard: _Shard) -> _Loaded:
@@ -318,9 +336,13 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
         enable_auto_commit=False,
         isolation_level="read_committed",
         fetch_max_bytes=52_428_800,
+        # An offset gone (records deleted since the offsets were noted) fails the rebuild;
+        # the default would skip to the end and commit the group past unapplied events.
+        auto_offset_reset="none",
     )
     await consumer.start()
     loading: asyncio.Task[None] | None = None
+    progressed = time.monotonic()
     try:
         consumer.assign(list(todo))
         for tp in todo:
@@ -332,6 +354,13 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
                 fetched = await consumer.getmany(
                     *todo, timeout_ms=500, max_records=shard.chunk_events
                 )
+                if fetched:
+                    progressed = time.monotonic()
+                elif time.monotonic() - progressed > STALL_SECONDS:
+                    raise TransientError(
+                        f"no records from Kafka for {STALL_SECONDS:.0f} s with "
+                        f"{len(todo)} partition(s) still to read"
+                    )
                 for tp, records in fetched.items():
                     for record in records:
                         if record.offset >= shard.end[tp]:
@@ -356,6 +385,7 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
                 for tp in list(todo):
                     if await consumer.position(tp) >= shard.end[tp]:
                         todo.discard(tp)
+                        progressed = time.monotonic()
                 shared.read[shard.index] = loaded.decoded + loaded.poison
             if loading is not None:
                 await loading
