@@ -78,6 +78,25 @@ def _empty_rows() -> dict[str, list[tuple[Any, ...]]]:
     return {table: [] for table in (*_KEYED, *_PLAIN)}
 
 
+async def _columns(
+    conn: psycopg.AsyncConnection[Any], prefix: str
+) -> dict[str, list[tuple[str, int]]]:
+    """The columns (name, type OID), in order, of the tables ``prefix`` + snapshots, series,
+    ... (the staging or the load tables), from the catalog in one round trip."""
+    tables = [*_KEYED, *_PLAIN]
+    cursor = await conn.execute(
+        "SELECT t.name, a.attname, a.atttypid::int "
+        "FROM unnest(%s::text[]) AS t(name) "
+        "JOIN pg_attribute a ON a.attrelid = (%s || t.name)::regclass "
+        "WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY t.name, a.attnum",
+        (tables, prefix),
+    )
+    columns: dict[str, list[tuple[str, int]]] = {table: [] for table in tables}
+    for table, name, oid in await cursor.fetchall():
+        columns[table].append((name, oid))
+    return columns
+
+
 def _load(table: str) -> sql.Identifier:
     return sql.Identifier(f"timeline_load_{table}")
 
@@ -118,13 +137,8 @@ class Loader:
     async def __aenter__(self) -> Loader:
         try:
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            for table in (*_KEYED, *_PLAIN):
-                cursor = await self._conn.execute(
-                    "SELECT atttypid::int FROM pg_attribute WHERE attrelid = %s::regclass "
-                    "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                    (f"timeline_load_{table}",),
-                )
-                self._types[table] = [row[0] for row in await cursor.fetchall()]
+            columns = await _columns(self._conn, "timeline_load_")
+            self._types = {table: [oid for _, oid in cols] for table, cols in columns.items()}
         except psycopg.OperationalError as exc:
             await self.__aexit__()
             raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
@@ -229,8 +243,9 @@ class Reload:
             await self._conn.execute(STAGING_TABLES)
             # Left by a rebuild that died: ours to drop, as we hold the lock.
             await self._drop_load_tables()
+            columns = await _columns(self._conn, "timeline_stage_")
+            self._columns = {table: [name for name, _ in cols] for table, cols in columns.items()}
             for table in (*_KEYED, *_PLAIN):
-                self._columns[table] = await self._stage_columns(table)
                 extra = sql.SQL(", load_n bigint") if table in _KEYED else sql.SQL("")
                 await self._conn.execute(
                     sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {}{})").format(
@@ -271,14 +286,6 @@ class Reload:
         if self._conn is None:
             raise RuntimeError("Reload is used outside its `async with` block")
         return self._conn
-
-    async def _stage_columns(self, table: str) -> list[str]:
-        cursor = await self.conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum",
-            (f"timeline_stage_{table}",),
-        )
-        return [row[0] for row in await cursor.fetchall()]
 
     async def _holds_rows(self, table: str) -> bool:
         statement = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_load(table))
