@@ -1,14 +1,23 @@
 """Ingest benchmark: STOW-RS 2,000 real DICOM instances into any STOW-RS endpoint, Orthanc built in.
 
     python -m benchmarks.ingest [--instances 2000] [--clients 4] [--per-request 20]
+                                [--per-study 20] [--per-series 10] [--rounds 3]
                                 [--target NAME=URL[,pid=N][,header=K:V]...] [--no-orthanc]
 
 The instances are pydicom's own test images (``pydicom.data``; nothing is downloaded): every
 well-formed single-frame image with a file meta header, in a little-endian uncompressed or an
-image-compressed transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE), cycled round-robin. Each copy
-gets fresh Study/Series/SOP Instance UIDs (a study of its own), and the multipart/related request
-bodies of ``--per-request`` instances are all built before the clock starts; a target gets its own
-UIDs, so no target sees another one's instances.
+image-compressed transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE), cycled round-robin. Every copy
+gets a fresh SOP Instance UID; every ``--per-study`` consecutive copies are one study of one
+patient (fresh Study Instance UID and Patient ID), in series of ``--per-series``, as a PACS sends
+a study. ``--per-study 1 --per-series 1`` gives every instance a study of its own (the layout
+before 2026-11-26). The multipart/related request bodies of ``--per-request`` instances are all
+built before the clock starts; a target gets its own UIDs, so no target sees another one's
+instances.
+
+``--rounds`` turns are taken: in each, every target in turn, each built-in one a fresh server.
+A target reports its median round (by instances/s), with every round listed under ``rounds``;
+``ratios_vs_orthanc`` compares the median rounds and lists the ratio of each round's pair. On
+this shared 2-core machine one run of one target differs from the next by up to a quarter.
 
 ``--clients`` threads each hold one keep-alive ``http.client`` connection (TCP_NODELAY) and POST
 the pre-built bodies from a shared queue as fast as the server answers. Measured per target, from
@@ -139,14 +148,27 @@ def _read_well_formed(path: Path) -> FileDataset | None:
         return None
 
 
-def build_instances(sources: list[Source], count: int) -> list[bytes]:
-    """``count`` Part 10 files cycling through ``sources``, each with fresh Study/Series/SOP
-    Instance UIDs."""
+def build_instances(
+    sources: list[Source], count: int, per_study: int = 20, per_series: int = 10
+) -> list[bytes]:
+    """``count`` Part 10 files cycling through ``sources``, with fresh UIDs, laid out as studies:
+    every ``per_study`` consecutive instances are one study of one patient, in series of
+    ``per_series``. ``per_study=1`` gives every instance a study of its own."""
     instances = []
+    study_uid = series_uid = ""
+    patient = 0
     for i in range(count):
         ds = sources[i % len(sources)].dataset
-        ds.StudyInstanceUID = _uid()
-        ds.SeriesInstanceUID = _uid()
+        in_study = i % per_study
+        if in_study == 0:
+            study_uid = _uid()
+            patient = i // per_study
+        if in_study % per_series == 0:
+            series_uid = _uid()
+        ds.PatientID = f"BENCH{patient:07d}"
+        ds.PatientName = f"Bench^Patient{patient}"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = _uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         buffer = io.BytesIO()
@@ -617,6 +639,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-request", type=int, default=20)
     parser.add_argument(
+        "--per-study",
+        type=int,
+        default=20,
+        help="consecutive instances that make one study of one patient (1: a study each)",
+    )
+    parser.add_argument("--per-series", type=int, default=10, help="instances per series")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="turns of every target, alternating; each target reports its median round",
+    )
+    parser.add_argument(
         "--target",
         type=parse_target,
         action="append",
@@ -637,6 +672,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "temporary directory, deleted afterwards)",
     )
     args = parser.parse_args(argv)
+    for name in ("instances", "clients", "per_request", "per_study", "per_series", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.no_orthanc and args.no_beeldportaal and not args.target:
         parser.error("nothing to measure")
     names = (
@@ -663,70 +701,127 @@ def main(argv: list[str] | None = None) -> int:
         "instances": args.instances,
         "clients": args.clients,
         "per_request": args.per_request,
+        "per_study": args.per_study,
+        "per_series": args.per_series,
+        "rounds": args.rounds,
         "mix": mix,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "targets": {},
     }
-    ok = True
-
-    def bodies() -> list[Body]:
-        instances = build_instances(sources, args.instances)
-        report["mix"]["avg_instance_kb"] = round(sum(map(len, instances)) / len(instances) / 1e3, 1)
-        return build_bodies(instances, args.per_request)
-
     # Both built-in targets are fresh servers keeping what they store side by side in one
-    # directory, deleted only after every target was measured. Where a file is created matters
-    # on this machine: its root file system is ext4 without a journal, where creating an inode
-    # skips the ones deleted in the last 5 s (305 s while their inode table block is dirty),
-    # one page cache lookup each. Creating 2,000 objects as versitygw lays them out cost 0.8-1.3
-    # ms of kernel CPU each under /tmp and 1.7-2.7 ms under the repository's .state (measured
-    # 2026-11-26), and perf put 60 % of versitygw's CPU in recently_deleted() when it wrote to
-    # the platform's data directory while Orthanc wrote to /tmp.
+    # directory, deleted only after every round of every target was measured. Where a file is
+    # created matters on this machine: its root file system is ext4 without a journal, where
+    # creating an inode skips the ones deleted in the last 5 s (305 s while their inode table
+    # block is dirty), one page cache lookup each. Creating 2,000 objects as versitygw lays
+    # them out cost 0.8-1.3 ms of kernel CPU each under /tmp and 1.7-2.7 ms under the
+    # repository's .state (measured 2026-11-26), and perf put 60 % of versitygw's CPU in
+    # recently_deleted() when it wrote to the platform's data directory while Orthanc wrote
+    # to /tmp.
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    ok = True
     with contextlib.ExitStack() as cleanup:
         state_dir = args.state_dir or Path(
             cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-"))
         )
         report["state_dir"] = str(state_dir)
-        if not args.no_orthanc:
-            built = bodies()
-            with orthanc_target(state_dir) as (target, peer):
-                log(f"orthanc: {args.instances} instances in {len(built)} requests")
-                result = measure(target, built, args.clients)
-                count = peer.statistics()["CountInstances"]
-                result["verified_instances"] = count
-                result["verified"] = count == args.instances
-                report["orthanc_version"] = peer.rest("GET", "/system")["Version"]
-            ok &= result["verified"] and result["failures"] == 0
-            report["targets"]["orthanc"] = result
-            log(f"orthanc: {result['instances_per_s']} instances/s, {count} stored")
-        if not args.no_beeldportaal:
-            built = bodies()
-            with beeldportaal_target(state_dir) as (target, durable_instances):
-                log(f"beeldportaal: {args.instances} instances in {len(built)} requests")
-                result = measure(target, built, args.clients)
-                count = durable_instances()
-                result["verified_instances"] = count
-                result["verified"] = count == args.instances
-            ok &= result["verified"] and result["failures"] == 0
-            report["targets"]["beeldportaal"] = result
-            log(f"beeldportaal: {result['instances_per_s']} instances/s, {count} durable in S3")
-        for target in args.target:
-            built = bodies()
-            log(f"{target.name}: {args.instances} instances to {target.stow_url}")
-            result = measure(target, built, args.clients)
-            ok &= result["failures"] == 0
-            report["targets"][target.name] = result
-            log(f"{target.name}: {result['instances_per_s']} instances/s")
-    if "orthanc" in report["targets"]:
+        for number in range(1, args.rounds + 1):
+            # The targets take turns within a round, so a slow minute of this shared machine
+            # falls on both; every round has fresh servers and fresh UIDs.
+            results, round_ok = measure_round(
+                args, sources, state_dir / f"round-{number}", report, number
+            )
+            ok &= round_ok
+            for name, result in results.items():
+                rounds.setdefault(name, []).append(result)
+    for name, results in rounds.items():
+        report["targets"][name] = {
+            **_median_round(results),
+            "rounds": [_round_summary(r) for r in results],
+        }
+    if "orthanc" in rounds:
         baseline = report["targets"]["orthanc"]
         report["ratios_vs_orthanc"] = {
-            name: ratios(result, baseline)
-            for name, result in report["targets"].items()
+            name: {
+                **ratios(report["targets"][name], baseline),
+                # Same-round pairs: the ratio of each round, whose spread shows the noise.
+                "instances_per_s_per_round": [
+                    ratios(mine, theirs)["instances_per_s"]
+                    for mine, theirs in zip(rounds[name], rounds["orthanc"], strict=True)
+                ],
+            }
+            for name in rounds
             if name != "orthanc"
         }
     report["load_avg_1m"] = os.getloadavg()[0]
     print(json.dumps(report, indent=2))
     return 0 if ok else 1
+
+
+def measure_round(
+    args: argparse.Namespace,
+    sources: list[Source],
+    state_dir: Path,
+    report: dict[str, Any],
+    number: int,
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """One turn of every target: (name -> result, every instance stored and verified)."""
+    results: dict[str, dict[str, Any]] = {}
+    ok = True
+
+    def bodies() -> list[Body]:
+        instances = build_instances(sources, args.instances, args.per_study, args.per_series)
+        report["mix"]["avg_instance_kb"] = round(sum(map(len, instances)) / len(instances) / 1e3, 1)
+        return build_bodies(instances, args.per_request)
+
+    label = f"round {number}/{args.rounds}"
+    if not args.no_orthanc:
+        built = bodies()
+        with orthanc_target(state_dir) as (target, peer):
+            log(f"{label} orthanc: {args.instances} instances in {len(built)} requests")
+            result = measure(target, built, args.clients)
+            count = peer.statistics()["CountInstances"]
+            result["verified_instances"] = count
+            result["verified"] = count == args.instances
+            report["orthanc_version"] = peer.rest("GET", "/system")["Version"]
+        ok &= result["verified"] and result["failures"] == 0
+        results["orthanc"] = result
+        log(f"{label} orthanc: {result['instances_per_s']} instances/s, {count} stored")
+    if not args.no_beeldportaal:
+        built = bodies()
+        with beeldportaal_target(state_dir) as (target, durable_instances):
+            log(f"{label} beeldportaal: {args.instances} instances in {len(built)} requests")
+            result = measure(target, built, args.clients)
+            count = durable_instances()
+            result["verified_instances"] = count
+            result["verified"] = count == args.instances
+        ok &= result["verified"] and result["failures"] == 0
+        results["beeldportaal"] = result
+        log(f"{label} beeldportaal: {result['instances_per_s']} instances/s, {count} durable in S3")
+    for target in args.target:
+        built = bodies()
+        log(f"{label} {target.name}: {args.instances} instances to {target.stow_url}")
+        result = measure(target, built, args.clients)
+        ok &= result["failures"] == 0
+        results[target.name] = result
+        log(f"{label} {target.name}: {result['instances_per_s']} instances/s")
+    return results, ok
+
+
+def _median_round(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median instances/s (the lower middle one of an even count)."""
+    ranked = sorted(results, key=lambda r: r["instances_per_s"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def _round_summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "instances_per_s": result["instances_per_s"],
+        "request_latency_ms_p50": result["request_latency_ms"]["p50"],
+        "request_latency_ms_p99": result["request_latency_ms"]["p99"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "server_cpu_ms_per_instance": result["server_cpu_ms_per_instance"],
+        "failures": result["failures"],
+    }
 
 
 if __name__ == "__main__":
