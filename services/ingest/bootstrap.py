@@ -58,6 +58,7 @@ class Ingest:
             if self.scp is not None:
                 await self.scp.stop()
             await self.publisher.stop()
+            await self.objects.aclose()
 
     async def readiness(self) -> dict[str, bool]:
         """Kafka and S3 reachable; cached for two seconds so probes cannot hammer them."""
@@ -98,7 +99,13 @@ def build(
     # the next, so waiting for a batch to fill only adds latency (measured: half the rate).
     publisher = KafkaEventPublisher(settings.kafka, "ingest", linger_ms=0)
     pseudonymizer = Pseudonymizer(privacy.pseudonym_key.get_secret_value().encode())
-    store = InstanceStore(objects, publisher, pseudonymizer, metrics)
+    store = InstanceStore(
+        objects,
+        publisher,
+        pseudonymizer,
+        metrics,
+        inline_threshold=settings.inline_store_bytes,
+    )
     verifier = TokenVerifier(
         load_public_keys(auth.public_keys),
         issuer=auth.issuer,

@@ -38,8 +38,11 @@ class IngestSettings(ServiceSettings):
     max_instances_per_request: int = 10_000
     # Instances of one request processed concurrently (S3 write + Kafka acknowledgement).
     store_concurrency: int = 8
-    # Threads for blocking work (header reads, S3 calls): enough for every request in flight.
+    # Threads for blocking work (S3 calls of large instances): enough for every request in flight.
     io_threads: int = Field(default=32, ge=4)
+    # Instances up to this size are checked and stored on the event loop (one signed PUT, no
+    # worker thread); larger ones are streamed to S3 from a worker thread. 0: all in threads.
+    inline_store_bytes: int = Field(default=1024 * 1024, ge=0, le=4 * 1024 * 1024)
 
     # Study assembly: announce a study once no instance arrived for this long.
     stable_age_seconds: float = Field(default=15.0, gt=0)

@@ -94,6 +94,19 @@ class InMemoryObjectStore:
             self._objects[key] = stored
         return stored.info, True
 
+    async def aput_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
+    ) -> tuple[ObjectInfo, bool]:
+        return self.put_if_absent(key, data, len(data), content_type, metadata, sha256)
+
+    async def aclose(self) -> None:
+        return None
+
     def get(self, key: str) -> bytes:
         return self._load(key).data
 

@@ -102,7 +102,8 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """A bucket of immutable-by-convention objects (DICOM instances), addressed by validated keys.
 
-    Synchronous and thread-safe: async services call it through ``asyncio.to_thread``.
+    Synchronous and thread-safe: async services call it through ``asyncio.to_thread``, except
+    :meth:`aput_if_absent`, which is awaited on the event loop itself.
 
     Writes are all-or-nothing: a reader sees the old object, no object, or the complete new one,
     never a prefix. Every write records the sha256 of the bytes, so ``stat(key).sha256`` can later
@@ -161,6 +162,23 @@ class ObjectStore(Protocol):
         everywhere: a key that existed before the call is never overwritten. Keep one writer per
         key (e.g. partition by instance UID) rather than rely on the race being decided.
         """
+        ...
+
+    async def aput_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
+    ) -> tuple[ObjectInfo, bool]:
+        """:meth:`put_if_absent` of a body held in memory, awaited on the event loop: the same
+        promises and errors. For the many small writes of a busy async service, which would
+        otherwise each cost a trip to a worker thread."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what :meth:`aput_if_absent` keeps open, on the loop it ran on."""
         ...
 
     def get(self, key: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import tempfile
@@ -33,6 +34,7 @@ from shared.storage.port import (
     validate_prefix,
     validate_sha256,
 )
+from shared.storage.s3_async import MAX_BODY, Answer, AsyncPutClient, SigV4, object_path
 from shared.storage.s3_pool import S3PoolManager
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ class S3ObjectStore:
         self._retries = retries
         self._conditional_writes = conditional_writes
         self._client: Minio | None = None
+        self._async_client: AsyncPutClient | None = None
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()  # separate: the probe itself needs _lock via _minio()
 
@@ -170,6 +173,65 @@ class S3ObjectStore:
         sha256: str | None = None,
     ) -> tuple[ObjectInfo, bool]:
         return self._write(key, data, length, content_type, metadata, sha256, if_absent=True)
+
+    async def aput_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
+    ) -> tuple[ObjectInfo, bool]:
+        """:meth:`put_if_absent` of a body in memory, on the event loop (``s3_async``): one
+        PutObject signed here. A body larger than one part or ``s3_async.MAX_BODY``, a server
+        without conditional writes and the HEAD after a refusal take the threaded path."""
+        validate_key(key)
+        user_metadata = validate_metadata(metadata)
+        declared = validate_sha256(sha256)
+        body = bytes(data)
+        content_type = content_type or DEFAULT_CONTENT_TYPE
+        if len(body) > min(self.part_size, MAX_BODY):
+            return await asyncio.to_thread(
+                self.put_if_absent, key, body, len(body), content_type, metadata, sha256
+            )
+        conditional = self._conditional_writes
+        if conditional is None:
+            conditional = await asyncio.to_thread(self._supports_conditional_writes)
+        if not conditional:
+            existing = await asyncio.to_thread(self.stat, key)
+            if existing is not None:
+                return existing, False
+        digest = hashlib.sha256(body).hexdigest()
+        if declared is not None and declared != digest:
+            raise ChecksumMismatch(key, declared, digest)
+        headers = {"content-type": content_type, _META + SHA256_METADATA: digest}
+        headers.update({_META + name: value for name, value in user_metadata.items()})
+        if conditional:
+            headers["if-none-match"] = "*"
+        answer = await self._put_client().put(object_path(self.bucket, key), body, digest, headers)
+        if answer.status < 300:
+            etag = answer.headers.get("etag", "").replace('"', "")
+            return ObjectInfo(key, len(body), etag, digest, content_type, user_metadata), True
+        code, message = _error_of(answer)
+        if conditional and (answer.status == 412 or code in _KEY_TAKEN_CODES):
+            existing = await asyncio.to_thread(self.stat, key)
+            if existing is None:
+                # Taken a moment ago, gone now (deleted, or a 409 whose writer failed).
+                raise ObjectStoreUnavailable(f"{key!r} changed during put_if_absent")
+            return existing, False
+        if code == "NoSuchBucket":
+            raise BucketNotFound(self.bucket)
+        if code in _TRANSIENT_CODES or answer.status >= 500:
+            raise ObjectStoreUnavailable(
+                f"S3 {code} ({answer.status})",
+                retry_after=_seconds(answer.headers.get("retry-after")),
+            )
+        raise ObjectStoreError(f"S3 {code} ({answer.status}): {message}")
+
+    async def aclose(self) -> None:
+        """Close the connections :meth:`aput_if_absent` keeps (on the loop that opened them)."""
+        if self._async_client is not None:
+            await self._async_client.aclose()
 
     def get(self, key: str) -> bytes:
         with self.open(key) as chunks:
@@ -411,22 +473,9 @@ class S3ObjectStore:
         return self._client
 
     def _build_client(self) -> Minio:
-        retry = urllib3.Retry(
-            total=self._retries,
-            connect=self._retries,
-            read=self._retries,
-            status=self._retries,
-            backoff_factor=0.2,
-            backoff_max=2.0,
-            status_forcelist=(500, 502, 503, 504),
-            # Retry-After can ask for minutes; surface it in ObjectStoreUnavailable instead.
-            respect_retry_after_header=False,
-            # Return the last 5xx so minio parses it into an S3Error we can classify.
-            raise_on_status=False,
-        )
         http = S3PoolManager(
             timeout=urllib3.Timeout(connect=self._connect_timeout, read=self._read_timeout),
-            retries=retry,
+            retries=self._retry(),
             # One per worker thread of asyncio.to_thread's default executor (at most 32).
             maxsize=32,
             # The system trust store, so a hospital's private CA installed in the image works.
@@ -440,6 +489,33 @@ class S3ObjectStore:
             # An explicit region skips minio's GetBucketLocation round trip.
             region=self.region,
             http_client=http,
+        )
+
+    def _put_client(self) -> AsyncPutClient:
+        if self._async_client is None:
+            self._async_client = AsyncPutClient(
+                self.endpoint,
+                secure=self.secure,
+                signer=SigV4(self._access_key, self._secret_key, self.region),
+                connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout,
+                retries=self._retry(),
+            )
+        return self._async_client
+
+    def _retry(self) -> urllib3.Retry:
+        return urllib3.Retry(
+            total=self._retries,
+            connect=self._retries,
+            read=self._retries,
+            status=self._retries,
+            backoff_factor=0.2,
+            backoff_max=2.0,
+            status_forcelist=(500, 502, 503, 504),
+            # Retry-After can ask for minutes; surface it in ObjectStoreUnavailable instead.
+            respect_retry_after_header=False,
+            # Return the last 5xx so minio parses it into an S3Error we can classify.
+            raise_on_status=False,
         )
 
     @contextmanager
@@ -477,11 +553,38 @@ class S3ObjectStore:
 
 
 def _retry_after(response: BaseHTTPResponse | None) -> float:
-    value = response.headers.get("Retry-After") if response is not None else None
+    return _seconds(response.headers.get("Retry-After") if response is not None else None)
+
+
+def _seconds(value: str | None) -> float:
     try:
         return max(float(value), 0.0) if value else 1.0
     except ValueError:
         return 1.0
+
+
+def _error_of(answer: Answer) -> tuple[str, str]:
+    """(Code, Message) of an S3 error answer; a body that is not S3's XML gets a code from its
+    HTTP status, as minio does."""
+    with suppress(ET.ParseError):
+        root = ET.fromstring(answer.body.strip()) if answer.body.strip() else None
+        if root is not None:
+            code = root.findtext(f"{_S3_NS}Code") or root.findtext("Code")
+            message = root.findtext(f"{_S3_NS}Message") or root.findtext("Message") or ""
+            if code:
+                return code, message
+    by_status = {
+        301: "PermanentRedirect",
+        307: "Redirect",
+        400: "BadRequest",
+        403: "AccessDenied",
+        404: "NoSuchKey",
+        405: "MethodNotAllowed",
+        409: "Conflict",
+        412: "PreconditionFailed",
+        501: "NotImplemented",
+    }
+    return by_status.get(answer.status, f"HTTP{answer.status}"), answer.reason
 
 
 def _read_part(source: BinaryIO, size: int, first: bytes = b"") -> bytes:

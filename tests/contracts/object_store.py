@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import random
@@ -291,6 +292,106 @@ class ObjectStoreContract:
         assert not errors, errors
         assert len(results) == len(candidates)
         return results
+
+    # -- aput_if_absent: the same promises, awaited on the event loop ---------------------------
+
+    @staticmethod
+    def _aput(store: ObjectStore, key: str, data: bytes, **options: object) -> tuple:
+        async def put() -> tuple:
+            try:
+                return await store.aput_if_absent(key, data, **options)  # type: ignore[arg-type]
+            finally:
+                await store.aclose()
+
+        return asyncio.run(put())
+
+    def test_aput_if_absent_creates_a_missing_object_with_its_metadata(
+        self, store: ObjectStore
+    ) -> None:
+        data = random_bytes(36_000, seed=5)
+        info, created = self._aput(
+            store, "s/1.2/1.2.3.dcm", data, metadata={"origin": "ziekenhuis-a"}, sha256=sha256(data)
+        )
+        assert created
+        assert (info.key, info.size, info.sha256) == ("s/1.2/1.2.3.dcm", len(data), sha256(data))
+        assert info.metadata == {"origin": "ziekenhuis-a"}
+        stat = store.stat("s/1.2/1.2.3.dcm")
+        assert stat is not None
+        assert (stat.size, stat.sha256, stat.content_type) == (
+            len(data),
+            sha256(data),
+            "application/dicom",
+        )
+        assert stat.metadata == {"origin": "ziekenhuis-a"}
+        assert store.get("s/1.2/1.2.3.dcm") == data
+
+    def test_aput_if_absent_never_overwrites_and_reports_the_existing_object(
+        self, store: ObjectStore
+    ) -> None:
+        store.put_if_absent("k.dcm", b"original", metadata={"v": "1"})
+        info, created = self._aput(store, "k.dcm", b"impostor", metadata={"v": "2"})
+        assert not created
+        assert (info.sha256, info.metadata) == (sha256(b"original"), {"v": "1"})
+        again, created = self._aput(store, "k.dcm", b"original")
+        assert not created and again.sha256 == sha256(b"original")
+        assert store.get("k.dcm") == b"original"
+
+    def test_aput_if_absent_of_a_body_larger_than_a_part_is_stored_whole(
+        self, store: ObjectStore
+    ) -> None:
+        data = random_bytes(MULTIPART_BYTES, seed=6)
+        info, created = self._aput(store, "big.dcm", data)
+        assert created and info.sha256 == sha256(data)
+        assert store.get("big.dcm") == data
+
+    def test_aput_if_absent_with_a_wrong_sha256_stores_nothing(self, store: ObjectStore) -> None:
+        with pytest.raises(ChecksumMismatch):
+            self._aput(store, "k.dcm", b"data", sha256=sha256(b"other"))
+        assert not store.exists("k.dcm")
+
+    def test_aput_if_absent_refuses_an_invalid_key_or_metadata(self, store: ObjectStore) -> None:
+        with pytest.raises(InvalidObjectKey):
+            self._aput(store, "studies/Jansen^Piet", b"data")
+        with pytest.raises(ValueError):
+            self._aput(store, "k.dcm", b"data", metadata={"Bad Name": "x"})
+        assert list(store.list_keys()) == []
+
+    def test_aput_if_absent_to_a_bucket_never_created_raises_bucket_not_found(self) -> None:
+        with pytest.raises(BucketNotFound):
+            self._aput(self.make_store(), "k.dcm", b"data")
+
+    def test_concurrent_aput_if_absent_calls_never_overwrite_an_existing_key(
+        self, store: ObjectStore
+    ) -> None:
+        store.put("k.dcm", b"original")
+        candidates = [f"version {i}".encode() * 100 for i in range(8)]
+
+        async def race() -> list:
+            try:
+                return await asyncio.gather(*(store.aput_if_absent("k.dcm", c) for c in candidates))
+            finally:
+                await store.aclose()
+
+        results = asyncio.run(race())
+        assert not any(created for _, created in results)
+        assert store.get("k.dcm") == b"original"
+
+    def test_many_aput_if_absent_calls_on_one_loop_store_every_object(
+        self, store: ObjectStore
+    ) -> None:
+        bodies = {f"s/{i}.dcm": random_bytes(2_000 + i, seed=i) for i in range(40)}
+
+        async def put_all() -> list:
+            try:
+                return await asyncio.gather(
+                    *(store.aput_if_absent(k, b, sha256=sha256(b)) for k, b in bodies.items())
+                )
+            finally:
+                await store.aclose()
+
+        results = asyncio.run(put_all())
+        assert all(created for _, created in results)
+        assert {k: store.get(k) for k in bodies} == bodies
 
     # -- reading ----------------------------------------------------------------------------------
 

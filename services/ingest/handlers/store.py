@@ -114,6 +114,7 @@ class InstanceStore:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         large_threshold: int = 8 * 1024 * 1024,
         large_uploads: int = 2,
+        inline_threshold: int = 1024 * 1024,
     ) -> None:
         self._objects = objects
         self._publisher = publisher
@@ -127,6 +128,8 @@ class InstanceStore:
         # only a few at a time, so a request of big instances cannot add up to gigabytes.
         self._large_threshold = large_threshold
         self._large_uploads = threading.BoundedSemaphore(large_uploads)
+        # Instances up to this size are read, hashed and stored on the event loop.
+        self._inline_threshold = inline_threshold
 
     async def store(self, received: Received, submission: Submission) -> Outcome:
         try:
@@ -156,8 +159,14 @@ class InstanceStore:
         return outcome
 
     async def _store(self, received: Received, submission: Submission) -> Outcome:
-        # Header check and S3 write in one trip to a worker thread: both block.
-        persisted = await asyncio.to_thread(self._persist, received, submission)
+        if received.size <= self._inline_threshold:
+            # A small instance is checked and stored on the event loop itself: a trip to a
+            # worker thread per instance cost more CPU than the work (see shared.storage.s3_async).
+            persisted = await self._persist_inline(received, submission)
+        else:
+            # Header check and S3 write of a large one in one trip to a worker thread: it
+            # streams from the spool file, and hashing it would hold up the loop.
+            persisted = await asyncio.to_thread(self._persist, received, submission)
         if isinstance(persisted, Outcome):
             return persisted
         header, key, info, created = persisted
@@ -246,27 +255,14 @@ class InstanceStore:
     def _persist(
         self, received: Received, submission: Submission
     ) -> Outcome | tuple[InstanceHeader, str, ObjectInfo, bool]:
-        try:
-            header = _read(received)
-        except Rejected as exc:
-            return Outcome(exc.status, exc.reason)
-
-        def failed(status: Status, reason: str) -> Outcome:
-            return _refused(header, status, reason)
-
-        if submission.expected_study_uid and header.study_instance_uid != (
-            submission.expected_study_uid
-        ):
-            return failed(
-                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "Study Instance UID does not match the study in the request URL",
-            )
-        key = object_key(submission.sender_ura, header)
+        checked = self._check(received, submission)
+        if isinstance(checked, Outcome):
+            return checked
+        header, key, data_set_sha256 = checked
         try:
             # S3 servers differ in how atomic a conditional write is under a race (versitygw
             # checks at the start of an upload, not at its end): writers of one key within this
             # process take turns, so "never overwrite" does not depend on the server.
-            data_set_sha256 = _data_set_sha256(received, header.data_set_offset)
             with (
                 self._large_uploads if received.size > self._large_threshold else nullcontext(),
                 self._key_locks[hash(key) % len(self._key_locks)],
@@ -278,13 +274,63 @@ class InstanceStore:
                     metadata={DATA_SET_SHA256: data_set_sha256},
                     sha256=received.sha256,
                 )
-        except ObjectStoreUnavailable:
-            return failed(Status.OUT_OF_RESOURCES, "object storage is unavailable; retry later")
-        except ChecksumMismatch:
-            return failed(Status.PROCESSING_FAILURE, "bytes changed while being stored; resend")
         except ObjectStoreError as exc:
-            log.error("object store refused an instance", error=str(exc), key=key)
-            return failed(Status.OUT_OF_RESOURCES, "object storage refused the write; retry later")
+            return _store_failed(header, key, exc)
+        return self._judge(header, key, info, created, received, data_set_sha256)
+
+    async def _persist_inline(
+        self, received: Received, submission: Submission
+    ) -> Outcome | tuple[InstanceHeader, str, ObjectInfo, bool]:
+        checked = self._check(received, submission)
+        if isinstance(checked, Outcome):
+            return checked
+        header, key, data_set_sha256 = checked
+        received.file.seek(0)
+        body = received.file.read(received.size)
+        received.file.seek(0)
+        lock = self._key_locks[hash(key) % len(self._key_locks)]
+        # The same per-key turns as the threaded path (shared with it), without blocking the
+        # loop: another writer of this key is rare, so waiting by polling is cheap enough.
+        while not lock.acquire(blocking=False):
+            await asyncio.sleep(0.005)
+        try:
+            info, created = await self._objects.aput_if_absent(
+                key, body, metadata={DATA_SET_SHA256: data_set_sha256}, sha256=received.sha256
+            )
+        except ObjectStoreError as exc:
+            return _store_failed(header, key, exc)
+        finally:
+            lock.release()
+        return self._judge(header, key, info, created, received, data_set_sha256)
+
+    def _check(
+        self, received: Received, submission: Submission
+    ) -> Outcome | tuple[InstanceHeader, str, str]:
+        """(header, object key, sha256 of the data set), or why the instance is refused."""
+        try:
+            header = _read(received)
+        except Rejected as exc:
+            return Outcome(exc.status, exc.reason)
+        if submission.expected_study_uid and header.study_instance_uid != (
+            submission.expected_study_uid
+        ):
+            return _refused(
+                header,
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "Study Instance UID does not match the study in the request URL",
+            )
+        key = object_key(submission.sender_ura, header)
+        return header, key, _data_set_sha256(received, header.data_set_offset)
+
+    @staticmethod
+    def _judge(
+        header: InstanceHeader,
+        key: str,
+        info: ObjectInfo,
+        created: bool,
+        received: Received,
+        data_set_sha256: str,
+    ) -> Outcome | tuple[InstanceHeader, str, ObjectInfo, bool]:
         # Other bytes under this key: the same instance with another File Meta (another channel
         # or toolkit wrapped it) is still the same instance; anything else is not.
         if (
@@ -292,7 +338,8 @@ class InstanceStore:
             and info.sha256 != received.sha256
             and info.metadata.get(DATA_SET_SHA256) != data_set_sha256
         ):
-            return failed(
+            return _refused(
+                header,
                 Status.DUPLICATE_SOP_INSTANCE,
                 "this sender already sent an instance with this SOP Instance UID and other "
                 "content; it is kept and not overwritten",
@@ -330,6 +377,21 @@ class InstanceStore:
             sender_note=sub.sender_note,
             completes_study=sub.completes_study,
         )
+
+
+def _store_failed(header: InstanceHeader, key: str, exc: ObjectStoreError) -> Outcome:
+    if isinstance(exc, ObjectStoreUnavailable):
+        return _refused(
+            header, Status.OUT_OF_RESOURCES, "object storage is unavailable; retry later"
+        )
+    if isinstance(exc, ChecksumMismatch):
+        return _refused(
+            header, Status.PROCESSING_FAILURE, "bytes changed while being stored; resend"
+        )
+    log.error("object store refused an instance", error=str(exc), key=key)
+    return _refused(
+        header, Status.OUT_OF_RESOURCES, "object storage refused the write; retry later"
+    )
 
 
 def _refused(header: InstanceHeader, status: Status, reason: str) -> Outcome:

@@ -246,6 +246,37 @@ def test_the_same_sop_instance_with_other_bytes_is_refused_and_never_overwrites(
     assert stored_bytes(bucket, key) == first
 
 
+def test_stored_through_worker_threads_an_instance_keeps_the_same_promises(
+    kafka_settings: KafkaSettings,
+    bucket: S3Settings,
+    tmp_path: Path,
+    instance_stored_tap: EventTap,
+) -> None:
+    # inline_store_bytes=0: every instance takes the path large instances take.
+    running = start_ingest(kafka_settings, bucket, tmp_path, inline_store_bytes=0)
+    try:
+        first = make_dicom_bytes(StudyDescription="first")
+        ds = pydicom.dcmread(io.BytesIO(first))
+        second = make_dicom_bytes(
+            StudyDescription="second",
+            SOPInstanceUID=ds.SOPInstanceUID,
+            StudyInstanceUID=ds.StudyInstanceUID,
+            SeriesInstanceUID=ds.SeriesInstanceUID,
+        )
+        assert post(running, multipart([first])).status_code == 200
+        assert post(running, multipart([first])).status_code == 200
+        refused = post(running, multipart([second]))
+    finally:
+        running.stop()
+    assert refused.status_code == 409
+    [item] = items(refused, FAILED)
+    assert item[FAILURE_REASON]["Value"] == [int(Status.DUPLICATE_SOP_INSTANCE)]
+    key = f"{SENDER_URA}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    assert stored_bytes(bucket, key) == first
+    uid = ds.SOPInstanceUID
+    assert len(instance_stored_tap.read(for_sops([uid]), expect=1, settle=2.0)) == 1
+
+
 def test_the_senders_note_urgency_and_completion_mark_travel_with_the_instances(
     ingest_service: RunningIngest, instance_stored_tap: EventTap
 ) -> None:
