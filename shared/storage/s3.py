@@ -221,9 +221,11 @@ class S3ObjectStore:
             return existing, False
         if code == "NoSuchBucket":
             raise BucketNotFound(self.bucket)
-        if code in _TRANSIENT_CODES or answer.status >= 500:
+        if code is None or code in _TRANSIENT_CODES or answer.status >= 500:
+            # No S3 error document: a proxy or load balancer answered for a sick server (the
+            # threaded path: minio's InvalidResponseError). Transient, as there.
             raise ObjectStoreUnavailable(
-                f"S3 {code} ({answer.status})",
+                f"S3 {code or answer.reason} ({answer.status})",
                 retry_after=_seconds(answer.headers.get("retry-after")),
             )
         raise ObjectStoreError(f"S3 {code} ({answer.status}): {message}")
@@ -563,28 +565,16 @@ def _seconds(value: str | None) -> float:
         return 1.0
 
 
-def _error_of(answer: Answer) -> tuple[str, str]:
-    """(Code, Message) of an S3 error answer; a body that is not S3's XML gets a code from its
-    HTTP status, as minio does."""
+def _error_of(answer: Answer) -> tuple[str | None, str]:
+    """(Code, Message) of an S3 error answer; (None, reason) when its body is not S3's XML."""
     with suppress(ET.ParseError):
         root = ET.fromstring(answer.body.strip()) if answer.body.strip() else None
-        if root is not None:
+        if root is not None and root.tag.removeprefix(_S3_NS) == "Error":
             code = root.findtext(f"{_S3_NS}Code") or root.findtext("Code")
             message = root.findtext(f"{_S3_NS}Message") or root.findtext("Message") or ""
             if code:
                 return code, message
-    by_status = {
-        301: "PermanentRedirect",
-        307: "Redirect",
-        400: "BadRequest",
-        403: "AccessDenied",
-        404: "NoSuchKey",
-        405: "MethodNotAllowed",
-        409: "Conflict",
-        412: "PreconditionFailed",
-        501: "NotImplemented",
-    }
-    return by_status.get(answer.status, f"HTTP{answer.status}"), answer.reason
+    return None, answer.reason
 
 
 def _read_part(source: BinaryIO, size: int, first: bytes = b"") -> bytes:

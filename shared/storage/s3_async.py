@@ -29,6 +29,8 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import re
+import select
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from urllib3 import Retry
 from shared.storage.port import ObjectStoreUnavailable
 from shared.storage.s3_pool import _backoff, _budget, _ConnectFailed
 
+_SPACES = re.compile(" +")
 # Larger bodies are stored through the threaded path (module docstring).
 MAX_BODY = 4 * 1024 * 1024
 _MAX_LINE = 65536
@@ -93,18 +96,18 @@ class SigV4:
         URI-encoded absolute path; no query string."""
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
-        signed = {name.lower(): str(value).strip() for name, value in headers.items()}
+        signed = {name.lower(): str(value).strip(" ") for name, value in headers.items()}
         signed["x-amz-date"] = stamp
         signed["x-amz-content-sha256"] = payload_sha256
         names = sorted(signed)
-        # Values are signed with inner runs of spaces collapsed, and sent as given: the server
-        # canonicalises what it receives the same way.
+        # Values are signed with runs of spaces collapsed (not tabs: as minio and the server),
+        # and sent as given: the server canonicalises what it receives the same way.
         canonical = "\n".join(
             [
                 method,
                 path,
                 "",  # query string
-                "".join(f"{name}:{' '.join(signed[name].split())}\n" for name in names),
+                "".join(f"{name}:{_SPACES.sub(' ', signed[name])}\n" for name in names),
                 ";".join(names),
                 payload_sha256,
             ]
@@ -155,9 +158,17 @@ class _Connection:
         """Nothing waits to be read on it (a 408, an end) and it is not closing."""
         if self.writer.transport.is_closing() or self.reader.at_eof():
             return False
-        # StreamReader has no public peek: what the server sent since the last answer is
-        # already in its buffer, or the transport delivers it before the next await.
-        return not getattr(self.reader, "_buffer", b"")
+        # What the server sent since the last answer is in the reader's buffer if the loop
+        # has read it already (StreamReader has no public peek), or still on the socket if
+        # the loop was busy since.
+        if getattr(self.reader, "_buffer", b""):
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
     async def exchange(self, request: bytes, timeout: float | None) -> tuple[Answer, bool]:
         """Send ``request``; (the answer, whether the connection can be kept)."""
@@ -342,6 +353,11 @@ class AsyncPutClient:
             except BaseException:
                 conn.close()
                 raise
+            if answer.status == 408 and conn.reused:
+                # A kept connection timed out by the server or a proxy just as it was taken:
+                # the 408 was not an answer to this request.
+                conn.close()
+                continue
             # A refused PUT may have left part of its body unread on this connection.
             if keep and answer.status < 400 and len(self._idle) < self._max_idle:
                 conn.reused = True

@@ -20,7 +20,7 @@ from minio.credentials import Credentials
 from minio.signer import sign_v4_s3
 from urllib3 import Retry
 
-from shared.storage import ObjectStoreUnavailable
+from shared.storage import BucketNotFound, ObjectStoreError, ObjectStoreUnavailable, S3ObjectStore
 from shared.storage.s3_async import AsyncPutClient, SigV4, object_path
 from tests.scripted_http import Seen, answer, ok
 
@@ -290,3 +290,112 @@ def test_an_answer_sent_before_the_body_was_read_is_taken() -> None:
     finally:
         listener.close()
         thread.join(5)
+
+
+def test_a_408_that_reached_a_kept_connection_while_the_loop_was_busy_is_not_an_answer() -> None:
+    # A proxy times the idle connection out a moment after answering; the event loop is busy
+    # meanwhile, so the 408 waits on the socket, not yet in the stream reader.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2)
+    port = listener.getsockname()[1]
+    connections: list[int] = []
+
+    def serve_two() -> None:
+        for number in (1, 2):
+            conn, _ = listener.accept()
+            connections.append(number)
+            with conn:
+                reader = conn.makefile("rb")
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                reader.read(length)
+                conn.sendall(ok(f"conn-{number}"))
+                if number == 1:
+                    time.sleep(0.05)
+                    conn.sendall(answer("408 Request Timeout", b"", "Connection: close"))
+
+    thread = threading.Thread(target=serve_two, daemon=True)
+    thread.start()
+    put_client = client(f"http://127.0.0.1:{port}", retries=0)
+
+    async def go() -> list[str]:
+        try:
+            first = await put_client.put("/b/1.dcm", BODY, SHA, {})
+            time.sleep(0.3)  # busy: no await, so the loop reads nothing meanwhile
+            second = await put_client.put("/b/2.dcm", BODY, SHA, {})
+            return [
+                f"{first.status} {first.headers['etag']}",
+                f"{second.status} {second.headers['etag']}",
+            ]
+        finally:
+            await put_client.aclose()
+
+    try:
+        assert asyncio.run(go()) == ['200 "conn-1"', '200 "conn-2"']
+    finally:
+        listener.close()
+        thread.join(5)
+    assert connections == [1, 2]
+
+
+def test_a_408_in_answer_on_a_kept_connection_is_retried_on_a_fresh_one(serve) -> None:
+    replies = {(1, 0): ok(), (1, 1): (answer("408 Request Timeout"), True)}
+    server = serve(lambda seen, index: replies.get((seen.connection, index), ok("fresh")))
+    answers = run_puts(client(server.url, retries=0), count=2)
+    assert [(a.status, a.headers["etag"]) for a in answers] == [(200, '"abc"'), (200, '"fresh"')]
+    assert server.connections == 2
+
+
+# -- S3ObjectStore.aput_if_absent: answers onto the port's errors ---------------------------
+
+
+def _error(code: str, status: str, *headers: str) -> bytes:
+    xml = f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+    return answer(status, xml, "Content-Type: application/xml", *headers)
+
+
+@pytest.mark.parametrize(
+    ("reply", "raised", "retry_after"),
+    [
+        (_error("AccessDenied", "403 Forbidden"), ObjectStoreError, None),
+        (_error("SignatureDoesNotMatch", "403 Forbidden"), ObjectStoreError, None),
+        (_error("NoSuchBucket", "404 Not Found"), BucketNotFound, None),
+        (_error("SlowDown", "503 Slow Down", "Retry-After: 7"), ObjectStoreUnavailable, 7.0),
+        (_error("RequestTimeout", "400 Bad Request"), ObjectStoreUnavailable, 1.0),
+        # No S3 error document: a proxy answered for the server.
+        (answer("403 Forbidden", b"<html>no</html>"), ObjectStoreUnavailable, 1.0),
+        (answer("429 Too Many", b"", "Retry-After: 9"), ObjectStoreUnavailable, 9.0),
+        (answer("502 Bad Gateway", b"<html/>", "Retry-After: 5"), ObjectStoreUnavailable, 5.0),
+        (
+            answer("500 Internal", b"<not xml", "Content-Type: application/xml"),
+            ObjectStoreUnavailable,
+            1.0,
+        ),
+    ],
+)
+def test_an_error_answer_becomes_the_ports_error(serve, reply, raised, retry_after) -> None:
+    server = serve(lambda seen, index: reply)
+    store = S3ObjectStore(
+        urlsplit(server.url).netloc,
+        "access",
+        "secret",
+        "dicom",
+        secure=False,
+        retries=0,
+        conditional_writes=True,
+    )
+
+    async def go() -> None:
+        try:
+            await store.aput_if_absent("k.dcm", BODY)
+        finally:
+            await store.aclose()
+
+    with pytest.raises(raised) as caught:
+        asyncio.run(go())
+    assert type(caught.value) is raised
+    if retry_after is not None:
+        assert caught.value.retry_after == retry_after

@@ -15,15 +15,14 @@ besides the object itself: on these machines every extra S3 PUT costs as much as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from services.ingest.domain.dicom import InstanceHeader, Rejected, read_header
 from services.ingest.domain.keys import object_key
@@ -50,6 +49,7 @@ from shared.storage.port import (
 )
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 # S3 user metadata: sha256 of the data set alone (the bytes after the File Meta).
 DATA_SET_SHA256 = "dataset-sha256"
@@ -123,11 +123,11 @@ class InstanceStore:
         self._producer = producer
         self._clock = clock
         self._announced = _BoundedSet(100_000)
-        self._key_locks = [threading.Lock() for _ in range(256)]
+        self._key_turns = [asyncio.Lock() for _ in range(256)]
         # A large instance travels to S3 in multipart chunks of 8 MiB or more held in memory:
         # only a few at a time, so a request of big instances cannot add up to gigabytes.
         self._large_threshold = large_threshold
-        self._large_uploads = threading.BoundedSemaphore(large_uploads)
+        self._large_uploads = asyncio.Semaphore(large_uploads)
         # Instances up to this size are read, hashed and stored on the event loop.
         self._inline_threshold = inline_threshold
 
@@ -159,14 +159,7 @@ class InstanceStore:
         return outcome
 
     async def _store(self, received: Received, submission: Submission) -> Outcome:
-        if received.size <= self._inline_threshold:
-            # A small instance is checked and stored on the event loop itself: a trip to a
-            # worker thread per instance cost more CPU than the work (see shared.storage.s3_async).
-            persisted = await self._persist_inline(received, submission)
-        else:
-            # Header check and S3 write of a large one in one trip to a worker thread: it
-            # streams from the spool file, and hashing it would hold up the loop.
-            persisted = await asyncio.to_thread(self._persist, received, submission)
+        persisted = await self._persist(received, submission)
         if isinstance(persisted, Outcome):
             return persisted
         header, key, info, created = persisted
@@ -252,55 +245,56 @@ class InstanceStore:
             self._metrics.produced(event.topic, event.schema_name)
         return True
 
-    def _persist(
+    async def _persist(
         self, received: Received, submission: Submission
     ) -> Outcome | tuple[InstanceHeader, str, ObjectInfo, bool]:
-        checked = self._check(received, submission)
-        if isinstance(checked, Outcome):
-            return checked
-        header, key, data_set_sha256 = checked
-        try:
-            # S3 servers differ in how atomic a conditional write is under a race (versitygw
-            # checks at the start of an upload, not at its end): writers of one key within this
-            # process take turns, so "never overwrite" does not depend on the server.
-            with (
-                self._large_uploads if received.size > self._large_threshold else nullcontext(),
-                self._key_locks[hash(key) % len(self._key_locks)],
-            ):
-                info, created = self._objects.put_if_absent(
-                    key,
-                    received.file,
-                    received.size,
-                    metadata={DATA_SET_SHA256: data_set_sha256},
-                    sha256=received.sha256,
-                )
-        except ObjectStoreError as exc:
-            return _store_failed(header, key, exc)
-        return self._judge(header, key, info, created, received, data_set_sha256)
+        """Check the header and store the bytes: (header, key, what is stored, created now).
 
-    async def _persist_inline(
-        self, received: Received, submission: Submission
-    ) -> Outcome | tuple[InstanceHeader, str, ObjectInfo, bool]:
-        checked = self._check(received, submission)
+        A small instance is checked and stored on the event loop itself: a trip to a worker
+        thread per instance cost more CPU than the work (see shared.storage.s3_async). A large
+        one is checked in a worker thread and streamed to S3 from one.
+
+        S3 servers differ in how atomic a conditional write is under a race (versitygw checks
+        at the start of an upload, not at its end), so writers of one key in this process take
+        turns, so that "never overwrite" does not depend on the server. The turns are taken on
+        the event loop, never by a worker thread, so that a thread the store needs can never be
+        one waiting for a turn; and a write that has started is waited for, even when the
+        request is cancelled, before the next writer of its key goes.
+        """
+        inline = received.size <= self._inline_threshold
+        checked = (
+            self._check(received, submission)
+            if inline
+            else await asyncio.to_thread(self._check, received, submission)
+        )
         if isinstance(checked, Outcome):
             return checked
         header, key, data_set_sha256 = checked
-        received.file.seek(0)
-        body = received.file.read(received.size)
-        received.file.seek(0)
-        lock = self._key_locks[hash(key) % len(self._key_locks)]
-        # The same per-key turns as the threaded path (shared with it), without blocking the
-        # loop: another writer of this key is rare, so waiting by polling is cheap enough.
-        while not lock.acquire(blocking=False):
-            await asyncio.sleep(0.005)
+        metadata = {DATA_SET_SHA256: data_set_sha256}
         try:
-            info, created = await self._objects.aput_if_absent(
-                key, body, metadata={DATA_SET_SHA256: data_set_sha256}, sha256=received.sha256
-            )
+            async with self._key_turns[hash(key) % len(self._key_turns)]:
+                if inline:
+                    received.file.seek(0)
+                    body = received.file.read(received.size)
+                    received.file.seek(0)
+                    write = self._objects.aput_if_absent(
+                        key, body, metadata=metadata, sha256=received.sha256
+                    )
+                    info, created = await _finish_even_if_cancelled(write)
+                else:
+                    large = received.size > self._large_threshold
+                    async with self._large_uploads if large else _NO_LIMIT:
+                        write = asyncio.to_thread(
+                            self._objects.put_if_absent,
+                            key,
+                            received.file,
+                            received.size,
+                            metadata=metadata,
+                            sha256=received.sha256,
+                        )
+                        info, created = await _finish_even_if_cancelled(write)
         except ObjectStoreError as exc:
             return _store_failed(header, key, exc)
-        finally:
-            lock.release()
         return self._judge(header, key, info, created, received, data_set_sha256)
 
     def _check(
@@ -377,6 +371,29 @@ class InstanceStore:
             sender_note=sub.sender_note,
             completes_study=sub.completes_study,
         )
+
+
+async def _finish_even_if_cancelled(write: Awaitable[T]) -> T:
+    """Await ``write``; if the waiter is cancelled meanwhile, let the write end before the
+    cancellation goes on, so its key's turn is not handed on while S3 may still apply it."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait({task})
+        raise
+
+
+class _NoLimit:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
 
 
 def _store_failed(header: InstanceHeader, key: str, exc: ObjectStoreError) -> Outcome:
