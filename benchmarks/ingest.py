@@ -23,7 +23,9 @@ this shared 2-core machine one run of one target differs from the next by up to 
 the pre-built bodies from a shared queue as fast as the server answers. Measured per target, from
 the first request to the last answer: ``instances_per_s``, ``mb_per_s`` (DICOM bytes, MB = 10^6),
 ``request_latency_ms`` p50/p99, and ``peak_rss_mb`` of the server process and its children
-(``VmHWM`` from /proc, MB = 2^20 bytes; without a pid it is null). A failure is an instance the
+(``VmHWM`` from /proc, MB = 2^20 bytes; without a pid it is null), and CPU per instance of the
+server and, where the target has one of its own, of its storage process (beeldportaal's S3
+server; Kafka's broker is shared with the platform and not counted). A failure is an instance the
 server did not list in the STOW-RS ReferencedSOPSequence (0008,1199) of a 2xx answer.
 
 The built-in Orthanc target is a fresh Orthanc (Debian package, DICOMweb plugin, TCP_NODELAY=1);
@@ -217,6 +219,9 @@ class Target:
     stow_url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     pid: int | None = None
+    # A process of the target's own besides its server, whose CPU and memory count too
+    # (beeldportaal's S3 server; Orthanc stores in its own process).
+    storage_pid: int | None = None
 
 
 def parse_target(spec: str) -> Target:
@@ -362,6 +367,7 @@ def beeldportaal_target(state_dir: Path) -> Iterator[tuple[Target, Any]]:
                 f"{base}/dicomweb/to/{BENCH_RECIPIENT}/studies",
                 {"Authorization": f"Bearer {token}"},
                 server.pid,
+                s3_server.process.pid(),
             ),
             durable_instances,
         )
@@ -553,7 +559,7 @@ def measure(
     for thread in threads:
         thread.start()
     load_before = os.getloadavg()[0]
-    with RssWatcher(target.pid) as rss:
+    with RssWatcher(target.pid) as rss, RssWatcher(target.storage_pid) as storage:
         ready.wait()
         started = time.perf_counter()
         client_cpu = time.process_time()
@@ -593,6 +599,19 @@ def measure(
         "server_cpu_ms_per_instance": (
             round(rss.cpu_s * 1000 / stored, 2) if rss.cpu_s is not None and stored else None
         ),
+        # The target's storage process (beeldportaal's S3 server), and server plus storage:
+        # what storing an instance costs the machine, Kafka's broker aside (it is shared).
+        "storage_cpu_ms_per_instance": (
+            round(storage.cpu_s * 1000 / stored, 2)
+            if storage.cpu_s is not None and stored
+            else None
+        ),
+        "storage_peak_rss_mb": storage.peak_mb,
+        "server_and_storage_cpu_ms_per_instance": (
+            round(((rss.cpu_s or 0.0) + (storage.cpu_s or 0.0)) * 1000 / stored, 2)
+            if rss.cpu_s is not None and stored
+            else None
+        ),
         "client_cpu_ms_per_instance": round(client_cpu * 1000 / stored, 2) if stored else None,
         "load_avg_1m_before": round(load_before, 2),
         "server_pids": sorted(rss.hwm_kb),
@@ -624,6 +643,10 @@ def ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
         "peak_rss": ratio(result["peak_rss_mb"], baseline["peak_rss_mb"]),
         "server_cpu_per_instance": ratio(
             result["server_cpu_ms_per_instance"], baseline["server_cpu_ms_per_instance"]
+        ),
+        "server_and_storage_cpu_per_instance": ratio(
+            result["server_and_storage_cpu_ms_per_instance"],
+            baseline["server_and_storage_cpu_ms_per_instance"],
         ),
     }
 
@@ -820,6 +843,7 @@ def _round_summary(result: dict[str, Any]) -> dict[str, Any]:
         "request_latency_ms_p99": result["request_latency_ms"]["p99"],
         "peak_rss_mb": result["peak_rss_mb"],
         "server_cpu_ms_per_instance": result["server_cpu_ms_per_instance"],
+        "server_and_storage_cpu_ms_per_instance": result["server_and_storage_cpu_ms_per_instance"],
         "failures": result["failures"],
     }
 
