@@ -38,15 +38,23 @@ from datetime import UTC, datetime
 from urllib.parse import quote
 
 from urllib3 import Retry
+from urllib3.exceptions import ProtocolError
 
 from shared.storage.port import ObjectStoreUnavailable
-from shared.storage.s3_pool import _backoff, _budget, _ConnectFailed
+from shared.storage.s3_pool import (
+    _MAX_HEADERS,
+    _backoff,
+    _budget,
+    _chunk_size,
+    _ConnectFailed,
+    _Framing,
+    _request_head,
+    _status,
+)
 
 _SPACES = re.compile(" +")
 # Larger bodies are stored through the threaded path (module docstring).
 MAX_BODY = 4 * 1024 * 1024
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
 _ALGORITHM = "AWS4-HMAC-SHA256"
 
 
@@ -57,10 +65,6 @@ class Answer:
     # Names lowercased; a repeated header keeps its last value.
     headers: dict[str, str]
     body: bytes
-
-
-class _ProtocolError(Exception):
-    """The server's answer is not HTTP/1.x as expected: a read error (retried)."""
 
 
 class _Stale(Exception):
@@ -191,13 +195,13 @@ class _Connection:
                 raise _Stale from send_failed
             if send_failed is not None:
                 raise send_failed
-            raise _ProtocolError("the S3 server closed the connection without an answer")
+            raise ProtocolError("the S3 server closed the connection without an answer")
         version, status, reason = _status(status_line)
         headers, length, chunked, keep = await self._headers(version)
         while 100 <= status < 200 and status != 101:  # interim answers (RFC 9110 15.2)
             status_line = await self._line()
             if not status_line:
-                raise _ProtocolError("the S3 server closed the connection after an interim answer")
+                raise ProtocolError("the S3 server closed the connection after an interim answer")
             version, status, reason = _status(status_line)
             headers, length, chunked, keep = await self._headers(version)
         keep = keep and send_failed is None and status != 101
@@ -211,48 +215,32 @@ class _Connection:
             else:  # no length: the body runs to the end of the connection
                 body, keep = await self.reader.read(), False
         except asyncio.IncompleteReadError:
-            raise _ProtocolError("the S3 server's answer ended early") from None
+            raise ProtocolError("the S3 server's answer ended early") from None
         return Answer(status, reason, headers, body), keep
 
     async def _line(self) -> bytes:
         try:
             return await self.reader.readline()
         except ValueError:  # longer than the reader's limit
-            raise _ProtocolError("the S3 server's answer has a line that is too long") from None
+            raise ProtocolError("the S3 server's answer has a line that is too long") from None
 
     async def _headers(self, version: bytes) -> tuple[dict[str, str], int | None, bool, bool]:
         headers: dict[str, str] = {}
-        length: int | None = None
-        chunked = False
-        keep = version == b"HTTP/1.1"
+        framing = _Framing(version)
         for _ in range(_MAX_HEADERS + 1):
             line = await self._line()
             if line in (b"\r\n", b"\n"):
-                return headers, length, chunked, keep
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not line or not colon:
-                raise _ProtocolError("the S3 server's answer has malformed headers")
-            name, value = name.strip().lower(), value.strip()
-            headers[name] = value
-            if name == "content-length":
-                if not (value.isascii() and value.isdigit()):
-                    raise _ProtocolError("the S3 server's answer has a bad Content-Length")
-                length = int(value)
-            elif name == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-            elif name == "connection":
-                options = {option.strip() for option in value.lower().split(",")}
-                keep = "close" not in options and (keep or "keep-alive" in options)
-        raise _ProtocolError("the S3 server's answer has too many headers")
+                return headers, framing.length, framing.chunked, framing.keep
+            if not line:
+                raise ProtocolError("the S3 server's answer has malformed headers")
+            name, value = framing.read(line)
+            headers[name.lower()] = value
+        raise ProtocolError("the S3 server's answer has too many headers")
 
     async def _chunked(self) -> bytes:
         pieces = []
         while True:
-            size_line = await self._line()
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _ProtocolError("the S3 server's answer has a bad chunk size") from None
+            size = _chunk_size(await self._line())
             if size == 0:
                 while await self._line() not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -299,12 +287,12 @@ class AsyncPutClient:
         self, path: str, body: bytes, payload_sha256: str, headers: Mapping[str, str]
     ) -> Answer:
         signed = self._signer.sign("PUT", path, {"host": self._endpoint, **headers}, payload_sha256)
-        request = _request_head(path, signed, len(body)) + body
+        request = _request_head("PUT", path, signed, len(body)) + body
         errors = 0
         while True:
             try:
                 answer = await self._exchange(request)
-            except (OSError, _ProtocolError, asyncio.IncompleteReadError) as exc:
+            except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
                 errors += 1  # a timeout is an OSError too (TimeoutError)
                 if errors > _budget(self._retries, exc):
                     raise ObjectStoreUnavailable(
@@ -378,22 +366,3 @@ class AsyncPutClient:
                 return conn
             conn.close()
         return None
-
-
-def _status(line: bytes) -> tuple[bytes, int, str]:
-    version, _, rest = line.rstrip(b"\r\n").partition(b" ")
-    code, _, reason = rest.partition(b" ")
-    if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise _ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
-    return version, int(code), reason.decode("latin-1")
-
-
-def _request_head(path: str, headers: Mapping[str, str], length: int) -> bytes:
-    lines = [f"PUT {path} HTTP/1.1"]
-    for name, value in headers.items():
-        if any(c in value for c in "\r\n") or any(c in name for c in "\r\n:"):
-            raise ValueError(f"invalid HTTP header {name!r}")
-        lines.append(f"{name}: {value}")
-    lines.append(f"content-length: {length}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")

@@ -160,30 +160,14 @@ class _Lean:
     def _headers(self, version: bytes) -> tuple[list[tuple[str, str]], int | None, bool, bool]:
         """(headers, Content-Length, chunked, keep the connection) of the answer being read."""
         headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = False
-        keep = version == b"HTTP/1.1"
+        framing = _Framing(version)
         while True:
             line = self.reader.readline(_MAX_LINE + 1)
             if line in (b"\r\n", b"\n"):
-                return headers, length, chunked, keep
+                return headers, framing.length, framing.chunked, framing.keep
             if not line or len(line) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
                 raise ProtocolError("the S3 server's answer has malformed headers")
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon:
-                raise ProtocolError("the S3 server's answer has malformed headers")
-            name, value = name.strip(), value.strip()
-            headers.append((name, value))
-            lowered = name.lower()
-            if lowered == "content-length":
-                if not (value.isascii() and value.isdigit()):
-                    raise ProtocolError("the S3 server's answer has a bad Content-Length")
-                length = int(value)
-            elif lowered == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-            elif lowered == "connection":
-                options = {option.strip() for option in value.lower().split(",")}
-                keep = "close" not in options and (keep or "keep-alive" in options)
+            headers.append(framing.read(line))
 
     def idle_and_open(self) -> bool:
         """Whether a kept connection can take a request: nothing waits to be read on it. A
@@ -200,11 +184,7 @@ class _Lean:
     def _chunked(self) -> bytes:
         pieces = []
         while True:
-            size_line = self.reader.readline(_MAX_LINE + 1)
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ProtocolError("the S3 server's answer has a bad chunk size") from None
+            size = _chunk_size(self.reader.readline(_MAX_LINE + 1))
             if size == 0:
                 while self.reader.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -336,6 +316,42 @@ def _status(line: bytes) -> tuple[bytes, int, str]:
     if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
         raise ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
     return version, int(code), reason.decode("latin-1")
+
+
+class _Framing:
+    """What the header lines of an HTTP/1.x answer say about its body and its connection."""
+
+    __slots__ = ("chunked", "keep", "length")
+
+    def __init__(self, version: bytes) -> None:
+        self.length: int | None = None
+        self.chunked = False
+        self.keep = version == b"HTTP/1.1"
+
+    def read(self, line: bytes) -> tuple[str, str]:
+        """The (name, value) of one header line, noting what it says about the framing."""
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon:
+            raise ProtocolError("the S3 server's answer has malformed headers")
+        name, value = name.strip(), value.strip()
+        lowered = name.lower()
+        if lowered == "content-length":
+            if not (value.isascii() and value.isdigit()):
+                raise ProtocolError("the S3 server's answer has a bad Content-Length")
+            self.length = int(value)
+        elif lowered == "transfer-encoding":
+            self.chunked = "chunked" in value.lower()
+        elif lowered == "connection":
+            options = {option.strip() for option in value.lower().split(",")}
+            self.keep = "close" not in options and (self.keep or "keep-alive" in options)
+        return name, value
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        return int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise ProtocolError("the S3 server's answer has a bad chunk size") from None
 
 
 def _request_head(method: str, target: str, headers: Any, length: int) -> bytes:

@@ -59,6 +59,19 @@ def run_puts(put_client: AsyncPutClient, count: int = 1, **headers: str) -> list
     return asyncio.run(go())
 
 
+def two_puts_a_moment_apart(put_client: AsyncPutClient) -> list[int]:
+    async def go() -> list[int]:
+        try:
+            first = await put_client.put("/b/1.dcm", BODY, SHA, {})
+            await asyncio.sleep(0.05)
+            second = await put_client.put("/b/2.dcm", BODY, SHA, {})
+            return [first.status, second.status]
+        finally:
+            await put_client.aclose()
+
+    return asyncio.run(go())
+
+
 # -- the signature --------------------------------------------------------------------------
 
 
@@ -150,16 +163,7 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_an_error(serve)
     server = serve(lambda seen, index: ok() if index == 0 else None)
     put_client = client(server.url, retries=0)
 
-    async def go() -> list:
-        try:
-            first = await put_client.put("/b/1.dcm", BODY, SHA, {})
-            await asyncio.sleep(0.05)
-            second = await put_client.put("/b/2.dcm", BODY, SHA, {})
-            return [first.status, second.status]
-        finally:
-            await put_client.aclose()
-
-    assert asyncio.run(go()) == [200, 200]
+    assert two_puts_a_moment_apart(put_client) == [200, 200]
     assert server.connections == 2
 
 
@@ -169,16 +173,7 @@ def test_a_kept_connection_with_something_waiting_on_it_is_not_used(serve) -> No
     server = serve(lambda seen, index: ok() + timeout if index == 0 else ok())
     put_client = client(server.url)
 
-    async def go() -> list:
-        try:
-            first = await put_client.put("/b/1.dcm", BODY, SHA, {})
-            await asyncio.sleep(0.05)
-            second = await put_client.put("/b/2.dcm", BODY, SHA, {})
-            return [first.status, second.status]
-        finally:
-            await put_client.aclose()
-
-    assert asyncio.run(go()) == [200, 200]
+    assert two_puts_a_moment_apart(put_client) == [200, 200]
     assert server.connections == 2
 
 

@@ -262,10 +262,11 @@ class InstanceStore:
         request is cancelled, before the next writer of its key goes.
         """
         inline = received.size <= self._inline_threshold
+        body = _body(received) if inline else None
         checked = (
-            self._check(received, submission)
+            self._check(received, submission, body)
             if inline
-            else await asyncio.to_thread(self._check, received, submission)
+            else await asyncio.to_thread(self._check, received, submission, None)
         )
         if isinstance(checked, Outcome):
             return checked
@@ -273,10 +274,7 @@ class InstanceStore:
         metadata = {DATA_SET_SHA256: data_set_sha256}
         try:
             async with self._key_turns[hash(key) % len(self._key_turns)]:
-                if inline:
-                    received.file.seek(0)
-                    body = received.file.read(received.size)
-                    received.file.seek(0)
+                if body is not None:
                     write = self._objects.aput_if_absent(
                         key, body, metadata=metadata, sha256=received.sha256
                     )
@@ -298,9 +296,10 @@ class InstanceStore:
         return self._judge(header, key, info, created, received, data_set_sha256)
 
     def _check(
-        self, received: Received, submission: Submission
+        self, received: Received, submission: Submission, body: bytes | None
     ) -> Outcome | tuple[InstanceHeader, str, str]:
-        """(header, object key, sha256 of the data set), or why the instance is refused."""
+        """(header, object key, sha256 of the data set), or why the instance is refused.
+        ``body``: the instance's bytes when already read, else the data set is read again."""
         try:
             header = _read(received)
         except Rejected as exc:
@@ -314,7 +313,11 @@ class InstanceStore:
                 "Study Instance UID does not match the study in the request URL",
             )
         key = object_key(submission.sender_ura, header)
-        return header, key, _data_set_sha256(received, header.data_set_offset)
+        if body is not None:
+            data_set = hashlib.sha256(memoryview(body)[header.data_set_offset :]).hexdigest()
+        else:
+            data_set = _data_set_sha256(received, header.data_set_offset)
+        return header, key, data_set
 
     @staticmethod
     def _judge(
@@ -432,6 +435,13 @@ class _BoundedSet:
         self._keys.move_to_end(key)
         while len(self._keys) > self._size:
             self._keys.popitem(last=False)
+
+
+def _body(received: Received) -> bytes:
+    received.file.seek(0)
+    body = received.file.read(received.size)
+    received.file.seek(0)
+    return body
 
 
 def _data_set_sha256(received: Received, offset: int) -> str:

@@ -229,6 +229,15 @@ def test_sending_an_identical_instance_again_succeeds_without_a_second_announcem
 def test_the_same_sop_instance_with_other_bytes_is_refused_and_never_overwrites(
     ingest_service: RunningIngest, bucket: S3Settings
 ) -> None:
+    first, second, key = _one_instance_twice_with_other_bytes()
+    assert post(ingest_service, multipart([first])).status_code == 200
+    response = post(ingest_service, multipart([second]))
+    _assert_refused_as_a_duplicate(response)
+    assert stored_bytes(bucket, key) == first
+
+
+def _one_instance_twice_with_other_bytes() -> tuple[bytes, bytes, str]:
+    """Two encodings of one SOP instance with different content, and its object key."""
     first = make_dicom_bytes(StudyDescription="first")
     ds = pydicom.dcmread(io.BytesIO(first))
     second = make_dicom_bytes(
@@ -237,13 +246,14 @@ def test_the_same_sop_instance_with_other_bytes_is_refused_and_never_overwrites(
         StudyInstanceUID=ds.StudyInstanceUID,
         SeriesInstanceUID=ds.SeriesInstanceUID,
     )
-    assert post(ingest_service, multipart([first])).status_code == 200
-    response = post(ingest_service, multipart([second]))
+    key = f"{SENDER_URA}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    return first, second, key
+
+
+def _assert_refused_as_a_duplicate(response: requests.Response) -> None:
     assert response.status_code == 409
     [item] = items(response, FAILED)
     assert item[FAILURE_REASON]["Value"] == [int(Status.DUPLICATE_SOP_INSTANCE)]
-    key = f"{SENDER_URA}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
-    assert stored_bytes(bucket, key) == first
 
 
 def test_stored_through_worker_threads_an_instance_keeps_the_same_promises(
@@ -254,26 +264,16 @@ def test_stored_through_worker_threads_an_instance_keeps_the_same_promises(
 ) -> None:
     # inline_store_bytes=0: every instance takes the path large instances take.
     running = start_ingest(kafka_settings, bucket, tmp_path, inline_store_bytes=0)
+    first, second, key = _one_instance_twice_with_other_bytes()
     try:
-        first = make_dicom_bytes(StudyDescription="first")
-        ds = pydicom.dcmread(io.BytesIO(first))
-        second = make_dicom_bytes(
-            StudyDescription="second",
-            SOPInstanceUID=ds.SOPInstanceUID,
-            StudyInstanceUID=ds.StudyInstanceUID,
-            SeriesInstanceUID=ds.SeriesInstanceUID,
-        )
         assert post(running, multipart([first])).status_code == 200
         assert post(running, multipart([first])).status_code == 200
         refused = post(running, multipart([second]))
     finally:
         running.stop()
-    assert refused.status_code == 409
-    [item] = items(refused, FAILED)
-    assert item[FAILURE_REASON]["Value"] == [int(Status.DUPLICATE_SOP_INSTANCE)]
-    key = f"{SENDER_URA}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    _assert_refused_as_a_duplicate(refused)
     assert stored_bytes(bucket, key) == first
-    uid = ds.SOPInstanceUID
+    uid = pydicom.dcmread(io.BytesIO(first)).SOPInstanceUID
     assert len(instance_stored_tap.read(for_sops([uid]), expect=1, settle=2.0)) == 1
 
 
