@@ -37,16 +37,23 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared import runtime, topics
+from shared.codec import Codec
 from shared.events import BsnStatus, PatientRef, StudyReceived
 from shared.events.consent import ConsentRegistered, Provision
-from shared.kafka import KafkaEventPublisher, delete_topics_containing, provision_topics
+from shared.kafka import (
+    KafkaEventPublisher,
+    WireRecord,
+    delete_topics_containing,
+    provision_topics,
+)
 from shared.logging import configure_logging
 from shared.runtime import tune_gc
 from shared.settings import KafkaSettings
@@ -126,6 +133,7 @@ def consent_worker(bootstrap: str, tag: str, patients: int, ready: Any, stop: An
                 {
                     "registry_fold_seconds": round(time.monotonic() - started, 2),
                     "registry_patients": registry.patients,  # type: ignore[attr-defined]
+                    "consent_worker_cpu_seconds_at_ready": _cpu_seconds(),
                 }
             )
             await _run_until(worker, stop)
@@ -155,7 +163,9 @@ def routing_worker(bootstrap: str, tag: str, ready: Any, stop: Any) -> None:
     async def run() -> None:
         tune_gc()  # as run_worker does in the production process
         async with worker:
-            ready.put({"routing_worker": "started"})
+            ready.put(
+                {"routing_worker": "started", "routing_worker_cpu_seconds_at_ready": _cpu_seconds()}
+            )
             await _run_until(worker, stop)
         ready.put({"routing_worker_cpu_seconds": _cpu_seconds()})
 
@@ -255,22 +265,31 @@ async def seed_directory(kafka: KafkaSettings, topic: str) -> int:
 
 
 class Outcomes:
-    """Reads consent-checked and the route topics; remembers when each study got its answers."""
+    """Watches the output topics while the workers run, reads them once they are done.
+
+    While the workers run it only asks the broker for the topics' end offsets (a few requests
+    a second): reading and parsing every output as it came cost the benchmark's own process
+    15-20 % of a core, taken from the workers on this 2-core machine. What a study's records
+    say (when it was published, decided, routed: their record timestamps, set when the
+    producer appended them) is read afterwards and is the same whenever it is read.
+    """
 
     def __init__(self, kafka: KafkaSettings, specs: dict[str, TopicSpec]) -> None:
         self.kafka = kafka
+        self.specs = specs
+        self.studies = specs["study-received"].name
         self.checked = specs["consent-checked"].name
         self.routes = (specs["route-resolved"].name, specs["route-failed"].name)
-        self.decision_at: dict[str, float] = {}  # correlation id -> record timestamp (s)
+        self.sent_at: dict[str, float] = {}  # correlation id -> record timestamp (s)
+        self.decision_at: dict[str, float] = {}
         self.route_at: dict[str, float] = {}
         self.checked_events = 0
         self.route_events = 0
         self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: dict[str, list[TopicPartition]] = {}
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            self.checked,
-            *self.routes,
             bootstrap_servers=self.kafka.bootstrap_list,
             group_id=None,
             auto_offset_reset="earliest",
@@ -278,59 +297,102 @@ class Outcomes:
             fetch_max_bytes=64 * 1024 * 1024,
         )
         await self._consumer.start()
+        for spec in self.specs.values():
+            if spec.name in (self.studies, self.checked, *self.routes):
+                self._partitions[spec.name] = [
+                    TopicPartition(spec.name, p) for p in range(spec.partitions)
+                ]
+        self._consumer.assign([tp for tps in self._partitions.values() for tp in tps])
 
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def poll(self) -> None:
+    async def _ends(self) -> dict[TopicPartition, int]:
         assert self._consumer is not None
-        batches = await self._consumer.getmany(timeout_ms=100, max_records=20_000)
-        for tp, records in batches.items():
-            for record in records:
-                headers = dict(record.headers)
-                correlation = headers["correlation-id"].decode()
-                stamp = record.timestamp / 1000
-                if tp.topic == self.checked:
-                    self.checked_events += 1
-                    # The delivery decision comes first; the time of the first one counts.
-                    self.decision_at.setdefault(correlation, stamp)
-                else:
-                    self.route_events += 1
-                    self.route_at.setdefault(correlation, stamp)
+        every = [tp for tps in self._partitions.values() for tp in tps]
+        return await self._consumer.end_offsets(every)
 
-    async def wait(self, decided: int, routed: int, timeout: float) -> None:
+    async def wait(self, decided: int, routed: int, timeout: float, every: float = 0.05) -> None:
+        """Until the output topics hold two decisions per ``decided`` study and ``routed``
+        route outcomes (records, not yet read: the count is checked when they are)."""
+        routes = set(self.routes)
         async with asyncio.timeout(timeout):
-            while len(self.decision_at) < decided or len(self.route_at) < routed:
-                await self.poll()
+            while True:
+                ends = await self._ends()
+                checked = sum(o for tp, o in ends.items() if tp.topic == self.checked)
+                outcomes = sum(o for tp, o in ends.items() if tp.topic in routes)
+                if checked >= 2 * decided and outcomes >= routed:
+                    return
+                await asyncio.sleep(every)
+
+    async def read_all(self) -> None:
+        """Read every record on the watched topics up to their current ends."""
+        assert self._consumer is not None
+        ends = await self._ends()
+        for tp in ends:
+            self._consumer.seek(tp, 0)
+        remaining = {tp for tp, end in ends.items() if end > 0}
+        self.sent_at.clear()
+        self.decision_at.clear()
+        self.route_at.clear()
+        self.checked_events = self.route_events = 0
+        while remaining:
+            batches = await self._consumer.getmany(timeout_ms=500, max_records=20_000)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        continue
+                    correlation = dict(record.headers)["correlation-id"].decode()
+                    stamp = record.timestamp / 1000
+                    if tp.topic == self.studies:
+                        self.sent_at.setdefault(correlation, stamp)
+                    elif tp.topic == self.checked:
+                        self.checked_events += 1
+                        # The delivery decision comes first; the time of the first one counts.
+                        self.decision_at.setdefault(correlation, stamp)
+                    else:
+                        self.route_events += 1
+                        self.route_at.setdefault(correlation, stamp)
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+
+
+def encode_studies(studies: list[StudyReceived], topic: str) -> list[WireRecord]:
+    """The studies as records, encoded before the clock starts: the load generator's work is
+    not the workers' (it shares this machine's two cores with them)."""
+    codec = Codec()
+    records = []
+    for study in studies:
+        record = codec.encode(study)
+        records.append(WireRecord(topic, record.key, record.value, record.headers))
+    return records
 
 
 async def publish_studies(
-    kafka: KafkaSettings, topic: str, studies: list[StudyReceived], rate: float | None
-) -> dict[str, float]:
-    """Publish; return correlation id -> the record timestamp the broker acknowledged (s)."""
-    sent_at: dict[str, float] = {}
+    kafka: KafkaSettings, records: list[WireRecord], rate: float | None
+) -> None:
+    """Publish pre-encoded studies: all at once (``rate`` None) or ``rate`` per second."""
     async with KafkaEventPublisher(kafka, "bench-decide") as publisher:
+        producer = await publisher.ready()
+        if rate is None:
+            pending = []
+            for start in range(0, len(records), 1000):
+                pending += await publisher.send_many(producer, records[start : start + 1000])
+            await asyncio.gather(*pending)
+            return
         started = time.monotonic()
-        pending = []
-        for i, study in enumerate(studies):
-            if rate is not None:
-                due = started + i / rate
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            pending.append((study.correlation_id, await publisher.send(study, topic)))
-            if len(pending) >= 2000:
-                await _collect(pending, sent_at)
-        await _collect(pending, sent_at)
-    return sent_at
-
-
-async def _collect(pending: list[tuple[str, Any]], sent_at: dict[str, float]) -> None:
-    for correlation, future in pending:
-        metadata = await future
-        sent_at[correlation] = metadata.timestamp / 1000
-    pending.clear()
+        futures = []
+        for i, record in enumerate(records):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            futures.append(
+                await producer.send(
+                    record.topic, value=record.value, key=record.key, headers=list(record.headers)
+                )
+            )
+        await asyncio.gather(*futures)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -340,8 +402,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def latencies(sent: dict[str, float], answered: dict[str, float]) -> dict[str, float]:
-    values = [(answered[c] - t) * 1000 for c, t in sent.items() if c in answered]
+def latencies(
+    sent: dict[str, float], answered: dict[str, float], which: Collection[str]
+) -> dict[str, float]:
+    """p50/p99/max from publication to answer (ms) of the studies named in ``which``."""
+    values = [(answered[c] - sent[c]) * 1000 for c in which if c in answered and c in sent]
     return {
         "p50_ms": round(percentile(values, 0.50), 1),
         "p99_ms": round(percentile(values, 0.99), 1),
@@ -390,15 +455,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         rng = random.Random(11)
         studies = [make_study(patients, rng, args.instances) for _ in range(args.studies)]
+        flood_records = encode_studies(studies, specs["study-received"].name)
+        routes = 0 if args.consent_only else 1
         log(f"flood: {len(studies)} studies")
         flood_started = time.time()
-        sent = await publish_studies(kafka, specs["study-received"].name, studies, None)
+        await publish_studies(kafka, flood_records, None)
         published = time.time()
-        routed = 0 if args.consent_only else len(studies)
-        await outcomes.wait(len(studies), routed, args.timeout)
-        last_decision = max(outcomes.decision_at.values())
-        last_route = max(outcomes.route_at.values(), default=float("nan"))
-        flood = {
+        await outcomes.wait(len(studies), routes * len(studies), args.timeout)
+        flood_seen = time.time()
+
+        paced_count = int(args.paced_rate * args.paced_seconds)
+        paced_studies = [make_study(patients, rng, args.instances) for _ in range(paced_count)]
+        paced_records = encode_studies(paced_studies, specs["study-received"].name)
+        log(f"paced: {paced_count} studies at {args.paced_rate}/s")
+        await publish_studies(kafka, paced_records, args.paced_rate)
+        total = len(studies) + paced_count
+        await outcomes.wait(total, routes * total, args.timeout)
+        # Anything decided or routed twice would be on the topics by now.
+        await asyncio.sleep(2)
+        await outcomes.read_all()
+
+        flood_ids = [s.correlation_id for s in studies]
+        paced_ids = [s.correlation_id for s in paced_studies]
+        last_decision = max(outcomes.decision_at[c] for c in flood_ids)
+        flood: dict[str, Any] = {
             "studies": len(studies),
             "publish_seconds": round(published - flood_started, 2),
             "decisions_per_second": round(len(studies) / (last_decision - flood_started), 1),
@@ -406,30 +486,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "consent_checked_per_second": round(
                 2 * len(studies) / (last_decision - flood_started), 1
             ),
-            "routes_per_second": round(len(studies) / (last_route - flood_started), 1),
-            "decision_latency_queueing": latencies(sent, outcomes.decision_at),
+            "decision_latency_queueing": latencies(
+                outcomes.sent_at, outcomes.decision_at, flood_ids
+            ),
+            "observed_done_after_seconds": round(flood_seen - flood_started, 2),
         }
+        if routes:
+            last_route = max(outcomes.route_at[c] for c in flood_ids)
+            flood["routes_per_second"] = round(len(studies) / (last_route - flood_started), 1)
         log(f"flood: {flood}")
-
-        paced_count = int(args.paced_rate * args.paced_seconds)
-        paced_studies = [make_study(patients, rng, args.instances) for _ in range(paced_count)]
-        log(f"paced: {paced_count} studies at {args.paced_rate}/s")
-        paced_sent = await publish_studies(
-            kafka, specs["study-received"].name, paced_studies, args.paced_rate
-        )
-        await outcomes.wait(len(studies) + paced_count, len(studies) + paced_count, args.timeout)
         paced = {
             "rate_per_second": args.paced_rate,
             "studies": paced_count,
-            "decision_latency": latencies(paced_sent, outcomes.decision_at),
-            "route_latency": latencies(paced_sent, outcomes.route_at),
+            "decision_latency": latencies(outcomes.sent_at, outcomes.decision_at, paced_ids),
+            "route_latency": latencies(outcomes.sent_at, outcomes.route_at, paced_ids),
         }
         log(f"paced: {paced}")
-        # Anything decided or routed twice would be on the topics by now.
-        await asyncio.sleep(2)
-        for _ in range(10):
-            await outcomes.poll()
-        total = len(studies) + paced_count
         result.update(
             {
                 "patients": args.patients,
@@ -438,7 +510,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "paced": paced,
                 "consent_checked_events": outcomes.checked_events,
                 "route_events": outcomes.route_events,
-                "complete": outcomes.checked_events == 2 * total and outcomes.route_events == total,
+                "complete": outcomes.checked_events == 2 * total
+                and outcomes.route_events == routes * total
+                and len(outcomes.decision_at) == total,
             }
         )
     finally:
@@ -454,6 +528,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 worker.kill()
         await outcomes.stop()
         await delete_topics_containing(kafka.bootstrap_list, tag)
+    total = result.get("flood", {}).get("studies", 0) + result.get("paced", {}).get("studies", 0)
+    for name in ("consent", "routing"):
+        # CPU while deciding: the registry fold and start-up before "ready" left out.
+        used = result.get(f"{name}_worker_cpu_seconds")
+        before = result.pop(f"{name}_worker_cpu_seconds_at_ready", None)
+        if used is not None and before is not None and total:
+            result[f"{name}_worker_cpu_ms_per_study"] = round((used - before) * 1000 / total, 3)
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_avg_1m"] = os.getloadavg()[0]
     return result
