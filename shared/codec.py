@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Sequence
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.errors import FatalError, PoisonEvent
 from shared.events import Event, SchemaRegistry
@@ -45,7 +49,13 @@ class Codec:
         registry.check()
         self._registry = registry
 
-    def encode(self, event: Event) -> Record:
+    def encode(self, event: Event, carried: Mapping[str, bytes] | None = None) -> Record:
+        """The record of ``event``. ``carried`` gives fields by their JSON text, as
+        :meth:`member` found it in the record the event was built from: that text is written
+        as is, after the other fields, instead of serialising the field again (a worker that
+        forwards a study snapshot of 6 KB saves ~20 us per event). The caller vouches that
+        each text is the JSON of the event's own value of that field: the member of the record
+        that value was decoded from."""
         name = type(event).schema_name
         if self._registry.model(name) is not type(event):
             raise TypeError(f"{type(event).__name__} ({name}) is not registered with this codec")
@@ -57,12 +67,57 @@ class Codec:
             (CONTENT_TYPE_HEADER, CONTENT_TYPE),
             *event.filter_headers(),
         )
+        if carried:
+            rest = event.model_dump_json(exclude=set(carried)).encode()
+            members = b",".join(b'"%s":%s' % (k.encode(), text) for k, text in carried.items())
+            value = rest[:-1] + (b"," if len(rest) > 2 else b"") + members + b"}"
+        else:
+            value = event.model_dump_json().encode()
         return Record(
             topic=type(event).topic,
             key=event.partition_key().encode(),
-            value=event.model_dump_json().encode(),
+            value=value,
             headers=headers,
         )
+
+    def member(self, record: Any, model: type[Event], name: str) -> bytes | None:
+        """The JSON text of top-level member ``name`` of ``record``'s value, a record that has
+        just decoded as ``model``; None where the text cannot be cut out safely (the field is
+        then serialised again). For :meth:`encode`'s ``carried``: a worker forwards the text
+        it received instead of writing the same value anew.
+
+        Only a record written under ``model``'s own schema name is cut (an upcast one holds an
+        older shape). Being valid, every key in it, at any depth, is a field name of its
+        model; ``model`` is checked once to have no nested field named like one of its own
+        fields, nor free-form mappings (whose keys could be anything). So a top-level key is
+        told from a nested one by its name alone, and the member ends at the next top-level
+        key or at the closing brace. Not cut: a value with a ``\\u`` escape (a key could be
+        spelled with one), a name that is there twice, a member that is not an object.
+        """
+        value = record.value
+        if header(record, SCHEMA_HEADER) != model.schema_name.encode() or not value:
+            return None
+        cutter = _member_cutter(model, name)
+        if cutter is None or b"\\u" in value:
+            return None
+        own, siblings = cutter
+        found = own.search(value)
+        if found is None or own.search(value, found.end()) is not None:
+            return None
+        start = found.end()
+        follower = siblings.search(value, start) if siblings is not None else None
+        if follower is not None:
+            text = value[start : follower.start()].rstrip()
+            if not text.endswith(b","):
+                return None
+        else:
+            text = value[start:].rstrip()
+            if not text.endswith(b"}"):
+                return None
+        text = text[:-1].strip()
+        if not (text.startswith(b"{") and text.endswith(b"}")):
+            return None
+        return text
 
     def decode(self, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None) -> Event:
         header_map = {k: v for k, v in (headers or ())}
@@ -119,6 +174,55 @@ def header(record: Any, name: str) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+@functools.cache
+def _member_cutter(
+    model: type[Event], name: str
+) -> tuple[re.Pattern[bytes], re.Pattern[bytes] | None] | None:
+    """Patterns finding member ``name`` of ``model``'s JSON and the key that follows it, or None
+    when a nested key could be mistaken for a top-level one (see :meth:`Codec.member`)."""
+    if name not in model.model_fields or model.model_config.get("extra") != "forbid":
+        return None
+    nested = _nested_field_names(model)
+    if nested is None or nested & set(model.model_fields):
+        return None
+    siblings = [re.escape(k) for k in model.model_fields if k != name]
+    own = re.compile(rb'"%s"\s*:\s*' % re.escape(name).encode())
+    if not siblings:
+        return own, None
+    return own, re.compile(rb'"(?:%s)"\s*:' % "|".join(siblings).encode())
+
+
+def _nested_field_names(model: type[BaseModel]) -> set[str] | None:
+    """The field names of every model nested in ``model``'s fields (at any depth), or None if
+    a field could hold keys that are not field names (a mapping, ``Any``, an open model)."""
+    names: set[str] = set()
+    seen: set[type[BaseModel]] = set()
+
+    def visit(annotation: Any) -> bool:
+        if annotation is Any or annotation is object:
+            return False
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            return visit(typing.get_args(annotation)[0])
+        if origin in (dict, Mapping) or annotation in (dict, Mapping):
+            return False
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation in seen:
+                return True
+            seen.add(annotation)
+            if annotation.model_config.get("extra") != "forbid":
+                return False
+            names.update(annotation.model_fields)
+            return all(visit(f.annotation) for f in annotation.model_fields.values())
+        if origin in (tuple, list, set, frozenset, typing.Union, types.UnionType):
+            return all(visit(arg) for arg in typing.get_args(annotation) if arg is not ...)
+        return origin in (None, typing.Literal)  # a scalar (str, int, date, an enum, ...)
+
+    if not all(visit(f.annotation) for f in model.model_fields.values()):
+        return None
+    return names
 
 
 def _summarise(exc: ValidationError, limit: int = 5) -> str:

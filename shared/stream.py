@@ -104,8 +104,18 @@ class RawRecord:
     partition: int | None = None
 
 
-# What a record causes: events for their declared topic, (topic, event) for another one, or raw.
-Outgoing = Event | tuple[str, Event] | RawRecord
+@dataclass(frozen=True, slots=True)
+class Carrying:
+    """An event for its declared topic with some fields given by their JSON text as received
+    (:meth:`Codec.member`), written as is instead of serialised again (:meth:`Codec.encode`)."""
+
+    event: Event
+    carried: Mapping[str, bytes]
+
+
+# What a record causes: events for their declared topic, (topic, event) for another one, an
+# event carrying received text, or raw.
+Outgoing = Event | tuple[str, Event] | Carrying | RawRecord
 Handle = Callable[[Any], Awaitable[Iterable[Outgoing]]]
 Prepare = Callable[[], Awaitable[None]]
 Tick = Callable[[], Awaitable[Iterable[Outgoing]]]
@@ -509,15 +519,19 @@ class StreamWorker:
             return ()
 
     def _wire(self, item: Outgoing) -> WireRecord:
-        """An output as its record: an event encoded for its (renamed) topic, or raw as is."""
+        """An output as its record: an event encoded for its (renamed) topic (with the text it
+        carries), or raw as is."""
         if isinstance(item, RawRecord):
             return WireRecord(item.topic, item.key, item.value, (), item.partition)
+        carried = None
         if isinstance(item, tuple):
             topic, event = item
+        elif isinstance(item, Carrying):
+            event, topic, carried = item.event, item.event.topic, item.carried
         else:
             event, topic = item, item.topic
         topic = self._rename.get(topic, topic)
-        record = self._codec.encode(event)
+        record = self._codec.encode(event, carried)
         self._metrics.produced(topic, event.schema_name)
         return WireRecord(topic, record.key, record.value, record.headers)
 

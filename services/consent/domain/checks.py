@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 from services.consent.domain.decide import DecisionResult, decide
 from services.consent.domain.registry import PatientRegistry
+from shared.events.base import uuid5_text
 from shared.events.common import StudySnapshot
 from shared.events.consent import Basis, ConsentChecked, Decision, Purpose
 from shared.events.ingest import StudyReceived
@@ -112,7 +113,7 @@ def checked_events(
     key = study_key(received.study).decode()
     return [
         ConsentChecked(
-            event_id=uuid.uuid5(CONSENT_CHECKED_NAMESPACE, f"{key}|{purpose.value}"),
+            event_id=uuid5_text(CONSENT_CHECKED_NAMESPACE, f"{key}|{purpose.value}"),
             occurred_at=decisions.decided_at,
             correlation_id=received.correlation_id,
             producer=producer,

@@ -53,7 +53,7 @@ from shared.events import ConsentChecked, StudyReceived
 from shared.events.base import utcnow
 from shared.events.consent import Decision
 from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
-from shared.stream import StreamWorker, Worker, decode_as, run_worker
+from shared.stream import Carrying, StreamWorker, Worker, decode_as, run_worker
 
 log = get_logger(__name__)
 
@@ -89,8 +89,10 @@ class ConsentDecider:
             raise TransientError(str(exc)) from exc
         self.metrics.registry_patients.set(self.registry.patients)
 
-    async def handle(self, record: Any) -> list[ConsentChecked]:
+    async def handle(self, record: Any) -> list[ConsentChecked] | list[Carrying]:
         received = decode_as(self.codec, record, StudyReceived)
+        # The snapshot goes on as received: its text, not written anew, in both decisions.
+        study = self.codec.member(record, StudyReceived, "study")
         with correlation_context(received.correlation_id):
             decisions = self.decide(received)
             events = checked_events(received, decisions, producer=PRODUCER)
@@ -113,7 +115,10 @@ class ConsentDecider:
                     delivery_basis=decisions.delivery.basis.value,
                     timeline=decisions.timeline.decision.value,
                 )
-        return events
+        if study is None:
+            return events
+        carried = {"study": study}
+        return [Carrying(event, carried) for event in events]
 
     def decide(self, received: StudyReceived) -> StudyDecisions:
         pseudonym = received.study.patient.pseudonym

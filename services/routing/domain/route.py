@@ -23,6 +23,7 @@ from services.routing.domain.directory import (
     ProviderLookup,
     ReceiverPreferences,
 )
+from shared.events.base import uuid5_text
 from shared.events.common import DeliveryChannel, InstanceRef, StudySnapshot, Urgency
 from shared.events.consent import Basis, ConsentChecked, Decision, Purpose
 from shared.events.routing import (
@@ -91,7 +92,7 @@ def route(
     )
     return [
         RouteResolved(
-            event_id=route_resolved_id(study, endpoint.id),
+            event_id=route_resolved_id_text(study, endpoint.id),
             occurred_at=occurred_at,
             correlation_id=checked.correlation_id,
             producer=producer,
@@ -160,11 +161,15 @@ def coercion_of(preferences: ReceiverPreferences) -> Coercion:
 
 
 def route_resolved_id(study: StudySnapshot, endpoint_id: str) -> uuid.UUID:
-    return uuid.uuid5(ROUTE_RESOLVED_NAMESPACE, f"{_study_key(study)}|{endpoint_id}")
+    return uuid.UUID(route_resolved_id_text(study, endpoint_id))
+
+
+def route_resolved_id_text(study: StudySnapshot, endpoint_id: str) -> str:
+    return uuid5_text(ROUTE_RESOLVED_NAMESPACE, f"{_study_key(study)}|{endpoint_id}")
 
 
 def route_failed_id(study: StudySnapshot) -> uuid.UUID:
-    return uuid.uuid5(ROUTE_FAILED_NAMESPACE, _study_key(study))
+    return uuid.UUID(uuid5_text(ROUTE_FAILED_NAMESPACE, _study_key(study)))
 
 
 def _study_key(study: StudySnapshot) -> str:

@@ -35,7 +35,7 @@ from shared.errors import FatalError
 from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
 from shared.events.routing import RouteFailed, RouteFailureReason, RouteResolved
 from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
-from shared.stream import StreamWorker, Worker, decode_as, run_worker
+from shared.stream import Carrying, StreamWorker, Worker, decode_as, run_worker
 from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
@@ -72,7 +72,7 @@ class Router:
         if self.directory.failed:
             raise FatalError("the provider directory view failed")
 
-    async def handle(self, record: Any) -> Sequence[RouteResolved | RouteFailed]:
+    async def handle(self, record: Any) -> Sequence[RouteResolved | RouteFailed | Carrying]:
         if header(record, PURPOSE_HEADER) == _TIMELINE:
             # A timeline decision, said by its header: not ours, and not worth decoding.
             self.metrics.consumed(record.topic, ConsentChecked.schema_name, "not-routed")
@@ -88,7 +88,14 @@ class Router:
                 self.metrics.consumed(record.topic, checked.schema_name, "not-routed")
                 return ()
             self._record(record.topic, checked, events)
-        return events
+        if isinstance(result, RouteFailed):
+            return events
+        # Each route carries the snapshot on as received: its text, not written anew.
+        study = self.codec.member(record, ConsentChecked, "study")
+        if study is None:
+            return events
+        carried = {"study": study}
+        return [Carrying(event, carried) for event in events]
 
     def _record(
         self, source: str, checked: ConsentChecked, events: Sequence[RouteResolved | RouteFailed]
