@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,22 +91,29 @@ class Codec:
         fields, nor free-form mappings (whose keys could be anything). So a top-level key is
         told from a nested one by its name alone, and the member ends at the next top-level
         key or at the closing brace. Not cut: a value with a ``\\u`` escape (a key could be
-        spelled with one), a name that is there twice, a member that is not an object.
+        spelled with one), a member that is not an object, one followed by a member whose value
+        is not an object (Codec.encode writes a carried member last).
         """
         value = record.value
-        if header(record, SCHEMA_HEADER) != model.schema_name.encode() or not value:
+        schema = [v for k, v in record.headers or () if k == SCHEMA_HEADER]  # the last, as decode
+        if not value or not schema or schema[-1] != model.schema_name.encode():
             return None
-        cutter = _member_cutter(model, name)
-        if cutter is None or b"\\u" in value:
+        keys = _member_keys(model, name)
+        if keys is None or (value.find(b"\\") >= 0 and b"\\u" in value):
             return None
-        own, siblings = cutter
-        found = own.search(value)
-        if found is None or own.search(value, found.end()) is not None:
+        own, object_siblings = keys
+        # The last one if the name is there twice: the one the validator kept (pydantic's JSON
+        # parser keeps the last of repeated keys; tests/unit/test_codec_carried.py checks it).
+        at = _last_key_at(value, own)
+        if at < 0:
             return None
-        start = found.end()
-        follower = siblings.search(value, start) if siblings is not None else None
-        if follower is not None:
-            text = value[start : follower.start()].rstrip()
+        start = value.index(b":", at + len(own)) + 1
+        # The member runs to the closing brace if it is the last one; if another follows, the
+        # last member's value ends the text, and it ends in '}' only if it is an object: so
+        # only the siblings that can be objects are looked for (none in most events).
+        ends = [i for i in (_key_at(value, key, start) for key in object_siblings) if i >= 0]
+        if ends:
+            text = value[start : min(ends)].rstrip()
             if not text.endswith(b","):
                 return None
         else:
@@ -176,22 +182,70 @@ def header(record: Any, name: str) -> bytes | None:
     return None
 
 
+_JSON_SPACE = (b" ", b"\t", b"\n", b"\r")
+
+
+def _last_key_at(value: bytes, key: bytes) -> int:
+    """Where ``key`` (quoted) last stands as a key, followed by a colon; -1 if nowhere."""
+    at = value.rfind(key)
+    while at >= 0:
+        after = at + len(key)
+        while value[after : after + 1] in _JSON_SPACE:
+            after += 1
+        if value[after : after + 1] == b":":
+            return at
+        at = value.rfind(key, 0, at)
+    return -1
+
+
+def _key_at(value: bytes, key: bytes, start: int) -> int:
+    """Where ``key`` (a name after its opening quote) first stands as a key, its closing quote
+    and a colon after it, from ``start``; -1 if nowhere. The closing quote is checked, not
+    searched for: a needle ending in a character as common as '"' is slow to find."""
+    at = value.find(key, start)
+    while at >= 0:
+        after = at + len(key)
+        if value[after : after + 1] == b'"':
+            after += 1
+            while value[after : after + 1] in _JSON_SPACE:
+                after += 1
+            if value[after : after + 1] == b":":
+                return at
+        at = value.find(key, at + 1)
+    return -1
+
+
 @functools.cache
-def _member_cutter(
-    model: type[Event], name: str
-) -> tuple[re.Pattern[bytes], re.Pattern[bytes] | None] | None:
-    """Patterns finding member ``name`` of ``model``'s JSON and the key that follows it, or None
-    when a nested key could be mistaken for a top-level one (see :meth:`Codec.member`)."""
+def _member_keys(model: type[Event], name: str) -> tuple[bytes, tuple[bytes, ...]] | None:
+    """Member ``name``'s quoted key and the keys of its siblings that can hold an object
+    (without their closing quote) in ``model``'s JSON; None when a nested key could be
+    mistaken for a top-level one (see :meth:`Codec.member`)."""
     if name not in model.model_fields or model.model_config.get("extra") != "forbid":
         return None
     nested = _nested_field_names(model)
     if nested is None or nested & set(model.model_fields):
         return None
-    siblings = [re.escape(k) for k in model.model_fields if k != name]
-    own = re.compile(rb'"%s"\s*:\s*' % re.escape(name).encode())
-    if not siblings:
-        return own, None
-    return own, re.compile(rb'"(?:%s)"\s*:' % "|".join(siblings).encode())
+    siblings = tuple(
+        f'"{k}'.encode()
+        for k, field in model.model_fields.items()
+        if k != name and _can_be_object(field.annotation)
+    )
+    return f'"{name}"'.encode(), siblings
+
+
+def _can_be_object(annotation: Any) -> bool:
+    """Whether a field's JSON value can be an object (a model or a mapping), not a scalar or
+    an array."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _can_be_object(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_can_be_object(arg) for arg in typing.get_args(annotation))
+    if origin in (tuple, list, set, frozenset, typing.Literal):
+        return False
+    if origin is None and isinstance(annotation, type):
+        return issubclass(annotation, BaseModel | dict | Mapping)
+    return True  # a mapping, Any, or something not understood: looked for
 
 
 def _nested_field_names(model: type[BaseModel]) -> set[str] | None:

@@ -216,3 +216,31 @@ def test_select_instances_keeps_the_new_ones_the_receiver_accepts() -> None:
 def test_select_instances_takes_every_instance_of_version_1() -> None:
     study = make_study(instances=3)
     assert select_instances(study, ReceiverPreferences()) == study.instances
+
+
+def test_a_changed_directory_entry_is_routed_on_what_it_now_says() -> None:
+    # What a route takes from the entry is kept per entry object; the view replaces an entry
+    # when it changes, and the next route must follow the new one.
+    base = make_study(instances=1)
+    ps = make_instance_ref(study_instance_uid=base.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    checked = make_consent_checked(
+        study=base.model_copy(update={"instances": (*base.instances, ps)})
+    )
+    before = make_recipient(DICOMWEB)
+    after = make_recipient(
+        {**DICOMWEB, "id": "pacs-web-2"},
+        preferences={
+            "object_filters": ["presentation-states"],
+            "batch_limits": {"max_instances": 7},
+        },
+    )
+    for _ in range(2):  # the second time from what was kept
+        (first,) = routed(checked, Directory([before]))
+        assert first.destination.endpoint_id == "pacs-web"
+        assert first.sop_instance_uids == tuple(i.sop_instance_uid for i in checked.study.instances)
+        assert first.excluded_sop_classes == ()
+        (second,) = routed(checked, Directory([after]))
+        assert second.destination.endpoint_id == "pacs-web-2"
+        assert second.sop_instance_uids == (base.instances[0].sop_instance_uid,)
+        assert PS_SOP_CLASS in second.excluded_sop_classes
+        assert second.batch_limits is not None and second.batch_limits.max_instances == 7
