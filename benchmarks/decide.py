@@ -1,7 +1,7 @@
 """Consent + routing benchmark: study-received through the decision and routing workers.
 
-    python -m benchmarks.decide [--patients 100000] [--studies 50000] [--instances 10]
-                                [--paced-rate 1000] [--paced-seconds 10]
+    python -m benchmarks.decide [--patients 100000] [--backlog 50000] [--studies 50000]
+                                [--instances 10] [--paced-rate 1000] [--paced-seconds 10]
                                 [--bootstrap HOST:PORT]
 
 On fresh copies of every topic involved (production partition counts; deleted at the end):
@@ -9,9 +9,13 @@ On fresh copies of every topic involved (production partition counts; deleted at
 1. the provider directory is seeded from ``deploy/local/demo-directory.yaml`` and a registry of
    ``--patients`` patients is published (one consent-registered each: 10 % an objection for the
    recipient, 30 % an explicit consent, the rest a consent for another data category);
-2. one consent decision worker and one routing worker start, each in its own process (one
-   worker of each, as the issue asks), and the consent worker folds the whole registry in
-   (``registry_fold_seconds``);
+2. **backlog**: ``--backlog`` study-received events are published before the workers start,
+   as after an outage; one consent decision worker and one routing worker then start, each in
+   its own process (one worker of each, as the issue asks), the consent worker folds the whole
+   registry in (``registry_fold_seconds``) and both work the backlog off. Its
+   ``decisions_per_second`` and ``routes_per_second`` are the workers' own rate: from the
+   answer that ends the first tenth (the group joining, the first batch) to the last, with no
+   load generator running beside them on this machine's two cores;
 3. **flood**: ``--studies`` study-received events (``--instances`` instances each; 90 % of a
    registered patient, 10 % unverified) are published as fast as the broker takes them;
    ``decisions_per_second`` is study versions decided (two consent-checked each) per second
@@ -22,7 +26,10 @@ On fresh copies of every topic involved (production partition counts; deleted at
    (their record timestamps) is the ``p50/p99`` a sender sees at that load.
 
 Every study must get exactly two decisions and one route outcome; the exit status is 1 otherwise.
-One JSON object on stdout; progress on stderr.
+The load is encoded before any clock starts, and while the workers run the benchmark only asks
+for the output topics' end offsets; it reads the records (their timestamps are the figures)
+afterwards. ``*_worker_cpu_ms_per_study`` is each worker's CPU from ready to stop over every
+study of the three phases. One JSON object on stdout; progress on stderr.
 """
 
 from __future__ import annotations
@@ -395,6 +402,16 @@ async def publish_studies(
         await asyncio.gather(*futures)
 
 
+def steady_rate(answered: dict[str, float], which: Collection[str], warmup: float = 0.1) -> float:
+    """Answers per second over a backlog, from the answer that ends the first ``warmup`` share
+    (the consumer group joining, the first batch) to the last one."""
+    times = sorted(answered[c] for c in which if c in answered)
+    skip = int(len(times) * warmup)
+    if len(times) - skip < 2 or times[-1] <= times[skip]:
+        return float("nan")
+    return round((len(times) - 1 - skip) / (times[-1] - times[skip]), 1)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -435,7 +452,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await publisher.publish_many(
                     events[start : start + 5000], topic=specs["consent-registered"].name
                 )
-        log("registry published; starting one consent worker and one routing worker")
+        rng = random.Random(11)
+        routes = 0 if args.consent_only else 1
+        backlog = [make_study(patients, rng, args.instances) for _ in range(args.backlog)]
+        if backlog:
+            log(f"backlog: {len(backlog)} studies waiting before the workers start")
+            await publish_studies(
+                kafka, encode_studies(backlog, specs["study-received"].name), None
+            )
+        log("starting one consent worker and one routing worker")
         workers = [
             ctx.Process(
                 target=consent_worker,
@@ -452,16 +477,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result.update(await asyncio.to_thread(ready.get, True, args.timeout))
         log(f"workers ready ({result})")
         await outcomes.start()
+        if backlog:
+            await outcomes.wait(len(backlog), routes * len(backlog), args.timeout)
 
-        rng = random.Random(11)
         studies = [make_study(patients, rng, args.instances) for _ in range(args.studies)]
         flood_records = encode_studies(studies, specs["study-received"].name)
-        routes = 0 if args.consent_only else 1
         log(f"flood: {len(studies)} studies")
         flood_started = time.time()
         await publish_studies(kafka, flood_records, None)
         published = time.time()
-        await outcomes.wait(len(studies), routes * len(studies), args.timeout)
+        decided = len(backlog) + len(studies)
+        await outcomes.wait(decided, routes * decided, args.timeout)
         flood_seen = time.time()
 
         paced_count = int(args.paced_rate * args.paced_seconds)
@@ -469,12 +495,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         paced_records = encode_studies(paced_studies, specs["study-received"].name)
         log(f"paced: {paced_count} studies at {args.paced_rate}/s")
         await publish_studies(kafka, paced_records, args.paced_rate)
-        total = len(studies) + paced_count
+        total = len(backlog) + len(studies) + paced_count
         await outcomes.wait(total, routes * total, args.timeout)
         # Anything decided or routed twice would be on the topics by now.
         await asyncio.sleep(2)
         await outcomes.read_all()
 
+        if backlog:
+            backlog_ids = [s.correlation_id for s in backlog]
+            result["backlog"] = {
+                "studies": len(backlog),
+                "decisions_per_second": steady_rate(outcomes.decision_at, backlog_ids),
+                "consent_checked_per_second": 2 * steady_rate(outcomes.decision_at, backlog_ids),
+            }
+            if routes:
+                result["backlog"]["routes_per_second"] = steady_rate(outcomes.route_at, backlog_ids)
+            log(f"backlog: {result['backlog']}")
         flood_ids = [s.correlation_id for s in studies]
         paced_ids = [s.correlation_id for s in paced_studies]
         last_decision = max(outcomes.decision_at[c] for c in flood_ids)
@@ -528,7 +564,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 worker.kill()
         await outcomes.stop()
         await delete_topics_containing(kafka.bootstrap_list, tag)
-    total = result.get("flood", {}).get("studies", 0) + result.get("paced", {}).get("studies", 0)
+    total = sum(result.get(phase, {}).get("studies", 0) for phase in ("backlog", "flood", "paced"))
     for name in ("consent", "routing"):
         # CPU while deciding: the registry fold and start-up before "ready" left out.
         used = result.get(f"{name}_worker_cpu_seconds")
@@ -547,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--bootstrap", default=default_bootstrap, help="Kafka bootstrap servers")
     p.add_argument("--patients", type=int, default=100_000, help="patients in the registry")
+    p.add_argument(
+        "--backlog", type=int, default=50_000, help="studies waiting before the workers start"
+    )
     p.add_argument("--studies", type=int, default=50_000, help="studies in the flood")
     p.add_argument("--instances", type=int, default=10, help="instances per study")
     p.add_argument("--paced-rate", type=float, default=1000.0, help="studies/s, paced phase")
