@@ -247,3 +247,16 @@ def test_an_event_takes_the_text_for_its_id() -> None:
     namespace = uuid.UUID("6c1f0b7e-93d2-4f5a-8e14-2b9d7a3c5e61")
     event = make_consent_checked(event_id=uuid5_text(namespace, "a|1"), study=make_study())
     assert event.event_id == uuid.uuid5(namespace, "a|1")
+
+
+def test_several_carried_members_are_written_after_the_rest() -> None:
+    event = make_route_resolved()
+    carried = {
+        "study": json_text(event),
+        "destination": event.destination.model_dump_json().encode(),
+    }
+    value = codec.encode(event, carried).value
+    assert value.endswith(
+        b',"study":' + carried["study"] + b',"destination":' + carried["destination"] + b"}"
+    )
+    assert codec.decode(value, codec.encode(event).headers) == event
