@@ -126,3 +126,19 @@ class DecisionMetrics(ServiceMetrics):
         )
         _initialise_decisions(self.decisions)
         initialise(self.flagged, [b.value for b in FLAGGED_BASES])
+        # Label children by (purpose, decision, basis): two decisions per study version, and
+        # prometheus_client's labels() costs microseconds each time.
+        self._decided: dict[tuple[str, str, str], Any] = {}
+        self._flagged: dict[str, Any] = {}
+
+    def decided(self, purpose: str, decision: str, basis: str, flagged: bool) -> None:
+        key = (purpose, decision, basis)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(*key)
+        child.inc()
+        if flagged:
+            child = self._flagged.get(basis)
+            if child is None:
+                child = self._flagged[basis] = self.flagged.labels(basis)
+            child.inc()

@@ -386,3 +386,17 @@ def test_a_destination_label_that_looks_like_a_bsn_is_refused():
     metrics = NotifyWorkerMetrics(registry=CollectorRegistry())
     with pytest.raises(UnsafeLabel):
         metrics.attempt_concluded("123456782", "endpoint", "dimse", "retry", retried=False)
+
+
+def test_a_decision_counts_under_its_labels_and_as_flagged_only_when_flagged():
+    decisions = DecisionMetrics(registry=CollectorRegistry())
+    permit = {"purpose": "delivery", "decision": "permit", "basis": "emergency"}
+    deny = {"purpose": "timeline", "decision": "deny", "basis": "no-explicit-consent"}
+    for _ in range(2):
+        decisions.decided(*permit.values(), flagged=True)
+    decisions.decided(*deny.values(), flagged=False)
+    assert value(decisions, "beeldportaal_consent_decisions_total", **permit) == 2
+    assert value(decisions, "beeldportaal_consent_decisions_total", **deny) == 1
+    flagged = "beeldportaal_consent_decisions_flagged_total"
+    assert value(decisions, flagged, basis="emergency") == 2
+    assert value(decisions, flagged, basis="no-explicit-consent") is None

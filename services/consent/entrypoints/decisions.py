@@ -100,10 +100,12 @@ class ConsentDecider:
             self.metrics.decision_latency.observe(max(latency, 0.0))
             self.metrics.consumed(record.topic, received.schema_name, "decided")
             for checked in events:
-                labels = (checked.purpose.value, checked.decision.value, checked.basis.value)
-                self.metrics.decisions.labels(*labels).inc()
-                if checked.flagged:
-                    self.metrics.flagged.labels(checked.basis.value).inc()
+                self.metrics.decided(
+                    checked.purpose.value,
+                    checked.decision.value,
+                    checked.basis.value,
+                    checked.flagged,
+                )
             # Every decision is an event already; the log names the ones an operator looks at.
             notable = decisions.delivery.flagged or decisions.delivery.decision is Decision.DENY
             if notable or debug_enabled(__name__):
