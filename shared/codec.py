@@ -95,41 +95,36 @@ class Codec:
         then serialised again). For :meth:`encode`'s ``carried``: a worker forwards the text
         it received instead of writing the same value anew.
 
-        Only a record written under ``model``'s own schema name is cut (an upcast one holds an
-        older shape). Being valid, every key in it, at any depth, is a field name of its
-        model; ``model`` is checked once to have no nested field named like one of its own
-        fields, nor free-form mappings (whose keys could be anything). So a top-level key is
-        told from a nested one by its name alone, and the member ends at the next top-level
-        key or at the closing brace. Not cut: a value with a ``\\u`` escape (a key could be
-        spelled with one), a member that is not an object, one followed by a member whose value
-        is not an object (Codec.encode writes a carried member last).
+        Cut only when every one of these holds, which makes the text exactly the value the
+        validator took (its last member, written by :meth:`encode` last):
+
+        - the record was written under ``model``'s own schema name (an upcast one holds an
+          older shape), and ``model`` forbids unknown fields and has no other field whose
+          value can be an object (checked once per model);
+        - no ``\\u`` escape anywhere (a key could be spelled with one);
+        - the quoted name followed by a colon occurs once in the whole value. Then it is the
+          top-level key: a key nested anywhere, or hidden in a repeated key's earlier value
+          (which the validator drops unread, so it can hold anything), would be a second;
+        - from that colon to the closing brace the text is one object's braces. The last
+          member of a valid object is the last of its name, the one the validator kept; if
+          it were another field, its value (not an object) would not end in a brace.
+
+        A repeated key inside the member's value is forwarded as received; the next reader
+        drops its earlier value as this one did.
         """
         value = record.value
         schema = [v for k, v in record.headers or () if k == SCHEMA_HEADER]  # the last, as decode
         if not value or not schema or schema[-1] != model.schema_name.encode():
             return None
-        keys = _member_keys(model, name)
-        if keys is None or (value.find(b"\\") >= 0 and b"\\u" in value):
+        key = _member_key(model, name)
+        if key is None or (value.find(b"\\") >= 0 and b"\\u" in value):
             return None
-        own, object_siblings = keys
-        # The last one if the name is there twice: the one the validator kept (pydantic's JSON
-        # parser keeps the last of repeated keys; tests/unit/test_codec_carried.py checks it).
-        at = _last_key_at(value, own)
-        if at < 0:
+        at = _key_at(value, key, 0)
+        if at < 0 or _key_at(value, key, at + len(key)) >= 0:
             return None
-        start = value.index(b":", at + len(own)) + 1
-        # The member runs to the closing brace if it is the last one; if another follows, the
-        # last member's value ends the text, and it ends in '}' only if it is an object: so
-        # only the siblings that can be objects are looked for (none in most events).
-        ends = [i for i in (_key_at(value, key, start) for key in object_siblings) if i >= 0]
-        if ends:
-            text = value[start : min(ends)].rstrip()
-            if not text.endswith(b","):
-                return None
-        else:
-            text = value[start:].rstrip()
-            if not text.endswith(b"}"):
-                return None
+        text = value[value.index(b":", at + len(key)) + 1 :].rstrip()
+        if not text.endswith(b"}"):
+            return None
         text = text[:-1].strip()
         if not (text.startswith(b"{") and text.endswith(b"}")):
             return None
@@ -202,52 +197,28 @@ def header(record: Any, name: str) -> bytes | None:
 _JSON_SPACE = (b" ", b"\t", b"\n", b"\r")
 
 
-def _last_key_at(value: bytes, key: bytes) -> int:
-    """Where ``key`` (quoted) last stands as a key, followed by a colon; -1 if nowhere."""
-    at = value.rfind(key)
+def _key_at(value: bytes, key: bytes, start: int) -> int:
+    """Where ``key`` (quoted) first stands as a key, followed by a colon, from ``start``; -1."""
+    at = value.find(key, start)
     while at >= 0:
         after = at + len(key)
         while value[after : after + 1] in _JSON_SPACE:
             after += 1
         if value[after : after + 1] == b":":
             return at
-        at = value.rfind(key, 0, at)
-    return -1
-
-
-def _key_at(value: bytes, key: bytes, start: int) -> int:
-    """Where ``key`` (a name after its opening quote) first stands as a key, its closing quote
-    and a colon after it, from ``start``; -1 if nowhere. The closing quote is checked, not
-    searched for: a needle ending in a character as common as '"' is slow to find."""
-    at = value.find(key, start)
-    while at >= 0:
-        after = at + len(key)
-        if value[after : after + 1] == b'"':
-            after += 1
-            while value[after : after + 1] in _JSON_SPACE:
-                after += 1
-            if value[after : after + 1] == b":":
-                return at
         at = value.find(key, at + 1)
     return -1
 
 
 @functools.cache
-def _member_keys(model: type[Event], name: str) -> tuple[bytes, tuple[bytes, ...]] | None:
-    """Member ``name``'s quoted key and the keys of its siblings that can hold an object
-    (without their closing quote) in ``model``'s JSON; None when a nested key could be
-    mistaken for a top-level one (see :meth:`Codec.member`)."""
+def _member_key(model: type[Event], name: str) -> bytes | None:
+    """Member ``name``'s quoted key, or None when ``model`` could end with another member whose
+    value is an object (see :meth:`Codec.member`)."""
     if name not in model.model_fields or model.model_config.get("extra") != "forbid":
         return None
-    nested = _nested_field_names(model)
-    if nested is None or nested & set(model.model_fields):
+    if any(_can_be_object(f.annotation) for k, f in model.model_fields.items() if k != name):
         return None
-    siblings = tuple(
-        f'"{k}'.encode()
-        for k, field in model.model_fields.items()
-        if k != name and _can_be_object(field.annotation)
-    )
-    return f'"{name}"'.encode(), siblings
+    return f'"{name}"'.encode()
 
 
 def _can_be_object(annotation: Any) -> bool:
@@ -262,38 +233,7 @@ def _can_be_object(annotation: Any) -> bool:
         return False
     if origin is None and isinstance(annotation, type):
         return issubclass(annotation, BaseModel | dict | Mapping)
-    return True  # a mapping, Any, or something not understood: looked for
-
-
-def _nested_field_names(model: type[BaseModel]) -> set[str] | None:
-    """The field names of every model nested in ``model``'s fields (at any depth), or None if
-    a field could hold keys that are not field names (a mapping, ``Any``, an open model)."""
-    names: set[str] = set()
-    seen: set[type[BaseModel]] = set()
-
-    def visit(annotation: Any) -> bool:
-        if annotation is Any or annotation is object:
-            return False
-        origin = typing.get_origin(annotation)
-        if origin is typing.Annotated:
-            return visit(typing.get_args(annotation)[0])
-        if origin in (dict, Mapping) or annotation in (dict, Mapping):
-            return False
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if annotation in seen:
-                return True
-            seen.add(annotation)
-            if annotation.model_config.get("extra") != "forbid":
-                return False
-            names.update(annotation.model_fields)
-            return all(visit(f.annotation) for f in annotation.model_fields.values())
-        if origin in (tuple, list, set, frozenset, typing.Union, types.UnionType):
-            return all(visit(arg) for arg in typing.get_args(annotation) if arg is not ...)
-        return origin in (None, typing.Literal)  # a scalar (str, int, date, an enum, ...)
-
-    if not all(visit(f.annotation) for f in model.model_fields.values()):
-        return None
-    return names
+    return True  # a mapping, Any, or something not understood: counted as one
 
 
 def _summarise(exc: ValidationError, limit: int = 5) -> str:
