@@ -101,7 +101,9 @@ class Codec:
         - the record was written under ``model``'s own schema name (an upcast one holds an
           older shape), and ``model`` forbids unknown fields and has no other field whose
           value can be an object (checked once per model);
-        - no ``\\u`` escape anywhere (a key could be spelled with one);
+        - no ``\\u`` escape anywhere (a key could be spelled with one), and no ``NaN`` or
+          ``Infinity`` (pydantic's parser reads them, so a dropped value could hold one, and
+          the forwarded text would not be standard JSON);
         - the quoted name followed by a colon occurs once in the whole value. Then it is the
           top-level key: a key nested anywhere, or hidden in a repeated key's earlier value
           (which the validator drops unread, so it can hold anything), would be a second;
@@ -109,8 +111,9 @@ class Codec:
           member of a valid object is the last of its name, the one the validator kept; if
           it were another field, its value (not an object) would not end in a brace.
 
-        A repeated key inside the member's value is forwarded as received; the next reader
-        drops its earlier value as this one did.
+        A repeated key inside the member's value, or a value in a lax form the validator
+        accepted (``"version":"5"``), is forwarded as received: every reader of these topics
+        decodes with this codec, which reads it the same way again.
         """
         value = record.value
         schema = [v for k, v in record.headers or () if k == SCHEMA_HEADER]  # the last, as decode
@@ -118,6 +121,8 @@ class Codec:
             return None
         key = _member_key(model, name)
         if key is None or (value.find(b"\\") >= 0 and b"\\u" in value):
+            return None
+        if value.find(b"NaN") >= 0 or value.find(b"Infinity") >= 0:
             return None
         at = _key_at(value, key, 0)
         if at < 0 or _key_at(value, key, at + len(key)) >= 0:
