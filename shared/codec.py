@@ -6,7 +6,6 @@ import functools
 import json
 import types
 import typing
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from shared.errors import FatalError, PoisonEvent
 from shared.events import Event, SchemaRegistry
 from shared.events import registry as default_registry
+from shared.events.base import uuid_text
 
 SCHEMA_HEADER = "schema"
 EVENT_ID_HEADER = "event-id"
@@ -61,7 +61,7 @@ class Codec:
             raise TypeError(f"{type(event).__name__} ({name}) is not registered with this codec")
         headers = (
             (SCHEMA_HEADER, name.encode()),
-            (EVENT_ID_HEADER, _uuid_text(event.event_id)),
+            (EVENT_ID_HEADER, uuid_text(event.event_id.hex).encode()),
             (CORRELATION_HEADER, event.correlation_id.encode()),
             (PRODUCER_HEADER, event.producer.encode()),
             (CONTENT_TYPE_HEADER, CONTENT_TYPE),
@@ -70,14 +70,10 @@ class Codec:
         if carried:
             rest = event.model_dump_json(exclude=set(carried)).encode()
             parts = [rest[:-1]]
+            separator = b"," if len(rest) > 2 else b""
             for key, text in carried.items():
-                parts += (
-                    b"," if len(parts) > 1 or len(rest) > 2 else b"",
-                    b'"',
-                    key.encode(),
-                    b'":',
-                    text,
-                )
+                parts += (separator, b'"', key.encode(), b'":', text)
+                separator = b","
             parts.append(b"}")
             value = b"".join(parts)  # one copy of the carried text, not one per concatenation
         else:
@@ -181,13 +177,6 @@ class Codec:
     def decode_record(self, record: Any) -> Event:
         """Decode an aiokafka ``ConsumerRecord`` (or anything with ``value`` and ``headers``)."""
         return self.decode(record.value, record.headers)
-
-
-def _uuid_text(value: uuid.UUID) -> bytes:
-    """``str(value).encode()`` at half the cost (``UUID.__str__`` formats the int field by
-    field in Python); an event id goes into every record's headers."""
-    h = value.hex
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
 
 
 def header(record: Any, name: str) -> bytes | None:

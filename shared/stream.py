@@ -113,6 +113,18 @@ class Carrying:
     carried: Mapping[str, bytes]
 
 
+def carrying(
+    codec: Codec, record: Any, model: type[Event], name: str, events: Sequence[Event]
+) -> Sequence[Event | Carrying]:
+    """``events`` with member ``name`` of ``record`` (just decoded as ``model``; each event's
+    own ``name`` is that value) carried as received, or as they are where it cannot be cut."""
+    text = codec.member(record, model, name)
+    if text is None:
+        return events
+    carried = {name: text}
+    return [Carrying(event, carried) for event in events]
+
+
 # What a record causes: events for their declared topic, (topic, event) for another one, an
 # event carrying received text, or raw.
 Outgoing = Event | tuple[str, Event] | Carrying | RawRecord

@@ -26,7 +26,13 @@ def uuid5_text(namespace: uuid.UUID, name: str) -> str:
     digest = hashlib.sha1(namespace.bytes + name.encode()).hexdigest()
     # Version 5 in the 13th digit; the variant's two top bits (10) in the 17th.
     variant = "89ab"[int(digest[16], 16) & 3]
-    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{variant}{digest[17:20]}-{digest[20:32]}"
+    return uuid_text(f"{digest[:12]}5{digest[13:16]}{variant}{digest[17:32]}")
+
+
+def uuid_text(hex32: str) -> str:
+    """A UUID's 32 hex digits in the standard 8-4-4-4-12 form (``str(uuid.UUID(hex32))``
+    without the object, whose ``__str__`` formats field by field in Python)."""
+    return f"{hex32[:8]}-{hex32[8:12]}-{hex32[12:16]}-{hex32[16:20]}-{hex32[20:32]}"
 
 
 class Model(BaseModel):

@@ -32,7 +32,7 @@ Why not faust here (it was, until measured): see ``shared.stream``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ from shared.events import ConsentChecked, StudyReceived
 from shared.events.base import utcnow
 from shared.events.consent import Decision
 from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
-from shared.stream import Carrying, StreamWorker, Worker, decode_as, run_worker
+from shared.stream import Carrying, StreamWorker, Worker, carrying, decode_as, run_worker
 
 log = get_logger(__name__)
 
@@ -89,10 +89,8 @@ class ConsentDecider:
             raise TransientError(str(exc)) from exc
         self.metrics.registry_patients.set(self.registry.patients)
 
-    async def handle(self, record: Any) -> list[ConsentChecked] | list[Carrying]:
+    async def handle(self, record: Any) -> Sequence[ConsentChecked | Carrying]:
         received = decode_as(self.codec, record, StudyReceived)
-        # The snapshot goes on as received: its text, not written anew, in both decisions.
-        study = self.codec.member(record, StudyReceived, "study")
         with correlation_context(received.correlation_id):
             decisions = self.decide(received)
             events = checked_events(received, decisions, producer=PRODUCER)
@@ -117,10 +115,8 @@ class ConsentDecider:
                     delivery_basis=decisions.delivery.basis.value,
                     timeline=decisions.timeline.decision.value,
                 )
-        if study is None:
-            return events
-        carried = {"study": study}
-        return [Carrying(event, carried) for event in events]
+        # The snapshot goes on as received: its text, not written anew, in both decisions.
+        return carrying(self.codec, record, StudyReceived, "study", events)
 
     def decide(self, received: StudyReceived) -> StudyDecisions:
         pseudonym = received.study.patient.pseudonym

@@ -207,7 +207,7 @@ def route_resolved_id_text(study: StudySnapshot, endpoint_id: str) -> str:
 
 
 def route_failed_id(study: StudySnapshot) -> uuid.UUID:
-    return uuid.UUID(uuid5_text(ROUTE_FAILED_NAMESPACE, _study_key(study)))
+    return uuid.uuid5(ROUTE_FAILED_NAMESPACE, _study_key(study))
 
 
 def _study_key(study: StudySnapshot) -> str:

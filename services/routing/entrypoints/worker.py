@@ -35,7 +35,7 @@ from shared.errors import FatalError
 from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
 from shared.events.routing import RouteFailed, RouteFailureReason, RouteResolved
 from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
-from shared.stream import Carrying, StreamWorker, Worker, decode_as, run_worker
+from shared.stream import Carrying, StreamWorker, Worker, carrying, decode_as, run_worker
 from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
@@ -91,11 +91,7 @@ class Router:
         if isinstance(result, RouteFailed):
             return events
         # Each route carries the snapshot on as received: its text, not written anew.
-        study = self.codec.member(record, ConsentChecked, "study")
-        if study is None:
-            return events
-        carried = {"study": study}
-        return [Carrying(event, carried) for event in events]
+        return carrying(self.codec, record, ConsentChecked, "study", events)
 
     def _record(
         self, source: str, checked: ConsentChecked, events: Sequence[RouteResolved | RouteFailed]
