@@ -19,8 +19,8 @@
    topics (production partition counts; deleted at the end). Then
    ``services.timeline.entrypoints.rebuild.rebuild`` replays them into the read model:
    ``events_per_second`` over the whole rebuild (offsets noted, events read, decoded and
-   loaded, the tables replaced in one transaction, the group moved), with ``load_seconds``
-   and ``replace_seconds`` its two parts.
+   loaded, the new tables built and swapped in, the group moved), with ``load_seconds``,
+   ``build_seconds`` and ``swap_seconds`` its parts.
 
 Targets (reported in ``targets``, not enforced): search p99 < 20 ms; replay >= 20,000 events/s.
 One JSON object on stdout; progress on stderr.

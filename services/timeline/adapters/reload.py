@@ -1,34 +1,51 @@
-"""The rebuild's bulk path into the timeline read model: load every event's rows, then replace
-the projection's tables in one transaction (``services/timeline/entrypoints/rebuild.py``).
+"""The rebuild's bulk path into the timeline read model: build the projection's tables anew
+beside the live ones, then swap them in (``services/timeline/entrypoints/rebuild.py``).
 
 The running projection applies a batch of a few thousand events per transaction with upserts
 and refreshes the studies each batch touched (``store.py``). Replaying a whole history that way
 inserts a study's instance rows twice (its snapshot arrives in study-received and again in its
 timeline decision, usually in another batch) and refreshes each study once per batch that
-touched it. A rebuild starts from empty tables, so it does it once:
+touched it. A rebuild starts from nothing, so it does each once, out of the API's way:
 
-1. :class:`Reload` (the rebuild's own session) takes the rebuild lock and makes the load
-   tables: UNLOGGED tables shaped like the staging tables, without keys or indexes.
+1. :class:`Reload` (the rebuild's own session) takes the rebuild lock and makes the schema
+   ``timeline_rebuild``: a table for each projection table, shaped like the live one (columns,
+   defaults, checks; indexes come later), and UNLOGGED load tables for snapshots, decisions,
+   revocations and deliveries, shaped like the staging tables.
 2. Each loading process's :class:`Loader` turns events into rows (:meth:`Loader.add`) and COPYs
-   them in chunks into the load tables (:meth:`Loader.copy`). A snapshot no greater than one
-   that loader already loaded for its source (``snapshot_key``) is not loaded again, nor are
-   its children; each loaded snapshot gets a serial ``load_n`` that its children rows carry.
-3. :meth:`Reload.replace`, in ONE transaction under ``PROJECTION_LOCK``: empties the
-   projection's tables, reduces the load tables to one row per natural key into the staging
-   tables with the orders ``ProjectionBatch`` folds by (greatest snapshot with its own
-   children, greatest decision, earliest revocation, greatest delivery version and time), and
-   applies them with the projection's own statements (``store.apply_staged``), which also
-   derive every study and entry row. The result is what applying all events as one batch
-   gives, which is what applying them in any batches gives (see ``store.py``).
-4. Leaving the ``Reload`` block drops the load tables.
+   them in chunks (:meth:`Loader.copy`): snapshots, decisions, revocations and deliveries into
+   the load tables, series, instances and reports straight into the new tables, where they
+   stay. A snapshot no greater than one that loader already loaded for its source
+   (``snapshot_key``) is not loaded again, nor are its children; each loaded snapshot gets a
+   serial ``load_n`` that its children rows carry (a column the new children tables have
+   until step 3 drops it).
+3. :meth:`Reload.build`: keeps the greatest snapshot of each source, the first loaded among
+   equals (as the fold keeps the one it holds), deletes the children of the others and drops
+   ``load_n``. While a second session makes the children tables' keys, it writes the other new
+   tables with one plain INSERT each, into empty tables without indexes: revocations (the
+   earliest of each), deliveries (greatest version and time), sources (the kept snapshot with
+   its greatest decision, withdrawn if its consent was revoked) reduced with the orders
+   ``ProjectionBatch`` folds by, then every study and entry row set-based
+   (``store.DERIVE_STUDIES``, ``store.DERIVE_ENTRIES``); then it makes the remaining indexes,
+   with the names the live ones have. The result is what applying all events as one batch
+   gives, which is what applying them in any batches gives (see ``store.py``);
+   ``tests/integration/timeline/test_rebuild_equivalence.py`` holds the two paths equal.
+4. :meth:`Reload.swap`, in ONE short transaction under ``PROJECTION_LOCK``: drops the live
+   tables and moves the new ones into their schema, with the live tables' grants.
+5. Leaving the ``Reload`` block drops the schema ``timeline_rebuild``.
 
-Until that transaction commits, the API reads the tables as they were; it waits for the replace
-step's table lock, not for the load. If anything fails before the commit, nothing changed; load
-tables a dead rebuild left behind are dropped by the next one.
+The API reads the live tables throughout; it waits only for the swap's locks (milliseconds).
+If anything fails before the swap commits, nothing changed; a ``timeline_rebuild`` schema that
+a dead rebuild left behind is dropped by the next one. The rebuild's role must own the
+projection tables (it drops them), as the role that ran the migrations does.
+
+Why not empty the live tables and fill them in one transaction (as until 2026-11-27): the API
+waited 6-12 s for that transaction's locks, and every instance row was written twice (into a
+load table, then into the live one), on the single core one transaction uses.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +53,13 @@ import psycopg
 from psycopg import sql
 
 from services.timeline.adapters.store import (
+    DERIVE_ENTRIES,
+    DERIVE_STUDIES,
     PROJECTION_LOCK,
     PROJECTION_TABLES,
     STAGING_TABLES,
     SnapshotKey,
     SourceKey,
-    apply_staged,
     children_rows,
     configure_connection,
     decision_row,
@@ -62,52 +80,92 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-# pg_advisory_lock key held by a rebuild's session: one rebuild at a time (its load tables).
+# pg_advisory_lock key held by a rebuild's session: one rebuild at a time (its schema).
 REBUILD_LOCK = 0x7153_7A12
+# Where a rebuild builds the new tables and keeps its load tables (shaped like the staging
+# tables of ``store.py``, which the rows of ``snapshot_row`` and ``decision_row`` fill).
+SCHEMA = "timeline_rebuild"
 # Snapshot keys remembered to skip reloading a snapshot (and its children): a source costs a
 # few hundred bytes here, so past this many the memory is cleared. That only costs rows: the
-# replace step keeps the greatest snapshot of each source however often it was loaded.
+# build step keeps the greatest snapshot of each source however often it was loaded.
 REMEMBERED_SOURCES = 500_000
+# A swap that loses a deadlock to an API reader (it locks eight tables) is tried again.
+SWAP_ATTEMPTS = 3
 
 _CHILDREN = ("series", "instances", "reports")
-_KEYED = ("snapshots", *_CHILDREN)  # load tables whose rows carry the snapshot's serial load_n
+_KEYED = ("snapshots", *_CHILDREN)  # rows carrying the snapshot's serial load_n
 _PLAIN = ("decisions", "revocations", "deliveries")
+_LOADED = ("snapshots", *_PLAIN)  # the load tables proper; children go to the new tables
+_CHILD_TABLES = frozenset(f"timeline_{table}" for table in _CHILDREN)
+
+
+# A source's row: its greatest snapshot (the winners of ``_keep_greatest_snapshots``) with its
+# greatest timeline decision (its snapshot's key, then deny before permit, then decided_by), a
+# permit withdrawn when its consent was revoked; a decision for a source of no snapshot is not
+# kept (the projection's update finds no row for it).
+_SOURCES = """
+INSERT INTO {sources} (
+    study_instance_uid, sender_ura, version, last_received_at, recipient_ura, first_received_at,
+    patient_pseudonym, accession_number, study_date, study_time, study_description,
+    institution_name, modalities, number_of_series, number_of_instances, number_of_images,
+    decision_version, decision_last_received_at, decision_recipient_ura, permitted, basis,
+    decided_by, decision_patient, withdrawn)
+SELECT x.u, x.s, x.v, x.lra, x.r, x.fra, x.p, x.acc, x.d, x.tm, x.descr, x.inst,
+       CASE WHEN x.m = '' THEN '{{}}'::text[] ELSE string_to_array(x.m, E'\\\\') END,
+       x.ns, x.ni, x.nim, d.v, d.lra, d.r, d.permitted, d.basis, d.by, d.p,
+       COALESCE(d.permitted AND EXISTS (
+           SELECT 1 FROM {revocations} rv
+           WHERE rv.patient_pseudonym = d.p AND rv.consent_id = d.by), false)
+FROM {snapshots} x
+JOIN timeline_load_winners w ON w.load_n = x.load_n
+LEFT JOIN (
+    SELECT DISTINCT ON (u, s) * FROM {decisions}
+    ORDER BY u, s, v DESC, lra DESC, r DESC, permitted, by DESC
+) d ON d.u = x.u AND d.s = x.s
+"""
 
 
 def _empty_rows() -> dict[str, list[tuple[Any, ...]]]:
     return {table: [] for table in (*_KEYED, *_PLAIN)}
 
 
-async def _columns(
-    conn: psycopg.AsyncConnection[Any], prefix: str
-) -> dict[str, list[tuple[str, int]]]:
-    """The columns (name, type OID), in order, of the tables ``prefix`` + snapshots, series,
-    ... (the staging or the load tables), from the catalog in one round trip."""
-    tables = [*_KEYED, *_PLAIN]
-    cursor = await conn.execute(
-        "SELECT t.name, a.attname, a.atttypid::int "
-        "FROM unnest(%s::text[]) AS t(name) "
-        "JOIN pg_attribute a ON a.attrelid = (%s || t.name)::regclass "
-        "WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY t.name, a.attnum",
-        (tables, prefix),
-    )
-    columns: dict[str, list[tuple[str, int]]] = {table: [] for table in tables}
-    for table, name, oid in await cursor.fetchall():
-        columns[table].append((name, oid))
-    return columns
+def _target(table: str) -> sql.Identifier:
+    """Where a loader COPYs the rows of ``table`` (a key of ``Loader.take()``)."""
+    return sql.Identifier(SCHEMA, f"timeline_{table}" if table in _CHILDREN else f"load_{table}")
 
 
 def _load(table: str) -> sql.Identifier:
-    return sql.Identifier(f"timeline_load_{table}")
+    return sql.Identifier(SCHEMA, f"load_{table}")
+
+
+def _new(table: str) -> sql.Identifier:
+    """The new copy of projection table ``table``."""
+    return sql.Identifier(SCHEMA, table)
 
 
 def _stage(table: str) -> sql.Identifier:
     return sql.Identifier(f"timeline_stage_{table}")
 
 
+async def _column_types(conn: psycopg.AsyncConnection[Any]) -> dict[str, list[int]]:
+    """The column type OIDs, in order, of every table a loader COPYs into."""
+    tables = [*_KEYED, *_PLAIN]
+    cursor = await conn.execute(
+        "SELECT t.name, a.atttypid::int "
+        "FROM unnest(%s::text[], %s::text[]) AS t(name, relation) "
+        "JOIN pg_attribute a ON a.attrelid = t.relation::regclass "
+        "WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY t.name, a.attnum",
+        (tables, [_target(t).as_string(conn) for t in tables]),
+    )
+    types: dict[str, list[int]] = {table: [] for table in tables}
+    for table, oid in await cursor.fetchall():
+        types[table].append(oid)
+    return types
+
+
 @dataclass(frozen=True)
 class ReloadCounts:
-    """What the replace step wrote."""
+    """What the swapped-in tables hold."""
 
     sources: int
     studies: int
@@ -115,8 +173,8 @@ class ReloadCounts:
 
 
 class Loader:
-    """One loading process's connection: turns events into rows and COPYs them into the load
-    tables (which :class:`Reload` made).
+    """One loading process's connection: turns events into rows and COPYs them into the
+    rebuild's tables (which :class:`Reload` made).
 
     ``async with Loader(conninfo, index, count) as loader:``, ``loader.add(event)`` for every
     event (in any order), ``await loader.copy(loader.take())`` now and then. ``index`` of
@@ -137,8 +195,7 @@ class Loader:
     async def __aenter__(self) -> Loader:
         try:
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            columns = await _columns(self._conn, "timeline_load_")
-            self._types = {table: [oid for _, oid in cols] for table, cols in columns.items()}
+            self._types = await _column_types(self._conn)
         except psycopg.OperationalError as exc:
             await self.__aexit__()
             raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
@@ -150,9 +207,9 @@ class Loader:
             self._conn = None
 
     def add(self, event: Event) -> None:
-        """Turn one event into load-table rows at once, so its decoded model is freed (holding
-        a chunk of decoded 10-instance snapshots made decoding them 1.5-2x as slow: fresh
-        memory for every one); ``take()`` hands the rows over for ``copy()``."""
+        """Turn one event into rows at once, so its decoded model is freed (holding a chunk of
+        decoded 10-instance snapshots made decoding them 1.5-2x as slow: fresh memory for
+        every one); ``take()`` hands the rows over for ``copy()``."""
         rows = self._rows
         if isinstance(event, StudyReceived):
             self._snapshot(event.study)
@@ -191,7 +248,7 @@ class Loader:
         return rows
 
     async def copy(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
-        """COPY rows (from ``take()``) into the load tables."""
+        """COPY rows (from ``take()``) into the rebuild's tables."""
         if self._conn is None:
             raise RuntimeError("Loader is used outside its `async with` block")
         try:
@@ -202,7 +259,7 @@ class Loader:
                 self.rows += len(table_rows)
                 # Binary: half the CPU per row of text here (1.4 against 2.9 us for an
                 # instance row), and less parsing for the server.
-                statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_load(table))
+                statement = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(_target(table))
                 async with cursor.copy(statement) as copy:
                     copy.set_types(self._types[table])
                     for row in table_rows:
@@ -215,26 +272,69 @@ class RebuildRefused(FatalError):
     """The rebuild would race a running projection worker or another rebuild."""
 
 
+@dataclass(frozen=True)
+class _Index:
+    """An index of a live projection table, and the statement that makes it (same name, same
+    definition; with its constraint if it backs one) on the table's new copy."""
+
+    table: str
+    make: sql.Composable
+
+
+async def _live_indexes(conn: psycopg.AsyncConnection[Any], live: str) -> list[_Index]:
+    """The projection tables' indexes as the catalog defines them: the migrations stay their
+    one source."""
+    cursor = await conn.execute(
+        """
+        SELECT t.relname, i.relname, pg_get_indexdef(x.indexrelid), x.indisunique,
+               c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_index x
+        JOIN pg_class t ON t.oid = x.indrelid
+        JOIN pg_class i ON i.oid = x.indexrelid
+        LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = t.oid
+        WHERE t.relnamespace = %s::regnamespace AND t.relname = ANY(%s)
+        ORDER BY t.relname, i.relname
+        """,
+        (live, list(PROJECTION_TABLES)),
+    )
+    indexes = []
+    for table, name, definition, unique, constraint, constraint_def in await cursor.fetchall():
+        target = _new(table)
+        if constraint is not None:
+            make: sql.Composable = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                target, sql.Identifier(constraint), sql.SQL(constraint_def)
+            )
+        else:
+            # "CREATE [UNIQUE] INDEX name ON [ONLY] schema.table USING method (...) ..."
+            _, using = definition.split(" USING ", 1)
+            make = sql.SQL("CREATE {}INDEX {} ON {} USING {}").format(
+                sql.SQL("UNIQUE " if unique else ""), sql.Identifier(name), target, sql.SQL(using)
+            )
+        indexes.append(_Index(table, make))
+    return indexes
+
+
 class Reload:
-    """The rebuild's own session: holds the rebuild lock, makes the load tables (UNLOGGED,
-    so every loading process's connection can COPY into them without writing WAL), replaces
-    the projection's tables from them, and drops them.
+    """The rebuild's own session: holds the rebuild lock, makes the schema the new tables are
+    built in, builds them (:meth:`build`), swaps them in (:meth:`swap`) and drops the schema;
+    :meth:`replace` is the two in a row.
 
     ``async with Reload(conninfo) as reload:``, loaders fill the tables, then
-    ``await reload.replace()``; leaving the block without it changes nothing. Raises
-    :class:`RebuildRefused` when another rebuild holds the lock, :class:`TransientError` when
-    PostgreSQL is away.
+    ``await reload.build()`` and ``await reload.swap()``; leaving the block before the swap
+    changes nothing. Raises :class:`RebuildRefused` when another rebuild holds the lock,
+    :class:`TransientError` when PostgreSQL is away.
     """
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._columns: dict[str, list[str]] = {}
+        self._live = "public"  # the live tables' schema (as the search path finds them)
+        self._indexes: list[_Index] = []
+        self._built = False
 
     async def __aenter__(self) -> Reload:
         try:
-            self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            await configure_connection(self._conn)
+            self._conn = await self._connect()
             row = await (
                 await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (REBUILD_LOCK,))
             ).fetchone()
@@ -242,16 +342,8 @@ class Reload:
                 raise RebuildRefused("another timeline rebuild is running")
             await self._conn.execute(STAGING_TABLES)
             # Left by a rebuild that died: ours to drop, as we hold the lock.
-            await self._drop_load_tables()
-            columns = await _columns(self._conn, "timeline_stage_")
-            self._columns = {table: [name for name, _ in cols] for table, cols in columns.items()}
-            for table in (*_KEYED, *_PLAIN):
-                extra = sql.SQL(", load_n bigint") if table in _KEYED else sql.SQL("")
-                await self._conn.execute(
-                    sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {}{})").format(
-                        _load(table), _stage(table), extra
-                    )
-                )
+            await self._drop_schema()
+            await self._make_schema()
         except psycopg.OperationalError as exc:
             await self._close()
             raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
@@ -263,23 +355,25 @@ class Reload:
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             if self._conn is not None and not self._conn.closed:
-                await self._drop_load_tables()
+                await self._drop_schema()
         except psycopg.Error as exc:  # dropped by the next rebuild then
-            log.warning("the rebuild's load tables were not dropped", reason=str(exc))
+            log.warning("the rebuild's schema was not dropped", reason=str(exc))
         finally:
             await self._close()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        await configure_connection(conn)
+        # Index builds and the reductions' sorts in memory up to these (the defaults are
+        # 64 MB and 4 MB): a session used once.
+        await conn.execute("SET maintenance_work_mem = '256MB'")
+        await conn.execute("SET work_mem = '64MB'")
+        return conn
 
     async def _close(self) -> None:
         if self._conn is not None:
             await self._conn.close()  # also releases the rebuild lock
             self._conn = None
-
-    async def _drop_load_tables(self) -> None:
-        await self.conn.execute(
-            sql.SQL("DROP TABLE IF EXISTS {}").format(
-                sql.SQL(", ").join(_load(t) for t in (*_KEYED, *_PLAIN))
-            )
-        )
 
     @property
     def conn(self) -> psycopg.AsyncConnection[Any]:
@@ -287,134 +381,220 @@ class Reload:
             raise RuntimeError("Reload is used outside its `async with` block")
         return self._conn
 
-    async def _holds_rows(self, table: str) -> bool:
-        statement = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_load(table))
-        row = await (await self.conn.execute(statement)).fetchone()
-        return bool(row and row[0])
+    async def _drop_schema(self) -> None:
+        await self.conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA))
+        )
 
-    # --- replace ----------------------------------------------------------------------------
-
-    async def replace(self) -> ReloadCounts:
-        """Empty the projection's tables and fill them from the load tables, in one
-        transaction (see the module docstring)."""
+    async def _make_schema(self) -> None:
         conn = self.conn
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
-                # Index builds, and the reductions' sorts, in memory up to these (the
-                # defaults are 64 MB and 4 MB): one session, used once.
-                await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
-                await conn.execute("SET LOCAL work_mem = '64MB'")
+        row = await (
+            await conn.execute(
+                "SELECT relnamespace::regnamespace::text FROM pg_class "
+                "WHERE oid = 'timeline_sources'::regclass"
+            )
+        ).fetchone()
+        assert row is not None
+        self._live = row[0]
+        self._indexes = await _live_indexes(conn, self._live)
+        async with conn.transaction():
+            await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+            for table in PROJECTION_TABLES:
+                # Columns, defaults, generated columns, checks, comments; the indexes are
+                # made once the rows are in.
                 await conn.execute(
-                    sql.SQL("TRUNCATE {}").format(
-                        sql.SQL(", ").join(sql.Identifier(t) for t in PROJECTION_TABLES)
+                    sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL EXCLUDING INDEXES)").format(
+                        _new(table), sql.Identifier(self._live, table)
                     )
                 )
-                await self._reduce()
-                # The derived tables' other indexes (not their keys: the upserts' arbiters)
-                # are made again once they are filled.
-                remake = [
-                    statement
-                    for table in ("timeline_sources", "timeline_entries")
-                    for statement in await _drop_indexes(conn, table, keys=False)
-                ]
-                await apply_staged(
-                    conn,
-                    revocations=await self._holds_rows("revocations"),
-                    snapshots=await self._holds_rows("snapshots"),
-                    decisions=await self._holds_rows("decisions"),
-                    deliveries=await self._holds_rows("deliveries"),
-                    children=False,  # inserted by _reduce
+            for table in _CHILDREN:
+                await conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN load_n bigint").format(_target(table))
                 )
-                for statement in remake:
-                    await conn.execute(statement)
-                counts = await (
-                    await conn.execute(
-                        "SELECT (SELECT count(*) FROM timeline_sources), "
-                        "(SELECT count(*) FROM timeline_studies), "
-                        "(SELECT count(*) FROM timeline_entries)"
+            for table in _LOADED:
+                extra = sql.SQL(", load_n bigint") if table in _KEYED else sql.SQL("")
+                await conn.execute(
+                    sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {}{})").format(
+                        _load(table), _stage(table), extra
                     )
-                ).fetchone()
+                )
+
+    # --- build ------------------------------------------------------------------------------
+
+    async def build(self) -> None:
+        """Turn what the loaders loaded into the complete new tables (see the module
+        docstring); the live tables are not touched."""
+        try:
+            await self._keep_greatest_snapshots()
+            # The children's keys (the instances' is the largest index there is) are made by a
+            # second session meanwhile.
+            children = asyncio.create_task(
+                self._make_indexes(i for i in self._indexes if i.table in _CHILD_TABLES)
+            )
+            try:
+                await self._derive()
+                await self._make_indexes(
+                    (i for i in self._indexes if i.table not in _CHILD_TABLES), self.conn
+                )
+            finally:
+                await asyncio.gather(children, return_exceptions=True)
+            children.result()
         except psycopg.OperationalError as exc:
-            raise TransientError(f"replacing the timeline tables failed: {exc}") from exc
+            raise TransientError(f"building the timeline tables failed: {exc}") from exc
+        self._built = True
+
+    async def _make_indexes(
+        self, indexes: Any, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> None:
+        own = conn is None
+        conn = conn or await self._connect()
+        try:
+            for index in indexes:
+                await conn.execute(index.make)
+        finally:
+            if own:
+                await conn.close()
+
+    async def _keep_greatest_snapshots(self) -> None:
+        """Of each source's loaded snapshots the greatest, the first loaded among equals (as
+        the fold keeps the one it holds): the children of the others deleted, ``load_n``
+        dropped from the children tables."""
+        conn = self.conn
+        await conn.execute("DROP TABLE IF EXISTS timeline_load_winners")
+        await conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE timeline_load_winners AS "
+                "SELECT DISTINCT ON (u, s) load_n FROM {} "
+                "ORDER BY u, s, v DESC, lra DESC, r DESC, load_n"
+            ).format(_load("snapshots"))
+        )
+        row = await (
+            await conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {}) "
+                    "> (SELECT count(*) FROM timeline_load_winners)"
+                ).format(_load("snapshots"))
+            )
+        ).fetchone()
+        superseded = bool(row and row[0])
+        for table in _CHILDREN:
+            if superseded:
+                await conn.execute(
+                    sql.SQL(
+                        "DELETE FROM {} x WHERE NOT EXISTS "
+                        "(SELECT 1 FROM timeline_load_winners w WHERE w.load_n = x.load_n)"
+                    ).format(_target(table))
+                )
+            # Only marks the column dropped: the rows keep its 8 bytes until rewritten.
+            await conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN load_n").format(_target(table)))
+
+    async def _derive(self) -> None:
+        """The load tables reduced to one row per natural key, with the orders
+        ``ProjectionBatch`` folds by, into the new tables; then every study and entry row
+        derived from them. The tables are empty and have no indexes yet, so each is one plain
+        INSERT: what the projection's upserts and updates (``store.apply_staged``) give when
+        every event is in one batch."""
+        conn = self.conn
+        # The earliest revocation of each (patient, consent).
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (patient_pseudonym, consent_id, revoked_at) "
+                "SELECT p, c, min(at) FROM {} GROUP BY p, c"
+            ).format(_new("timeline_revocations"), _load("revocations"))
+        )
+        # The greatest delivery version and time of each (study, destination, endpoint).
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (study_instance_uid, destination_ura, endpoint_id, "
+                "study_version, delivered_at) "
+                "SELECT u, dest, endpoint, max(v), max(at) FROM {} GROUP BY u, dest, endpoint"
+            ).format(_new("timeline_deliveries"), _load("deliveries"))
+        )
+        await conn.execute(
+            sql.SQL(_SOURCES).format(
+                sources=_new("timeline_sources"),
+                snapshots=_load("snapshots"),
+                decisions=_load("decisions"),
+                revocations=_new("timeline_revocations"),
+            )
+        )
+        async with conn.transaction():
+            # The statements name the tables unqualified: the new ones here.
+            await conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(SCHEMA)))
+            await conn.execute(DERIVE_STUDIES)
+            await conn.execute(DERIVE_ENTRIES)
+
+    # --- swap -------------------------------------------------------------------------------
+
+    async def swap(self) -> ReloadCounts:
+        """Replace the live projection tables with the built ones, in one short transaction;
+        the live tables' grants are given on the new ones."""
+        if not self._built:
+            raise RuntimeError("swap() before build()")
+        conn = self.conn
+        live = sql.Identifier(self._live)
+        for attempt in range(1, SWAP_ATTEMPTS + 1):
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
+                    grants = await _grants(conn, self._live)
+                    await conn.execute(
+                        sql.SQL("DROP TABLE {}").format(
+                            sql.SQL(", ").join(
+                                sql.Identifier(self._live, t) for t in PROJECTION_TABLES
+                            )
+                        )
+                    )
+                    for table in PROJECTION_TABLES:
+                        await conn.execute(
+                            sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(_new(table), live)
+                        )
+                    for grant in grants:
+                        await conn.execute(grant)
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == SWAP_ATTEMPTS:
+                    raise
+                log.warning("the rebuild's swap lost a deadlock; trying again", attempt=attempt)
+            except psycopg.OperationalError as exc:
+                raise TransientError(f"swapping the timeline tables in failed: {exc}") from exc
+        counts = await (
+            await conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {}.timeline_sources), "
+                    "(SELECT count(*) FROM {}.timeline_studies), "
+                    "(SELECT count(*) FROM {}.timeline_entries)"
+                ).format(live, live, live)
+            )
+        ).fetchone()
         assert counts is not None
         return ReloadCounts(*(int(c) for c in counts))
 
-    async def _reduce(self) -> None:
-        """The load tables reduced into the staging tables: one row per natural key."""
-        conn = self.conn
-
-        def columns(table: str, alias: str = "") -> sql.Composable:
-            prefix = [alias] if alias else []
-            return sql.SQL(", ").join(sql.Identifier(*prefix, c) for c in self._columns[table])
-
-        # The greatest snapshot of each source, the first loaded among equals (as the fold
-        # keeps the one it holds), and exactly its children.
-        await conn.execute(
-            "CREATE TEMP TABLE timeline_load_winners ON COMMIT DROP AS "
-            "SELECT DISTINCT ON (u, s) load_n FROM timeline_load_snapshots "
-            "ORDER BY u, s, v DESC, lra DESC, r DESC, load_n"
-        )
-        await conn.execute(
-            sql.SQL(
-                "INSERT INTO timeline_stage_snapshots SELECT {cols} FROM timeline_load_snapshots x "
-                "JOIN timeline_load_winners w ON w.load_n = x.load_n"
-            ).format(cols=columns("snapshots", "x"))
-        )
-        # The children go straight into the (emptied) tables, their indexes dropped and made
-        # again after: 100,000 instance rows took 1.3 s with the primary key in place and
-        # 0.7 s this way (0.44 s to insert, 0.27 s to build the index by sorting).
-        for table in _CHILDREN:
-            target = sql.Identifier(f"timeline_{table}")
-            remake = await _drop_indexes(conn, f"timeline_{table}")
-            await conn.execute(
-                sql.SQL(
-                    "INSERT INTO {target} SELECT {cols} FROM {load} x "
-                    "JOIN timeline_load_winners w ON w.load_n = x.load_n"
-                ).format(target=target, cols=columns(table, "x"), load=_load(table))
-            )
-            for statement in remake:
-                await conn.execute(statement)
-        # The greatest decision: its snapshot's key, then deny before permit, then decided_by.
-        await conn.execute(
-            sql.SQL(
-                "INSERT INTO timeline_stage_decisions SELECT DISTINCT ON (u, s) {cols} "
-                "FROM timeline_load_decisions "
-                "ORDER BY u, s, v DESC, lra DESC, r DESC, permitted, by DESC"
-            ).format(cols=columns("decisions"))
-        )
-        await conn.execute(
-            "INSERT INTO timeline_stage_revocations "
-            "SELECT p, c, min(at) FROM timeline_load_revocations GROUP BY p, c"
-        )
-        await conn.execute(
-            "INSERT INTO timeline_stage_deliveries SELECT u, dest, endpoint, max(v), max(at) "
-            "FROM timeline_load_deliveries GROUP BY u, dest, endpoint"
-        )
+    async def replace(self) -> ReloadCounts:
+        """Build the new tables and swap them in."""
+        await self.build()
+        return await self.swap()
 
 
-async def _drop_indexes(
-    conn: psycopg.AsyncConnection[Any], table: str, *, keys: bool = True
-) -> list[str]:
-    """Drop ``table``'s indexes (and the key constraints they back; with ``keys=False`` only
-    the indexes that back none); returns the statements that make them again, as the catalog
-    defines them (the migrations stay their one source)."""
+async def _grants(conn: psycopg.AsyncConnection[Any], live: str) -> list[sql.Composable]:
+    """The GRANTs (to roles other than the owner) on the live projection tables, as
+    statements that give them again on the tables of the same names."""
     cursor = await conn.execute(
         """
-        SELECT format('ALTER TABLE %%I DROP CONSTRAINT %%I', %(table)s::text, c.conname),
-               format('ALTER TABLE %%I ADD CONSTRAINT %%I %%s', %(table)s::text, c.conname,
-                      pg_get_constraintdef(c.oid))
-        FROM pg_constraint c
-        WHERE c.conrelid = %(table)s::regclass AND c.contype IN ('p', 'u') AND %(keys)s
-        UNION ALL
-        SELECT format('DROP INDEX %%s', i.indexrelid::regclass), pg_get_indexdef(i.indexrelid)
-        FROM pg_index i
-        WHERE i.indrelid = %(table)s::regclass
-          AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+        SELECT c.relname, a.privilege_type, a.is_grantable,
+               CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END
+        FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+        WHERE c.relnamespace = %s::regnamespace AND c.relname = ANY(%s)
+          AND a.grantee <> c.relowner
         """,
-        {"table": table, "keys": keys},
+        (live, list(PROJECTION_TABLES)),
     )
-    pairs = await cursor.fetchall()
-    for drop, _ in pairs:
-        await conn.execute(drop)
-    return [make for _, make in pairs]
+    return [
+        sql.SQL("GRANT {} ON {} TO {}{}").format(
+            sql.SQL(privilege),
+            sql.Identifier(live, table),
+            sql.Identifier(grantee) if grantee is not None else sql.SQL("PUBLIC"),
+            sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+        )
+        for table, privilege, grantable, grantee in await cursor.fetchall()
+    ]

@@ -457,6 +457,99 @@ _REFRESH_TOUCHED = ";\n".join(
     (_REFRESH_STUDIES.format(touched=_STAGED), _REFRESH_ENTRIES.format(touched=_STAGED))
 )
 
+# The rebuild's derivation of every study at once into the EMPTY derived tables, run in this
+# order (entries read the study rows): the rows REFRESH_STUDIES and then REFRESH_ENTRIES give
+# for every Study UID of ``timeline_sources``, with whole-table joins, sorts and aggregates
+# instead of a lookup per study. ``tests/integration/timeline/test_derive_all.py`` holds the
+# two equal; a change to either side's rules must be made to both.
+DERIVE_STUDIES = """
+INSERT INTO timeline_studies (
+    study_instance_uid, patient_pseudonym, accession_number, study_date, study_time,
+    study_description, modalities, received_at, has_images, visible)
+WITH primaries AS (
+    SELECT DISTINCT ON (s.study_instance_uid) s.*
+    FROM timeline_sources s
+    ORDER BY s.study_instance_uid, s.visible DESC, s.first_received_at, s.sender_ura
+), listed AS (
+    -- Only a visible primary source has visible sources of its patient.
+    SELECT s.study_instance_uid, s.last_received_at, s.number_of_images, s.modalities
+    FROM primaries p
+    JOIN timeline_sources s ON s.study_instance_uid = p.study_instance_uid
+     AND s.visible AND s.patient_pseudonym = p.patient_pseudonym
+), aggregated AS (
+    SELECT study_instance_uid, max(last_received_at) AS received_at,
+           bool_or(number_of_images > 0) AS has_images
+    FROM listed GROUP BY study_instance_uid
+), modalities AS (
+    SELECT l.study_instance_uid,
+           array_agg(DISTINCT m COLLATE "C" ORDER BY m COLLATE "C") AS modalities
+    FROM listed l, unnest(l.modalities) AS m
+    GROUP BY l.study_instance_uid
+)
+SELECT p.study_instance_uid, p.patient_pseudonym, p.accession_number, p.study_date,
+       p.study_time, p.study_description,
+       CASE WHEN p.visible THEN COALESCE(mo.modalities, '{}') ELSE p.modalities END,
+       COALESCE(a.received_at, p.last_received_at), COALESCE(a.has_images, p.number_of_images > 0),
+       p.visible
+FROM primaries p
+LEFT JOIN aggregated a ON a.study_instance_uid = p.study_instance_uid
+LEFT JOIN modalities mo ON mo.study_instance_uid = p.study_instance_uid
+"""
+DERIVE_ENTRIES = """
+INSERT INTO timeline_entries (
+    study_instance_uid, kind, report_sop_instance_uid, report_kind, searchable,
+    patient_pseudonym, accession_number, study_date, study_time, study_description, modalities,
+    received_at, source_uras, source_names, source_versions, source_received_at, source_series,
+    source_instances, institution_keys, delivered_to)
+WITH listed AS (
+    SELECT s.study_instance_uid, s.sender_ura, s.institution_name, s.version,
+           s.last_received_at, s.number_of_series, s.number_of_instances, s.first_received_at
+    FROM timeline_studies st
+    JOIN timeline_sources s ON s.study_instance_uid = st.study_instance_uid
+     AND s.visible AND s.patient_pseudonym = st.patient_pseudonym
+    WHERE st.visible
+), holders AS (
+    SELECT l.*, 'images'::text AS kind, ''::text AS sop, NULL::text AS report_kind
+    FROM listed l
+    UNION ALL
+    SELECT l.*, 'report'::text, r.sop_instance_uid, r.kind
+    FROM listed l JOIN timeline_reports r
+      ON r.study_instance_uid = l.study_instance_uid AND r.sender_ura = l.sender_ura
+), grouped AS (
+    -- One row per entry; a window's aggregates take its rows in the window's order, so the
+    -- partition is sorted once rather than once per ordered aggregate (PostgreSQL 15).
+    SELECT * FROM (
+        SELECT h.study_instance_uid, h.kind, h.sop, row_number() OVER w AS n,
+               min(h.report_kind) OVER w AS report_kind,
+               array_agg(h.sender_ura) OVER w AS source_uras,
+               array_agg(h.institution_name) OVER w AS source_names,
+               array_agg(h.version) OVER w AS source_versions,
+               array_agg(h.last_received_at) OVER w AS source_received_at,
+               array_agg(h.number_of_series) OVER w AS source_series,
+               array_agg(h.number_of_instances) OVER w AS source_instances,
+               array_agg(lower(h.institution_name)) OVER w AS lower_names
+        FROM holders h
+        WINDOW w AS (PARTITION BY h.study_instance_uid, h.kind, h.sop
+                     ORDER BY h.first_received_at, h.sender_ura
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+    ) entry
+    WHERE n = 1
+), delivered AS (
+    SELECT d.study_instance_uid,
+           array_agg(DISTINCT d.destination_ura ORDER BY d.destination_ura) AS delivered_to
+    FROM timeline_deliveries d
+    GROUP BY d.study_instance_uid
+)
+SELECT g.study_instance_uid, g.kind, g.sop, g.report_kind, (g.kind = 'report' OR st.has_images),
+       st.patient_pseudonym, st.accession_number, st.study_date, st.study_time,
+       st.study_description, st.modalities, st.received_at, g.source_uras, g.source_names,
+       g.source_versions, g.source_received_at, g.source_series, g.source_instances,
+       g.source_uras || g.lower_names, COALESCE(d.delivered_to, '{}')
+FROM grouped g
+JOIN timeline_studies st ON st.study_instance_uid = g.study_instance_uid
+LEFT JOIN delivered d ON d.study_instance_uid = g.study_instance_uid
+"""
+
 
 def snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
     """A snapshot's row of the snapshots staging table."""

@@ -13,28 +13,29 @@ How an operator runs it (with the projection stopped; the API keeps serving):
    a. notes the end offsets of the four topics (what "caught up" means),
    b. reads every partition from its start to that offset, decodes the events as the projection
       does (``projection.decode_projected``) and loads their rows, a fetched chunk at a time,
-      into load tables (``services/timeline/adapters/reload.py``); the next chunk is decoded
-      while PostgreSQL takes in the last. ``BEELDPORTAAL_TIMELINE_REBUILD_PROCESSES`` processes
-      (default one per CPU) do this, each for a share of the partition numbers; they are forked
-      from the rebuild, so they start in milliseconds,
-   c. checks again that the projection's group has no members, then replaces the projection's
-      tables (never the append-only ``access_log``) with what the events give, in ONE
-      transaction,
-   d. moves the projection's consumer group to the offsets of (a);
+      into the tables of the schema ``timeline_rebuild`` (``services/timeline/adapters/
+      reload.py``); the next chunk is decoded while PostgreSQL takes in the last.
+      ``BEELDPORTAAL_TIMELINE_REBUILD_PROCESSES`` processes (default one per CPU) do this, each
+      for a share of the partition numbers; they are forked from the rebuild, so they start in
+      milliseconds,
+   c. builds the new projection tables there from what was loaded (never the append-only
+      ``access_log``),
+   d. checks again that the projection's group has no members, then swaps the new tables in
+      for the live ones in ONE short transaction,
+   e. moves the projection's consumer group to the offsets of (a);
 3. start the projection worker again: it continues from where the rebuild stopped.
 
-Until the replace step commits, the API serves the tables as they were; while it runs (a few
-seconds per 100,000 events, ``make bench-timeline``) the API's reads wait for its lock. A
-rebuild that fails or is stopped before (c) commits changes nothing; one that dies between (c)
-and (d) leaves the group where the worker left it, and the worker then replays what the rebuild
-already applied, which changes nothing.
+The API serves the live tables throughout and waits only for the swap (milliseconds): it never
+sees the timeline half-rebuilt. A rebuild that fails or is stopped before (d) commits changes
+nothing; one that dies between (d) and (e) leaves the group where the worker left it, and the
+worker then replays what the rebuild already applied, which changes nothing.
 
 Why not the projection worker itself, replaying into emptied tables (as before 2026-11-26): it
 applies a batch of a few thousand events per transaction with upserts, so it inserts a study's
 rows once for its study-received and again for its timeline decision, and derives each study's
 rows once per batch that touched it. On this project's 2-core machine that replayed 2,900-3,100
 events/s of 10,000 studies; loading first and deriving once, with two loading processes,
-7,200-7,700 (``benchmarks/README.md``), and the timeline is never seen half-rebuilt.
+7,200-7,700 (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ class RebuildReport:
     revocations: int
     poison: int
     seconds: float
-    # Reading, decoding and loading the events; the one replacing transaction.
+    # Reading, decoding and loading the events; building the new tables from what was loaded;
+    # the one transaction swapping them in (all the API waits for).
     load_seconds: float
-    replace_seconds: float
+    build_seconds: float
+    swap_seconds: float
     sources: int
     studies: int
     entries: int
@@ -104,7 +107,8 @@ class RebuildReport:
             "poison": self.poison,
             "seconds": round(self.seconds, 2),
             "load_seconds": round(self.load_seconds, 2),
-            "replace_seconds": round(self.replace_seconds, 2),
+            "build_seconds": round(self.build_seconds, 2),
+            "swap_seconds": round(self.swap_seconds, 3),
             "events_per_second": round(self.events_per_second, 1),
             "sources": self.sources,
             "studies": self.studies,
@@ -159,12 +163,16 @@ async def rebuild(
             load_seconds = time.monotonic() - started
             progress(
                 f"{loaded.decoded} events loaded ({loaded.rows} rows, {loaded.poison} poison "
-                f"skipped) in {load_seconds:.1f} s; replacing the projection tables"
+                f"skipped) in {load_seconds:.1f} s; building the new tables"
             )
+            build_started = time.monotonic()
+            await reload.build()
+            build_seconds = time.monotonic() - build_started
+            progress(f"built in {build_seconds:.1f} s; swapping them in")
             await _refuse_if_running(admin, group_id)
-            replace_started = time.monotonic()
-            counts = await reload.replace()
-            replace_seconds = time.monotonic() - replace_started
+            swap_started = time.monotonic()
+            counts = await reload.swap()
+            swap_seconds = time.monotonic() - swap_started
         await _commit_offsets(kafka, group_id, end)
         progress(f"consumer group {group_id} moved to the end offsets the rebuild read to")
     finally:
@@ -176,14 +184,15 @@ async def rebuild(
         poison=loaded.poison,
         seconds=time.monotonic() - started,
         load_seconds=load_seconds,
-        replace_seconds=replace_seconds,
+        build_seconds=build_seconds,
+        swap_seconds=swap_seconds,
         sources=counts.sources,
         studies=counts.studies,
         entries=counts.entries,
     )
     progress(
         f"done: {report.events} events in {report.seconds:.1f} s "
-        f"({report.events_per_second:.0f} events/s; replace {replace_seconds:.1f} s): "
+        f"({report.events_per_second:.0f} events/s; swap {swap_seconds * 1000:.0f} ms): "
         f"{counts.studies} studies, "
         f"{counts.entries} entries; start the projection worker again"
     )

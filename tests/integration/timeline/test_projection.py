@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.timeline.adapters.reload import Reload
+from services.timeline.adapters.reload import SCHEMA, Reload
 from services.timeline.adapters.store import PROJECTION_TABLES, PostgresTimeline
 from services.timeline.config import TimelineSettings
 from services.timeline.domain.ports import EntryKind, TimelineEntry, TimelineQuery
@@ -585,7 +585,7 @@ async def test_a_rebuild_that_fails_before_it_replaces_the_tables_changes_nothin
     await timeline.publish(*decided(late, consent="consent-2"))
 
     def progress(line: str) -> None:
-        if "events loaded" in line:  # after the load, before the replacing transaction
+        if "events loaded" in line:  # after the load, before the build and the swap
             raise RuntimeError("stopped by the operator")
 
     with pytest.raises(RuntimeError, match="stopped by the operator"):
@@ -610,15 +610,16 @@ async def test_a_second_rebuild_is_refused_while_one_runs(timeline: Timeline) ->
                 timeline.settings, group=timeline.group, rename=timeline.names, progress=print
             )
         with psycopg.connect(timeline.dsn) as conn:  # the running one's are left alone
-            assert len(load_tables(conn)) == 7
+            assert len(load_tables(conn)) == 12
     assert timeline.dump() == before
 
 
 def load_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """The tables of a rebuild's schema: its four load tables and the eight it builds."""
     return [
         r[0]
         for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE tablename LIKE 'timeline\\_load\\_%' ORDER BY 1"
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1", (SCHEMA,)
         )
     ]
 

@@ -221,3 +221,68 @@ async def test_the_rebuild_gives_the_projections_tables_for_random_histories(
         visible += len(projected["timeline_entries"])
     # The histories are not vacuous: entries were visible in some of them.
     assert visible > 0
+
+
+def schema_of(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]:
+    """The projection tables as the catalog describes them: columns in order, constraints,
+    indexes (by name), and who else may read them."""
+    tables = list(PROJECTION_TABLES)
+    return {
+        "columns": conn.execute(
+            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
+            "pg_get_expr(d.adbin, d.adrelid), a.attgenerated, a.attcollation::regcollation "
+            "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+            "WHERE c.relname = ANY(%s) AND c.relnamespace = 'public'::regnamespace "
+            "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY c.relname, a.attnum",
+            (tables,),
+        ).fetchall(),
+        "constraints": conn.execute(
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+            "FROM pg_constraint WHERE conrelid::regclass::text = ANY(%s) ORDER BY 1, 2",
+            (tables,),
+        ).fetchall(),
+        "indexes": conn.execute(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes "
+            "WHERE schemaname = 'public' AND tablename = ANY(%s) ORDER BY 1, 2",
+            (tables,),
+        ).fetchall(),
+        "grants": conn.execute(
+            "SELECT table_name, grantee, privilege_type FROM information_schema.table_privileges "
+            "WHERE table_schema = 'public' AND table_name = ANY(%s) ORDER BY 1, 2, 3",
+            (tables,),
+        ).fetchall(),
+    }
+
+
+async def test_the_swapped_in_tables_are_the_migrations_tables_and_keep_their_grants(
+    scratch_database: str,
+) -> None:
+    migrations.migrate(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON timeline_entries, timeline_instances TO PUBLIC")
+        before = schema_of(conn)
+    assert len(before["indexes"]) == len(PROJECTION_TABLES) + 2  # the keys, search, consent
+    rnd = random.Random(7)
+    await rebuilt(scratch_database, history(rnd), rnd)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        assert schema_of(conn) == before
+        assert conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'timeline_rebuild'"
+        ).fetchone() == (0,)
+
+
+async def test_a_reader_of_the_live_tables_reads_the_new_ones_after_the_swap(
+    scratch_database: str,
+) -> None:
+    migrations.migrate(scratch_database)
+    rnd = random.Random(3)
+    events = history(rnd)
+    # A reader as the API's pool keeps them: a statement prepared on the server (psycopg
+    # prepares one from its fifth run), before the rebuild.
+    with psycopg.connect(scratch_database, autocommit=True, prepare_threshold=0) as reader:
+        count = "SELECT count(*) FROM timeline_sources WHERE version > %s"
+        assert reader.execute(count, (0,)).fetchone() == (0,)
+        after = await rebuilt(scratch_database, events, rnd)
+        assert reader.execute(count, (0,)).fetchone() == (len(after["timeline_sources"]),)
+    assert after["timeline_sources"]
