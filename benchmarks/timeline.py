@@ -51,6 +51,7 @@ from services.timeline.domain.ports import EntryKind, TimelineQuery
 from services.timeline.entrypoints.projection import TOPICS
 from services.timeline.entrypoints.rebuild import rebuild
 from shared import migrations, runtime, topics
+from shared.codec import Codec
 from shared.events import (
     Basis,
     BsnStatus,
@@ -65,7 +66,12 @@ from shared.events import (
     StudyReceived,
 )
 from shared.identifiers import PSEUDONYM_PREFIX
-from shared.kafka import KafkaEventPublisher, delete_topics_containing, provision_topics
+from shared.kafka import (
+    KafkaEventPublisher,
+    WireRecord,
+    delete_topics_containing,
+    provision_topics,
+)
 from shared.logging import configure_logging
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import TopicSpec
@@ -302,6 +308,23 @@ def pipeline_events(studies: int, instances: int, rng: random.Random) -> list[An
     return events
 
 
+def wire_records(events: list[Any], names: dict[str, str]) -> list[WireRecord]:
+    """The events' records as the pipeline writes them: a decision carries its study-received's
+    snapshot text as received (consent forwards it, ``shared.stream.carrying``)."""
+    codec = Codec()
+    records, snapshot = [], None
+    for event in events:
+        if isinstance(event, StudyReceived):
+            record = codec.encode(event)
+            snapshot = codec.member(record, StudyReceived, "study")
+        elif isinstance(event, ConsentChecked) and snapshot is not None:
+            record = codec.encode(event, carried={"study": snapshot})
+        else:
+            record = codec.encode(event)
+        records.append(WireRecord(names[record.topic], record.key, record.value, record.headers))
+    return records
+
+
 def _checkpoint_writes(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
@@ -329,12 +352,14 @@ async def replay(
         topics.BY_NAME[spec.name] = spec
     await provision_topics(kafka.bootstrap_list, specs)
     events = pipeline_events(studies, instances, random.Random(5))
+    records = wire_records(events, names)
     log(f"replay: publishing {len(events)} events ({studies} studies of {instances} instances)")
     started = time.monotonic()
     async with KafkaEventPublisher(kafka, "bench-timeline") as publisher:
-        for start in range(0, len(events), 5000):
-            chunk = events[start : start + 5000]
-            await asyncio.gather(*[await publisher.send(e, names[type(e).topic]) for e in chunk])
+        producer = await publisher.ready()
+        for start in range(0, len(records), 5000):
+            chunk = records[start : start + 5000]
+            await asyncio.gather(*await publisher.send_many(producer, chunk))
     log(f"published in {time.monotonic() - started:.1f} s; rebuilding from the topics")
     settings = TimelineSettings(kafka=kafka, postgres=PostgresSettings(dsn=dsn))
     # The rebuild's loading processes are its children, reaped before it returns.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ConfigDict
 
-from shared.codec import SCHEMA_HEADER, Codec, _member_key
+from shared.codec import SCHEMA_HEADER, Codec, _member_key, without
 from shared.events import ConsentChecked, Event, StudyReceived, registry
 from shared.events.base import uuid5_text
 from shared.events.routing import RouteResolved
@@ -274,3 +275,52 @@ def test_several_carried_members_are_written_after_the_rest() -> None:
         b',"study":' + carried["study"] + b',"destination":' + carried["destination"] + b"}"
     )
     assert codec.decode(value, codec.encode(event).headers) == event
+
+
+# --- split: a record not yet decoded, as its other members and the member's text --------------
+
+
+def carried_record(event: Event, name: str = "study") -> Any:
+    """``event``'s record as a forwarding worker writes it: ``name``'s text last."""
+    text = getattr(event, name).model_dump_json().encode()
+    return codec.encode(event, carried={name: text})
+
+
+@pytest.mark.parametrize("model", CUT)
+def test_split_gives_the_other_members_and_the_member_text(model: type[Event]) -> None:
+    event = FACTORIES[model](purpose="timeline") if model is ConsentChecked else FACTORIES[model]()
+    rest, text = codec.split(carried_record(event), model, "study") or (b"", b"")
+    others = without(model, "study").model_validate_json(rest)
+    assert type(event.study).model_validate_json(text) == event.study  # type: ignore[attr-defined]
+    assert others.model_dump() == event.model_dump(exclude={"study"})
+    assert "study" not in json.loads(rest)
+
+
+def test_split_refuses_what_member_refuses_and_a_record_of_the_member_only() -> None:
+    event = make_consent_checked()
+    assert codec.split(codec.encode(event), ConsentChecked, "study") is None  # not last
+    record = carried_record(event)
+    assert codec.split(record, StudyReceived, "study") is None  # another schema
+    text = codec.member(record, ConsentChecked, "study") or b""
+    only = replace(record, value=b'{"study":' + text + b"}")
+    assert codec.split(only, ConsentChecked, "study") is None
+
+
+def test_split_cuts_a_value_holding_nan_which_member_does_not_forward() -> None:
+    record = carried_record(make_consent_checked())
+    value = record.value.replace(b'"flagged":false', b'"flagged":false,"flagged":NaN', 1)
+    nan = replace(record, value=value)
+    assert codec.member(nan, ConsentChecked, "study") is None
+    rest, _ = codec.split(nan, ConsentChecked, "study") or (b"", b"")
+    # Validated as the whole record is: the repeated key's last value (NaN) is refused.
+    with pytest.raises(ValueError):
+        without(ConsentChecked, "study").model_validate_json(rest)
+    with pytest.raises(ValueError):
+        ConsentChecked.model_validate_json(value)
+
+
+def test_without_refuses_a_model_that_validates_more_than_its_fields() -> None:
+    from shared.events.common import PatientRef
+
+    with pytest.raises(TypeError, match="validates more than its fields"):
+        without(PatientRef, "pseudonym")  # type: ignore[arg-type]

@@ -59,10 +59,12 @@ from services.timeline.adapters.store import (
     PROJECTION_TABLES,
     STAGING_TABLES,
     SnapshotKey,
+    SnapshotRef,
     SourceKey,
     children_rows,
     configure_connection,
     decision_row,
+    decision_row_of,
     snapshot_key,
     snapshot_row,
 )
@@ -227,6 +229,15 @@ class Loader:
             )  # fmt: skip
         else:
             raise TypeError(f"the timeline does not project {type(event).__name__}")
+
+    def add_decision(self, study: SnapshotRef, decision: Any) -> None:
+        """A consent-checked decoded without its snapshot, which is one added before (see
+        ``rebuild._Decoding``): ``study`` its ``snapshot_ref``, ``decision`` its other fields
+        (purpose, decision, basis, decided_by)."""
+        if decision.purpose is Purpose.TIMELINE:
+            self._rows["decisions"].append(
+                decision_row_of(study, decision.decision, decision.basis, decision.decided_by)
+            )
 
     def _snapshot(self, study: StudySnapshot) -> None:
         key = (study.study_instance_uid, study.sender_ura)

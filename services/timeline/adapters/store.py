@@ -74,6 +74,7 @@ from services.timeline.domain.ports import (
 )
 from shared.errors import TransientError
 from shared.events import (
+    Basis,
     ConsentChecked,
     ConsentRevoked,
     Decision,
@@ -84,7 +85,7 @@ from shared.events import (
     StudySnapshot,
 )
 
-# The tables the projection owns (a rebuild truncates them; never the append-only access_log).
+# The tables the projection owns (a rebuild replaces them; never the append-only access_log).
 PROJECTION_TABLES = (
     "timeline_sources",
     "timeline_series",
@@ -103,6 +104,8 @@ _VM = "\\"
 SourceKey = tuple[str, str]
 SnapshotKey = tuple[int, datetime, str]
 DecisionKey = tuple[int, datetime, str, bool, str]
+# (study, sender, version, last_received_at, recipient, patient pseudonym)
+SnapshotRef = tuple[str, str, int, datetime, str, str | None]
 
 
 def snapshot_key(study: StudySnapshot) -> SnapshotKey:
@@ -719,11 +722,27 @@ def children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[Any
 
 def decision_row(checked: ConsentChecked) -> tuple[Any, ...]:
     """A timeline decision's row of the decisions staging table."""
-    study = checked.study
+    return decision_row_of(
+        snapshot_ref(checked.study), checked.decision, checked.basis, checked.decided_by
+    )
+
+
+def snapshot_ref(study: StudySnapshot) -> SnapshotRef:
+    """What a decision's row takes from its snapshot: source, snapshot key, patient."""
     return (
         study.study_instance_uid, study.sender_ura, study.version, study.last_received_at,
-        study.recipient_ura, checked.decision is Decision.PERMIT, checked.basis.value,
-        checked.decided_by, study.patient.pseudonym,
+        study.recipient_ura, study.patient.pseudonym,
+    )  # fmt: skip
+
+
+def decision_row_of(
+    study: SnapshotRef, decision: Decision, basis: Basis, decided_by: str
+) -> tuple[Any, ...]:
+    """A decision's row from its snapshot's ``snapshot_ref`` and its own fields."""
+    uid, sender, version, last_received_at, recipient, patient = study
+    return (
+        uid, sender, version, last_received_at, recipient, decision is Decision.PERMIT,
+        basis.value, decided_by, patient,
     )  # fmt: skip
 
 

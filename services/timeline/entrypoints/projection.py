@@ -47,7 +47,7 @@ log = get_logger(__name__)
 SERVICE = "timeline-projection"
 # Delivery decisions carry this purpose header: passed over without decoding (half the
 # consent-checked records, each carrying a whole study snapshot).
-_DELIVERY = Purpose.DELIVERY.value.encode()
+DELIVERY = Purpose.DELIVERY.value.encode()
 # The topics the projection reads, as declared (``rename`` maps them to test copies).
 TOPICS = (StudyReceived.topic, ConsentChecked.topic, ConsentRevoked.topic, Delivered.topic)
 PROJECTED = (StudyReceived, ConsentChecked, ConsentRevoked, Delivered)
@@ -71,7 +71,7 @@ class ProjectionMetrics(ServiceMetrics):
 def decode_projected(codec: Codec, record: Any) -> Event | None:
     """The record's event, or None for a delivery decision (passed over undecoded); raises
     PoisonEvent for a record that does not decode into an event the projection reads."""
-    if header(record, PURPOSE_HEADER) == _DELIVERY:
+    if header(record, PURPOSE_HEADER) == DELIVERY:
         return None
     return decode_as(codec, record, *PROJECTED)
 
