@@ -9,7 +9,7 @@
    entries (studies, and one report entry for every fifth study) of ``--patients`` patients,
    10 % of the studies from a second institution, plus 5 % more studies denied by consent
    (rows that must be skipped); the study and entry rows are derived with the store's own SQL
-   (``REFRESH_STUDIES``, ``REFRESH_ENTRIES``). Then ``--clients`` concurrent clients (one
+   (``DERIVE_STUDIES``, ``DERIVE_ENTRIES``). Then ``--clients`` concurrent clients (one
    connection each) search random patients through ``PostgresTimeline.search`` for
    ``--seconds``, closed loop, with a query mix (60 % the first page, 10 % each a date range,
    a modality, an institution, reports only); p50/p90/p99/max in ms, per kind and overall.
@@ -45,7 +45,7 @@ from typing import Any
 
 import psycopg
 
-from services.timeline.adapters.store import REFRESH_ENTRIES, REFRESH_STUDIES, PostgresTimeline
+from services.timeline.adapters.store import DERIVE_ENTRIES, DERIVE_STUDIES, PostgresTimeline
 from services.timeline.config import TimelineSettings
 from services.timeline.domain.ports import EntryKind, TimelineQuery
 from services.timeline.entrypoints.projection import TOPICS
@@ -127,7 +127,8 @@ COPIES = {
 
 def fill(dsn: str, patients: list[str], entries: int, rng: random.Random) -> dict[str, int]:
     """COPY the projection's tables (one connection per table, streaming): ``entries`` visible
-    entries, and denied studies besides; then derive the study rows with the store's SQL."""
+    entries, and denied studies besides; then derive the study rows with the store's SQL
+    (``DERIVE_STUDIES``, ``DERIVE_ENTRIES``, as a rebuild does)."""
     studies = entries * 5 // 6  # one report entry per fifth study: studies + studies / 5
     denied = studies // 20
     counts: dict[str, int] = defaultdict(int)
@@ -186,11 +187,11 @@ def fill(dsn: str, patients: list[str], entries: int, rng: random.Random) -> dic
     # (each connection committed as the stack closed it, after its COPY)
     log(f"copied {counts['sources']} sources; deriving {len(uids)} study rows")
     with psycopg.connect(dsn) as conn:
-        for start in range(0, len(uids), 20_000):
-            chunk = uids[start : start + 20_000]
-            conn.execute(REFRESH_STUDIES, {"uids": chunk})
-            conn.execute(REFRESH_ENTRIES, {"uids": chunk})
-            conn.commit()
+        # As a rebuild derives them: every study at once (the tables are empty).
+        conn.execute("SET work_mem = '64MB'")
+        conn.execute(DERIVE_STUDIES)
+        conn.execute(DERIVE_ENTRIES)
+        conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")
         counts["studies"] = conn.execute("SELECT count(*) FROM timeline_studies").fetchone()[0]
