@@ -95,8 +95,10 @@ SCHEMA = "timeline_rebuild"
 # few hundred bytes here, so past this many the memory is cleared. That only costs rows: the
 # build step keeps the greatest snapshot of each source however often it was loaded.
 REMEMBERED_SOURCES = 500_000
-# A swap that loses a deadlock to an API reader (it locks eight tables) is tried again.
+# A swap that loses a deadlock to an API reader (it locks eight tables), or waits longer than
+# this for a lock (the API's reads queue behind it meanwhile), is tried again, a few times.
 SWAP_ATTEMPTS = 3
+SWAP_LOCK_TIMEOUT = "2s"
 
 _CHILDREN = ("series", "instances", "reports")
 _KEYED = ("snapshots", *_CHILDREN)  # rows carrying the snapshot's serial load_n
@@ -414,6 +416,7 @@ class Reload:
         ).fetchone()
         assert row is not None
         self._live = row[0]
+        await _refuse_unless_owner(conn, self._live)
         self._indexes = await _live_indexes(conn, self._live)
         async with conn.transaction():
             await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
@@ -554,6 +557,8 @@ class Reload:
         for attempt in range(1, SWAP_ATTEMPTS + 1):
             try:
                 async with conn.transaction():
+                    # Waiting for a lock, the swap would queue every API read behind it.
+                    await conn.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
                     grants = await _grants(conn, self._live)
                     # Moved aside, not dropped: dropping gigabytes of files at commit kept
@@ -572,10 +577,14 @@ class Reload:
                     for grant in grants:
                         await conn.execute(grant)
                 break
-            except psycopg.errors.DeadlockDetected:
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable) as exc:
                 if attempt == SWAP_ATTEMPTS:
-                    raise
-                log.warning("the rebuild's swap lost a deadlock; trying again", attempt=attempt)
+                    raise TransientError(
+                        f"the live timeline tables stayed locked ({exc}); nothing was swapped"
+                    ) from exc
+                log.warning("the rebuild's swap waited too long for a lock; trying again",
+                            attempt=attempt, reason=str(exc))  # fmt: skip
+                await asyncio.sleep(attempt)
             except psycopg.OperationalError as exc:
                 raise TransientError(f"swapping the timeline tables in failed: {exc}") from exc
         counts = await (
@@ -594,6 +603,33 @@ class Reload:
         """Build the new tables and swap them in."""
         await self.build()
         return await self.swap()
+
+
+async def _refuse_unless_owner(conn: psycopg.AsyncConnection[Any], live: str) -> None:
+    """Refuse, before anything is loaded, a rebuild whose role could not swap the tables in
+    (moving a table needs its owner) or make its schema."""
+    cursor = await conn.execute(
+        "SELECT c.relname, pg_get_userbyid(c.relowner), current_user FROM pg_class c "
+        "WHERE c.relnamespace = %s::regnamespace AND c.relname = ANY(%s) "
+        "AND NOT pg_has_role(current_user, c.relowner, 'USAGE') ORDER BY 1",
+        (live, list(PROJECTION_TABLES)),
+    )
+    foreign = await cursor.fetchall()
+    if foreign:
+        table, owner, user = foreign[0]
+        raise RebuildRefused(
+            f"role {user} does not own {table} (owner {owner}) nor {len(foreign) - 1} other "
+            "projection table(s): run the rebuild as the role that owns them (that ran the "
+            "migrations)"
+        )
+    row = await (
+        await conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')")
+    ).fetchone()
+    if not (row and row[0]):
+        raise RebuildRefused(
+            "the rebuild's role may not create a schema in this database "
+            "(GRANT CREATE ON DATABASE ... TO it)"
+        )
 
 
 async def _grants(conn: psycopg.AsyncConnection[Any], live: str) -> list[sql.Composable]:

@@ -18,9 +18,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from services.timeline.adapters.reload import Loader, Reload
+from services.timeline.adapters import reload as reload_module
+from services.timeline.adapters.reload import Loader, RebuildRefused, Reload
 from services.timeline.adapters.store import PROJECTION_TABLES, PostgresTimeline, ProjectionBatch
 from shared import migrations
+from shared.errors import TransientError
 from shared.events import (
     Basis,
     BsnStatus,
@@ -287,3 +289,41 @@ async def test_a_reader_of_the_live_tables_reads_the_new_ones_after_the_swap(
         after = await rebuilt(scratch_database, events, rnd)
         assert reader.execute(count, (0,)).fetchone() == (len(after["timeline_sources"]),)
     assert after["timeline_sources"]
+
+
+async def test_a_rebuild_that_could_not_swap_its_tables_in_is_refused_before_it_loads(
+    scratch_database: str,
+) -> None:
+    migrations.migrate(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        revoke = conn.execute(
+            "SELECT format('REVOKE CREATE ON DATABASE %I FROM %I', current_database(), "
+            "current_user)"
+        ).fetchone()
+        assert revoke is not None
+        conn.execute(revoke[0])
+    with pytest.raises(RebuildRefused, match="may not create a schema"):
+        async with Reload(scratch_database):
+            pass
+
+
+async def test_a_swap_kept_from_its_locks_gives_up_and_changes_nothing(
+    scratch_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    migrations.migrate(scratch_database)
+    rnd = random.Random(11)
+    events = history(rnd)
+    before = await project(scratch_database, events, rnd)
+    monkeypatch.setattr(reload_module, "SWAP_LOCK_TIMEOUT", "50ms")
+    with psycopg.connect(scratch_database) as reader:  # its transaction stays open
+        reader.execute("SELECT count(*) FROM timeline_entries")
+        async with Reload(scratch_database) as reload:
+            async with Loader(scratch_database) as loader:
+                for event in events:
+                    loader.add(event)
+                await loader.copy(loader.take())
+            await reload.build()
+            with pytest.raises(TransientError, match="stayed locked"):
+                await reload.swap()
+        reader.rollback()
+    assert dump(scratch_database) == before
