@@ -372,6 +372,17 @@ WHERE (t.patient_pseudonym, t.accession_number, t.study_date, t.study_time, t.st
 """
 
 
+# The holders of each entry of the listed sources (a CTE of both entry derivations): every
+# listed source holds its study's images entry, and an entry per report instance it holds.
+_HOLDERS = """), holders AS (
+    SELECT l.*, 'images'::text AS kind, ''::text AS sop, NULL::text AS report_kind
+    FROM listed l
+    UNION ALL
+    SELECT l.*, 'report'::text, r.sop_instance_uid, r.kind
+    FROM listed l JOIN timeline_reports r
+      ON r.study_instance_uid = l.study_instance_uid AND r.sender_ura = l.sender_ura
+"""
+
 # The entries of ``uids`` recomputed from their study rows, listed sources, reports and
 # deliveries; entries of studies no longer visible (or reports no longer held) are deleted.
 _REFRESH_ENTRIES = """
@@ -385,14 +396,7 @@ WITH listed AS (
         WHERE s.study_instance_uid = st.study_instance_uid
           AND s.visible AND s.patient_pseudonym = st.patient_pseudonym
     ) s
-), holders AS (
-    SELECT l.*, 'images'::text AS kind, ''::text AS sop, NULL::text AS report_kind
-    FROM listed l
-    UNION ALL
-    SELECT l.*, 'report'::text, r.sop_instance_uid, r.kind
-    FROM listed l JOIN timeline_reports r
-      ON r.study_instance_uid = l.study_instance_uid AND r.sender_ura = l.sender_ura
-), fresh AS (
+{holders}), fresh AS (
     SELECT st.study_instance_uid, h.kind, h.sop AS report_sop_instance_uid,
            min(h.report_kind) AS report_kind, (h.kind = 'report' OR st.has_images) AS searchable,
            st.patient_pseudonym, st.accession_number, st.study_date, st.study_time,
@@ -454,10 +458,13 @@ WHERE ROW(t.*) IS DISTINCT FROM ROW(EXCLUDED.*)
 # For a list of Study UIDs (``%(uids)s``), and for the batch's touched studies.
 _GIVEN = _TOUCHED_UIDS.format(uids="%(uids)s::text[]")
 REFRESH_STUDIES = _REFRESH_STUDIES.format(touched=_GIVEN)
-REFRESH_ENTRIES = _REFRESH_ENTRIES.format(touched=_GIVEN)
+REFRESH_ENTRIES = _REFRESH_ENTRIES.format(touched=_GIVEN, holders=_HOLDERS)
 _STAGED = _TOUCHED_UIDS.format(uids="ARRAY(SELECT u FROM timeline_stage_touched)")
 _REFRESH_TOUCHED = ";\n".join(
-    (_REFRESH_STUDIES.format(touched=_STAGED), _REFRESH_ENTRIES.format(touched=_STAGED))
+    (
+        _REFRESH_STUDIES.format(touched=_STAGED),
+        _REFRESH_ENTRIES.format(touched=_STAGED, holders=_HOLDERS),
+    )
 )
 
 # The rebuild's derivation of every study at once into the EMPTY derived tables, run in this
@@ -498,7 +505,8 @@ FROM primaries p
 LEFT JOIN aggregated a ON a.study_instance_uid = p.study_instance_uid
 LEFT JOIN modalities mo ON mo.study_instance_uid = p.study_instance_uid
 """
-DERIVE_ENTRIES = """
+DERIVE_ENTRIES = (
+    """
 INSERT INTO timeline_entries (
     study_instance_uid, kind, report_sop_instance_uid, report_kind, searchable,
     patient_pseudonym, accession_number, study_date, study_time, study_description, modalities,
@@ -511,14 +519,9 @@ WITH listed AS (
     JOIN timeline_sources s ON s.study_instance_uid = st.study_instance_uid
      AND s.visible AND s.patient_pseudonym = st.patient_pseudonym
     WHERE st.visible
-), holders AS (
-    SELECT l.*, 'images'::text AS kind, ''::text AS sop, NULL::text AS report_kind
-    FROM listed l
-    UNION ALL
-    SELECT l.*, 'report'::text, r.sop_instance_uid, r.kind
-    FROM listed l JOIN timeline_reports r
-      ON r.study_instance_uid = l.study_instance_uid AND r.sender_ura = l.sender_ura
-), grouped AS (
+"""
+    + _HOLDERS
+    + """), grouped AS (
     -- One row per entry; a window's aggregates take its rows in the window's order, so the
     -- partition is sorted once rather than once per ordered aggregate (PostgreSQL 15).
     SELECT * FROM (
@@ -552,6 +555,7 @@ FROM grouped g
 JOIN timeline_studies st ON st.study_instance_uid = g.study_instance_uid
 LEFT JOIN delivered d ON d.study_instance_uid = g.study_instance_uid
 """
+)
 
 
 def snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
