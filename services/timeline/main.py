@@ -24,6 +24,7 @@ def rebuild(settings: TimelineSettings | None = None) -> int:
     from services.timeline.entrypoints.rebuild import RebuildRefused
     from services.timeline.entrypoints.rebuild import rebuild as replay
     from shared import migrations
+    from shared.errors import TransientError
     from shared.logging import configure_logging, get_logger
 
     settings = settings or TimelineSettings()
@@ -33,6 +34,9 @@ def rebuild(settings: TimelineSettings | None = None) -> int:
         runtime.run(replay(settings))
     except RebuildRefused as exc:
         get_logger(__name__).error("rebuild refused", reason=str(exc))
+        return 1
+    except TransientError as exc:  # Kafka or PostgreSQL away, or the swap kept from its locks
+        get_logger(__name__).error("rebuild failed; run it again", reason=str(exc))
         return 1
     return 0
 

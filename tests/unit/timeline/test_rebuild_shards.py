@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from aiokafka import TopicPartition
 
 from services.timeline.entrypoints import rebuild
@@ -48,3 +49,27 @@ def test_only_partitions_holding_events_are_read_and_no_loader_idles() -> None:
 def test_empty_topics_need_no_loader() -> None:
     assert shards(everything(12, events=0), processes=2) == []
     assert len(shards(everything(3), processes=0)) == 1
+
+
+def test_the_command_exits_1_naming_why_when_the_rebuild_is_refused_or_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.timeline import main
+    from services.timeline.config import TimelineSettings
+    from shared import migrations
+    from shared.errors import TransientError
+
+    monkeypatch.setattr(migrations, "migrate", lambda conninfo: None)
+    for error, said in (
+        (rebuild.RebuildRefused("another timeline rebuild is running"), "rebuild refused"),
+        (TransientError("the live timeline tables stayed locked"), "rebuild failed"),
+    ):
+
+        async def fails(settings: object, error: Exception = error) -> None:
+            raise error
+
+        monkeypatch.setattr(rebuild, "rebuild", fails)
+        assert main.rebuild(TimelineSettings()) == 1
+        out = capsys.readouterr()
+        assert said in out.out + out.err
+        assert str(error) in out.out + out.err
