@@ -264,7 +264,6 @@ INSERT INTO timeline_reports
 SELECT x.* FROM timeline_stage_reports x JOIN timeline_stage_advanced a USING (u, s);
 INSERT INTO timeline_stage_touched SELECT u FROM timeline_stage_advanced
 """
-_ADVANCED_TOUCHED = "INSERT INTO timeline_stage_touched SELECT u FROM timeline_stage_advanced"
 
 # A decision replaces the source's when its key is greater; a permit naming a revoked consent
 # is withdrawn at once.
@@ -770,17 +769,15 @@ async def apply_staged(
     snapshots: bool,
     decisions: bool,
     deliveries: bool,
-    children: bool = True,
 ) -> None:
     """Apply what the staging tables hold (at most one row per natural key) to the projection's
     tables and refresh the studies it touched; the caller's transaction holds
-    ``PROJECTION_LOCK``. The flags say which staging tables hold rows; ``children=False``
-    leaves the series, instances and reports of the advanced sources to the caller."""
+    ``PROJECTION_LOCK``. The flags say which staging tables hold rows."""
     if revocations:
         await conn.execute(_UPSERT_REVOCATIONS)
     if snapshots:
         await conn.execute(_UPSERT_SNAPSHOTS)
-        await conn.execute(_REPLACE_CHILDREN if children else _ADVANCED_TOUCHED)
+        await conn.execute(_REPLACE_CHILDREN)
     if decisions:
         await conn.execute(_UPDATE_DECISIONS)
     if revocations:

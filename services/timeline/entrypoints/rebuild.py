@@ -438,7 +438,7 @@ class _Decoding:
     def add(self, record: Any, loader: Loader) -> None:
         """Decode ``record`` and add it to ``loader``; raises PoisonEvent."""
         model = _CARRYING.get(header(record, SCHEMA_HEADER) or b"")
-        split = None
+        split = digest = None
         if model is not None and header(record, PURPOSE_HEADER) != DELIVERY:
             split = self._codec.split(record, model, "study")
         if split is not None:
@@ -459,10 +459,10 @@ class _Decoding:
         if event is None:
             return
         loader.add(event)
-        if split is not None and isinstance(event, StudyReceived | ConsentChecked):
+        if digest is not None and isinstance(event, StudyReceived | ConsentChecked):
             if len(self._decoded) >= REMEMBERED_SNAPSHOTS:
                 self._decoded.clear()
-            self._decoded[hashlib.sha256(split[1]).digest()] = snapshot_ref(event.study)
+            self._decoded[digest] = snapshot_ref(event.study)
 
 
 async def _refuse_if_running(admin: AIOKafkaAdminClient, group_id: str) -> None:
