@@ -36,24 +36,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.consent.adapters.checked_records import CheckedRecords
 from services.consent.adapters.provider_types import DIRECTORY_TOPIC, ProviderTypes
 from services.consent.adapters.registry_view import RegistryTopics, RegistryView
 from services.consent.config import ConsentSettings
-from services.consent.domain.checks import (
-    StudyDecisions,
-    checked_events,
-    decide_study,
-    provider_category,
-)
+from services.consent.domain.checks import StudyDecisions, decide_study, provider_category
 from services.consent.metrics import DecisionMetrics
 from shared import runtime
 from shared.codec import Codec
 from shared.errors import TransientError
 from shared.events import ConsentChecked, StudyReceived
 from shared.events.base import utcnow
-from shared.events.consent import Decision
+from shared.events.consent import Decision, Purpose
 from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
-from shared.stream import Carrying, StreamWorker, Worker, carrying, decode_as, run_worker
+from shared.stream import Encoded, StreamWorker, Worker, decode_as, run_worker
 
 log = get_logger(__name__)
 
@@ -65,6 +61,7 @@ DIRECTORY_WAIT_SECONDS = 60.0
 REGISTRY_SYNC_SECONDS = 30.0
 # How long the worker waits for the registry view's first full read.
 REGISTRY_LOAD_SECONDS = 600.0
+DELIVERY, TIMELINE = Purpose.DELIVERY.value, Purpose.TIMELINE.value
 
 
 @dataclass
@@ -79,6 +76,9 @@ class ConsentDecider:
     codec: Codec = field(default_factory=Codec)
     _ready: bool = False
 
+    def __post_init__(self) -> None:
+        self.records = CheckedRecords(self.codec, PRODUCER)
+
     async def prepare(self) -> None:
         """Before a batch: the views started and read, the registry up to the topics' ends."""
         if not self._ready:
@@ -89,20 +89,16 @@ class ConsentDecider:
             raise TransientError(str(exc)) from exc
         self.metrics.registry_patients.set(self.registry.patients)
 
-    async def handle(self, record: Any) -> Sequence[ConsentChecked | Carrying]:
+    async def handle(self, record: Any) -> Sequence[Encoded]:
         received = decode_as(self.codec, record, StudyReceived)
         with correlation_context(received.correlation_id):
             decisions = self.decide(received)
-            events = checked_events(received, decisions, producer=PRODUCER)
             latency = (utcnow() - received.occurred_at).total_seconds()
             self.metrics.decision_latency.observe(max(latency, 0.0))
             self.metrics.consumed(record.topic, received.schema_name, "decided")
-            for checked in events:
+            for purpose, result in ((DELIVERY, decisions.delivery), (TIMELINE, decisions.timeline)):
                 self.metrics.decided(
-                    checked.purpose.value,
-                    checked.decision.value,
-                    checked.basis.value,
-                    checked.flagged,
+                    purpose, result.decision.value, result.basis.value, result.flagged
                 )
             # Every decision is an event already; the log names the ones an operator looks at.
             notable = decisions.delivery.flagged or decisions.delivery.decision is Decision.DENY
@@ -115,8 +111,8 @@ class ConsentDecider:
                     delivery_basis=decisions.delivery.basis.value,
                     timeline=decisions.timeline.decision.value,
                 )
-        # The snapshot goes on as received: its text, not written anew, in both decisions.
-        return carrying(self.codec, record, StudyReceived, "study", events)
+        # The two consent-checked records, the snapshot in them as received.
+        return self.records.write(record, received, decisions)
 
     def decide(self, received: StudyReceived) -> StudyDecisions:
         pseudonym = received.study.patient.pseudonym
