@@ -59,8 +59,64 @@ def route(
 
     A timeline decision is not routed: the result is an empty list.
     """
-    if checked.purpose is not Purpose.DELIVERY:
+    planned = plan(checked, directory, producer=producer, now=now)
+    if planned is None:
         return []
+    if isinstance(planned, RouteFailed):
+        return planned
+    return planned.events(producer)
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """Where a permitted delivery decision goes: one route per endpoint, alike but for the
+    destination. :meth:`events` are its route-resolved events; the routing worker writes the
+    same records without building them (``services.routing.adapters.route_records``)."""
+
+    checked: ConsentChecked
+    occurred_at: datetime
+    priority: Urgency
+    parts: ReceiverParts
+    endpoint_ids: tuple[str, ...]
+    # The SOP Instance UIDs of this version to deliver (``RouteResolved.sop_instance_uids``).
+    selected: tuple[str, ...]
+
+    def event_id(self, endpoint_id: str) -> str:
+        return route_resolved_id_text(self.checked.study, endpoint_id)
+
+    def events(self, producer: str) -> list[RouteResolved]:
+        checked, parts = self.checked, self.parts
+        return [
+            RouteResolved(
+                event_id=self.event_id(endpoint_id),
+                occurred_at=self.occurred_at,
+                correlation_id=checked.correlation_id,
+                producer=producer,
+                study=checked.study,
+                destination=parts.destinations[endpoint_id],
+                priority=self.priority,
+                consent_basis=checked.basis,
+                flagged=checked.flagged,
+                sop_instance_uids=self.selected,
+                excluded_sop_classes=parts.excluded,
+                coercion=parts.coercion,
+                batch_limits=parts.limits,
+            )
+            for endpoint_id in self.endpoint_ids
+        ]
+
+
+def plan(
+    checked: ConsentChecked,
+    directory: ProviderLookup,
+    *,
+    producer: str = PRODUCER,
+    now: datetime | None = None,
+) -> Routes | RouteFailed | None:
+    """The routes of a permitted delivery decision, the route-failed saying why there are none,
+    or None for a timeline decision (not routed)."""
+    if checked.purpose is not Purpose.DELIVERY:
+        return None
     study = checked.study
     occurred_at = checked.occurred_at if now is None else now
     if checked.decision is not Decision.PERMIT:
@@ -82,31 +138,19 @@ def route(
             code = RouteFailureReason.NO_ENDPOINT
             reason = f"recipient {provider.ura} ({provider.name}) has no delivery endpoint"
         return _failed(checked, code, reason, producer, occurred_at)
-    priority = priority_of(checked)
-    parts = _parts_of(provider)
-    selected = tuple(i.sop_instance_uid for i in _select(study, parts.excluded_set))
-    return [
-        RouteResolved(
-            event_id=route_resolved_id_text(study, endpoint.id),
-            occurred_at=occurred_at,
-            correlation_id=checked.correlation_id,
-            producer=producer,
-            study=study,
-            destination=parts.destinations[endpoint.id],
-            priority=priority,
-            consent_basis=checked.basis,
-            flagged=checked.flagged,
-            sop_instance_uids=selected,
-            excluded_sop_classes=parts.excluded,
-            coercion=parts.coercion,
-            batch_limits=parts.limits,
-        )
-        for endpoint in endpoints
-    ]
+    parts = receiver_parts(provider)
+    return Routes(
+        checked=checked,
+        occurred_at=occurred_at,
+        priority=priority_of(checked),
+        parts=parts,
+        endpoint_ids=tuple(endpoint.id for endpoint in endpoints),
+        selected=tuple(i.sop_instance_uid for i in _select(study, parts.excluded_set)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class _Parts:
+class ReceiverParts:
     """What a route takes from a directory entry, the same for every study to that receiver."""
 
     excluded_set: frozenset[str]
@@ -119,17 +163,17 @@ class _Parts:
 # Directory entry (by identity: the view replaces an entry when it changes) -> its parts. Built
 # once per entry instead of once per study (four models validated each time, a tenth of a
 # routing decision).
-_PARTS: dict[int, tuple[Provider, _Parts]] = {}
+_PARTS: dict[int, tuple[Provider, ReceiverParts]] = {}
 _PARTS_LIMIT = 4096
 
 
-def _parts_of(provider: Provider) -> _Parts:
+def receiver_parts(provider: Provider) -> ReceiverParts:
     cached = _PARTS.get(id(provider))
     if cached is not None and cached[0] is provider:
         return cached[1]
     preferences = provider.preferences
     excluded_set = frozenset(preferences.excluded_sop_classes())
-    parts = _Parts(
+    parts = ReceiverParts(
         excluded_set=excluded_set,
         excluded=tuple(sorted(excluded_set)),
         coercion=coercion_of(preferences),

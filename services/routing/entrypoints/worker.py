@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, DirectoryView
+from services.routing.adapters.route_records import RouteRecords
 from services.routing.config import RoutingSettings
-from services.routing.domain.route import PRODUCER, route
+from services.routing.domain.route import PRODUCER, Routes, plan
 from services.routing.metrics import RoutingMetrics
 from shared import runtime
 from shared.codec import Codec, header
@@ -35,7 +36,7 @@ from shared.errors import FatalError
 from shared.events import PURPOSE_HEADER, ConsentChecked, Purpose
 from shared.events.routing import RouteFailed, RouteFailureReason, RouteResolved
 from shared.logging import configure_logging, correlation_context, debug_enabled, get_logger
-from shared.stream import Carrying, StreamWorker, Worker, carrying, decode_as, run_worker
+from shared.stream import Encoded, StreamWorker, Worker, decode_as, run_worker
 from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
@@ -55,6 +56,9 @@ class Router:
     view_timeout: float = 60.0
     _directory_ready: bool = False
 
+    def __post_init__(self) -> None:
+        self.records = RouteRecords(self.codec, PRODUCER)
+
     async def prepare(self) -> None:
         while not self._directory_ready:
             try:
@@ -72,7 +76,7 @@ class Router:
         if self.directory.failed:
             raise FatalError("the provider directory view failed")
 
-    async def handle(self, record: Any) -> Sequence[RouteResolved | RouteFailed | Carrying]:
+    async def handle(self, record: Any) -> Sequence[RouteFailed | Encoded]:
         if header(record, PURPOSE_HEADER) == _TIMELINE:
             # A timeline decision, said by its header: not ours, and not worth decoding.
             self.metrics.consumed(record.topic, ConsentChecked.schema_name, "not-routed")
@@ -80,58 +84,55 @@ class Router:
         checked = decode_as(self.codec, record, ConsentChecked)
         with correlation_context(checked.correlation_id):
             with self.metrics.time_handler("route"):
-                result = route(checked, self.directory, producer=PRODUCER)
-            events: Sequence[RouteResolved | RouteFailed] = (
-                [result] if isinstance(result, RouteFailed) else result
-            )
-            if not events:  # a timeline decision: not ours to route
+                planned = plan(checked, self.directory, producer=PRODUCER)
+                # Each route carries the snapshot on as received: its text, not written anew.
+                routes = self.records.write(record, planned) if isinstance(planned, Routes) else ()
+            if planned is None:  # a timeline decision: not ours to route
                 self.metrics.consumed(record.topic, checked.schema_name, "not-routed")
                 return ()
-            self._record(record.topic, checked, events)
-        if isinstance(result, RouteFailed):
-            return events
-        # Each route carries the snapshot on as received: its text, not written anew.
-        return carrying(self.codec, record, ConsentChecked, "study", events)
+            if isinstance(planned, RouteFailed):
+                self._failed(record.topic, checked, planned)
+                return [planned]
+            self._routed(record.topic, checked, planned)
+        return routes
 
-    def _record(
-        self, source: str, checked: ConsentChecked, events: Sequence[RouteResolved | RouteFailed]
-    ) -> None:
+    def _failed(self, source: str, checked: ConsentChecked, failed: RouteFailed) -> None:
         study = checked.study
-        self.metrics.consumed(
-            source,
-            checked.schema_name,
-            "failed" if isinstance(events[0], RouteFailed) else "routed",
+        self.metrics.consumed(source, checked.schema_name, "failed")
+        code = failed.reason_code.value if failed.reason_code else "unknown"
+        self.metrics.route_failed(code)
+        # A patient's objection is the system working; the other reasons (an unknown
+        # recipient, no usable endpoint) need an operator.
+        denied = failed.reason_code is RouteFailureReason.CONSENT_DENIED
+        (log.info if denied else log.warning)(
+            "study not routed",
+            study_instance_uid=study.study_instance_uid,
+            version=study.version,
+            recipient_ura=study.recipient_ura,
+            reason_code=code,
+            reason=failed.reason,
         )
-        for event in events:
-            if isinstance(event, RouteFailed):
-                code = event.reason_code.value if event.reason_code else "unknown"
-                self.metrics.route_failed(code)
-                # A patient's objection is the system working; the other reasons (an unknown
-                # recipient, no usable endpoint) need an operator.
-                denied = event.reason_code is RouteFailureReason.CONSENT_DENIED
-                (log.info if denied else log.warning)(
-                    "study not routed",
-                    study_instance_uid=study.study_instance_uid,
-                    version=study.version,
-                    recipient_ura=study.recipient_ura,
-                    reason_code=code,
-                    reason=event.reason,
-                )
-            else:
-                self.metrics.resolved(event.destination.channel.value, event.priority.value)
-                # The route-resolved event is the record; the log names what needs a look.
-                if not debug_enabled(__name__):
-                    continue
-                log.debug(
-                    "study routed",
-                    study_instance_uid=study.study_instance_uid,
-                    version=study.version,
-                    recipient_ura=study.recipient_ura,
-                    endpoint_id=event.destination.endpoint_id,
-                    priority=event.priority.value,
-                    instances=len(event.sop_instance_uids or ()),
-                    event_id=str(event.event_id),
-                )
+
+    def _routed(self, source: str, checked: ConsentChecked, routes: Routes) -> None:
+        self.metrics.consumed(source, checked.schema_name, "routed")
+        channels = routes.parts.destinations
+        for endpoint_id in routes.endpoint_ids:
+            self.metrics.resolved(channels[endpoint_id].channel.value, routes.priority.value)
+        # The route-resolved event is the record; the log names what needs a look.
+        if not debug_enabled(__name__):
+            return
+        study = checked.study
+        for endpoint_id in routes.endpoint_ids:
+            log.debug(
+                "study routed",
+                study_instance_uid=study.study_instance_uid,
+                version=study.version,
+                recipient_ura=study.recipient_ura,
+                endpoint_id=endpoint_id,
+                priority=routes.priority.value,
+                instances=len(routes.selected),
+                event_id=routes.event_id(endpoint_id),
+            )
 
 
 def build_routing_worker(
