@@ -198,7 +198,7 @@ def _cut(
 ) -> tuple[int, bytes] | None:
     """Where member ``name``'s key stands in ``record``'s value, and its text (see
     :meth:`Codec.member` for when it is cut); ``standard=False`` cuts values holding ``NaN``
-    or ``Infinity`` too (checking costs ~8 us for a 6 KB value)."""
+    or ``Infinity`` too (checking costs up to ~8 us for a 6 KB value)."""
     value = record.value
     schema = [v for k, v in record.headers or () if k == SCHEMA_HEADER]  # the last, as decode
     if not value or not schema or schema[-1] != model.schema_name.encode():
@@ -206,7 +206,7 @@ def _cut(
     key = _member_key(model, name)
     if key is None or (value.find(b"\\") >= 0 and b"\\u" in value):
         return None
-    if standard and (value.find(b"NaN") >= 0 or value.find(b"Infinity") >= 0):
+    if standard and (_holds(value, b"NaN") or _holds(value, b"Infinity")):
         return None
     at = _key_at(value, key, 0)
     if at < 0 or _key_at(value, key, at + len(key)) >= 0:
@@ -218,6 +218,13 @@ def _cut(
     if not (text.startswith(b"{") and text.endswith(b"}")):
         return None
     return at, text
+
+
+def _holds(value: bytes, token: bytes) -> bool:
+    """``token in value``, its first byte looked for first: a one-byte search is a memchr, and
+    most snapshots hold no capital N or I at all, where the whole token's search takes ~3.5 us
+    per 6 KB."""
+    return value.find(token[:1]) >= 0 and value.find(token) >= 0
 
 
 @functools.cache

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import IO, Any
 
 import structlog
@@ -167,21 +167,40 @@ def new_correlation_id() -> str:
     return uuid.uuid4().hex
 
 
-@contextmanager
-def correlation_context(correlation_id: str | None = None) -> Iterator[str]:
+def _structlog_var(key: str) -> contextvars.ContextVar[Any]:
+    """The context variable structlog keeps ``key`` in (what ``merge_contextvars`` reads),
+    found through the token a bind returns; the bind is undone at once."""
+    tokens = structlog.contextvars.bind_contextvars(**{key: None})
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tokens[key].var
+
+
+_CORRELATION_ID = _structlog_var(CORRELATION_ID_KEY)
+
+
+class correlation_context:
     """Bind a correlation id to every log line in this context (task-local under asyncio).
 
     Without an id a new one is made, for work that starts here (an HTTP request, a C-STORE).
-    The previous id, if any, is restored on exit.
+    The previous id, if any, is restored on exit. Workers enter one per record: the variable
+    is set and reset directly (0.5 us), where structlog's bind and reset cost 4 us and its
+    ``bound_contextvars()`` 12 us (it copies the whole context first).
     """
-    cid = correlation_id or new_correlation_id()
-    # Set and reset by token: structlog's bound_contextvars() first copies the whole context
-    # to save the previous value, 12 us per record against 4 us.
-    tokens = structlog.contextvars.bind_contextvars(**{CORRELATION_ID_KEY: cid})
-    try:
-        yield cid
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+
+    __slots__ = ("_cid", "_token")
+
+    def __init__(self, correlation_id: str | None = None) -> None:
+        self._cid = correlation_id or new_correlation_id()
+        self._token: contextvars.Token[Any] | None = None
+
+    def __enter__(self) -> str:
+        self._token = _CORRELATION_ID.set(self._cid)
+        return self._cid
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _CORRELATION_ID.reset(self._token)
+            self._token = None
 
 
 def current_correlation_id() -> str | None:
