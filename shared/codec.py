@@ -37,6 +37,26 @@ class Record:
     headers: tuple[tuple[str, bytes], ...]
 
 
+def envelope_headers(
+    schema_name: str,
+    event_id: str,
+    correlation_id: str,
+    producer: str,
+    filters: Iterable[tuple[str, bytes]] = (),
+) -> tuple[tuple[str, bytes], ...]:
+    """The headers of an event's record: schema name, envelope ids, content type, then the
+    event's ``filter_headers``. :meth:`Codec.encode` and the workers' own record writers both
+    write them here."""
+    return (
+        (SCHEMA_HEADER, schema_name.encode()),
+        (EVENT_ID_HEADER, event_id.encode()),
+        (CORRELATION_HEADER, correlation_id.encode()),
+        (PRODUCER_HEADER, producer.encode()),
+        (CONTENT_TYPE_HEADER, CONTENT_TYPE),
+        *filters,
+    )
+
+
 class Codec:
     """Encodes registered events and decodes records, upcasting old schema versions on the way.
 
@@ -59,13 +79,12 @@ class Codec:
         name = type(event).schema_name
         if self._registry.model(name) is not type(event):
             raise TypeError(f"{type(event).__name__} ({name}) is not registered with this codec")
-        headers = (
-            (SCHEMA_HEADER, name.encode()),
-            (EVENT_ID_HEADER, uuid_text(event.event_id.hex).encode()),
-            (CORRELATION_HEADER, event.correlation_id.encode()),
-            (PRODUCER_HEADER, event.producer.encode()),
-            (CONTENT_TYPE_HEADER, CONTENT_TYPE),
-            *event.filter_headers(),
+        headers = envelope_headers(
+            name,
+            uuid_text(event.event_id.hex),
+            event.correlation_id,
+            event.producer,
+            event.filter_headers(),
         )
         if carried:
             rest = event.model_dump_json(exclude=set(carried)).encode()

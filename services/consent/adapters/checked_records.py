@@ -30,16 +30,7 @@ from services.consent.domain.checks import (
     study_key,
 )
 from services.consent.domain.decide import DecisionResult
-from shared.codec import (
-    CONTENT_TYPE,
-    CONTENT_TYPE_HEADER,
-    CORRELATION_HEADER,
-    EVENT_ID_HEADER,
-    PRODUCER_HEADER,
-    SCHEMA_HEADER,
-    Codec,
-    Record,
-)
+from shared.codec import Codec, Record, envelope_headers
 from shared.events import ConsentChecked, StudyReceived
 from shared.events.base import uuid5_text
 from shared.events.consent import PURPOSE_HEADER, Purpose
@@ -56,7 +47,6 @@ class CheckedRecords:
         self._codec = codec
         self._producer = producer
         self._producer_json = to_json(producer)
-        self._producer_header = (PRODUCER_HEADER, producer.encode())
 
     def write(
         self, record: Any, received: StudyReceived, decisions: StudyDecisions
@@ -77,23 +67,18 @@ class CheckedRecords:
              to_json(correlation), b',"producer":', self._producer_json, b',"purpose":"')
         )  # fmt: skip
         tail = b',"study":' + snapshot + b"}"
-        shared_headers = (
-            (CORRELATION_HEADER, correlation.encode()),
-            self._producer_header,
-            (CONTENT_TYPE_HEADER, CONTENT_TYPE),
-        )
         return [
-            self._one(key, uid, head, tail, shared_headers, purpose, decisions.for_purpose(purpose))
+            self._one(key, uid, head, tail, correlation, purpose, decisions.for_purpose(purpose))
             for purpose in (Purpose.DELIVERY, Purpose.TIMELINE)
         ]
 
-    @staticmethod
     def _one(
+        self,
         key: str,
         uid: bytes,
         head: bytes,
         tail: bytes,
-        shared_headers: tuple[tuple[str, bytes], ...],
+        correlation: str,
         purpose: Purpose,
         result: DecisionResult,
     ) -> Encoded:
@@ -106,12 +91,8 @@ class CheckedRecords:
              b',"registry_version":', str(result.registry_version).encode(),
              b',"flagged":', b"true" if result.flagged else b"false", tail)
         )  # fmt: skip
-        headers = (
-            (SCHEMA_HEADER, _SCHEMA.encode()),
-            (EVENT_ID_HEADER, event_id.encode()),
-            *shared_headers,
-            (PURPOSE_HEADER, purpose.value.encode()),
-        )
+        purpose_header = ((PURPOSE_HEADER, purpose.value.encode()),)
+        headers = envelope_headers(_SCHEMA, event_id, correlation, self._producer, purpose_header)
         record = Record(topic=ConsentChecked.topic, key=uid, value=value, headers=headers)
         return Encoded(_SCHEMA, record)
 

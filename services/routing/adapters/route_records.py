@@ -21,23 +21,12 @@ from typing import Any
 from pydantic_core import to_json
 
 from services.routing.domain.route import ReceiverParts, Routes
-from shared.codec import (
-    CONTENT_TYPE,
-    CONTENT_TYPE_HEADER,
-    CORRELATION_HEADER,
-    EVENT_ID_HEADER,
-    PRODUCER_HEADER,
-    SCHEMA_HEADER,
-    Codec,
-    Record,
-)
+from shared.codec import Codec, Record, envelope_headers
 from shared.events import ConsentChecked
 from shared.events.routing import RouteResolved
 from shared.stream import Encoded
 
 _SCHEMA = RouteResolved.schema_name
-_SCHEMA_HEADER = (SCHEMA_HEADER, _SCHEMA.encode())
-_CONTENT_TYPE_HEADER = (CONTENT_TYPE_HEADER, CONTENT_TYPE)
 # Parts per directory entry (by identity, the entry's parts object held with them, as
 # ``receiver_parts`` caches those), cleared when it grows past this.
 _LIMIT = 4096
@@ -67,7 +56,6 @@ class RouteRecords:
         self._codec = codec
         self._producer = producer
         self._producer_json = to_json(producer)
-        self._producer_header = (PRODUCER_HEADER, producer.encode())
         self._written: dict[int, tuple[ReceiverParts, _Written]] = {}
 
     def write(self, record: Any, routes: Routes) -> Sequence[Encoded]:
@@ -97,11 +85,6 @@ class RouteRecords:
              b',"sop_instance_uids":', selected, written.rest, snapshot, b"}")
         )  # fmt: skip
         key = checked.study.study_instance_uid.encode()
-        shared_headers = (
-            (CORRELATION_HEADER, correlation.encode()),
-            self._producer_header,
-            _CONTENT_TYPE_HEADER,
-        )
         records = []
         for endpoint_id in routes.endpoint_ids:
             event_id = routes.event_id(endpoint_id)
@@ -109,7 +92,7 @@ class RouteRecords:
                 (b'{"event_id":"', event_id.encode(), head,
                  written.destinations[endpoint_id], middle)
             )  # fmt: skip
-            headers = (_SCHEMA_HEADER, (EVENT_ID_HEADER, event_id.encode()), *shared_headers)
+            headers = envelope_headers(_SCHEMA, event_id, correlation, self._producer)
             records.append(Encoded(_SCHEMA, Record(RouteResolved.topic, key, value, headers)))
         return records
 
