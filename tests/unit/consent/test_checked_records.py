@@ -5,8 +5,7 @@ byte (value, key, headers), and the records decode to the events ``checked_event
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,23 +21,15 @@ from shared.events.common import Urgency
 from shared.events.consent import Basis, Decision
 from shared.stream import Encoded
 from tests.factories import make_study, make_study_received
+from tests.record_writers import Received, correlation_ids, descriptions, moments
+from tests.record_writers import received as received_record
 
 CODEC = Codec()
 WRITER = CheckedRecords(CODEC, "consent")
 
 
-@dataclass
-class Received:
-    """A study-received record as a worker gets it."""
-
-    topic: str
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-def as_received(received: StudyReceived) -> Received:
-    record = CODEC.encode(received)
-    return Received(record.topic, record.value, list(record.headers))
+def as_received(study_received: StudyReceived) -> Received:
+    return received_record(CODEC, study_received)
 
 
 def expected(received: StudyReceived, decisions: StudyDecisions) -> list[Encoded]:
@@ -51,15 +42,6 @@ def expected(received: StudyReceived, decisions: StudyDecisions) -> list[Encoded
     ]
 
 
-# Control characters are written as \u escapes, and a value holding one, NaN or Infinity is not
-# cut (the model path, tested below); every other text is the writer's.
-PRINTED = st.characters(blacklist_categories=("Cc", "Cs"))
-
-
-def standard(text: str) -> bool:
-    return "NaN" not in text and "Infinity" not in text
-
-
 results = st.builds(
     DecisionResult,
     decision=st.sampled_from(Decision),
@@ -68,18 +50,13 @@ results = st.builds(
     registry_version=st.integers(min_value=0, max_value=2**53),
     flagged=st.booleans(),
 )
-moments = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.sampled_from(
-        [UTC, timezone(timedelta(hours=1)), timezone(timedelta(hours=-9, minutes=-30))]
-    ),
-)  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    correlation_id=st.text(PRINTED, min_size=1, max_size=128).filter(standard),
+    correlation_id=correlation_ids,
     occurred_at=moments,
-    description=st.none() | st.text(PRINTED, max_size=64).filter(standard),
+    description=descriptions,
     instances=st.integers(min_value=0, max_value=4),
     version=st.integers(min_value=1, max_value=10**6),
     urgency=st.sampled_from(Urgency),

@@ -5,8 +5,7 @@ byte (value, key, headers), and the records decode to the events ``route`` build
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +21,7 @@ from shared.events.consent import Basis
 from shared.events.routing import RouteResolved
 from shared.stream import Encoded
 from tests.factories import RECIPIENT_URA, make_consent_checked, make_instance_ref, make_study
+from tests.record_writers import Received, correlation_ids, moments, received
 
 CODEC = Codec()
 PS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
@@ -38,20 +38,9 @@ COERCIONS = [
 ]
 
 
-@dataclass
-class Received:
-    """A consent-checked record as a worker gets it."""
-
-    topic: str
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
 def as_received(checked: ConsentChecked) -> Received:
     """As consent writes it: the snapshot last (carried)."""
-    snapshot = checked.study.model_dump_json().encode()
-    record = CODEC.encode(checked, {"study": snapshot})
-    return Received(record.topic, record.value, list(record.headers))
+    return received(CODEC, checked, {"study": checked.study.model_dump_json().encode()})
 
 
 def recipient(endpoints: list[dict[str, Any]], preferences: dict[str, Any]) -> Directory:
@@ -78,25 +67,9 @@ def expected(record: Received, routes: Routes) -> list[Encoded]:
     ]
 
 
-# Control characters are written as \u escapes, and a value holding one, NaN or Infinity is not
-# cut (the model path, tested below); every other text is the writer's.
-PRINTED = st.characters(blacklist_categories=("Cc", "Cs"))
-
-
-def standard(text: str) -> bool:
-    return "NaN" not in text and "Infinity" not in text
-
-
-moments = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.sampled_from(
-        [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-3, minutes=-30))]
-    ),
-)  # fmt: skip
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    correlation_id=st.text(PRINTED, min_size=1, max_size=128).filter(standard),
+    correlation_id=correlation_ids,
     occurred_at=moments,
     sop_classes=st.lists(st.sampled_from([CT_SOP_CLASS, PS_SOP_CLASS]), max_size=4),
     second_version=st.booleans(),
