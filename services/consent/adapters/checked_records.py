@@ -24,15 +24,14 @@ from typing import Any
 from pydantic_core import to_json
 
 from services.consent.domain.checks import (
-    CONSENT_CHECKED_NAMESPACE,
     StudyDecisions,
+    checked_event_id,
     checked_events,
     study_key,
 )
 from services.consent.domain.decide import DecisionResult
 from shared.codec import Codec, Record, envelope_headers
 from shared.events import ConsentChecked, StudyReceived
-from shared.events.base import uuid5_text
 from shared.events.consent import PURPOSE_HEADER, Purpose
 from shared.stream import Encoded
 
@@ -82,7 +81,7 @@ class CheckedRecords:
         purpose: Purpose,
         result: DecisionResult,
     ) -> Encoded:
-        event_id = uuid5_text(CONSENT_CHECKED_NAMESPACE, f"{key}|{purpose.value}")
+        event_id = checked_event_id(key, purpose)
         value = b"".join(
             (b'{"event_id":"', event_id.encode(), head, purpose.value.encode(),
              b'","decision":"', result.decision.value.encode(),

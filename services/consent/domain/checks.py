@@ -113,7 +113,7 @@ def checked_events(
     key = study_key(received.study).decode()
     return [
         ConsentChecked(
-            event_id=uuid5_text(CONSENT_CHECKED_NAMESPACE, f"{key}|{purpose.value}"),
+            event_id=checked_event_id(key, purpose),
             occurred_at=decisions.decided_at,
             correlation_id=received.correlation_id,
             producer=producer,
@@ -128,6 +128,12 @@ def checked_events(
         for purpose in (Purpose.DELIVERY, Purpose.TIMELINE)
         for result in (decisions.for_purpose(purpose),)
     ]
+
+
+def checked_event_id(key: str, purpose: Purpose) -> str:
+    """The id of a study version's consent-checked event for ``purpose`` (``key``: its
+    :func:`study_key`)."""
+    return uuid5_text(CONSENT_CHECKED_NAMESPACE, f"{key}|{purpose.value}")
 
 
 def _result_row(result: DecisionResult) -> dict[str, object]:
