@@ -105,15 +105,6 @@ class RawRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Carrying:
-    """An event for its declared topic with some fields given by their JSON text as received
-    (:meth:`Codec.member`), written as is instead of serialised again (:meth:`Codec.encode`)."""
-
-    event: Event
-    carried: Mapping[str, bytes]
-
-
-@dataclass(frozen=True, slots=True)
 class Encoded:
     """An event already written as its record by a hot path's own writer (whose tests hold it
     byte-equal to :meth:`Codec.encode`), for its declared topic: renamed as events are."""
@@ -122,21 +113,9 @@ class Encoded:
     record: Record
 
 
-def carrying(
-    codec: Codec, record: Any, model: type[Event], name: str, events: Sequence[Event]
-) -> Sequence[Event | Carrying]:
-    """``events`` with member ``name`` of ``record`` (just decoded as ``model``; each event's
-    own ``name`` is that value) carried as received, or as they are where it cannot be cut."""
-    text = codec.member(record, model, name)
-    if text is None:
-        return events
-    carried = {name: text}
-    return [Carrying(event, carried) for event in events]
-
-
 # What a record causes: events for their declared topic, (topic, event) for another one, an
-# event carrying received text, an event already encoded, or raw.
-Outgoing = Event | tuple[str, Event] | Carrying | Encoded | RawRecord
+# event already encoded, or raw.
+Outgoing = Event | tuple[str, Event] | Encoded | RawRecord
 Handle = Callable[[Any], Awaitable[Iterable[Outgoing]]]
 Prepare = Callable[[], Awaitable[None]]
 Tick = Callable[[], Awaitable[Iterable[Outgoing]]]
@@ -540,25 +519,17 @@ class StreamWorker:
             return ()
 
     def _wire(self, item: Outgoing) -> WireRecord:
-        """An output as its record: an event encoded for its (renamed) topic (with the text it
-        carries, or as its writer encoded it), or raw as is."""
+        """An output as its record: an event encoded for its (renamed) topic (or as its writer
+        encoded it), or raw as is."""
         if isinstance(item, RawRecord):
             return WireRecord(item.topic, item.key, item.value, (), item.partition)
         if isinstance(item, Encoded):
-            encoded = item.record
-            topic = self._rename.get(encoded.topic, encoded.topic)
-            self._metrics.produced(topic, item.schema_name)
-            return WireRecord(topic, encoded.key, encoded.value, encoded.headers)
-        carried = None
-        if isinstance(item, tuple):
-            topic, event = item
-        elif isinstance(item, Carrying):
-            event, topic, carried = item.event, item.event.topic, item.carried
+            record, topic, schema_name = item.record, item.record.topic, item.schema_name
         else:
-            event, topic = item, item.topic
+            topic, event = item if isinstance(item, tuple) else (item.topic, item)
+            record, schema_name = self._codec.encode(event), event.schema_name
         topic = self._rename.get(topic, topic)
-        record = self._codec.encode(event, carried)
-        self._metrics.produced(topic, event.schema_name)
+        self._metrics.produced(topic, schema_name)
         return WireRecord(topic, record.key, record.value, record.headers)
 
     async def _commit(
