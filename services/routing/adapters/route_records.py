@@ -20,16 +20,13 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from services.routing.domain.route import ReceiverParts, Routes
+from services.routing.domain.route import PerEntry, ReceiverParts, Routes
 from shared.codec import Codec, Record, envelope_headers
 from shared.events import ConsentChecked
 from shared.events.routing import RouteResolved
 from shared.stream import Encoded
 
 _SCHEMA = RouteResolved.schema_name
-# Parts per directory entry (by identity, the entry's parts object held with them, as
-# ``receiver_parts`` caches those), cleared when it grows past this.
-_LIMIT = 4096
 
 
 class _Written:
@@ -56,7 +53,8 @@ class RouteRecords:
         self._codec = codec
         self._producer = producer
         self._producer_json = to_json(producer)
-        self._written: dict[int, tuple[ReceiverParts, _Written]] = {}
+        # Per receiver's parts, which ``receiver_parts`` builds once per directory entry.
+        self._written = PerEntry(_Written)
 
     def write(self, record: Any, routes: Routes) -> Sequence[Encoded]:
         """One record per endpoint; ``routes`` were planned from ``record`` decoded."""
@@ -67,7 +65,7 @@ class RouteRecords:
                 for event in routes.events(self._producer)
             ]
         checked = routes.checked
-        written = self._parts(routes.parts)
+        written = self._written(routes.parts)
         correlation = checked.correlation_id
         # UIDs are digits and dots (DicomUid): nothing in them is escaped.
         selected = (
@@ -95,13 +93,3 @@ class RouteRecords:
             headers = envelope_headers(_SCHEMA, event_id, correlation, self._producer)
             records.append(Encoded(_SCHEMA, Record(RouteResolved.topic, key, value, headers)))
         return records
-
-    def _parts(self, parts: ReceiverParts) -> _Written:
-        cached = self._written.get(id(parts))
-        if cached is not None and cached[0] is parts:
-            return cached[1]
-        written = _Written(parts)
-        if len(self._written) >= _LIMIT:
-            self._written.clear()
-        self._written[id(parts)] = (parts, written)
-        return written

@@ -13,8 +13,10 @@ same events, which downstream handlers recognise as duplicates.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Generic, TypeVar
 
 from services.routing.domain.directory import (
     BsnAsPatientId,
@@ -38,6 +40,8 @@ from shared.events.routing import (
 )
 
 PRODUCER = "routing"
+K = TypeVar("K")
+V = TypeVar("V")
 
 # uuid5 namespaces: (study, version, sender, recipient, endpoint) -> route-resolved event id,
 # (study, version, sender, recipient) -> route-failed event id.
@@ -160,20 +164,31 @@ class ReceiverParts:
     destinations: dict[str, Destination]
 
 
-# Directory entry (by identity: the view replaces an entry when it changes) -> its parts. Built
-# once per entry instead of once per study (four models validated each time, a tenth of a
-# routing decision).
-_PARTS: dict[int, tuple[Provider, ReceiverParts]] = {}
-_PARTS_LIMIT = 4096
+class PerEntry(Generic[K, V]):
+    """``build(entry)`` remembered per directory entry by identity (the view replaces an entry
+    when it changes, so a changed entry is a new key); the entry is held with its value, so
+    its id is not reused while remembered. Forgets everything past ``limit`` entries."""
+
+    def __init__(self, build: Callable[[K], V], limit: int = 4096) -> None:
+        self._build = build
+        self._limit = limit
+        self._values: dict[int, tuple[K, V]] = {}
+
+    def __call__(self, entry: K) -> V:
+        remembered = self._values.get(id(entry))
+        if remembered is not None and remembered[0] is entry:
+            return remembered[1]
+        value = self._build(entry)
+        if len(self._values) >= self._limit:
+            self._values.clear()
+        self._values[id(entry)] = (entry, value)
+        return value
 
 
-def receiver_parts(provider: Provider) -> ReceiverParts:
-    cached = _PARTS.get(id(provider))
-    if cached is not None and cached[0] is provider:
-        return cached[1]
+def _receiver_parts(provider: Provider) -> ReceiverParts:
     preferences = provider.preferences
     excluded_set = frozenset(preferences.excluded_sop_classes())
-    parts = ReceiverParts(
+    return ReceiverParts(
         excluded_set=excluded_set,
         excluded=tuple(sorted(excluded_set)),
         coercion=coercion_of(preferences),
@@ -183,10 +198,11 @@ def receiver_parts(provider: Provider) -> ReceiverParts:
         ),
         destinations={e.id: destination_of(provider.ura, e) for e in provider.endpoints},
     )
-    if len(_PARTS) >= _PARTS_LIMIT:
-        _PARTS.clear()
-    _PARTS[id(provider)] = (provider, parts)
-    return parts
+
+
+# Built once per directory entry instead of once per study (four models validated each time, a
+# tenth of a routing decision).
+receiver_parts = PerEntry(_receiver_parts)
 
 
 def priority_of(checked: ConsentChecked) -> Urgency:
