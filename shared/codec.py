@@ -223,7 +223,7 @@ def _cut(
     if not value or not schema or schema[-1] != model.schema_name.encode():
         return None
     key = _member_key(model, name)
-    if key is None or (value.find(b"\\") >= 0 and b"\\u" in value):
+    if key is None or _holds(value, b"\\u"):
         return None
     if standard and (_holds(value, b"NaN") or _holds(value, b"Infinity")):
         return None
@@ -241,8 +241,8 @@ def _cut(
 
 def _holds(value: bytes, token: bytes) -> bool:
     """``token in value``, its first byte looked for first: a one-byte search is a memchr, and
-    most snapshots hold no capital N or I at all, where the whole token's search takes ~3.5 us
-    per 6 KB."""
+    most snapshots hold no backslash, capital N or I at all, where the whole token's search
+    takes ~3.5 us per 6 KB."""
     return value.find(token[:1]) >= 0 and value.find(token) >= 0
 
 
