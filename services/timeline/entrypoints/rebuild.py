@@ -84,6 +84,11 @@ _CARRYING: dict[bytes, type[StudyReceived | ConsentChecked]] = {
 }
 # prctl(2): the signal a process gets when the thread that forked it exits.
 PR_SET_PDEATHSIG = 1
+# The rebuild's consumers' wait before asking again for what a broker could not answer yet.
+# A new consumer's first offsets or fetch request waits for the metadata of the topics it
+# names, which it learns only on that request: with aiokafka's default of 100 ms, noting the
+# offsets of the four topics took 0.41 s, with 10 ms 0.05 s.
+RETRY_BACKOFF_MS = 10
 
 
 @dataclass(frozen=True)
@@ -357,6 +362,7 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
         # An offset gone (records deleted since the offsets were noted) fails the rebuild;
         # the default would skip to the end and commit the group past unapplied events.
         auto_offset_reset="none",
+        retry_backoff_ms=RETRY_BACKOFF_MS,
     )
     await consumer.start()
     loading: asyncio.Task[None] | None = None
@@ -480,7 +486,10 @@ async def _offsets(
 ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
     # read_committed: the end is the last stable offset, not inside a transaction still open.
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka, enable_auto_commit=False, isolation_level="read_committed"
+        bootstrap_servers=kafka,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        retry_backoff_ms=RETRY_BACKOFF_MS,
     )
     await consumer.start()
     try:
