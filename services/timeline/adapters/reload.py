@@ -20,14 +20,16 @@ touched it. A rebuild starts from nothing, so it does each once, out of the API'
    until step 3 drops it).
 3. :meth:`Reload.build`: keeps the greatest snapshot of each source, the first loaded among
    equals (as the fold keeps the one it holds), deletes the children of the others and drops
-   ``load_n``. While a second session makes the children tables' keys, it writes the other new
-   tables with one plain INSERT each, into empty tables without indexes: revocations (the
-   earliest of each), deliveries (greatest version and time), sources (the kept snapshot with
-   its greatest decision, withdrawn if its consent was revoked) reduced with the orders
-   ``ProjectionBatch`` folds by, then every study and entry row set-based
-   (``store.DERIVE_STUDIES``, ``store.DERIVE_ENTRIES``); then it makes the remaining indexes,
-   with the names the live ones have. The result is what applying all events as one batch
-   gives, which is what applying them in any batches gives (see ``store.py``);
+   ``load_n``. Then two sessions, each taking the next step whose inputs are ready, write
+   the other new tables with one plain INSERT each, into empty tables without indexes:
+   revocations (the earliest of each), deliveries (greatest version and time), sources (the
+   kept snapshot with its greatest decision, withdrawn if its consent was revoked) reduced
+   with the orders ``ProjectionBatch`` folds by, then every study and entry row set-based
+   (``store.DERIVE_STUDIES``, ``store.DERIVE_ENTRIES``); and make the indexes, with the
+   names the live ones have, each once the steps reading its table are done (the children
+   tables' keys, the instances' the largest, meanwhile). The result is what applying all
+   events as one batch gives, which is what applying them in any batches gives (see
+   ``store.py``);
    ``tests/integration/timeline/test_rebuild_equivalence.py`` holds the two paths equal.
 4. :meth:`Reload.swap`, in ONE short transaction under ``PROJECTION_LOCK``: moves the live
    tables aside (schema ``timeline_retired``) and the new ones into their place, with the live
@@ -48,6 +50,7 @@ load table, then into the live one), on the single core one transaction uses.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +87,8 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 
+Connection = psycopg.AsyncConnection[Any]
+
 # pg_advisory_lock key held by a rebuild's session: one rebuild at a time (its schema).
 REBUILD_LOCK = 0x7153_7A12
 # Where the swap moves the replaced tables, dropped once it committed.
@@ -99,6 +104,11 @@ REMEMBERED_SOURCES = 500_000
 # this for a lock (the API's reads queue behind it meanwhile), is tried again, a few times.
 SWAP_ATTEMPTS = 3
 SWAP_LOCK_TIMEOUT = "2s"
+
+# The rebuild's sessions (but the swap) do not wait for their commits to reach the disk: until
+# the swap commits, the new tables are nobody's, and a server crash before it fails the
+# rebuild, whose schema the next one drops. The swap's commit flushes the log up to itself.
+_NO_FLUSH_WAIT = "SET synchronous_commit = off"
 
 _CHILDREN = ("series", "instances", "reports")
 _KEYED = ("snapshots", *_CHILDREN)  # rows carrying the snapshot's serial load_n
@@ -125,7 +135,7 @@ SELECT x.u, x.s, x.v, x.lra, x.r, x.fra, x.p, x.acc, x.d, x.tm, x.descr, x.inst,
            SELECT 1 FROM {revocations} rv
            WHERE rv.patient_pseudonym = d.p AND rv.consent_id = d.by), false)
 FROM {snapshots} x
-JOIN timeline_load_winners w ON w.load_n = x.load_n
+JOIN {winners} w ON w.load_n = x.load_n
 LEFT JOIN (
     SELECT DISTINCT ON (u, s) * FROM {decisions}
     ORDER BY u, s, v DESC, lra DESC, r DESC, permitted, by DESC
@@ -203,6 +213,7 @@ class Loader:
     async def __aenter__(self) -> Loader:
         try:
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            await self._conn.execute(_NO_FLUSH_WAIT)
             self._types = await _column_types(self._conn)
         except psycopg.OperationalError as exc:
             await self.__aexit__()
@@ -298,6 +309,56 @@ class _Index:
     make: sql.Composable
 
 
+@dataclass(frozen=True)
+class _Step:
+    """A part of the build, run on whichever build session is free once the steps named in
+    ``after`` are done."""
+
+    name: str
+    after: tuple[str, ...]
+    run: Callable[[Connection], Awaitable[None]]
+
+
+async def _run_steps(steps: list[_Step], sessions: list[Connection]) -> None:
+    """Run ``steps`` on ``sessions`` at once: each session takes the first step, in list
+    order, whose ``after`` steps are done. The first failure stops the others and is raised."""
+    done: set[str] = set()
+    pending = list(steps)
+    running = 0
+    changed = asyncio.Condition()
+
+    async def work(conn: Connection) -> None:
+        nonlocal running
+        while True:
+            async with changed:
+                while True:
+                    if not pending:
+                        return
+                    step = next((s for s in pending if done.issuperset(s.after)), None)
+                    if step is not None:
+                        break
+                    if not running:
+                        raise RuntimeError(f"build steps wait for steps that never run: {pending}")
+                    await changed.wait()
+                pending.remove(step)
+                running += 1
+            await step.run(conn)
+            async with changed:
+                running -= 1
+                done.add(step.name)
+                changed.notify_all()
+
+    workers = [asyncio.create_task(work(conn)) for conn in sessions]
+    try:
+        finished, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    for worker in finished:
+        worker.result()
+
+
 async def _live_indexes(conn: psycopg.AsyncConnection[Any], live: str) -> list[_Index]:
     """The projection tables' indexes as the catalog defines them: the migrations stay their
     one source."""
@@ -385,6 +446,7 @@ class Reload:
         # 64 MB and 4 MB): a session used once.
         await conn.execute("SET maintenance_work_mem = '256MB'")
         await conn.execute("SET work_mem = '64MB'")
+        await conn.execute(_NO_FLUSH_WAIT)
         return conn
 
     async def _close(self) -> None:
@@ -447,54 +509,32 @@ class Reload:
         docstring); the live tables are not touched."""
         try:
             await self._keep_greatest_snapshots()
-            # The children's keys (the instances' is the largest index there is) are made by a
-            # second session meanwhile.
-            children = asyncio.create_task(
-                self._make_indexes(i for i in self._indexes if i.table in _CHILD_TABLES)
-            )
+            second = await self._connect()
             try:
-                await self._derive()
-                await self._make_indexes(
-                    (i for i in self._indexes if i.table not in _CHILD_TABLES), self.conn
-                )
+                await _run_steps(self._build_steps(), [self.conn, second])
             finally:
-                await asyncio.gather(children, return_exceptions=True)
-            children.result()
+                await second.close()
         except psycopg.OperationalError as exc:
             raise TransientError(f"building the timeline tables failed: {exc}") from exc
         self._built = True
 
-    async def _make_indexes(
-        self, indexes: Any, conn: psycopg.AsyncConnection[Any] | None = None
-    ) -> None:
-        own = conn is None
-        conn = conn or await self._connect()
-        try:
-            for index in indexes:
-                await conn.execute(index.make)
-        finally:
-            if own:
-                await conn.close()
-
     async def _keep_greatest_snapshots(self) -> None:
         """Of each source's loaded snapshots the greatest, the first loaded among equals (as
-        the fold keeps the one it holds): the children of the others deleted, ``load_n``
-        dropped from the children tables."""
+        the fold keeps the one it holds): their ``load_n`` in the table ``load_winners``,
+        the children of the others deleted, ``load_n`` dropped from the children tables."""
         conn = self.conn
-        await conn.execute("DROP TABLE IF EXISTS timeline_load_winners")
         await conn.execute(
             sql.SQL(
-                "CREATE TEMP TABLE timeline_load_winners AS "
+                "CREATE UNLOGGED TABLE {} AS "
                 "SELECT DISTINCT ON (u, s) load_n FROM {} "
                 "ORDER BY u, s, v DESC, lra DESC, r DESC, load_n"
-            ).format(_load("snapshots"))
+            ).format(_load("winners"), _load("snapshots"))
         )
         row = await (
             await conn.execute(
-                sql.SQL(
-                    "SELECT (SELECT count(*) FROM {}) "
-                    "> (SELECT count(*) FROM timeline_load_winners)"
-                ).format(_load("snapshots"))
+                sql.SQL("SELECT (SELECT count(*) FROM {}) > (SELECT count(*) FROM {})").format(
+                    _load("snapshots"), _load("winners")
+                )
             )
         ).fetchone()
         superseded = bool(row and row[0])
@@ -503,47 +543,74 @@ class Reload:
                 await conn.execute(
                     sql.SQL(
                         "DELETE FROM {} x WHERE NOT EXISTS "
-                        "(SELECT 1 FROM timeline_load_winners w WHERE w.load_n = x.load_n)"
-                    ).format(_target(table))
+                        "(SELECT 1 FROM {} w WHERE w.load_n = x.load_n)"
+                    ).format(_target(table), _load("winners"))
                 )
             # Only marks the column dropped: the rows keep its 8 bytes until rewritten.
             await conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN load_n").format(_target(table)))
 
-    async def _derive(self) -> None:
+    def _build_steps(self) -> list[_Step]:
         """The load tables reduced to one row per natural key, with the orders
-        ``ProjectionBatch`` folds by, into the new tables; then every study and entry row
-        derived from them. The tables are empty and have no indexes yet, so each is one plain
-        INSERT: what the projection's upserts and updates (``store.apply_staged``) give when
-        every event is in one batch."""
-        conn = self.conn
-        # The earliest revocation of each (patient, consent).
-        await conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (patient_pseudonym, consent_id, revoked_at) "
-                "SELECT p, c, min(at) FROM {} GROUP BY p, c"
-            ).format(_new("timeline_revocations"), _load("revocations"))
-        )
-        # The greatest delivery version and time of each (study, destination, endpoint).
-        await conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (study_instance_uid, destination_ura, endpoint_id, "
-                "study_version, delivered_at) "
-                "SELECT u, dest, endpoint, max(v), max(at) FROM {} GROUP BY u, dest, endpoint"
-            ).format(_new("timeline_deliveries"), _load("deliveries"))
-        )
-        await conn.execute(
-            sql.SQL(_SOURCES).format(
-                sources=_new("timeline_sources"),
-                snapshots=_load("snapshots"),
-                decisions=_load("decisions"),
-                revocations=_new("timeline_revocations"),
-            )
-        )
-        async with conn.transaction():
-            # The statements name the tables unqualified: the new ones here.
-            await conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(SCHEMA)))
-            await conn.execute(DERIVE_STUDIES)
-            await conn.execute(DERIVE_ENTRIES)
+        ``ProjectionBatch`` folds by, into the new tables; every study and entry row derived
+        from them; the indexes. The tables are empty and have no indexes yet, so each is one
+        plain INSERT: what the projection's upserts and updates (``store.apply_staged``) give
+        when every event is in one batch. In the order a free session takes them: the
+        longest chain (sources, then studies and entries) first; an index once every step
+        reading its table is done (making a key locks its table)."""
+
+        def statement(query: sql.Composable) -> Callable[[Connection], Awaitable[None]]:
+            async def run(conn: Connection) -> None:
+                await conn.execute(query)
+
+            return run
+
+        async def studies_and_entries(conn: Connection) -> None:
+            async with conn.transaction():
+                # The statements name the tables unqualified: the new ones here.
+                await conn.execute(
+                    sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(SCHEMA))
+                )
+                await conn.execute(DERIVE_STUDIES)
+                await conn.execute(DERIVE_ENTRIES)
+
+        steps = [
+            # The earliest revocation of each (patient, consent).
+            _Step("revocations", (), statement(
+                sql.SQL(
+                    "INSERT INTO {} (patient_pseudonym, consent_id, revoked_at) "
+                    "SELECT p, c, min(at) FROM {} GROUP BY p, c"
+                ).format(_new("timeline_revocations"), _load("revocations"))
+            )),
+            # The greatest delivery version and time of each (study, destination, endpoint).
+            _Step("deliveries", (), statement(
+                sql.SQL(
+                    "INSERT INTO {} (study_instance_uid, destination_ura, endpoint_id, "
+                    "study_version, delivered_at) "
+                    "SELECT u, dest, endpoint, max(v), max(at) FROM {} "
+                    "GROUP BY u, dest, endpoint"
+                ).format(_new("timeline_deliveries"), _load("deliveries"))
+            )),
+            _Step("sources", ("revocations",), statement(
+                sql.SQL(_SOURCES).format(
+                    sources=_new("timeline_sources"),
+                    snapshots=_load("snapshots"),
+                    winners=_load("winners"),
+                    decisions=_load("decisions"),
+                    revocations=_new("timeline_revocations"),
+                )
+            )),
+            _Step("studies and entries", ("sources", "deliveries"), studies_and_entries),
+        ]  # fmt: skip
+        # The instances' key, the largest index there is, first.
+        for index in sorted(self._indexes, key=lambda i: i.table != "timeline_instances"):
+            if index.table in _CHILD_TABLES:
+                after: tuple[str, ...] = ()
+            elif index.table == "timeline_revocations":
+                after = ("sources",)
+            else:
+                after = ("studies and entries",)
+            steps.append(_Step(f"index of {index.table}", after, statement(index.make)))
+        return steps
 
     # --- swap -------------------------------------------------------------------------------
 
@@ -559,6 +626,9 @@ class Reload:
                 async with conn.transaction():
                     # Waiting for a lock, the swap would queue every API read behind it.
                     await conn.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")
+                    # Durable before the rebuild moves the projection's group past what it
+                    # loaded; its flush takes all the rebuild wrote before with it.
+                    await conn.execute("SET LOCAL synchronous_commit = on")
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
                     grants = await _grants(conn, self._live)
                     # Moved aside, not dropped: dropping gigabytes of files at commit kept
