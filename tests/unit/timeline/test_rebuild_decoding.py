@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from services.timeline.adapters.reload import Loader
+from services.timeline.entrypoints import rebuild
 from services.timeline.entrypoints.projection import decode_projected
 from services.timeline.entrypoints.rebuild import _Decoding
 from shared.codec import Codec, Record
@@ -105,3 +106,30 @@ def test_a_delivery_decision_is_passed_over_and_a_changed_snapshot_decoded_in_fu
     assert [row[2] for row in rows["snapshots"]] == [1, 2]
     assert [row[2] for row in rows["decisions"]] == [2]
     assert isinstance(codec.decode_record(changed), ConsentChecked)
+
+
+def test_a_snapshot_differing_only_past_its_lookup_bytes_is_decoded_in_full() -> None:
+    received, _, timeline = pipeline(1)
+    at = timeline.value.index(b'"urgency":"routine"')
+    assert at > timeline.value.index(b'"study":') + rebuild.LOOKUP_BYTES
+    changed = replace(timeline, value=timeline.value.replace(b'"routine"', b'"urgent"', 1))
+    loader, decoding = Loader("unused"), _Decoding(codec)
+    decoding.add(received, loader)
+    decoding.add(changed, loader)
+    assert decoding.shortcuts == 0
+    assert loader.take() == plain([received, changed])
+
+
+def test_past_its_budget_a_loader_forgets_the_oldest_snapshots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, _, first_timeline, second, _, second_timeline = pipeline(2)
+    text = codec.member(first, StudyReceived, "study")
+    assert text is not None
+    monkeypatch.setattr(rebuild, "REMEMBERED_BYTES", len(text) * 3 // 2)
+    loader, decoding = Loader("unused"), _Decoding(codec)
+    records = [first, second, second_timeline, first_timeline]
+    for record in records:
+        decoding.add(record, loader)
+    assert decoding.shortcuts == 1  # the second's decision; the first's snapshot was forgotten
+    assert loader.take() == plain(records)
