@@ -17,10 +17,12 @@
    announces them (study-received, consent-checked for delivery and for the timeline, delivered;
    4 events a study) plus revocations for 2 % of their patients, on tagged copies of the four
    topics (production partition counts; deleted at the end). Then
-   ``services.timeline.entrypoints.rebuild.rebuild`` replays them into the read model:
-   ``events_per_second`` over the whole rebuild (offsets noted, events read, decoded and
-   loaded, the new tables built and swapped in, the group moved), with ``load_seconds``,
-   ``build_seconds`` and ``swap_seconds`` its parts.
+   ``services.timeline.entrypoints.rebuild.rebuild`` replays them into the read model (which
+   holds the search's entries, when it ran): ``events_per_second`` over the rebuild until the
+   projection caught up (offsets noted, events read, decoded and loaded, the new tables built
+   and swapped in, the group moved), with ``load_seconds``, ``build_seconds`` and
+   ``swap_seconds`` its parts; ``cleanup_seconds`` then dropping the replaced tables, which
+   nothing waits for.
 
 Targets (reported in ``targets``, not enforced): search p99 < 20 ms; replay >= 20,000 events/s.
 One JSON object on stdout; progress on stderr.

@@ -22,7 +22,10 @@ How an operator runs it (with the projection stopped; the API keeps serving):
       ``access_log``),
    d. checks again that the projection's group has no members, then swaps the new tables in
       for the live ones in ONE short transaction,
-   e. moves the projection's consumer group to the offsets of (a);
+   e. moves the projection's consumer group to the offsets of (a): the projection has caught
+      up, and its worker may start again,
+   f. drops the replaced tables (seconds for gigabytes of them on this project's machine,
+      which nothing waits for);
 3. start the projection worker again: it continues from where the rebuild stopped.
 
 The API serves the live tables throughout and waits only for the swap (milliseconds): it never
@@ -103,12 +106,14 @@ class RebuildReport:
     offsets: int
     revocations: int
     poison: int
+    # From the start until caught up (the group moved); of them reading, decoding and loading
+    # the events; building the new tables from what was loaded; the one transaction swapping
+    # them in (all the API waits for). Then dropping the replaced tables.
     seconds: float
-    # Reading, decoding and loading the events; building the new tables from what was loaded;
-    # the one transaction swapping them in (all the API waits for).
     load_seconds: float
     build_seconds: float
     swap_seconds: float
+    cleanup_seconds: float
     sources: int
     studies: int
     entries: int
@@ -127,6 +132,7 @@ class RebuildReport:
             "load_seconds": round(self.load_seconds, 2),
             "build_seconds": round(self.build_seconds, 2),
             "swap_seconds": round(self.swap_seconds, 3),
+            "cleanup_seconds": round(self.cleanup_seconds, 2),
             "events_per_second": round(self.events_per_second, 1),
             "sources": self.sources,
             "studies": self.studies,
@@ -191,8 +197,13 @@ async def rebuild(
             swap_started = time.monotonic()
             counts = await reload.swap()
             swap_seconds = time.monotonic() - swap_started
-        await _commit_offsets(kafka, group_id, end)
-        progress(f"consumer group {group_id} moved to the end offsets the rebuild read to")
+            await _commit_offsets(kafka, group_id, end)
+            seconds = time.monotonic() - started
+            progress(
+                f"consumer group {group_id} moved to the end offsets the rebuild read to: "
+                "caught up, the projection worker may start again; dropping the replaced tables"
+            )
+        cleanup_seconds = time.monotonic() - started - seconds
     finally:
         await admin.close()
     report = RebuildReport(
@@ -200,10 +211,11 @@ async def rebuild(
         offsets=total,
         revocations=loaded.revocations,
         poison=loaded.poison,
-        seconds=time.monotonic() - started,
+        seconds=seconds,
         load_seconds=load_seconds,
         build_seconds=build_seconds,
         swap_seconds=swap_seconds,
+        cleanup_seconds=cleanup_seconds,
         sources=counts.sources,
         studies=counts.studies,
         entries=counts.entries,
@@ -211,8 +223,8 @@ async def rebuild(
     progress(
         f"done: {report.events} events in {report.seconds:.1f} s "
         f"({report.events_per_second:.0f} events/s; swap {swap_seconds * 1000:.0f} ms): "
-        f"{counts.studies} studies, "
-        f"{counts.entries} entries; start the projection worker again"
+        f"{counts.studies} studies, {counts.entries} entries; the replaced tables dropped in "
+        f"{cleanup_seconds:.1f} s; start the projection worker again"
     )
     return report
 
