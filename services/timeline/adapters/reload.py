@@ -117,7 +117,7 @@ _LOADED = ("snapshots", *_PLAIN)  # the load tables proper; children go to the n
 _CHILD_TABLES = frozenset(f"timeline_{table}" for table in _CHILDREN)
 
 
-# A source's row: its greatest snapshot (the winners of ``_keep_greatest_snapshots``) with its
+# A source's row: its greatest snapshot (the one ``_keep_greatest_snapshots`` kept) with its
 # greatest timeline decision (its snapshot's key, then deny before permit, then decided_by), a
 # permit withdrawn when its consent was revoked; a decision for a source of no snapshot is not
 # kept (the projection's update finds no row for it).
@@ -135,7 +135,6 @@ SELECT x.u, x.s, x.v, x.lra, x.r, x.fra, x.p, x.acc, x.d, x.tm, x.descr, x.inst,
            SELECT 1 FROM {revocations} rv
            WHERE rv.patient_pseudonym = d.p AND rv.consent_id = d.by), false)
 FROM {snapshots} x
-JOIN {winners} w ON w.load_n = x.load_n
 LEFT JOIN (
     SELECT DISTINCT ON (u, s) * FROM {decisions}
     ORDER BY u, s, v DESC, lra DESC, r DESC, permitted, by DESC
@@ -520,8 +519,8 @@ class Reload:
 
     async def _keep_greatest_snapshots(self) -> None:
         """Of each source's loaded snapshots the greatest, the first loaded among equals (as
-        the fold keeps the one it holds): their ``load_n`` in the table ``load_winners``,
-        the children of the others deleted, ``load_n`` dropped from the children tables."""
+        the fold keeps the one it holds): the others and their children deleted (usually
+        none), ``load_n`` dropped from the children tables."""
         conn = self.conn
         await conn.execute(
             sql.SQL(
@@ -537,15 +536,15 @@ class Reload:
                 )
             )
         ).fetchone()
-        superseded = bool(row and row[0])
-        for table in _CHILDREN:
-            if superseded:
+        if row and row[0]:
+            for table in _KEYED:
                 await conn.execute(
                     sql.SQL(
                         "DELETE FROM {} x WHERE NOT EXISTS "
                         "(SELECT 1 FROM {} w WHERE w.load_n = x.load_n)"
                     ).format(_target(table), _load("winners"))
                 )
+        for table in _CHILDREN:
             # Only marks the column dropped: the rows keep its 8 bytes until rewritten.
             await conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN load_n").format(_target(table)))
 
@@ -594,7 +593,6 @@ class Reload:
                 sql.SQL(_SOURCES).format(
                     sources=_new("timeline_sources"),
                     snapshots=_load("snapshots"),
-                    winners=_load("winners"),
                     decisions=_load("decisions"),
                     revocations=_new("timeline_revocations"),
                 )
