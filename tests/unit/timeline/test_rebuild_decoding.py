@@ -108,16 +108,32 @@ def test_a_delivery_decision_is_passed_over_and_a_changed_snapshot_decoded_in_fu
     assert isinstance(codec.decode_record(changed), ConsentChecked)
 
 
-def test_a_snapshot_differing_only_past_its_lookup_bytes_is_decoded_in_full() -> None:
+def test_a_snapshot_differing_anywhere_is_decoded_in_full() -> None:
     received, _, timeline = pipeline(1)
-    at = timeline.value.index(b'"urgency":"routine"')
-    assert at > timeline.value.index(b'"study":') + rebuild.LOOKUP_BYTES
+    assert timeline.value.index(b'"urgency":"routine"') > len(timeline.value) - 300
     changed = replace(timeline, value=timeline.value.replace(b'"routine"', b'"urgent"', 1))
     loader, decoding = Loader("unused"), _Decoding(codec)
     decoding.add(received, loader)
     decoding.add(changed, loader)
     assert decoding.shortcuts == 0
     assert loader.take() == plain([received, changed])
+
+
+def test_a_record_of_another_key_or_another_layout_is_decoded_in_full() -> None:
+    received, _, timeline = pipeline(1)
+    other_key = replace(timeline, key=b"another study")
+    spaced = replace(timeline, value=timeline.value.replace(b',"study":', b', "study": ', 1))
+    for record in (other_key, spaced):
+        loader, decoding = Loader("unused"), _Decoding(codec)
+        decoding.add(received, loader)
+        decoding.add(record, loader)
+        assert decoding.shortcuts == 0
+        assert loader.take() == plain([received, record])
+    # And the layout it expects is the one the pipeline writes.
+    loader, decoding = Loader("unused"), _Decoding(codec)
+    decoding.add(received, loader)
+    decoding.add(timeline, loader)
+    assert decoding.shortcuts == 1
 
 
 def test_past_its_budget_a_loader_forgets_the_oldest_snapshots(
