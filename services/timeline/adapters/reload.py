@@ -18,18 +18,18 @@ touched it. A rebuild starts from nothing, so it does each once, out of the API'
    (``snapshot_key``) is not loaded again, nor are its children; each loaded snapshot gets a
    serial ``load_n`` that its children rows carry (a column the new children tables have
    until step 3 drops it).
-3. :meth:`Reload.build`: keeps the greatest snapshot of each source, the first loaded among
-   equals (as the fold keeps the one it holds), deletes the children of the others and drops
-   ``load_n``. Then two sessions, each taking the next step whose inputs are ready, write
-   the other new tables with one plain INSERT each, into empty tables without indexes:
-   revocations (the earliest of each), deliveries (greatest version and time), sources (the
-   kept snapshot with its greatest decision, withdrawn if its consent was revoked) reduced
-   with the orders ``ProjectionBatch`` folds by, then every study and entry row set-based
-   (``store.DERIVE_STUDIES``, ``store.DERIVE_ENTRIES``); and make the indexes, with the
-   names the live ones have, each once the steps reading its table are done (the children
-   tables' keys, the instances' the largest, meanwhile). The result is what applying all
-   events as one batch gives, which is what applying them in any batches gives (see
-   ``store.py``);
+3. :meth:`Reload.build`, on two sessions, each taking the next step whose inputs are ready:
+   keeps the greatest snapshot of each source, the first loaded among equals (as the fold
+   keeps the one it holds), deletes the others and their children and drops ``load_n``;
+   writes the other new tables with one plain INSERT each, into empty tables without
+   indexes: revocations (the earliest of each), deliveries (greatest version and time),
+   sources (the kept snapshot with its greatest decision, withdrawn if its consent was
+   revoked) reduced with the orders ``ProjectionBatch`` folds by, then every study and entry
+   row set-based (``store.DERIVE_STUDIES``, ``store.DERIVE_ENTRIES``); and makes the indexes,
+   with the names the live ones have, each once the steps reading its table are done (the
+   children tables' keys, the instances' the largest, meanwhile). The result is what
+   applying all events as one batch gives, which is what applying them in any batches gives
+   (see ``store.py``);
    ``tests/integration/timeline/test_rebuild_equivalence.py`` holds the two paths equal.
 4. :meth:`Reload.swap`, in ONE short transaction under ``PROJECTION_LOCK``: moves the live
    tables aside (schema ``timeline_retired``) and the new ones into their place, with the live
@@ -507,7 +507,6 @@ class Reload:
         """Turn what the loaders loaded into the complete new tables (see the module
         docstring); the live tables are not touched."""
         try:
-            await self._keep_greatest_snapshots()
             second = await self._connect()
             try:
                 await _run_steps(self._build_steps(), [self.conn, second])
@@ -517,11 +516,11 @@ class Reload:
             raise TransientError(f"building the timeline tables failed: {exc}") from exc
         self._built = True
 
-    async def _keep_greatest_snapshots(self) -> None:
+    @staticmethod
+    async def _keep_greatest_snapshots(conn: Connection) -> None:
         """Of each source's loaded snapshots the greatest, the first loaded among equals (as
         the fold keeps the one it holds): the others and their children deleted (usually
         none), ``load_n`` dropped from the children tables."""
-        conn = self.conn
         await conn.execute(
             sql.SQL(
                 "CREATE UNLOGGED TABLE {} AS "
@@ -573,6 +572,7 @@ class Reload:
                 await conn.execute(DERIVE_ENTRIES)
 
         steps = [
+            _Step("greatest snapshots", (), self._keep_greatest_snapshots),
             # The earliest revocation of each (patient, consent).
             _Step("revocations", (), statement(
                 sql.SQL(
@@ -589,7 +589,7 @@ class Reload:
                     "GROUP BY u, dest, endpoint"
                 ).format(_new("timeline_deliveries"), _load("deliveries"))
             )),
-            _Step("sources", ("revocations",), statement(
+            _Step("sources", ("greatest snapshots", "revocations"), statement(
                 sql.SQL(_SOURCES).format(
                     sources=_new("timeline_sources"),
                     snapshots=_load("snapshots"),
@@ -602,7 +602,7 @@ class Reload:
         # The instances' key, the largest index there is, first.
         for index in sorted(self._indexes, key=lambda i: i.table != "timeline_instances"):
             if index.table in _CHILD_TABLES:
-                after: tuple[str, ...] = ()
+                after: tuple[str, ...] = ("greatest snapshots",)
             elif index.table == "timeline_revocations":
                 after = ("sources",)
             else:
