@@ -667,6 +667,18 @@ class Reload:
         assert counts is not None
         return ReloadCounts(*(int(c) for c in counts))
 
+    async def analyze(self) -> None:
+        """Gather the planner's statistics of the swapped-in tables, which were made without
+        any, so that the API's plans need not wait for autovacuum; online (the API and the
+        projection read and write meanwhile). A failure is logged: the rebuild is done."""
+        try:
+            for table in PROJECTION_TABLES:
+                await self.conn.execute(
+                    sql.SQL("ANALYZE {}").format(sql.Identifier(self._live, table))
+                )
+        except psycopg.Error as exc:
+            log.warning("the new timeline tables were not analysed", reason=str(exc))
+
     async def replace(self) -> ReloadCounts:
         """Build the new tables and swap them in."""
         await self.build()

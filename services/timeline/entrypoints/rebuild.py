@@ -24,8 +24,8 @@ How an operator runs it (with the projection stopped; the API keeps serving):
       for the live ones in ONE short transaction,
    e. moves the projection's consumer group to the offsets of (a): the projection has caught
       up, and its worker may start again,
-   f. drops the replaced tables (seconds for gigabytes of them on this project's machine,
-      which nothing waits for);
+   f. gathers the planner's statistics of the new tables and drops the replaced ones
+      (seconds for gigabytes of them on this project's machine), which nothing waits for;
 3. start the projection worker again: it continues from where the rebuild stopped.
 
 The API serves the live tables throughout and waits only for the swap (milliseconds): it never
@@ -108,7 +108,7 @@ class RebuildReport:
     poison: int
     # From the start until caught up (the group moved); of them reading, decoding and loading
     # the events; building the new tables from what was loaded; the one transaction swapping
-    # them in (all the API waits for). Then dropping the replaced tables.
+    # them in (all the API waits for). Then analysing the new tables, dropping the old ones.
     seconds: float
     load_seconds: float
     build_seconds: float
@@ -201,8 +201,10 @@ async def rebuild(
             seconds = time.monotonic() - started
             progress(
                 f"consumer group {group_id} moved to the end offsets the rebuild read to: "
-                "caught up, the projection worker may start again; dropping the replaced tables"
+                "caught up, the projection worker may start again; analysing the new tables "
+                "and dropping the replaced ones"
             )
+            await reload.analyze()
         cleanup_seconds = time.monotonic() - started - seconds
     finally:
         await admin.close()
@@ -223,8 +225,8 @@ async def rebuild(
     progress(
         f"done: {report.events} events in {report.seconds:.1f} s "
         f"({report.events_per_second:.0f} events/s; swap {swap_seconds * 1000:.0f} ms): "
-        f"{counts.studies} studies, {counts.entries} entries; the replaced tables dropped in "
-        f"{cleanup_seconds:.1f} s; start the projection worker again"
+        f"{counts.studies} studies, {counts.entries} entries; new tables analysed and the "
+        f"replaced ones dropped in {cleanup_seconds:.1f} s; start the projection worker again"
     )
     return report
 

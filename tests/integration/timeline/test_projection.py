@@ -567,6 +567,13 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
     with psycopg.connect(timeline.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (1,)
         assert load_tables(conn) == []
+        # The swapped-in tables were analysed: the planner has their statistics.
+        analysed = conn.execute(
+            "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY(%s) "
+            "AND schemaname = current_schema() AND last_analyze IS NOT NULL ORDER BY 1",
+            (list(PROJECTION_TABLES),),
+        ).fetchall()
+        assert [name for (name,) in analysed] == sorted(PROJECTION_TABLES)
 
     # The worker continues after the rebuild: only what is new is applied.
     extra = study_of(patients[0], study_date=date(2026, 1, 1))
