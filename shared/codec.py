@@ -152,6 +152,26 @@ class Codec:
             return None  # no other member (or not JSON)
         return rest[:-1] + b"}", text
 
+    def rest_before(self, record: Any, name: str, text: bytes) -> bytes | None:
+        """``record``'s value as the JSON object of its other members when it ends with member
+        ``name`` holding exactly ``text``, as this codec and the record writers write a
+        carried member (``,"name":`` then ``text`` then ``}``); None otherwise. For a caller
+        that knows ``text`` is valid as that member (identical to one that decoded): the rest
+        validated with ``without``, which refuses unknown members and so another ``name``,
+        gives what decoding the whole would, as with :meth:`split`, without searching the
+        value for the member (8 us of a 6 KB one)."""
+        value = record.value
+        key = _compact_key(name)
+        at = len(value or b"") - 1 - len(text) - len(key)  # where the comma stands
+        if (
+            at < 1
+            or not value.endswith(b"}")
+            or not value.startswith(key, at)
+            or not value.startswith(text, at + len(key))
+        ):
+            return None
+        return value[:at] + b"}"
+
     def decode(self, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None) -> Event:
         header_map = {k: v for k, v in (headers or ())}
         raw_name = header_map.get(SCHEMA_HEADER)
@@ -274,6 +294,11 @@ def _key_at(value: bytes, key: bytes, start: int) -> int:
             return at
         at = value.find(key, at + 1)
     return -1
+
+
+@functools.cache
+def _compact_key(name: str) -> bytes:
+    return f',"{name}":'.encode()
 
 
 @functools.cache

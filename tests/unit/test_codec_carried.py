@@ -306,6 +306,19 @@ def test_split_refuses_what_member_refuses_and_a_record_of_the_member_only() -> 
     assert codec.split(only, ConsentChecked, "study") is None
 
 
+@pytest.mark.parametrize("model", CUT)
+def test_rest_before_a_known_text_is_what_split_gives(model: type[Event]) -> None:
+    event = FACTORIES[model](purpose="timeline") if model is ConsentChecked else FACTORIES[model]()
+    record = carried_record(event)
+    rest, text = codec.split(record, model, "study") or (b"", b"")
+    assert codec.rest_before(record, "study", text) == rest
+    # Any other text, or another layout, is not taken apart.
+    assert codec.rest_before(record, "study", text[:-1] + b" }") is None
+    spaced = replace(record, value=record.value.replace(b',"study":', b', "study":', 1))
+    assert codec.rest_before(spaced, "study", text) is None
+    assert codec.rest_before(replace(record, value=None), "study", text) is None
+
+
 def test_split_cuts_a_value_holding_nan_which_member_does_not_forward() -> None:
     record = carried_record(make_consent_checked())
     value = record.value.replace(b'"flagged":false', b'"flagged":false,"flagged":NaN', 1)

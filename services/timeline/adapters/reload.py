@@ -164,7 +164,7 @@ def _stage(table: str) -> sql.Identifier:
     return sql.Identifier(f"timeline_stage_{table}")
 
 
-async def _column_types(conn: psycopg.AsyncConnection[Any]) -> dict[str, list[int]]:
+async def _column_types(conn: Connection) -> dict[str, list[int]]:
     """The column type OIDs, in order, of every table a loader COPYs into."""
     tables = [*_KEYED, *_PLAIN]
     cursor = await conn.execute(
@@ -201,7 +201,7 @@ class Loader:
 
     def __init__(self, conninfo: str, index: int = 0, count: int = 1) -> None:
         self._conninfo = conninfo
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._conn: Connection | None = None
         self._loaded: dict[SourceKey, SnapshotKey] = {}
         self._serial = index + 1
         self._step = count
@@ -358,7 +358,7 @@ async def _run_steps(steps: list[_Step], sessions: list[Connection]) -> None:
         worker.result()
 
 
-async def _live_indexes(conn: psycopg.AsyncConnection[Any], live: str) -> list[_Index]:
+async def _live_indexes(conn: Connection, live: str) -> list[_Index]:
     """The projection tables' indexes as the catalog defines them: the migrations stay their
     one source."""
     cursor = await conn.execute(
@@ -404,7 +404,7 @@ class Reload:
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._conn: Connection | None = None
         self._live = "public"  # the live tables' schema (as the search path finds them)
         self._indexes: list[_Index] = []
         self._built = False
@@ -438,7 +438,7 @@ class Reload:
         finally:
             await self._close()
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+    async def _connect(self) -> Connection:
         conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         await configure_connection(conn)
         # Index builds and the reductions' sorts in memory up to these (the defaults are
@@ -454,7 +454,7 @@ class Reload:
             self._conn = None
 
     @property
-    def conn(self) -> psycopg.AsyncConnection[Any]:
+    def conn(self) -> Connection:
         if self._conn is None:
             raise RuntimeError("Reload is used outside its `async with` block")
         return self._conn
@@ -685,7 +685,7 @@ class Reload:
         return await self.swap()
 
 
-async def _refuse_unless_owner(conn: psycopg.AsyncConnection[Any], live: str) -> None:
+async def _refuse_unless_owner(conn: Connection, live: str) -> None:
     """Refuse, before anything is loaded, a rebuild whose role could not swap the tables in
     (moving a table needs its owner) or make its schema."""
     cursor = await conn.execute(
@@ -712,7 +712,7 @@ async def _refuse_unless_owner(conn: psycopg.AsyncConnection[Any], live: str) ->
         )
 
 
-async def _grants(conn: psycopg.AsyncConnection[Any], live: str) -> list[sql.Composable]:
+async def _grants(conn: Connection, live: str) -> list[sql.Composable]:
     """The GRANTs (to roles other than the owner) on the live projection tables, as
     statements that give them again on the tables of the same names."""
     cursor = await conn.execute(
