@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -69,7 +70,7 @@ from shared.codec import SCHEMA_HEADER, Codec, header, without
 from shared.errors import FatalError, PoisonEvent, TransientError
 from shared.events import PURPOSE_HEADER, ConsentChecked, ConsentRevoked, StudyReceived
 from shared.logging import get_logger
-from shared.runtime import tune_gc
+from shared.runtime import collector_paused, tune_gc
 from shared.stream import position
 
 log = get_logger(__name__)
@@ -77,6 +78,9 @@ log = get_logger(__name__)
 PROGRESS_SECONDS = 2.0
 # Events decoded per chunk, whose rows are loaded while the next chunk is decoded.
 CHUNK_EVENTS = 5000
+# A loader runs with the cyclic garbage collector paused (``runtime.collector_paused``) and
+# collects after every this many chunks: ~700 unreachable objects per 12,500 studies.
+COLLECT_EVERY_CHUNKS = 20
 # A loader that gets no records for this long, with partitions left to read, fails the rebuild.
 STALL_SECONDS = 60.0
 # Bytes of snapshot texts a loader remembers having decoded (``_Decoding``; ~5.7 KB for a
@@ -382,51 +386,56 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
     await consumer.start()
     loading: asyncio.Task[None] | None = None
     progressed = time.monotonic()
+    chunks = 0
     try:
         consumer.assign(list(todo))
         for tp in todo:
             consumer.seek(tp, shard.begin[tp])
-        async with Loader(shard.conninfo, shard.index, shard.count) as loader:
-            while todo:
-                if shared.stop.value:
-                    raise FatalError("stopped: another loading process failed")
-                fetched = await consumer.getmany(
-                    *todo, timeout_ms=500, max_records=shard.chunk_events
-                )
-                if fetched:
-                    progressed = time.monotonic()
-                elif time.monotonic() - progressed > STALL_SECONDS:
-                    raise TransientError(
-                        f"no records from Kafka for {STALL_SECONDS:.0f} s with "
-                        f"{len(todo)} partition(s) still to read"
+        with collector_paused():
+            async with Loader(shard.conninfo, shard.index, shard.count) as loader:
+                while todo:
+                    if shared.stop.value:
+                        raise FatalError("stopped: another loading process failed")
+                    fetched = await consumer.getmany(
+                        *todo, timeout_ms=500, max_records=shard.chunk_events
                     )
-                for tp, records in fetched.items():
-                    for record in records:
-                        if record.offset >= shard.end[tp]:
-                            continue  # published after the rebuild started: the worker's
-                        try:
-                            decoding.add(record, loader)
-                        except PoisonEvent as exc:
-                            loaded.poison += 1
-                            log.error(
-                                "poison record skipped",
-                                position=position(record),
-                                reason=str(exc),
-                            )
-                            continue
-                        loaded.decoded += 1
-                        loaded.revocations += record.topic == shard.revoked_topic
-                if loading is not None:
-                    await loading  # one chunk in PostgreSQL's hands at a time
-                loading = asyncio.create_task(loader.copy(loader.take()))
-                for tp in list(todo):
-                    if await consumer.position(tp) >= shard.end[tp]:
-                        todo.discard(tp)
+                    if fetched:
                         progressed = time.monotonic()
-                shared.read[shard.index] = loaded.decoded + loaded.poison
-            if loading is not None:
-                await loading
-            loaded.rows = loader.rows
+                    elif time.monotonic() - progressed > STALL_SECONDS:
+                        raise TransientError(
+                            f"no records from Kafka for {STALL_SECONDS:.0f} s with "
+                            f"{len(todo)} partition(s) still to read"
+                        )
+                    for tp, records in fetched.items():
+                        for record in records:
+                            if record.offset >= shard.end[tp]:
+                                continue  # published after the rebuild started: the worker's
+                            try:
+                                decoding.add(record, loader)
+                            except PoisonEvent as exc:
+                                loaded.poison += 1
+                                log.error(
+                                    "poison record skipped",
+                                    position=position(record),
+                                    reason=str(exc),
+                                )
+                                continue
+                            loaded.decoded += 1
+                            loaded.revocations += record.topic == shard.revoked_topic
+                    if loading is not None:
+                        await loading  # one chunk in PostgreSQL's hands at a time
+                    loading = asyncio.create_task(loader.copy(loader.take()))
+                    chunks += 1
+                    if chunks % COLLECT_EVERY_CHUNKS == 0:
+                        gc.collect()
+                    for tp in list(todo):
+                        if await consumer.position(tp) >= shard.end[tp]:
+                            todo.discard(tp)
+                            progressed = time.monotonic()
+                    shared.read[shard.index] = loaded.decoded + loaded.poison
+                if loading is not None:
+                    await loading
+                loaded.rows = loader.rows
     finally:
         if loading is not None and not loading.done():
             loading.cancel()
