@@ -39,7 +39,11 @@ class Model(BaseModel):
     """Frozen, strict-about-unknown-fields base for everything that travels on the bus."""
 
     # allow_inf_nan=False: JSON has no infinity; pydantic would write null and poison the topic.
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # cache_strings=False: an event's strings are mostly UIDs, keys and hashes met once, which
+    # pydantic's default cache (every string up to 64 characters) looks up and stores for
+    # nothing: decoding a 10-instance study-received took 39.5 instead of 41.6 us, a delivered
+    # 5.1 instead of 5.6 us (the fastest of 40 interleaved rounds each).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, cache_strings=False)
 
 
 class Event(Model):
