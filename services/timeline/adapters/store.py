@@ -165,6 +165,8 @@ class ProjectionBatch:
 
 
 def number_of_images(study: StudySnapshot) -> int:
+    if not study.reports:  # most studies: no walk over the instances
+        return len(study.instances)
     reports = {r.sop_instance_uid for r in study.reports}
     return sum(1 for i in study.instances if i.sop_instance_uid not in reports)
 
