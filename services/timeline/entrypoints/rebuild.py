@@ -406,22 +406,7 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
                             f"no records from Kafka for {STALL_SECONDS:.0f} s with "
                             f"{len(todo)} partition(s) still to read"
                         )
-                    for tp, records in fetched.items():
-                        for record in records:
-                            if record.offset >= shard.end[tp]:
-                                continue  # published after the rebuild started: the worker's
-                            try:
-                                decoding.add(record, loader)
-                            except PoisonEvent as exc:
-                                loaded.poison += 1
-                                log.error(
-                                    "poison record skipped",
-                                    position=position(record),
-                                    reason=str(exc),
-                                )
-                                continue
-                            loaded.decoded += 1
-                            loaded.revocations += record.topic == shard.revoked_topic
+                    _add_chunk(fetched, shard, decoding, loader, loaded)
                     if loading is not None:
                         await loading  # one chunk in PostgreSQL's hands at a time
                     loading = asyncio.create_task(loader.copy(loader.take()))
@@ -442,6 +427,29 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
             await asyncio.gather(loading, return_exceptions=True)
         await consumer.stop()
     return loaded
+
+
+def _add_chunk(
+    fetched: Mapping[TopicPartition, list[Any]],
+    shard: _Shard,
+    decoding: _Decoding,
+    loader: Loader,
+    loaded: _Loaded,
+) -> None:
+    """Decode a fetched chunk's records up to the shard's end offsets into ``loader``,
+    counting them in ``loaded``; a poison record is logged and skipped."""
+    for tp, records in fetched.items():
+        for record in records:
+            if record.offset >= shard.end[tp]:
+                continue  # published after the rebuild started: the worker's
+            try:
+                decoding.add(record, loader)
+            except PoisonEvent as exc:
+                loaded.poison += 1
+                log.error("poison record skipped", position=position(record), reason=str(exc))
+                continue
+            loaded.decoded += 1
+            loaded.revocations += record.topic == shard.revoked_topic
 
 
 class _Decoding:
