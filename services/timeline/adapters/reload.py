@@ -33,7 +33,7 @@ touched it. A rebuild starts from nothing, so it does each once, out of the API'
    ``tests/integration/timeline/test_rebuild_equivalence.py`` holds the two paths equal.
 4. :meth:`Reload.swap`, in ONE short transaction under ``PROJECTION_LOCK``: moves the live
    tables aside (schema ``timeline_retired``) and the new ones into their place, with the live
-   tables' grants.
+   tables' grants (on the tables and on their columns).
 5. Leaving the ``Reload`` block drops the schemas ``timeline_rebuild`` and
    ``timeline_retired``: the replaced tables' files go after the swap, not during it.
 
@@ -614,7 +614,7 @@ class Reload:
 
     async def swap(self) -> ReloadCounts:
         """Replace the live projection tables with the built ones, in one short transaction;
-        the live tables' grants are given on the new ones."""
+        the live tables' grants (table and column) are given on the new ones."""
         if not self._built:
             raise RuntimeError("swap() before build()")
         conn = self.conn
@@ -713,24 +713,34 @@ async def _refuse_unless_owner(conn: Connection, live: str) -> None:
 
 
 async def _grants(conn: Connection, live: str) -> list[sql.Composable]:
-    """The GRANTs (to roles other than the owner) on the live projection tables, as
-    statements that give them again on the tables of the same names."""
+    """The GRANTs (to roles other than the owner) on the live projection tables and on their
+    columns (``GRANT SELECT (col) ON ...``, e.g. for a reporting role that may read some
+    columns only), as statements that give them again on the tables of the same names."""
     cursor = await conn.execute(
         """
-        SELECT c.relname, a.privilege_type, a.is_grantable,
+        SELECT c.relname, NULL::name, a.privilege_type, a.is_grantable,
                CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END
         FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
-        WHERE c.relnamespace = %s::regnamespace AND c.relname = ANY(%s)
+        WHERE c.relnamespace = %(live)s::regnamespace AND c.relname = ANY(%(tables)s)
+          AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT c.relname, t.attname, a.privilege_type, a.is_grantable,
+               CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END
+        FROM pg_class c
+        JOIN pg_attribute t ON t.attrelid = c.oid AND t.attnum > 0 AND NOT t.attisdropped
+        CROSS JOIN LATERAL aclexplode(t.attacl) a
+        WHERE c.relnamespace = %(live)s::regnamespace AND c.relname = ANY(%(tables)s)
           AND a.grantee <> c.relowner
         """,
-        (live, list(PROJECTION_TABLES)),
+        {"live": live, "tables": list(PROJECTION_TABLES)},
     )
     return [
-        sql.SQL("GRANT {} ON {} TO {}{}").format(
+        sql.SQL("GRANT {} {}ON {} TO {}{}").format(
             sql.SQL(privilege),
+            sql.SQL("({}) ").format(sql.Identifier(column)) if column else sql.SQL(""),
             sql.Identifier(live, table),
             sql.Identifier(grantee) if grantee is not None else sql.SQL("PUBLIC"),
             sql.SQL(" WITH GRANT OPTION" if grantable else ""),
         )
-        for table, privilege, grantable, grantee in await cursor.fetchall()
+        for table, column, privilege, grantable, grantee in await cursor.fetchall()
     ]

@@ -254,6 +254,12 @@ def schema_of(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]
             "WHERE table_schema = 'public' AND table_name = ANY(%s) ORDER BY 1, 2, 3",
             (tables,),
         ).fetchall(),
+        "column grants": conn.execute(
+            "SELECT table_name, column_name, grantee, privilege_type, is_grantable "
+            "FROM information_schema.column_privileges "
+            "WHERE table_schema = 'public' AND table_name = ANY(%s) ORDER BY 1, 2, 3, 4",
+            (tables,),
+        ).fetchall(),
     }
 
 
@@ -263,7 +269,15 @@ async def test_the_swapped_in_tables_are_the_migrations_tables_and_keep_their_gr
     migrations.migrate(scratch_database)
     with psycopg.connect(scratch_database, autocommit=True) as conn:
         conn.execute("GRANT SELECT ON timeline_entries, timeline_instances TO PUBLIC")
+        # Some columns only, to everyone; one to a role (a predefined one: our role may not
+        # create roles), which may pass it on.
+        conn.execute("GRANT SELECT (study_instance_uid, study_date) ON timeline_studies TO PUBLIC")
+        conn.execute("GRANT UPDATE (basis) ON timeline_sources TO pg_monitor WITH GRANT OPTION")
         before = schema_of(conn)
+    assert {
+        ("timeline_studies", "study_date", "PUBLIC", "SELECT", "NO"),
+        ("timeline_sources", "basis", "pg_monitor", "UPDATE", "YES"),
+    } <= set(before["column grants"])
     assert len(before["indexes"]) == len(PROJECTION_TABLES) + 2  # the keys, search, consent
     rnd = random.Random(7)
     await rebuilt(scratch_database, history(rnd), rnd)
