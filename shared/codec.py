@@ -229,6 +229,16 @@ def header(record: Any, name: str) -> bytes | None:
     return None
 
 
+def last_header(record: Any, name: str) -> bytes | None:
+    """The value of header ``name`` as :meth:`Codec.decode` reads the schema header: the last,
+    if repeated; None if absent."""
+    found = None
+    for key, value in record.headers or ():
+        if key == name:
+            found = value
+    return None if found is None else bytes(found)
+
+
 _JSON_SPACE = (b" ", b"\t", b"\n", b"\r")
 
 

@@ -66,9 +66,15 @@ from services.timeline.adapters.store import SnapshotRef, snapshot_ref
 from services.timeline.config import TimelineSettings
 from services.timeline.entrypoints.projection import DELIVERY, SERVICE, TOPICS, decode_projected
 from shared import runtime
-from shared.codec import SCHEMA_HEADER, Codec, header, without
+from shared.codec import SCHEMA_HEADER, Codec, header, last_header, without
 from shared.errors import FatalError, PoisonEvent, TransientError
-from shared.events import PURPOSE_HEADER, ConsentChecked, ConsentRevoked, StudyReceived
+from shared.events import (
+    PURPOSE_HEADER,
+    ConsentChecked,
+    ConsentRevoked,
+    Purpose,
+    StudyReceived,
+)
 from shared.logging import get_logger
 from shared.runtime import collector_paused, tune_gc
 from shared.stream import position
@@ -483,7 +489,8 @@ class _Decoding:
 
     def add(self, record: Any, loader: Loader) -> None:
         """Decode ``record`` and add it to ``loader``; raises PoisonEvent."""
-        model = _CARRYING.get(header(record, SCHEMA_HEADER) or b"")
+        # The schema as decoding reads it (the last header of that name, if repeated).
+        model = _CARRYING.get(last_header(record, SCHEMA_HEADER) or b"")
         split = None
         if model is not None and header(record, PURPOSE_HEADER) != DELIVERY:
             if self._shortcut(record, model, loader):
@@ -493,7 +500,12 @@ class _Decoding:
         if event is None:
             return
         loader.add(event)
-        if split is not None and isinstance(event, StudyReceived | ConsentChecked):
+        # Only a snapshot the loader took: a delivery decision without the purpose header
+        # (written before it existed) is decoded in full, but its snapshot is not loaded.
+        if split is not None and (
+            isinstance(event, StudyReceived)
+            or (isinstance(event, ConsentChecked) and event.purpose is Purpose.TIMELINE)
+        ):
             self._remember(record.key, split[1], snapshot_ref(event.study))
 
     def _shortcut(

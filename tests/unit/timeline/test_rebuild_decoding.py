@@ -136,6 +136,33 @@ def test_a_record_of_another_key_or_another_layout_is_decoded_in_full() -> None:
     assert decoding.shortcuts == 1
 
 
+def test_a_delivery_decision_without_its_purpose_header_lends_no_snapshot_to_the_shortcut() -> None:
+    # Written before decisions carried their purpose as a header: decoded in full, and its
+    # snapshot not loaded, so a later record of the same text must not count on it.
+    received, delivery, timeline = pipeline(1)
+    bare = replace(delivery, headers=tuple(h for h in delivery.headers if h[0] != "purpose"))
+    assert bare.headers != delivery.headers
+    records = [bare, received, bare, timeline]
+    rows, _ = decoded(records)
+    assert rows == plain(records)
+    assert len(rows["snapshots"]) == 1 and len(rows["decisions"]) == 1
+
+
+def test_a_record_whose_last_schema_header_is_unknown_is_poison_though_its_snapshot_is_known() -> (
+    None
+):
+    # Decoding reads the last schema header; so does the shortcut.
+    received, _, timeline = pipeline(1)
+    twice = replace(timeline, headers=(*timeline.headers, ("schema", b"bogus.v1")))
+    with pytest.raises(PoisonEvent):
+        plain([twice])
+    loader, decoding = Loader("unused"), _Decoding(codec)
+    decoding.add(received, loader)
+    with pytest.raises(PoisonEvent):
+        decoding.add(twice, loader)
+    assert loader.take()["decisions"] == []
+
+
 def test_past_its_budget_a_loader_forgets_the_oldest_snapshots(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
