@@ -504,8 +504,11 @@ def test_the_project_registry_is_untouched_by_private_registries() -> None:
 
 # --- properties ----------------------------------------------------------------------------------
 
-uids = st.lists(st.integers(0, 10**12), min_size=2, max_size=6).map(
-    lambda parts: ".".join(map(str, parts))
+# Valid UIDs only: at most 64 characters (six 13-digit parts would be 83).
+uids = (
+    st.lists(st.integers(0, 10**12), min_size=2, max_size=6)
+    .map(lambda parts: ".".join(map(str, parts)))
+    .filter(lambda uid: len(uid) <= 64)
 )
 uras = st.from_regex(r"[0-9]{8}", fullmatch=True)
 # Whole-minute UTC offsets: what ISO 8601 can write and every sender uses.
