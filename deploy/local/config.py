@@ -21,6 +21,11 @@ POSTGRES_MAJOR = "15"
 BUCKETS = ("dicom",)
 DATABASE = "beeldportaal"
 DB_USER = "beeldportaal"
+# Two more login roles of the local cluster, for what a hospital's DBA sets up around the
+# owner: an operator role that is a member of it (runs e.g. the timeline rebuild as itself),
+# and one that is not (which such commands must refuse). The tests act as both.
+OPERATOR_USER = "beeldportaal_operator"
+OUTSIDER_USER = "beeldportaal_outsider"
 
 
 def _repo_root() -> Path:

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import psycopg
 
-from deploy.local.config import DATABASE, DB_USER, POSTGRES_MAJOR, LocalConfig
+from deploy.local.config import (
+    DATABASE,
+    DB_USER,
+    OPERATOR_USER,
+    OUTSIDER_USER,
+    POSTGRES_MAJOR,
+    LocalConfig,
+)
 from deploy.local.processes import ManagedProcess, PlatformError, run, wait_until
 
 BIN = Path(f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin")
@@ -140,6 +147,12 @@ class Postgres:
                 is None
             ):
                 conn.execute(f'CREATE ROLE "{DB_USER}" LOGIN CREATEDB')
+            for role in (OPERATOR_USER, OUTSIDER_USER):
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    continue
+                conn.execute(f'CREATE ROLE "{role}" LOGIN')
+                if role == OPERATOR_USER:
+                    conn.execute(f'GRANT "{DB_USER}" TO "{role}"')
             if (
                 conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
                 is None
