@@ -40,7 +40,9 @@ touched it. A rebuild starts from nothing, so it does each once, out of the API'
 The API reads the live tables throughout; it waits only for the swap's locks (milliseconds).
 If anything fails before the swap commits, nothing changed; the schemas a dead rebuild left
 behind are dropped by the next one. The rebuild's role must own the
-projection tables (it drops them), as the role that ran the migrations does.
+projection tables (it drops them), as the role that ran the migrations does, or be a member of
+their owner (an operator's role): the swapped-in tables are then given to that owner, with the
+live tables' grants, so the API and the worker see no change.
 
 Why not empty the live tables and fill them in one transaction (as until 2026-11-27): the API
 waited 6-12 s for that transaction's locks, and every instance row was written twice (into a
@@ -217,6 +219,9 @@ class Loader:
         except psycopg.OperationalError as exc:
             await self.__aexit__()
             raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -408,6 +413,8 @@ class Reload:
         self._live = "public"  # the live tables' schema (as the search path finds them)
         self._indexes: list[_Index] = []
         self._built = False
+        # Whether leaving the block dropped the rebuild's schema and the replaced tables.
+        self.dropped = False
 
     async def __aenter__(self) -> Reload:
         try:
@@ -433,6 +440,7 @@ class Reload:
         try:
             if self._conn is not None and not self._conn.closed:
                 await self._drop_schema()
+                self.dropped = True
         except psycopg.Error as exc:  # dropped by the next rebuild then
             log.warning("the rebuild's schema was not dropped", reason=str(exc))
         finally:
@@ -440,12 +448,16 @@ class Reload:
 
     async def _connect(self) -> Connection:
         conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-        await configure_connection(conn)
-        # Index builds and the reductions' sorts in memory up to these (the defaults are
-        # 64 MB and 4 MB): a session used once.
-        await conn.execute("SET maintenance_work_mem = '256MB'")
-        await conn.execute("SET work_mem = '64MB'")
-        await conn.execute(_NO_FLUSH_WAIT)
+        try:
+            await configure_connection(conn)
+            # Index builds and the reductions' sorts in memory up to these (the defaults are
+            # 64 MB and 4 MB): a session used once.
+            await conn.execute("SET maintenance_work_mem = '256MB'")
+            await conn.execute("SET work_mem = '64MB'")
+            await conn.execute(_NO_FLUSH_WAIT)
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def _close(self) -> None:
@@ -629,6 +641,7 @@ class Reload:
                     await conn.execute("SET LOCAL synchronous_commit = on")
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROJECTION_LOCK,))
                     grants = await _grants(conn, self._live)
+                    owners = await _foreign_owners(conn, self._live)
                     # Moved aside, not dropped: dropping gigabytes of files at commit kept
                     # the API waiting for seconds (3.9 s after bench-timeline's fill). The
                     # Reload block's end drops them, out of the API's way.
@@ -644,6 +657,15 @@ class Reload:
                         )
                     for grant in grants:
                         await conn.execute(grant)
+                    # A rebuild run by a member of the owning role (as _refuse_unless_owner
+                    # allows) made the new tables its own: they go back to the live owner,
+                    # or the API and the worker, connecting as that owner, could not use them.
+                    for table, owner in owners:
+                        await conn.execute(
+                            sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                                sql.Identifier(self._live, table), sql.Identifier(owner)
+                            )
+                        )
                 break
             except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable) as exc:
                 if attempt == SWAP_ATTEMPTS:
@@ -667,10 +689,11 @@ class Reload:
         assert counts is not None
         return ReloadCounts(*(int(c) for c in counts))
 
-    async def analyze(self) -> None:
+    async def analyze(self) -> bool:
         """Gather the planner's statistics of the swapped-in tables, which were made without
         any, so that the API's plans need not wait for autovacuum; online (the API and the
-        projection read and write meanwhile). A failure is logged: the rebuild is done."""
+        projection read and write meanwhile). False, and logged, if that failed: the rebuild
+        is done all the same."""
         try:
             for table in PROJECTION_TABLES:
                 await self.conn.execute(
@@ -678,6 +701,8 @@ class Reload:
                 )
         except psycopg.Error as exc:
             log.warning("the new timeline tables were not analysed", reason=str(exc))
+            return False
+        return True
 
     async def replace(self) -> ReloadCounts:
         """Build the new tables and swap them in."""
@@ -710,6 +735,17 @@ async def _refuse_unless_owner(conn: Connection, live: str) -> None:
             "the rebuild's role may not create a schema in this database "
             "(GRANT CREATE ON DATABASE ... TO it)"
         )
+
+
+async def _foreign_owners(conn: Connection, live: str) -> list[tuple[str, str]]:
+    """The live projection tables owned by a role other than this session's, with it."""
+    cursor = await conn.execute(
+        "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+        "WHERE c.relnamespace = %s::regnamespace AND c.relname = ANY(%s) "
+        "AND pg_get_userbyid(c.relowner) <> current_user ORDER BY 1",
+        (live, list(PROJECTION_TABLES)),
+    )
+    return [(table, owner) for table, owner in await cursor.fetchall()]
 
 
 async def _grants(conn: Connection, live: str) -> list[sql.Composable]:

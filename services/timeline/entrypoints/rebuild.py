@@ -20,8 +20,10 @@ How an operator runs it (with the projection stopped; the API keeps serving):
       milliseconds,
    c. builds the new projection tables there from what was loaded (never the append-only
       ``access_log``),
-   d. checks again that the projection's group has no members, then swaps the new tables in
-      for the live ones in ONE short transaction,
+   d. checks again that the projection's group has no members and that its committed offsets
+      are those of the start (a worker that ran and stopped meanwhile applied events past the
+      end offsets to the tables the swap replaces: refused, nothing swapped), then swaps the
+      new tables in for the live ones in ONE short transaction,
    e. moves the projection's consumer group to the offsets of (a): the projection has caught
       up, and its worker may start again,
    f. gathers the planner's statistics of the new tables and drops the replaced ones
@@ -31,7 +33,9 @@ How an operator runs it (with the projection stopped; the API keeps serving):
 The API serves the live tables throughout and waits only for the swap (milliseconds): it never
 sees the timeline half-rebuilt. A rebuild that fails or is stopped before (d) commits changes
 nothing; one that dies between (d) and (e) leaves the group where the worker left it, and the
-worker then replays what the rebuild already applied, which changes nothing.
+worker then replays what the rebuild already applied, which changes nothing. The rebuild
+refuses to run if the brokers cannot describe one of the topics (left out, its events would
+be missing) or the group.
 
 Why not the projection worker itself, replaying into emptied tables (as before 2026-11-26): it
 applies a batch of a few thousand events per transaction with upserts, so it inserts a study's
@@ -59,6 +63,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import for_code
 from pydantic import ValidationError
 
 from services.timeline.adapters.reload import Loader, RebuildRefused, Reload
@@ -175,10 +180,8 @@ async def rebuild(
     await admin.start()
     try:
         await _refuse_if_running(admin, group_id)
-        described = await admin.describe_topics(topics)
-        tps = [
-            TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]
-        ]
+        committed = await _committed(admin, group_id)
+        tps = _partitions(await admin.describe_topics(topics), topics)
         begin, end = await _offsets(kafka, tps)
         total = sum(end[tp] - begin[tp] for tp in tps)
         progress(
@@ -201,6 +204,14 @@ async def rebuild(
             build_seconds = time.monotonic() - build_started
             progress(f"built in {build_seconds:.1f} s; swapping them in")
             await _refuse_if_running(admin, group_id)
+            if await _committed(admin, group_id) != committed:
+                # A worker ran meanwhile and stopped again: what it applied past the end
+                # offsets went into the tables the swap would replace.
+                raise RebuildRefused(
+                    f"consumer group {group_id} committed offsets while the rebuild ran (its "
+                    "projection worker ran meanwhile); nothing was swapped: stop the worker "
+                    "and rebuild again"
+                )
             swap_started = time.monotonic()
             counts = await reload.swap()
             swap_seconds = time.monotonic() - swap_started
@@ -211,7 +222,7 @@ async def rebuild(
                 "caught up, the projection worker may start again; analysing the new tables "
                 "and dropping the replaced ones"
             )
-            await reload.analyze()
+            analysed = await reload.analyze()
         cleanup_seconds = time.monotonic() - started - seconds
     finally:
         await admin.close()
@@ -229,11 +240,19 @@ async def rebuild(
         studies=counts.studies,
         entries=counts.entries,
     )
+    cleanup = [
+        "new tables analysed"
+        if analysed
+        else "the new tables NOT analysed (see the log; autovacuum will in time)",
+        "the replaced ones dropped"
+        if reload.dropped
+        else "the replaced tables NOT dropped (see the log; the next rebuild drops them)",
+    ]
     progress(
         f"done: {report.events} events in {report.seconds:.1f} s "
         f"({report.events_per_second:.0f} events/s; swap {swap_seconds * 1000:.0f} ms): "
-        f"{counts.studies} studies, {counts.entries} entries; new tables analysed and the "
-        f"replaced ones dropped in {cleanup_seconds:.1f} s; start the projection worker again"
+        f"{counts.studies} studies, {counts.entries} entries; {' and '.join(cleanup)} in "
+        f"{cleanup_seconds:.1f} s; start the projection worker again"
     )
     return report
 
@@ -389,11 +408,11 @@ async def _load_shard(shard: _Shard, shared: _Shared) -> _Loaded:
         auto_offset_reset="none",
         retry_backoff_ms=RETRY_BACKOFF_MS,
     )
-    await consumer.start()
     loading: asyncio.Task[None] | None = None
     progressed = time.monotonic()
     chunks = 0
     try:
+        await consumer.start()  # inside: a consumer that failed to start is stopped too
         consumer.assign(list(todo))
         for tp in todo:
             consumer.seek(tp, shard.begin[tp])
@@ -542,9 +561,47 @@ class _Decoding:
             self._bytes -= sum(len(text) for text, _ in forgotten)
 
 
+def _partitions(described: list[dict[str, Any]], topics: list[str]) -> list[TopicPartition]:
+    """Every partition of ``topics`` from the brokers' metadata; a topic they could not
+    describe (unknown, not authorised, ...) refuses the rebuild: left out, its events would be
+    missing from the new tables, and the projection's group would not move past them either."""
+    by_name = {d["topic"]: d for d in described}
+    for topic in topics:
+        found = by_name.get(topic)
+        if found is None:
+            reason = "not in the brokers' answer"
+        elif found["error_code"]:
+            reason = _error_name(found["error_code"])
+        elif not found["partitions"]:
+            reason = "no partitions"
+        else:
+            continue
+        raise RebuildRefused(f"topic {topic} could not be described ({reason})")
+    return [
+        TopicPartition(topic, p["partition"])
+        for topic in topics
+        for p in by_name[topic]["partitions"]
+    ]
+
+
+def _error_name(code: int) -> str:
+    return f"{for_code(code).__name__}, error code {code}"
+
+
+async def _committed(admin: AIOKafkaAdminClient, group_id: str) -> dict[TopicPartition, int]:
+    """The group's committed offsets."""
+    offsets = await admin.list_consumer_group_offsets(group_id)
+    return {tp: meta.offset for tp, meta in offsets.items()}
+
+
 async def _refuse_if_running(admin: AIOKafkaAdminClient, group_id: str) -> None:
     response = await admin.describe_consumer_groups([group_id])
-    for _error, name, state, _type, _protocol, members in response[0].groups:
+    for error, name, state, _type, _protocol, members in response[0].groups:
+        if name == group_id and error:
+            # Unanswered, the question whether the projection's worker runs stays open.
+            raise RebuildRefused(
+                f"consumer group {group_id} could not be described ({_error_name(error)})"
+            )
         if name == group_id and (members or state not in ("Empty", "Dead", "")):
             raise RebuildRefused(
                 f"consumer group {group_id} is {state} with {len(members)} member(s): "
@@ -562,8 +619,8 @@ async def _offsets(
         isolation_level="read_committed",
         retry_backoff_ms=RETRY_BACKOFF_MS,
     )
-    await consumer.start()
     try:
+        await consumer.start()
         return await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
@@ -576,8 +633,8 @@ async def _commit_offsets(
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka, group_id=group_id, enable_auto_commit=False
     )
-    await consumer.start()
     try:
+        await consumer.start()
         consumer.assign(list(offsets))
         await consumer.commit(dict(offsets))
     finally:

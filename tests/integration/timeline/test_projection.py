@@ -25,12 +25,13 @@ from services.timeline.adapters.store import PROJECTION_TABLES, PostgresTimeline
 from services.timeline.config import TimelineSettings
 from services.timeline.domain.ports import EntryKind, TimelineEntry, TimelineQuery
 from services.timeline.entrypoints.projection import TOPICS, build_projection
-from services.timeline.entrypoints.rebuild import RebuildRefused, rebuild
+from services.timeline.entrypoints.rebuild import RebuildRefused, _commit_offsets, rebuild
 from shared import migrations, topics
 from shared.events import (
     Basis,
     BsnStatus,
     ConsentChecked,
+    ConsentRevoked,
     Decision,
     Event,
     PatientRef,
@@ -564,6 +565,7 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
     )
     assert f"loading with {processes} process(es)" in lines
     assert lines[-1].startswith(f"done: {len(events)} events")
+    assert "new tables analysed and the replaced ones dropped" in lines[-1]
     with psycopg.connect(timeline.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (1,)
         assert load_tables(conn) == []
@@ -619,6 +621,77 @@ async def test_a_second_rebuild_is_refused_while_one_runs(timeline: Timeline) ->
         with psycopg.connect(timeline.dsn) as conn:  # the running one's are left alone
             assert len(load_tables(conn)) == 12
     assert timeline.dump() == before
+
+
+async def test_a_rebuild_missing_a_topic_is_refused_before_it_loads(timeline: Timeline) -> None:
+    # Left out, the revocations' topic would bring every withdrawn study back.
+    await project(timeline, *history(make_pseudonym()))
+    before = timeline.dump()
+    revoked = ConsentRevoked.topic
+    names = {**timeline.names, revoked: f"{timeline.names[revoked]}-gone"}
+    with pytest.raises(RebuildRefused, match=r"-gone could not be described \(UnknownTopic"):
+        await rebuild(timeline.settings, group=timeline.group, rename=names, progress=print)
+    assert timeline.dump() == before
+    with psycopg.connect(timeline.dsn) as conn:
+        assert load_tables(conn) == []
+
+
+async def test_a_rebuild_says_so_when_the_replaced_tables_were_not_dropped(
+    timeline: Timeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the swap nothing waits for the drop, so its failure fails nothing; but the
+    # rebuild must not claim it happened.
+    await project(timeline, *history(make_pseudonym()))
+    before = timeline.dump()
+
+    drop = Reload._drop_schema
+    calls: list[int] = []
+
+    async def refused_after_the_swap(self: Reload) -> None:
+        calls.append(1)
+        if len(calls) > 1:  # the first is the start's, of what a dead rebuild left
+            raise psycopg.errors.LockNotAvailable("the replaced tables are in use")
+        await drop(self)
+
+    lines: list[str] = []
+    with monkeypatch.context() as patched:
+        patched.setattr(Reload, "_drop_schema", refused_after_the_swap)
+        await rebuild(
+            timeline.settings, group=timeline.group, rename=timeline.names, progress=lines.append
+        )
+    assert len(calls) == 2
+    assert "the replaced tables NOT dropped" in lines[-1]
+    assert "new tables analysed" in lines[-1]
+    assert timeline.dump() == before
+    # The next rebuild drops what this one left.
+    await rebuild(timeline.settings, group=timeline.group, rename=timeline.names, progress=print)
+    with psycopg.connect(timeline.dsn) as conn:
+        assert load_tables(conn) == []
+
+
+async def test_a_rebuild_is_refused_if_the_worker_committed_while_it_ran(
+    timeline: Timeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker started and stopped again during the load applied what it read to the live
+    # tables, which the swap would replace: the rebuild refuses and changes nothing.
+    await project(timeline, *history(make_pseudonym()))
+    before = timeline.dump()
+    group_id = f"{timeline.settings.kafka.client_id_prefix}-{timeline.group}"
+    build = Reload.build
+
+    async def worker_ran_meanwhile(self: Reload) -> None:
+        tp = TopicPartition(timeline.names[TOPICS[0]], 0)
+        await _commit_offsets(timeline.settings.kafka.bootstrap_list, group_id, {tp: 10**6})
+        await build(self)
+
+    monkeypatch.setattr(Reload, "build", worker_ran_meanwhile)
+    with pytest.raises(RebuildRefused, match="committed offsets while the rebuild ran"):
+        await rebuild(
+            timeline.settings, group=timeline.group, rename=timeline.names, progress=print
+        )
+    assert timeline.dump() == before
+    with psycopg.connect(timeline.dsn) as conn:
+        assert load_tables(conn) == []
 
 
 def load_tables(conn: psycopg.Connection[Any]) -> list[str]:

@@ -16,8 +16,10 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
+from deploy.local.config import OPERATOR_USER, OUTSIDER_USER
 from services.timeline.adapters import reload as reload_module
 from services.timeline.adapters.reload import Loader, RebuildRefused, Reload
 from services.timeline.adapters.store import PROJECTION_TABLES, PostgresTimeline, ProjectionBatch
@@ -341,3 +343,79 @@ async def test_a_swap_kept_from_its_locks_gives_up_and_changes_nothing(
                 await reload.swap()
         reader.rollback()
     assert dump(scratch_database) == before
+
+
+def sessions_in(dsn: str) -> int:
+    """The sessions connected to ``dsn``'s database but the one asking."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_loader_or_rebuild_session_that_fails_to_start_leaves_no_session_behind(
+    scratch_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    migrations.migrate(scratch_database)
+    assert sessions_in(scratch_database) == 0
+    # No rebuild made its tables: the loader's first query fails (not a lost connection).
+    with pytest.raises(psycopg.errors.InvalidSchemaName):
+        async with Loader(scratch_database):
+            pass
+    assert sessions_in(scratch_database) == 0
+    # A build session whose set-up fails after connecting.
+    monkeypatch.setattr(reload_module, "_NO_FLUSH_WAIT", "SET no_such_setting = 1")
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        async with Reload(scratch_database):
+            pass
+    assert sessions_in(scratch_database) == 0
+
+
+def as_role(dsn: str, role: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, user=role)
+
+
+def owners(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class "
+                "WHERE relname = ANY(%s) AND relnamespace = 'public'::regnamespace",
+                (list(PROJECTION_TABLES),),
+            )
+        }
+
+
+async def test_a_rebuild_by_a_member_of_the_owning_role_leaves_the_tables_to_their_owner(
+    scratch_database: str,
+) -> None:
+    # An operator's own role, a member of the owner (as a DBA grants it): the swapped-in
+    # tables are the owner's again, so the API and the worker, connecting as the owner, go on.
+    migrations.migrate(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON timeline_entries TO PUBLIC")
+        before = schema_of(conn)
+    owner = owners(scratch_database)
+    assert owner != {OPERATOR_USER}
+    rnd = random.Random(5)
+    events = history(rnd)
+    rebuilt_rows = await rebuilt(as_role(scratch_database, OPERATOR_USER), events, rnd)
+    assert owners(scratch_database) == owner
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        assert schema_of(conn) == before
+    # The owner's own sessions use them as before: the projection applies the history again,
+    # which changes nothing.
+    assert await project(scratch_database, events, rnd) == rebuilt_rows
+
+
+async def test_a_rebuild_by_a_role_that_could_not_swap_the_tables_in_is_refused(
+    scratch_database: str,
+) -> None:
+    migrations.migrate(scratch_database)
+    with pytest.raises(RebuildRefused, match=f"role {OUTSIDER_USER} does not own"):
+        async with Reload(as_role(scratch_database, OUTSIDER_USER)):
+            pass

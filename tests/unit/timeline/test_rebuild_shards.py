@@ -73,3 +73,42 @@ def test_the_command_exits_1_naming_why_when_the_rebuild_is_refused_or_fails(
         out = capsys.readouterr()
         assert said in out.out + out.err
         assert str(error) in out.out + out.err
+
+
+def described(topic: str, error_code: int = 0, partitions: int = 2) -> dict[str, object]:
+    """One topic of the brokers' metadata answer, as aiokafka's admin client gives it."""
+    return {
+        "error_code": error_code,
+        "topic": topic,
+        "is_internal": False,
+        "partitions": [{"error_code": 0, "partition": p} for p in range(partitions)],
+    }
+
+
+def test_every_partition_of_every_topic_is_read() -> None:
+    answer = [described(t) for t in reversed(TOPICS)]
+    partitions = rebuild._partitions(answer, list(TOPICS))
+    assert partitions == [TopicPartition(t, p) for t in TOPICS for p in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ([described(t) for t in TOPICS[:3]], "not in the brokers' answer"),
+        (
+            [*(described(t) for t in TOPICS[:3]), described(TOPICS[3], error_code=29)],
+            r"TopicAuthorizationFailedError, error code 29",
+        ),
+        (
+            [*(described(t) for t in TOPICS[:3]), described(TOPICS[3], partitions=0)],
+            "no partitions",
+        ),
+    ],
+)
+def test_a_topic_the_brokers_could_not_describe_refuses_the_rebuild(
+    answer: list[dict[str, object]], reason: str
+) -> None:
+    with pytest.raises(
+        rebuild.RebuildRefused, match=f"topic delivered could not be described .{reason}"
+    ):
+        rebuild._partitions(answer, list(TOPICS))
