@@ -249,8 +249,7 @@ def _cut(
     :meth:`Codec.member` for when it is cut); ``standard=False`` cuts values holding ``NaN``
     or ``Infinity`` too (checking costs up to ~8 us for a 6 KB value)."""
     value = record.value
-    schema = [v for k, v in record.headers or () if k == SCHEMA_HEADER]  # the last, as decode
-    if not value or not schema or schema[-1] != model.schema_name.encode():
+    if not value or last_header(record, SCHEMA_HEADER) != model.schema_name.encode():
         return None
     key = _member_key(model, name)
     if key is None or _holds(value, b"\\u"):

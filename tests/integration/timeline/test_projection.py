@@ -145,6 +145,10 @@ class Timeline:
     publisher: KafkaEventPublisher
     admin: AIOKafkaAdminClient
 
+    @property
+    def group_id(self) -> str:
+        return f"{self.settings.kafka.client_id_prefix}-{self.group}"
+
     def worker(self) -> Worker:
         return build_projection(self.settings, group=self.group, rename=self.names, max_records=500)
 
@@ -161,10 +165,9 @@ class Timeline:
             end = await consumer.end_offsets(tps)
         finally:
             await consumer.stop()
-        group_id = f"{self.settings.kafka.client_id_prefix}-{self.group}"
         async with asyncio.timeout(timeout):
             while True:
-                committed = await self.admin.list_consumer_group_offsets(group_id)
+                committed = await self.admin.list_consumer_group_offsets(self.group_id)
                 if all(
                     end[tp] == 0 or (tp in committed and committed[tp].offset >= end[tp])
                     for tp in tps
@@ -602,9 +605,7 @@ async def test_a_rebuild_that_fails_before_it_replaces_the_tables_changes_nothin
             timeline.settings, group=timeline.group, rename=timeline.names, progress=progress
         )
 
-    assert timeline.dump() == before
-    with psycopg.connect(timeline.dsn) as conn:
-        assert load_tables(conn) == []
+    assert_unchanged(timeline, before)
     # Nor did the group move: the worker still has the late study to apply.
     await project(timeline)
     assert (await timeline.entries(patient))[0].study_instance_uid == late.study_instance_uid
@@ -631,9 +632,7 @@ async def test_a_rebuild_missing_a_topic_is_refused_before_it_loads(timeline: Ti
     names = {**timeline.names, revoked: f"{timeline.names[revoked]}-gone"}
     with pytest.raises(RebuildRefused, match=r"-gone could not be described \(UnknownTopic"):
         await rebuild(timeline.settings, group=timeline.group, rename=names, progress=print)
-    assert timeline.dump() == before
-    with psycopg.connect(timeline.dsn) as conn:
-        assert load_tables(conn) == []
+    assert_unchanged(timeline, before)
 
 
 async def test_a_rebuild_says_so_when_the_replaced_tables_were_not_dropped(
@@ -676,12 +675,13 @@ async def test_a_rebuild_is_refused_if_the_worker_committed_while_it_ran(
     # tables, which the swap would replace: the rebuild refuses and changes nothing.
     await project(timeline, *history(make_pseudonym()))
     before = timeline.dump()
-    group_id = f"{timeline.settings.kafka.client_id_prefix}-{timeline.group}"
     build = Reload.build
 
     async def worker_ran_meanwhile(self: Reload) -> None:
         tp = TopicPartition(timeline.names[TOPICS[0]], 0)
-        await _commit_offsets(timeline.settings.kafka.bootstrap_list, group_id, {tp: 10**6})
+        await _commit_offsets(
+            timeline.settings.kafka.bootstrap_list, timeline.group_id, {tp: 10**6}
+        )
         await build(self)
 
     monkeypatch.setattr(Reload, "build", worker_ran_meanwhile)
@@ -689,6 +689,12 @@ async def test_a_rebuild_is_refused_if_the_worker_committed_while_it_ran(
         await rebuild(
             timeline.settings, group=timeline.group, rename=timeline.names, progress=print
         )
+    assert_unchanged(timeline, before)
+
+
+def assert_unchanged(timeline: Timeline, before: dict[str, list[str]]) -> None:
+    """A refused or failed rebuild changed nothing: the live tables as they were, and no
+    rebuild schema left behind."""
     assert timeline.dump() == before
     with psycopg.connect(timeline.dsn) as conn:
         assert load_tables(conn) == []
