@@ -689,18 +689,21 @@ class Reload:
         assert counts is not None
         return ReloadCounts(*(int(c) for c in counts))
 
-    async def analyze(self) -> bool:
-        """Gather the planner's statistics of the swapped-in tables, which were made without
-        any, so that the API's plans need not wait for autovacuum; online (the API and the
-        projection read and write meanwhile). False, and logged, if that failed: the rebuild
-        is done all the same."""
+    async def settle(self) -> bool:
+        """Vacuum (freezing) and analyse the swapped-in tables, online (the API and the
+        projection read and write meanwhile): the planner gets their statistics, which they
+        were made without, and every page is marked all-visible and frozen. Otherwise
+        autovacuum comes for every one of them soon after (they are all fresh inserts), and a
+        swap that finds it working on a live table waits ``deadlock_timeout`` (1 s) for it to
+        give way, with the API's reads queued behind (seen in back-to-back rebuilds). False,
+        and logged, if that failed: the rebuild is done all the same."""
         try:
             for table in PROJECTION_TABLES:
                 await self.conn.execute(
-                    sql.SQL("ANALYZE {}").format(sql.Identifier(self._live, table))
+                    sql.SQL("VACUUM (FREEZE, ANALYZE) {}").format(sql.Identifier(self._live, table))
                 )
         except psycopg.Error as exc:
-            log.warning("the new timeline tables were not analysed", reason=str(exc))
+            log.warning("the new timeline tables were not vacuumed", reason=str(exc))
             return False
         return True
 

@@ -26,7 +26,8 @@ How an operator runs it (with the projection stopped; the API keeps serving):
       new tables in for the live ones in ONE short transaction,
    e. moves the projection's consumer group to the offsets of (a): the projection has caught
       up, and its worker may start again,
-   f. gathers the planner's statistics of the new tables and drops the replaced ones
+   f. vacuums (freezing) and analyses the new tables, so that the planner has their
+      statistics and autovacuum nothing left to do on them, and drops the replaced ones
       (seconds for gigabytes of them on this project's machine), which nothing waits for;
 3. start the projection worker again: it continues from where the rebuild stopped.
 
@@ -120,7 +121,8 @@ class RebuildReport:
     poison: int
     # From the start until caught up (the group moved); of them reading, decoding and loading
     # the events; building the new tables from what was loaded; the one transaction swapping
-    # them in (all the API waits for). Then analysing the new tables, dropping the old ones.
+    # them in (all the API waits for). Then vacuuming and analysing the new tables, dropping
+    # the old ones.
     seconds: float
     load_seconds: float
     build_seconds: float
@@ -219,10 +221,10 @@ async def rebuild(
             seconds = time.monotonic() - started
             progress(
                 f"consumer group {group_id} moved to the end offsets the rebuild read to: "
-                "caught up, the projection worker may start again; analysing the new tables "
-                "and dropping the replaced ones"
+                "caught up, the projection worker may start again; vacuuming and analysing the new "
+                "tables and dropping the replaced ones"
             )
-            analysed = await reload.analyze()
+            settled = await reload.settle()
         cleanup_seconds = time.monotonic() - started - seconds
     finally:
         await admin.close()
@@ -241,9 +243,9 @@ async def rebuild(
         entries=counts.entries,
     )
     cleanup = [
-        "new tables analysed"
-        if analysed
-        else "the new tables NOT analysed (see the log; autovacuum will in time)",
+        "new tables vacuumed and analysed"
+        if settled
+        else "the new tables NOT vacuumed (see the log; autovacuum will in time)",
         "the replaced ones dropped"
         if reload.dropped
         else "the replaced tables NOT dropped (see the log; the next rebuild drops them)",

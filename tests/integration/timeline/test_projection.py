@@ -568,17 +568,25 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
     )
     assert f"loading with {processes} process(es)" in lines
     assert lines[-1].startswith(f"done: {len(events)} events")
-    assert "new tables analysed and the replaced ones dropped" in lines[-1]
+    assert "new tables vacuumed and analysed and the replaced ones dropped" in lines[-1]
     with psycopg.connect(timeline.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (1,)
         assert load_tables(conn) == []
-        # The swapped-in tables were analysed: the planner has their statistics.
-        analysed = conn.execute(
+        # The swapped-in tables were vacuumed and analysed: the planner has their statistics,
+        # every page is marked all-visible (index-only scans), and autovacuum has nothing
+        # left to do on them (a later swap would wait for it to give way).
+        settled = conn.execute(
             "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY(%s) "
-            "AND schemaname = current_schema() AND last_analyze IS NOT NULL ORDER BY 1",
+            "AND schemaname = current_schema() AND last_analyze IS NOT NULL "
+            "AND last_vacuum IS NOT NULL ORDER BY 1",
             (list(PROJECTION_TABLES),),
         ).fetchall()
-        assert [name for (name,) in analysed] == sorted(PROJECTION_TABLES)
+        assert [name for (name,) in settled] == sorted(PROJECTION_TABLES)
+        pages = conn.execute(
+            "SELECT relpages, relallvisible FROM pg_class "
+            "WHERE oid = 'timeline_instances'::regclass"
+        ).fetchone()
+        assert pages is not None and pages[0] > 0 and pages[1] == pages[0]
 
     # The worker continues after the rebuild: only what is new is applied.
     extra = study_of(patients[0], study_date=date(2026, 1, 1))
@@ -660,7 +668,7 @@ async def test_a_rebuild_says_so_when_the_replaced_tables_were_not_dropped(
         )
     assert len(calls) == 2
     assert "the replaced tables NOT dropped" in lines[-1]
-    assert "new tables analysed" in lines[-1]
+    assert "new tables vacuumed and analysed" in lines[-1]
     assert timeline.dump() == before
     # The next rebuild drops what this one left.
     await rebuild(timeline.settings, group=timeline.group, rename=timeline.names, progress=print)
