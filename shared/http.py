@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.identifiers import contains_bsn
+from shared.identifiers import contains_written_bsn
 from shared.logging import correlation_context
 from shared.metrics import ServiceMetrics
 from shared.runtime import tune_gc
@@ -47,7 +47,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 def offered_correlation_id(value: str | None) -> str | None:
     """``value`` if it may serve as the correlation id, else None (a new one is made)."""
-    if value and _SAFE_ID.match(value) and not contains_bsn(value):
+    if value and _SAFE_ID.match(value) and not contains_written_bsn(value):
         return value
     return None
 

@@ -30,9 +30,12 @@ from shared.identifiers import (
     UziNumber,
     contains_bsn,
     contains_pseudonym,
+    contains_written_bsn,
     find_bsns,
+    find_written_bsns,
     is_pseudonym,
     is_valid_bsn,
+    mask_written_bsns,
     parse_bsn,
 )
 
@@ -229,6 +232,46 @@ class TestFindingBsnsInText:
         assert contains_bsn("patient 123456782")
         assert not contains_bsn("offset 1234567820 and 12345678")
         assert not contains_bsn("")
+
+
+class TestFindingBsnsAPersonWrote:
+    @pytest.mark.parametrize(
+        "written",
+        ["123456782", "1234.56.782", "123.456.782", "123 456 782", "123-456-782", "12 34 56 782"],
+    )
+    def test_a_bsn_written_in_groups_is_found(self, written: str) -> None:
+        text = f"bewusteloos binnengebracht, BSN {written}, geen familie"
+        assert [m.group() for m in find_written_bsns(text)] == [written]
+        assert contains_written_bsn(text)
+        assert mask_written_bsns(text) == "bewusteloos binnengebracht, BSN [BSN], geen familie"
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "uid 1.2.840.10008.5.1.4.1.1.2",  # its digits joined hold 11-proof windows
+            "12-05-2024 09:30",  # a date and a time
+            "bel 06-1234 5678",  # a phone number: ten digits
+            "123.456.789",  # nine digits failing the 11-proof
+            "1234.56.7820",  # ten digits in groups
+        ],
+    )
+    def test_digits_that_are_not_one_bsn_in_groups_are_not_found(self, text: str) -> None:
+        assert not contains_written_bsn(text)
+        assert mask_written_bsns(text) == text
+
+    def test_a_bsn_beside_other_numbers_is_still_found_in_its_plain_form(self) -> None:
+        # The space joins the date and the number into one longer sequence of groups, but the
+        # nine-digit run itself stands alone.
+        text = "opname 12-05-2024 123456782"
+        assert mask_written_bsns(text) == "opname 12-05-2024 [BSN]"
+
+    def test_every_bsn_is_masked_and_the_rest_kept(self) -> None:
+        text = "BSN 999990019 of 1234.56.782; order 123456789"
+        assert mask_written_bsns(text) == "BSN [BSN] of [BSN]; order 123456789"
+
+    @given(st.text(alphabet="0123456789 .-abc", max_size=40))
+    def test_masked_text_holds_no_bsn_any_longer(self, text: str) -> None:
+        assert not contains_written_bsn(mask_written_bsns(text))
 
 
 class TestNamingSystems:

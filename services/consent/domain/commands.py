@@ -25,7 +25,7 @@ from shared.events.consent import (
     TreatmentRelationshipEnded,
     TreatmentRelationshipRegistered,
 )
-from shared.identifiers import contains_bsn
+from shared.identifiers import contains_written_bsn
 
 REGISTRY_NAMESPACE = uuid.UUID("3f0c6a52-7d1e-4b8a-9c27-51e8d40b6f93")
 
@@ -69,7 +69,7 @@ def _uuid(*parts: object) -> uuid.UUID:
 
 def refuse_bsn_lookalikes(**fields: str | None) -> None:
     for name, value in fields.items():
-        if value is not None and contains_bsn(value):
+        if value is not None and contains_written_bsn(value):
             raise LooksLikeBsn(name)
 
 

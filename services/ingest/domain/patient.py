@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from shared.events import BsnStatus
-from shared.identifiers import BSN_DICOM_ISSUER, BSN_OID, Bsn, InvalidBsn, parse_bsn
+from shared.identifiers import (
+    BSN_DICOM_ISSUER,
+    BSN_OID,
+    Bsn,
+    InvalidBsn,
+    mask_written_bsns,
+    parse_bsn,
+)
 
 PATIENT_ID = 0x00100020
 ISSUER_OF_PATIENT_ID = 0x00100021
@@ -58,6 +65,33 @@ def find_bsn(ds: Dataset) -> BsnFinding:
     if len(valid) == 1 and not invalid:
         return BsnFinding(BsnStatus.VERIFIED, next(iter(valid)))
     return BsnFinding(BsnStatus.CONFLICTING)
+
+
+MASKED_BSN = "[BSN]"
+
+
+def without_own_bsn(value: str | None, bsn: Bsn | None) -> str | None:
+    """An identifier from the header (an Accession Number) as it may be published: the
+    patient's own BSN masked wherever it stands in it, nothing else changed (a 9-digit
+    accession number passes the 11-proof one time in eleven, and reports are linked by it)."""
+    if value is None or bsn is None or bsn.value not in value:
+        return value
+    return value.replace(bsn.value, MASKED_BSN)
+
+
+def without_bsns(text: str | None, bsn: Bsn | None) -> str | None:
+    """Free text from the header or the sender (a description, a name, a note) as it may be
+    published: the patient's own BSN masked wherever it stands, and any BSN a person wrote
+    (``mask_written_bsns``: also in groups, "1234.56.782")."""
+    if text is None:
+        return None
+    return mask_written_bsns(without_own_bsn(text, bsn) or "", MASKED_BSN)
+
+
+def uid_holds_bsn(uid: str, bsn: Bsn | None) -> bool:
+    """Whether a UID holds the patient's BSN among its digits (a sender that builds UIDs from
+    patient ids): the UIDs name the object keys, the events' keys and the DICOMweb URLs."""
+    return bsn is not None and bsn.value in uid
 
 
 def _bsn_claims(ds: Dataset) -> Iterator[str]:

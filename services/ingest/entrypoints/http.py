@@ -26,6 +26,7 @@ from services.ingest.handlers.store import Outcome, Received, Submission
 from shared.auth import Principal
 from shared.events import IngestChannel, Urgency
 from shared.http import CorrelationMiddleware
+from shared.identifiers import contains_written_bsn
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -226,6 +227,11 @@ def _note(value: str | None) -> str | None:
     note = urllib.parse.unquote(value.strip(), errors="strict")
     if len(note) > 2000:
         raise HTTPException(400, f"{NOTE_HEADER} is longer than 2000 characters")
+    if contains_written_bsn(note):
+        # The note travels with the study on the bus: no BSN in clear there.
+        raise HTTPException(
+            400, f"{NOTE_HEADER} holds what looks like a BSN; leave patient numbers out of it"
+        )
     return note
 
 

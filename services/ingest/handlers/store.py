@@ -26,6 +26,7 @@ from typing import BinaryIO, TypeVar
 
 from services.ingest.domain.dicom import InstanceHeader, Rejected, read_header
 from services.ingest.domain.keys import object_key
+from services.ingest.domain.patient import uid_holds_bsn, without_bsns, without_own_bsn
 from services.ingest.domain.status import Status
 from services.ingest.metrics import IngestMetrics
 from shared.errors import TransientError
@@ -304,6 +305,17 @@ class InstanceStore:
             header = _read(received)
         except Rejected as exc:
             return Outcome(exc.status, exc.reason)
+        bsn = header.patient.bsn
+        uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        if any(uid_holds_bsn(uid, bsn) for uid in uids):
+            # Not stored: the key, the events and the URLs would carry the BSN. The outcome
+            # names no UID of it, so neither the log line nor the response does.
+            return Outcome(
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "a Study, Series or SOP Instance UID holds the patient's BSN; it would be "
+                "published in object keys, events and URLs: give the instances new UIDs",
+                header.sop_class_uid,
+            )
         if submission.expected_study_uid and header.study_instance_uid != (
             submission.expected_study_uid
         ):
@@ -362,16 +374,17 @@ class InstanceStore:
             sender_endpoint=sub.sender_endpoint,
             recipient_ura=sub.recipient_ura,
             patient=PatientRef(pseudonym=pseudonym, bsn_status=finding.status),
-            accession_number=header.accession_number,
+            # The header's texts as they may be published: no BSN in clear on the bus.
+            accession_number=without_own_bsn(header.accession_number, finding.bsn),
             study_date=header.study_date,
             study_time=header.study_time,
-            study_description=header.study_description,
-            institution_name=header.institution_name,
+            study_description=without_bsns(header.study_description, finding.bsn),
+            institution_name=without_bsns(header.institution_name, finding.bsn),
             modality=header.modality,
             series_number=header.series_number,
-            series_description=header.series_description,
+            series_description=without_bsns(header.series_description, finding.bsn),
             urgency=sub.urgency,
-            sender_note=sub.sender_note,
+            sender_note=without_bsns(sub.sender_note, finding.bsn),
             completes_study=sub.completes_study,
         )
 

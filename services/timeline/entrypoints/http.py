@@ -80,8 +80,8 @@ from services.timeline.domain.ports import (
 from shared.auth import Principal
 from shared.events import AccessLogged, AuditAction, AuditOutcome
 from shared.http import CorrelationMiddleware
-from shared.identifiers import Bsn
-from shared.logging import get_logger, scrub_bsns
+from shared.identifiers import Bsn, mask_written_bsns
+from shared.logging import SCRUBBED_BSN, get_logger
 from shared.storage.port import ChecksumMismatch, ObjectNotFound, ObjectStoreError, read_verified
 
 log = get_logger(__name__)
@@ -225,8 +225,9 @@ def _emergency_reason(value: str | None) -> str | None:
     text = _CONTROL.sub(" ", value).strip()
     if len(text) > MAX_REASON_CHARS:
         raise Refusal(400, "invalid", f"{BREAK_THE_GLASS} holds at most {MAX_REASON_CHARS} chars")
-    # The reason goes into the audit event: a BSN typed into it is masked on the way.
-    return scrub_bsns(text) or None
+    # The reason goes into the audit event: a BSN typed into it (in groups too, as ID
+    # documents print it: 1234.56.782) is masked on the way.
+    return mask_written_bsns(text, SCRUBBED_BSN) or None
 
 
 async def _audit(

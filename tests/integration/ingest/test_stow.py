@@ -301,6 +301,57 @@ def test_the_senders_note_urgency_and_completion_mark_travel_with_the_instances(
     assert bad.status_code == 400
 
 
+def test_no_bsn_reaches_the_bus_from_the_headers_texts_the_note_or_the_uids(
+    ingest_service: RunningIngest, instance_stored_tap: EventTap, bucket: S3Settings
+) -> None:
+    bsn, other = "999990019", "999991772"
+    # Texts a sender's PACS filled carelessly: the patient's BSN, another one typed in groups.
+    data = make_dicom_bytes(
+        patient=bsn_item(bsn),
+        AccessionNumber=f"A{bsn}",
+        StudyDescription=f"CT thorax pat {bsn}",
+        SeriesDescription="BSN 9999.91.772",
+        InstitutionName=f"Ziekenhuis {other}",
+    )
+    uid = pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+    response = post(ingest_service, multipart([data]))
+    assert response.status_code == 200, response.text
+    [event] = instance_stored_tap.read(for_sops([uid]), expect=1)
+    assert event.patient.bsn_status is BsnStatus.VERIFIED
+    assert event.accession_number == "A[BSN]"
+    assert event.study_description == "CT thorax pat [BSN]"
+    assert event.series_description == "BSN [BSN]"
+    assert event.institution_name == "Ziekenhuis [BSN]"
+    value = event.model_dump_json()
+    assert bsn not in value and other not in value and "9999.91.772" not in value
+    # The bytes are the medical record: stored as sent.
+    assert bsn.encode() in stored_bytes(bucket, event.instance.object_key)
+
+    # A note with a BSN is refused, before anything is stored.
+    noted = make_dicom_bytes(patient=bsn_item(bsn))
+    refused = post(
+        ingest_service,
+        multipart([noted]),
+        headers={
+            "X-Beeldportaal-Note": urllib.parse.quote(f"spoed, BSN {bsn[:4]}.{bsn[4:6]}.{bsn[6:]}")
+        },
+    )
+    assert refused.status_code == 400
+    assert "looks like a BSN" in refused.text and bsn not in refused.text
+
+    # UIDs built from the patient's BSN: not stored, as the key, the events and the URLs would
+    # carry it; the response names none of its UIDs.
+    built = make_dicom_bytes(patient=bsn_item(bsn), StudyInstanceUID=f"1.2.826.0.1.3680043.{bsn}.1")
+    answer = post(ingest_service, multipart([built]))
+    assert answer.status_code == 409, answer.text
+    [failed] = items(answer, FAILED)
+    assert failed[FAILURE_REASON]["Value"] == [Status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    assert bsn not in answer.text
+    noted_uid = pydicom.dcmread(io.BytesIO(noted)).SOPInstanceUID
+    built_uid = pydicom.dcmread(io.BytesIO(built)).SOPInstanceUID
+    assert instance_stored_tap.read(for_sops([noted_uid, built_uid]), expect=0, settle=2.0) == []
+
+
 def test_a_completing_request_is_followed_by_its_end_per_study_after_its_instances(
     ingest_service: RunningIngest, instance_stored_tap: EventTap
 ) -> None:

@@ -595,7 +595,12 @@ def test_break_the_glass_with_a_reason_opens_the_timeline_flagged_and_without_is
 
     glass = t.search(
         patient_form(SILENT_BSN),
-        {**emergency, "X-Break-The-Glass": f"unconscious at the ED, BSN {SILENT_BSN}"},
+        {
+            **emergency,
+            # As typed, and as ID documents print it (1234.56.782).
+            "X-Break-The-Glass": f"unconscious at the ED, BSN {SILENT_BSN}, card "
+            f"{SILENT_BSN[:4]}.{SILENT_BSN[4:6]}.{SILENT_BSN[6:]}",
+        },
     )
     no_reason = t.search(patient_form(SILENT_BSN), emergency)
     header_only = t.search(
@@ -616,7 +621,7 @@ def test_break_the_glass_with_a_reason_opens_the_timeline_flagged_and_without_is
         ("denied", False),
     ]
     # The stated reason is kept, a BSN typed into it masked.
-    assert rows[0]["reason"] == "unconscious at the ED, BSN [BSN]"
+    assert rows[0]["reason"] == "unconscious at the ED, BSN [BSN], card [BSN]"
     assert rows[0]["authorisation_basis"] == "emergency"
     assert "normal rules denied" in rows[0]["consent_profile"]
     assert rows[0]["study_instance_uids"] == [study.uid]
@@ -944,8 +949,12 @@ def test_a_bsn_in_the_url_or_a_non_form_body_is_refused(timeline_api: RunningTim
         assert CONSENTING_BSN not in answer.text
         assert all(CONSENTING_BSN not in v for v in answer.headers.values())
     # A correlation id that looks like a BSN is not echoed.
-    echoed = t.get("/healthz", {"X-Correlation-Id": CONSENTING_BSN})
-    assert echoed.headers["x-correlation-id"] != CONSENTING_BSN
+    for offered in (
+        CONSENTING_BSN,
+        f"{CONSENTING_BSN[:3]}-{CONSENTING_BSN[3:6]}-{CONSENTING_BSN[6:]}",
+    ):
+        echoed = t.get("/healthz", {"X-Correlation-Id": offered})
+        assert echoed.headers["x-correlation-id"] != offered
 
 
 def test_a_uid_that_is_not_a_uid_is_refused(timeline_api: RunningTimeline) -> None:

@@ -92,9 +92,10 @@ def test_event_ids_depend_on_the_pseudonym_not_on_the_bsn() -> None:
     )
 
 
-def test_a_consent_id_that_looks_like_a_bsn_is_refused() -> None:
+@pytest.mark.parametrize("written", [TEST_BSN, f"{TEST_BSN[:4]}.{TEST_BSN[4:6]}.{TEST_BSN[6:]}"])
+def test_a_consent_id_that_looks_like_a_bsn_is_refused(written: str) -> None:
     bundle = make_bundle()
-    bundle["entry"][0]["resource"]["id"] = f"x-{TEST_BSN}"
+    bundle["entry"][0]["resource"]["id"] = f"x-{written}"
     with pytest.raises(LooksLikeBsn, match="consent_id"):
         plan_notification(parse_notification(bundle), None, patient=PATIENT, **ENVELOPE)
 
