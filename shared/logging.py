@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -25,6 +26,12 @@ class _BeeldportaalHandler(logging.StreamHandler):  # type: ignore[type-arg]
 # --- BSN scrubbing --------------------------------------------------------------------------------
 
 
+# What stands before the offset of a kafka_position: the end of a topic name, a partition
+# number in brackets and "@". Only then is a 9-digit run left as it is.
+_POSITION_BEFORE = re.compile(r"[A-Za-z0-9._-]\[[0-9]{1,10}\]@$")
+_MAX_POSITION_PREFIX = 1 + 12
+
+
 def scrub_bsns(text: str) -> str:
     """Replace every standalone 9-digit run that passes the 11-proof by ``[BSN]``.
 
@@ -38,7 +45,9 @@ def scrub_bsns(text: str) -> str:
     pieces: list[str] = []
     end = 0
     for match in find_bsns(text):
-        if text[max(match.start() - 2, 0) : match.start()] == "]@":
+        if _POSITION_BEFORE.search(
+            text, max(match.start() - _MAX_POSITION_PREFIX, 0), match.start()
+        ):
             continue
         pieces.append(text[end : match.start()])
         pieces.append(SCRUBBED_BSN)
