@@ -413,3 +413,11 @@ def test_access_logged_may_name_no_patient_when_none_was_identified() -> None:
     logged = make_access_logged(patient=None)
     assert isinstance(logged, AccessLogged)
     assert logged.patient is None
+
+
+def test_an_event_failing_validation_does_not_echo_its_input_in_the_error_text() -> None:
+    # A pseudonym without a verified BSN: refused by the model as a whole.
+    with pytest.raises(ValidationError) as raised:
+        PatientRef.model_validate({"pseudonym": "psn1-" + "a" * 52, "bsn_status": "absent"})
+    assert "pseudonym is present exactly when" in str(raised.value)
+    assert "psn1-" not in str(raised.value)

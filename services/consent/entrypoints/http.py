@@ -54,7 +54,8 @@ ROLE_OPERATOR = "operator"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A validation error's text leaves out the input: a body holds a BSN.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class RelationshipRegistration(_Body):

@@ -721,7 +721,8 @@ def _instance_metadata(api: TimelineApi, row: InstanceRow, retrieve_url: str) ->
 class AccessLogSearch(BaseModel):
     """Who accessed this patient's data in a period (newest first)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A validation error's text leaves out the input: the body holds a BSN.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     bsn: Bsn
     since: AwareDatetime | None = None

@@ -14,11 +14,12 @@ import httpx
 import pytest
 import structlog.testing
 from aiokafka.errors import KafkaConnectionError
+from pydantic import ValidationError
 
 from services.consent.adapters.registry_view import RegistryFold, RegistryTopics
 from services.consent.bootstrap import ConsentApi, build
 from services.consent.config import ConsentSettings
-from services.consent.entrypoints.http import FHIR_JSON, create_app
+from services.consent.entrypoints.http import FHIR_JSON, ConsentQuery, create_app
 from services.consent.metrics import ConsentMetrics
 from shared.auth import (
     DEV_AUDIENCE,
@@ -519,3 +520,12 @@ async def test_no_bsn_reaches_a_log_line_even_before_scrubbing(harness: Harness)
     assert logs, "the flows above log something"
     assert TEST_BSN not in repr(logs)
     assert "123456789" not in repr(logs)
+
+
+def test_a_body_failing_a_model_level_check_does_not_echo_its_bsn() -> None:
+    # Every field valid, the body as a whole not: the error is the model's, about all of it.
+    body = {"bsn": TEST_BSN, "purpose": "timeline", "requester_ura": "12345678"}
+    with pytest.raises(ValidationError) as raised:
+        ConsentQuery.model_validate(body)
+    assert "provider_category" in str(raised.value)
+    assert TEST_BSN not in str(raised.value)
