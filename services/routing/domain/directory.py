@@ -30,7 +30,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainSerializer,
     SecretStr,
@@ -205,8 +204,9 @@ UraText = Annotated[Ura, BeforeValidator(_ura_text)]
 
 
 class _Entry(Model):
-    # pydantic's error text echoes the input; for a refused secret that would be the secret.
-    model_config = ConfigDict(**Model.model_config, hide_input_in_errors=True)
+    # pydantic's error text would echo the input (for a refused secret, the secret): the base
+    # Model hides it (hide_input_in_errors).
+    pass
 
 
 class NoAuth(_Entry):
