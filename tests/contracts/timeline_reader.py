@@ -333,6 +333,10 @@ class TimelineReaderContract:
         assert keys(since.entries) == images(after, last_day)
         until = await self.search(timeline, patient, date_to=date(2025, 1, 1))
         assert keys(until.entries) == images(first_day, before)
+        # A range that ends before it starts (the search's answer to "after the last day
+        # there is") holds nothing, the calendar's ends included.
+        nothing = await self.search(timeline, patient, date_from=date.max, date_to=date.min)
+        assert (nothing.entries, nothing.total) == ([], 0)
 
     async def test_a_modality_filter_keeps_studies_with_any_of_the_modalities(
         self, timeline: SeededTimeline

@@ -198,6 +198,7 @@ def _date_range(values: Iterable[str]) -> tuple[date | None, date | None]:
     """``date`` parameters (AND-ed) as one inclusive range of study dates."""
     start: date | None = None
     end: date | None = None
+    nothing = False  # after the last or before the first day there is
     for value in values:
         found = _DATE.fullmatch(value)
         if found is None:
@@ -215,15 +216,19 @@ def _date_range(values: Iterable[str]) -> tuple[date | None, date | None]:
             case "ge":
                 low = first
             case "gt":
-                low = last + timedelta(days=1)
+                nothing |= last == date.max
+                low = last if nothing else last + timedelta(days=1)
             case "le":
                 high = last
             case "lt":
-                high = first - timedelta(days=1)
+                nothing |= first == date.min
+                high = first if nothing else first - timedelta(days=1)
         if low is not None:
             start = low if start is None else max(start, low)
         if high is not None:
             end = high if end is None else min(end, high)
+    if nothing:
+        return date.max, date.min  # a range no study date is in
     return start, end
 
 

@@ -523,6 +523,12 @@ def test_filters_reach_the_reader(timeline_api: RunningTimeline) -> None:
     assert (query.date_from, query.date_to) == (date(2024, 1, 1), date(2024, 12, 31))
     assert (query.institution, query.kind) == ("testziekenhuis", EntryKind.IMAGES)
 
+    # After the last day or before the first there is: nothing, not an error.
+    for edge in ("gt9999", "gt9999-12-31", "lt0001-01-01"):
+        beyond = t.search(patient_form(CONSENTING_BSN, ("date", edge)))
+        assert beyond.status_code == 200, beyond.text
+        assert beyond.json()["total"] == 0
+
 
 @pytest.mark.parametrize(
     ("bsn", "setup", "conditions", "words"),

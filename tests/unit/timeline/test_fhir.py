@@ -369,6 +369,11 @@ def test_a_full_search_is_read_into_a_query() -> None:
         (["lt2024-02-10"], (None, date(2024, 2, 9))),
         (["ge2020", "lt2021-07"], (date(2020, 1, 1), date(2021, 6, 30))),
         (["ge2024-05-01", "ge2024-06-01"], (date(2024, 6, 1), None)),
+        # After the last day or before the first there is: a range nothing is in, not an error.
+        (["gt9999"], (date.max, date.min)),
+        (["gt9999-12-31", "ge2020"], (date.max, date.min)),
+        (["lt0001-01-01"], (date.max, date.min)),
+        (["lt0001"], (date.max, date.min)),
     ],
 )
 def test_date_prefixes_and_partial_dates_become_one_inclusive_range(
