@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -677,7 +678,14 @@ class _ChunkReader(io.RawIOBase):
         return self._position
 
 
+# How the DICOM JSON model writes a floating point value JSON has no number for (FL and FD
+# may hold any IEEE 754 value): as a string, as dicom-rs and CP-2275 do.
+_NON_FINITE = {"nan": "NaN", "inf": "inf", "-inf": "-inf"}
+
+
 def _strip_bulk(value: Any) -> Any:
+    """pydicom's DICOM JSON with the bulk data left out, and every non-finite float written as
+    a string (JSON has no NaN or infinity: the response could not be rendered)."""
     if isinstance(value, dict):
         return {
             key: _strip_bulk(item)
@@ -686,6 +694,8 @@ def _strip_bulk(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [_strip_bulk(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE[repr(value)]
     return value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import threading
 import time
@@ -858,6 +859,36 @@ def test_a_wado_stream_whose_bytes_do_not_match_their_sha256_breaks_off(
     assert 'beeldportaal_timeline_wado_streams_total{outcome="checksum-mismatch"} 1.0' in (
         t.get("/metrics", {}).text
     )
+
+
+def test_metadata_writes_a_non_finite_float_as_the_dicom_json_model_does(
+    timeline_api: RunningTimeline,
+) -> None:
+    t = timeline_api
+    t.treats(CONSENTING_BSN)
+    t.consents(CONSENTING_BSN)
+    uid, series_uid, sop = new_uid(), new_uid(), new_uid()
+    dataset = pydicom.dcmread(
+        io.BytesIO(
+            make_dicom_bytes(StudyInstanceUID=uid, SeriesInstanceUID=series_uid, SOPInstanceUID=sop)
+        )
+    )
+    # FD and FL may hold any IEEE 754 value; JSON has no number for these.
+    dataset.add_new(0x00189317, "FD", [float("nan"), 1.5])  # Reconstruction Field of View
+    dataset.add_new(0x00189318, "FD", [float("inf"), float("-inf"), 0.0])  # Target Center
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    row = make_instance_row(uid, series_uid, sop_instance_uid=sop, data=data)
+    t.store.put(row.object_key, data)
+    t.reader.put(pseudonym(CONSENTING_BSN), make_entry(study_instance_uid=uid), instances=[row])
+
+    answer = t.get(f"/dicomweb/studies/{uid}/metadata")
+
+    assert answer.status_code == 200, answer.text
+    [header] = answer.json()
+    assert header["00189317"] == {"vr": "FD", "Value": ["NaN", 1.5]}
+    assert header["00189318"] == {"vr": "FD", "Value": ["inf", "-inf", 0.0]}
 
 
 def test_a_transfer_syntax_the_server_does_not_hold_is_406(timeline_api: RunningTimeline) -> None:
