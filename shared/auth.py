@@ -80,6 +80,7 @@ DEV_PRIVATE_KEY_NAME: Final = "dev-jwt.key"
 DEV_PUBLIC_KEY_NAME: Final = "dev-jwt.pub"
 
 EMERGENCY_PURPOSE: Final = "ETREAT"
+TREATMENT_PURPOSE: Final = "TREAT"
 
 _URA_RE = re.compile(r"[0-9]{8}")
 _UZI_RE = re.compile(r"[0-9]{9}")

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from shared.events.base import Event, event
+from shared.events.base import Event, event, registry
 from shared.events.common import DicomUid
 from shared.identifiers import Pseudonym, Ura, UziNumber
 
@@ -27,7 +27,8 @@ class AuditOutcome(StrEnum):
 class AccessLogged(Event):
     """Emitted by timeline for every access attempt, allowed or not (append-only audit trail)."""
 
-    schema_name: ClassVar[str] = "access.logged.v1"
+    # v2 (2026-11-27) added purpose_of_use; a v1 record reads as one that did not record it.
+    schema_name: ClassVar[str] = "access.logged.v2"
     topic: ClassVar[str] = "access-logged"
 
     event_type: str = Field(min_length=1, max_length=64)  # e.g. "timeline-search", "wado-rs"
@@ -44,6 +45,12 @@ class AccessLogged(Event):
     emergency: bool = False
     reason: str | None = Field(default=None, max_length=1024)
     study_instance_uids: tuple[DicomUid, ...] = ()
+    # The purpose of use the requester's token stated (HL7 PurposeOfUse: TREAT, ETREAT, ...),
+    # whether or not it was one access is given for.
+    purpose_of_use: str | None = Field(default=None, max_length=32)
 
     def partition_key(self) -> str:
         return self.patient or self.organisation_ura
+
+
+registry.register_upcaster("access.logged.v1", AccessLogged.schema_name, dict)

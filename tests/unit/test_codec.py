@@ -26,6 +26,7 @@ from shared.codec import (
 from shared.errors import BeeldportaalError, PoisonEvent
 from shared.events import (
     PURPOSE_HEADER,
+    AccessLogged,
     BsnStatus,
     Event,
     Purpose,
@@ -38,6 +39,7 @@ from shared.events import (
 )
 from shared.identifiers import contains_bsn
 from tests.factories import (
+    make_access_logged,
     make_consent_checked,
     make_consent_revoked,
     make_delivered,
@@ -574,3 +576,19 @@ def test_finite_durations_survive_the_round_trip_exactly(seconds: float) -> None
     event = make_delivered(seconds_since_first_received=seconds)
     record = codec.encode(event)
     assert codec.decode(record.value, record.headers) == event
+
+
+def test_an_access_logged_v1_record_reads_as_v2_that_recorded_no_purpose() -> None:
+    # What timeline wrote before the purpose of use was kept: v2's fields but that one.
+    record = codec.encode(make_access_logged(purpose_of_use="TREAT"))
+    payload = json.loads(record.value)
+    del payload["purpose_of_use"]
+    headers = {**headers_of(record), SCHEMA_HEADER: b"access.logged.v1"}
+
+    event = codec.decode(json.dumps(payload).encode(), list(headers.items()))
+
+    assert isinstance(event, AccessLogged)
+    assert event.purpose_of_use is None
+    assert event.model_dump(exclude={"purpose_of_use"}) == AccessLogged.model_validate(
+        payload
+    ).model_dump(exclude={"purpose_of_use"})

@@ -34,11 +34,11 @@ READ_BACK_PRODUCER: Final = "timeline"
 _COLUMNS: Final = (
     "event_id, occurred_at, event_type, action, outcome, patient_pseudonym, user_uzi, "
     "user_role, on_behalf_of_uzi, organisation_ura, access_point, authorisation_basis, "
-    "consent_profile, emergency, reason, study_instance_uids"
+    "consent_profile, emergency, reason, study_instance_uids, purpose_of_use"
 )
 _INSERT: Final = (
     f"INSERT INTO access_log ({_COLUMNS}) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
 _SEARCH: Final = (
@@ -157,6 +157,7 @@ class PostgresAuditTrail:
             event.emergency,
             event.reason,
             list(event.study_instance_uids),
+            event.purpose_of_use,
         )
 
         async with self._pool.connection() as conn:
@@ -185,7 +186,7 @@ def _from_row(row: tuple[Any, ...]) -> AccessLogged:
     (
         event_id, occurred_at, event_type, action, outcome, patient, user_uzi, user_role,
         on_behalf_of_uzi, organisation_ura, access_point, basis, profile, emergency, reason,
-        uids,
+        uids, purpose,
     ) = row  # fmt: skip
     return AccessLogged(
         event_id=event_id,
@@ -206,4 +207,5 @@ def _from_row(row: tuple[Any, ...]) -> AccessLogged:
         emergency=emergency,
         reason=reason,
         study_instance_uids=tuple(uids or ()),
+        purpose_of_use=purpose,
     )

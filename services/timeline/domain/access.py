@@ -9,6 +9,10 @@ provider directory, both read after syncing the views (read-your-writes: a conse
 moment ago counts). A view that cannot sync in time raises :class:`AccessCheckUnavailable`, which
 the API answers with 503: the guard never decides on a view it knows may be stale.
 
+Before any of that, the token must name the person acting (a UZI number: NEN 7513 records who
+looked, not just which organisation) and a purpose of use of treatment: TREAT, or ETREAT for an
+emergency. A token for research, marketing or no purpose at all sees nothing.
+
 Break the glass: a token with purpose of use ETREAT plus a stated reason is allowed as
 EMERGENCY whatever the registry says (objections included, as for emergency sends), flagged in
 the audit with what the normal rules would have answered, so a reviewer sees whether the glass
@@ -29,7 +33,7 @@ from services.consent.domain.checks import decision_day, provider_category
 from services.consent.domain.query import BASIS_NO_TREATMENT_RELATIONSHIP, answer_query
 from services.consent.domain.registry import PatientRegistry
 from services.timeline.domain.ports import AccessDecision, AccessOutcome
-from shared.auth import EMERGENCY_PURPOSE, Principal
+from shared.auth import EMERGENCY_PURPOSE, TREATMENT_PURPOSE, Principal
 from shared.errors import TransientError
 from shared.events.consent import Basis, Decision, Purpose
 from shared.topic_view import ViewFailed
@@ -43,13 +47,19 @@ CONDITION_CONSENT: Final = "consent"
 CONDITION_OBJECTION: Final = "objection"
 CONDITION_REQUESTER_TYPE: Final = "requester-type"
 CONDITION_EMERGENCY_REASON: Final = "emergency-reason"
+CONDITION_PURPOSE_OF_USE: Final = "purpose-of-use"
+CONDITION_USER_IDENTITY: Final = "user-identity"
 CONDITIONS: Final = (
     CONDITION_TREATMENT_RELATIONSHIP,
     CONDITION_CONSENT,
     CONDITION_OBJECTION,
     CONDITION_REQUESTER_TYPE,
     CONDITION_EMERGENCY_REASON,
+    CONDITION_PURPOSE_OF_USE,
+    CONDITION_USER_IDENTITY,
 )
+# The purposes of use a timeline is shown for (HL7 PurposeOfUse).
+TREATMENT_PURPOSES: Final = frozenset({TREATMENT_PURPOSE, EMERGENCY_PURPOSE})
 
 _PROFILE_CHARS: Final = 128
 
@@ -97,6 +107,30 @@ class _Normal:
     reason: str | None
 
 
+def _refused_token(principal: Principal) -> AccessDecision | None:
+    """The token's own shortcomings: no person named, or a purpose other than treatment."""
+    failed = []
+    reasons = []
+    if principal.user_uzi is None:
+        failed.append(CONDITION_USER_IDENTITY)
+        reasons.append("the token names no person (UZI number): every access is audited per user")
+    if principal.purpose_of_use not in TREATMENT_PURPOSES:
+        failed.append(CONDITION_PURPOSE_OF_USE)
+        reasons.append(
+            f"the token's purpose of use is not {TREATMENT_PURPOSE} or {EMERGENCY_PURPOSE}: the "
+            "timeline is shown for treatment only"
+        )
+    if not failed:
+        return None
+    return AccessDecision(
+        AccessOutcome.DENIED,
+        authorisation_basis=None,
+        consent_profile=None,
+        reason="; ".join(reasons),
+        failed_conditions=tuple(failed),
+    )
+
+
 class ConsentAccessGuard:
     """The :class:`~services.timeline.domain.ports.AccessGuard` on consent's registry."""
 
@@ -123,6 +157,9 @@ class ConsentAccessGuard:
         self, principal: Principal, patient: str, *, emergency_reason: str | None = None
     ) -> AccessDecision:
         reason = (emergency_reason or "").strip() or None
+        refused = _refused_token(principal)
+        if refused is not None:
+            return refused  # before reading anything: the rule does not depend on the registry
         if principal.is_emergency and reason is None:
             # Refused before reading anything: the rule does not depend on the registry.
             return AccessDecision(

@@ -725,7 +725,6 @@ def audit_event(event: AccessLogged) -> dict[str, Any]:
     ]
     if details:
         entities.append({"description": "authorisation", "detail": details})
-    purpose = {"system": _ACT_REASON, "code": "ETREAT" if emergency else "TREAT"}
     resource: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": str(event.event_id),
@@ -735,10 +734,13 @@ def audit_event(event: AccessLogged) -> dict[str, Any]:
         "recorded": event.occurred_at.astimezone(UTC).isoformat(),
         # 0 success; 4 minor failure: the request was refused.
         "outcome": "4" if event.outcome is AuditOutcome.DENIED else "0",
-        "purposeOfEvent": [{"coding": [purpose]}],
         "agent": agents,
         "source": {"site": event.access_point, "observer": {"display": "beeldportaal timeline"}},
     }
+    if event.purpose_of_use:  # as the token stated it; a record from before v2 has none
+        resource["purposeOfEvent"] = [
+            {"coding": [{"system": _ACT_REASON, "code": event.purpose_of_use}]}
+        ]
     description = event.reason
     if emergency:
         description = f"emergency access (break the glass): {event.reason or ''}".rstrip(": ")

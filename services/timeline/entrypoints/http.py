@@ -25,7 +25,9 @@
 
 Every attempt on patient data (allowed, denied, emergency) is audited (NEN 7513) before the
 answer; when the record cannot be written the answer is 503 without the data. A refusal is a
-FHIR OperationOutcome naming the condition that failed.
+FHIR OperationOutcome naming the condition that failed. Patient data is shown only to a token
+that names the person (a UZI number) and states the purpose of use ``TREAT`` (or ``ETREAT``);
+the audit record keeps the purpose the token stated.
 
 Break the glass: a token with purpose of use ``ETREAT`` and the reason in the
 ``X-Break-The-Glass`` request header (a header, so GET requests of viewers can carry it too).
@@ -259,6 +261,7 @@ async def _audit(
         emergency=outcome is AuditOutcome.EMERGENCY,
         reason=reason[:1024] if reason else None,
         study_instance_uids=tuple(dict.fromkeys(study_uids)),
+        purpose_of_use=principal.purpose_of_use[:32] if principal.purpose_of_use else None,
     )
     try:
         await api.audit.record(event)

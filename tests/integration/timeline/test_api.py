@@ -130,8 +130,9 @@ def bucket(s3_settings: S3Settings) -> Iterator[S3Settings]:
 
 @pytest.fixture
 def audit_database(scratch_database: str) -> str:
-    """A scratch database with the access log (migration 0001: the table the audit owns)."""
-    access_log = [m for m in discover("timeline", MIGRATIONS) if m.version == 1]
+    """A scratch database with the access log (the migrations of the table the audit owns)."""
+    access_log = [m for m in discover("timeline", MIGRATIONS) if "access_log" in m.name]
+    assert [m.version for m in access_log] == [1, 3]
     with psycopg.connect(scratch_database, autocommit=True) as conn:
         apply(conn, access_log)
     return scratch_database
@@ -590,6 +591,37 @@ def test_an_unknown_provider_type_and_a_missing_role_are_refused_and_audited(
     assert [(r["organisation_ura"], r["outcome"]) for r in t.audit_rows()] == [
         (GP_PRACTICE, "denied"),
         (HOSPITAL, "denied"),
+    ]
+
+
+def test_a_token_for_another_purpose_or_naming_no_person_sees_nothing_and_is_audited(
+    timeline_api: RunningTimeline,
+) -> None:
+    t = timeline_api
+    t.treats(CONSENTING_BSN)
+    t.consents(CONSENTING_BSN)
+    study = t.put_study(CONSENTING_BSN, series=1, per_series=1)
+
+    research = t.search(patient_form(CONSENTING_BSN), t.auth(purpose="HRESCH"))
+    no_purpose = t.search(patient_form(CONSENTING_BSN), t.auth(purpose=None))
+    no_person = t.search(patient_form(CONSENTING_BSN), t.auth(uzi=None))
+    wado = t.get(f"/dicomweb/studies/{study.uid}", t.auth(purpose="HMARKT"))
+    treatment = t.search(patient_form(CONSENTING_BSN))
+
+    for refused in (research, no_purpose, no_person, wado):
+        assert refused.status_code == 403, refused.text
+    assert conditions_of(research) == conditions_of(no_purpose) == ["purpose-of-use"]
+    assert "treatment only" in outcome_of(research)["diagnostics"]
+    assert conditions_of(no_person) == ["user-identity"]
+    assert treatment.status_code == 200
+    # Every attempt is audited with the purpose its token stated.
+    rows = t.audit_rows()
+    assert [(r["outcome"], r["purpose_of_use"], r["user_uzi"] is None) for r in rows] == [
+        ("denied", "HRESCH", False),
+        ("denied", None, False),
+        ("denied", "TREAT", True),
+        ("denied", "HMARKT", False),
+        ("allowed", "TREAT", False),
     ]
 
 

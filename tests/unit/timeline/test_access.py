@@ -15,8 +15,10 @@ from services.timeline.domain.access import (
     CONDITION_CONSENT,
     CONDITION_EMERGENCY_REASON,
     CONDITION_OBJECTION,
+    CONDITION_PURPOSE_OF_USE,
     CONDITION_REQUESTER_TYPE,
     CONDITION_TREATMENT_RELATIONSHIP,
+    CONDITION_USER_IDENTITY,
     AccessCheckUnavailable,
     ConsentAccessGuard,
 )
@@ -83,10 +85,12 @@ class FakeDirectory:
         return self.types.get(ura)
 
 
-def principal(ura: str = HOSPITAL, purpose: str | None = "TREAT") -> Principal:
+def principal(
+    ura: str = HOSPITAL, purpose: str | None = "TREAT", uzi: str | None = "900000001"
+) -> Principal:
     return Principal(
         organisation_ura=ura,
-        user_uzi="900000001",
+        user_uzi=uzi,
         role="01.015",
         roles=frozenset({"01.015", "provider"}),
         purpose_of_use=purpose,
@@ -167,6 +171,34 @@ async def test_access_needs_both_a_treatment_relationship_and_consent_covering_t
         if CONDITION_OBJECTION in failed:
             assert "objected" in decision.reason
             assert decision.consent_profile is not None and decision.consent_profile.endswith(":c1")
+
+
+@pytest.mark.parametrize(
+    ("purpose", "uzi", "failed"),
+    [
+        ("HRESCH", "900000001", (CONDITION_PURPOSE_OF_USE,)),  # research
+        ("HMARKT", "900000001", (CONDITION_PURPOSE_OF_USE,)),  # marketing
+        (None, "900000001", (CONDITION_PURPOSE_OF_USE,)),
+        ("TREAT", None, (CONDITION_USER_IDENTITY,)),
+        ("ETREAT", None, (CONDITION_USER_IDENTITY,)),  # an emergency names its user too
+        (None, None, (CONDITION_USER_IDENTITY, CONDITION_PURPOSE_OF_USE)),
+    ],
+)
+async def test_only_a_token_of_a_named_person_for_treatment_opens_a_timeline(
+    purpose: str | None, uzi: str | None, failed: tuple[str, ...]
+) -> None:
+    # Relationship and consent are in place: the token alone decides.
+    decision = await guard(relationship(), consent()).check(
+        principal(purpose=purpose, uzi=uzi), PATIENT, emergency_reason="unconscious"
+    )
+
+    assert decision.outcome is AccessOutcome.DENIED
+    assert decision.failed_conditions == failed
+    assert decision.reason is not None
+    if CONDITION_PURPOSE_OF_USE in failed:
+        assert "treatment only" in decision.reason
+    if CONDITION_USER_IDENTITY in failed:
+        assert "names no person" in decision.reason
 
 
 async def test_another_organisations_relationship_does_not_open_the_timeline() -> None:

@@ -293,7 +293,7 @@ def test_an_operation_outcome_names_the_failed_conditions_and_validates() -> Non
 
 
 def test_the_access_log_is_a_bundle_of_audit_events_without_the_patient() -> None:
-    allowed = make_access_logged(patient=PATIENT)
+    allowed = make_access_logged(patient=PATIENT, purpose_of_use="TREAT")
     emergency = make_access_logged(
         patient=PATIENT,
         event_type="wado-rs",
@@ -301,21 +301,31 @@ def test_the_access_log_is_a_bundle_of_audit_events_without_the_patient() -> Non
         outcome=AuditOutcome.EMERGENCY,
         emergency=True,
         reason="unconscious at the ED",
+        purpose_of_use="ETREAT",
     )
     denied = make_access_logged(
-        patient=PATIENT, outcome=AuditOutcome.DENIED, reason="no consent", study_instance_uids=()
+        patient=PATIENT,
+        outcome=AuditOutcome.DENIED,
+        reason="no consent",
+        study_instance_uids=(),
+        purpose_of_use="HRESCH",
     )
+    # Recorded before the purpose was kept (access.logged.v1): no purpose is made up for it.
+    older = make_access_logged(patient=PATIENT)
 
-    bundle = audit_bundle([emergency, allowed, denied], now=NOW)
+    bundle = audit_bundle([emergency, allowed, denied, older], now=NOW)
 
     Bundle.model_validate(bundle)
     events = [e["resource"] for e in bundle["entry"]]
     for event in events:
         AuditEvent.model_validate(event)
-    assert bundle["total"] == 3
-    assert [e["outcome"] for e in events] == ["0", "0", "4"]
-    assert [e["action"] for e in events] == ["R", "E", "E"]
-    assert events[0]["purposeOfEvent"][0]["coding"][0]["code"] == "ETREAT"
+    assert bundle["total"] == 4
+    assert [e["outcome"] for e in events] == ["0", "0", "4", "0"]
+    assert [e["action"] for e in events] == ["R", "E", "E", "E"]
+    purposes = [
+        [c["code"] for p in e.get("purposeOfEvent", []) for c in p["coding"]] for e in events
+    ]
+    assert purposes == [["ETREAT"], ["TREAT"], ["HRESCH"], []]
     assert "unconscious at the ED" in events[0]["outcomeDesc"]
     assert events[2]["outcomeDesc"] == "no consent"
     requestor = events[1]["agent"][0]
