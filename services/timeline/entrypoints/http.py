@@ -44,8 +44,9 @@ import io
 import math
 import re
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 from urllib.parse import parse_qsl
 
@@ -154,6 +155,18 @@ def unavailable(diagnostics: str) -> Refusal:
     return Refusal(503, "transient", diagnostics, headers={"Retry-After": "5"})
 
 
+class Unaudited(Refusal):
+    """The audit record could not be written: 503, nothing disclosed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "transient",
+            "the access could not be audited; nothing was disclosed",
+            headers={"Retry-After": "5"},
+        )
+
+
 def outcome_response(
     status: int,
     code: str,
@@ -200,6 +213,37 @@ class Attempt:
     access_point: str
     correlation_id: str
     emergency_reason: str | None
+    # Patients whose access was allowed (with the study UIDs asked for), and those of them the
+    # answer's audit record was written for (``_grant``); see ``_answered``.
+    allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    granted: set[str] = field(default_factory=set)
+
+
+@asynccontextmanager
+async def _answered(api: TimelineApi, attempt: Attempt) -> AsyncIterator[None]:
+    """Answering ``attempt``: if the answer fails after a patient's access was allowed and
+    before it was granted (the read model or the object store unavailable, an instance
+    missing, another patient of the same request refused), that patient gets the audit record
+    of an attempt allowed and not answered, before the failure goes on. An access check that
+    passed is never left unrecorded."""
+    try:
+        yield
+    except Unaudited:
+        raise  # the audit trail is what failed: no second record is tried
+    except Exception as exc:
+        if not isinstance(exc, Refusal):
+            why = "internal error"
+        elif exc.status == 403:  # only ever another patient's, named in no record of this one
+            why = "the same request asked for a study refused to this requester"
+        else:
+            why = exc.diagnostics
+        for patient, study_uids in attempt.allowed.items():
+            if patient not in attempt.granted:
+                await _audit(
+                    api, attempt, outcome=AuditOutcome.DENIED, patient=patient,
+                    reason=f"allowed, not answered: {why}", study_uids=study_uids,
+                )  # fmt: skip
+        raise
 
 
 def _attempt(
@@ -272,7 +316,7 @@ async def _audit(
             event_type=attempt.event_type,
             error=type(exc).__name__,
         )
-        raise unavailable("the access could not be audited; nothing was disclosed") from None
+        raise Unaudited() from None
     api.metrics.audited(True)
 
 
@@ -355,6 +399,7 @@ async def _check_access(
             profile=decision.consent_profile,
             study_uids=study_uids,
         )
+    attempt.allowed[patient] = tuple(study_uids)
     return decision
 
 
@@ -382,6 +427,7 @@ async def _grant(
         reason=decision.reason if outcome is AuditOutcome.EMERGENCY else None,
         study_uids=study_uids,
     )
+    attempt.granted.add(patient)
     if outcome is AuditOutcome.EMERGENCY:
         log.warning(
             "emergency access (break the glass)",
@@ -771,50 +817,51 @@ def build_router(api: TimelineApi) -> APIRouter:
         request: Request, principal: Principal, search: SearchRequest, reason: str | None
     ) -> Response:
         attempt = _attempt(request, principal, EVENT_TIMELINE, AuditAction.QUERY, reason)
-        if search.page is not None:
-            try:
-                query = api.cursors.open(
-                    search.page, requester=requester(principal), now=api.clock()
-                )
-            except ExpiredCursor as exc:
-                raise Refusal(410, "expired", str(exc)) from None
-            except InvalidCursor as exc:
-                raise Refusal(400, "invalid", str(exc)) from None
-        else:
-            assert search.bsn is not None
-            query = search.query(api.pseudonymizer.pseudonym(search.bsn))
-        decision = await _check_access(api, attempt, query.patient, ROLE_PROVIDER)
-        page = await _read("search", api.reader.search(query))
-        series: dict[str, list[SeriesRow]] = {}
-        reports: dict[str, InstanceRow] = {}
-        for entry in page.entries:
-            uid = entry.study_instance_uid
-            if entry.kind is EntryKind.IMAGES and uid not in series:
-                series[uid] = await _read("series", api.reader.series(uid))
-            elif entry.kind is EntryKind.REPORT and entry.report_sop_instance_uid:
-                rows = await _read(
-                    "instances",
-                    api.reader.instances(uid, sop_instance_uid=entry.report_sop_instance_uid),
-                )
-                if rows:
-                    reports[entry.report_sop_instance_uid] = rows[0]
-        links = {"self": page_link(query, principal, query.offset)}
-        if query.offset + query.count < page.total:
-            links["next"] = page_link(query, principal, query.offset + query.count)
-        if query.offset > 0:
-            links["previous"] = page_link(query, principal, max(query.offset - query.count, 0))
-        bundle = search_bundle(
-            page,
-            base_url=api.base_url,
-            series=series,
-            report_instances=reports,
-            links=links,
-            now=api.clock(),
-        )
-        await _grant(
-            api, attempt, query.patient, decision, [e.study_instance_uid for e in page.entries]
-        )
-        return JSONResponse(bundle, media_type=FHIR_JSON, headers={"Cache-Control": "no-store"})
+        async with _answered(api, attempt):
+            if search.page is not None:
+                try:
+                    query = api.cursors.open(
+                        search.page, requester=requester(principal), now=api.clock()
+                    )
+                except ExpiredCursor as exc:
+                    raise Refusal(410, "expired", str(exc)) from None
+                except InvalidCursor as exc:
+                    raise Refusal(400, "invalid", str(exc)) from None
+            else:
+                assert search.bsn is not None
+                query = search.query(api.pseudonymizer.pseudonym(search.bsn))
+            decision = await _check_access(api, attempt, query.patient, ROLE_PROVIDER)
+            page = await _read("search", api.reader.search(query))
+            series: dict[str, list[SeriesRow]] = {}
+            reports: dict[str, InstanceRow] = {}
+            for entry in page.entries:
+                uid = entry.study_instance_uid
+                if entry.kind is EntryKind.IMAGES and uid not in series:
+                    series[uid] = await _read("series", api.reader.series(uid))
+                elif entry.kind is EntryKind.REPORT and entry.report_sop_instance_uid:
+                    rows = await _read(
+                        "instances",
+                        api.reader.instances(uid, sop_instance_uid=entry.report_sop_instance_uid),
+                    )
+                    if rows:
+                        reports[entry.report_sop_instance_uid] = rows[0]
+            links = {"self": page_link(query, principal, query.offset)}
+            if query.offset + query.count < page.total:
+                links["next"] = page_link(query, principal, query.offset + query.count)
+            if query.offset > 0:
+                links["previous"] = page_link(query, principal, max(query.offset - query.count, 0))
+            bundle = search_bundle(
+                page,
+                base_url=api.base_url,
+                series=series,
+                report_instances=reports,
+                links=links,
+                now=api.clock(),
+            )
+            await _grant(
+                api, attempt, query.patient, decision, [e.study_instance_uid for e in page.entries]
+            )
+            return JSONResponse(bundle, media_type=FHIR_JSON, headers={"Cache-Control": "no-store"})
 
     @router.post(
         "/fhir/ImagingStudy/_search",
@@ -970,33 +1017,45 @@ def build_router(api: TimelineApi) -> APIRouter:
         )
         uids = _uid_list(study_uids, "StudyInstanceUID", required=True)
         attempt = _attempt(request, principal, EVENT_QIDO, AuditAction.QUERY, break_the_glass)
-        by_patient: dict[str, list[str]] = {}
-        for uid in uids:
-            patient = await _read("patient_of_study", api.reader.patient_of_study(uid))
-            if patient is not None:
-                by_patient.setdefault(patient, []).append(uid)
-        if not by_patient:
-            # An attempt all the same: recorded, answered like an empty search.
-            await _audit(
-                api, attempt, outcome=AuditOutcome.DENIED, patient=None,
-                reason="no such study on any timeline", study_uids=uids,
-            )  # fmt: skip
-            return _dicom_json([])
-        decisions = {
-            patient: await _check_access(api, attempt, patient, ROLE_PROVIDER, found)
-            for patient, found in by_patient.items()
-        }
-        results: list[dict[str, Any]] = []
-        for found in by_patient.values():
-            for uid in found:
-                entry = await _read("entry", api.reader.entry(uid))
-                if entry is None:
-                    continue
-                rows = await _read("series", api.reader.series(uid))
-                results.append(_study_json(entry, rows, study_url(uid)))
-        for patient, decision in decisions.items():
-            await _grant(api, attempt, patient, decision, by_patient[patient])
-        return _dicom_json(_paged(results, limit, offset))
+        async with _answered(api, attempt):
+            by_patient: dict[str, list[str]] = {}
+            for uid in uids:
+                patient = await _read("patient_of_study", api.reader.patient_of_study(uid))
+                if patient is not None:
+                    by_patient.setdefault(patient, []).append(uid)
+            if not by_patient:
+                # An attempt all the same: recorded, answered like an empty search.
+                await _audit(
+                    api, attempt, outcome=AuditOutcome.DENIED, patient=None,
+                    reason="no such study on any timeline", study_uids=uids,
+                )  # fmt: skip
+                return _dicom_json([])
+            # Every patient's access decided (and a refusal audited) before answering: one
+            # refused patient refuses the request, and the others' records say so.
+            decisions: dict[str, AccessDecision] = {}
+            refused: Refusal | None = None
+            for patient, found in by_patient.items():
+                try:
+                    decisions[patient] = await _check_access(
+                        api, attempt, patient, ROLE_PROVIDER, found
+                    )
+                except Refusal as refusal:
+                    if refusal.status != 403:
+                        raise
+                    refused = refused or refusal
+            if refused is not None:
+                raise refused
+            results: list[dict[str, Any]] = []
+            for found in by_patient.values():
+                for uid in found:
+                    entry = await _read("entry", api.reader.entry(uid))
+                    if entry is None:
+                        continue
+                    rows = await _read("series", api.reader.series(uid))
+                    results.append(_study_json(entry, rows, study_url(uid)))
+            for patient, decision in decisions.items():
+                await _grant(api, attempt, patient, decision, by_patient[patient])
+            return _dicom_json(_paged(results, limit, offset))
 
     @router.get(
         "/dicomweb/studies/{study}/series",
@@ -1023,21 +1082,22 @@ def build_router(api: TimelineApi) -> APIRouter:
             request, {"Modality", "SeriesInstanceUID", "limit", "offset", "includefield"}
         )
         attempt = _attempt(request, principal, EVENT_QIDO, AuditAction.QUERY, break_the_glass)
-        patient, decision = await study_access(attempt, study)
-        rows = await _read("series", api.reader.series(study))
-        matched = [
-            row
-            for row in rows
-            if (modality is None or row.modality == modality)
-            and (series_uid is None or row.series_instance_uid == series_uid)
-        ]
-        await _grant(api, attempt, patient, decision, (study,))
-        return _dicom_json(
-            [
-                _series_json(r, series_url(study, r.series_instance_uid))
-                for r in _paged(matched, limit, offset)
+        async with _answered(api, attempt):
+            patient, decision = await study_access(attempt, study)
+            rows = await _read("series", api.reader.series(study))
+            matched = [
+                row
+                for row in rows
+                if (modality is None or row.modality == modality)
+                and (series_uid is None or row.series_instance_uid == series_uid)
             ]
-        )
+            await _grant(api, attempt, patient, decision, (study,))
+            return _dicom_json(
+                [
+                    _series_json(r, series_url(study, r.series_instance_uid))
+                    for r in _paged(matched, limit, offset)
+                ]
+            )
 
     async def instances_answer(
         request: Request,
@@ -1050,19 +1110,20 @@ def build_router(api: TimelineApi) -> APIRouter:
         reason: str | None,
     ) -> Response:
         attempt = _attempt(request, principal, EVENT_QIDO, AuditAction.QUERY, reason)
-        patient, decision = await study_access(attempt, study)
-        rows = await _read("instances", api.reader.instances(study, series))
-        matched = [
-            row
-            for row in rows
-            if (filters.get("sop") is None or row.sop_instance_uid == filters["sop"])
-            and (filters.get("sop_class") is None or row.sop_class_uid == filters["sop_class"])
-            and (filters.get("series") is None or row.series_instance_uid == filters["series"])
-        ]
-        await _grant(api, attempt, patient, decision, (study,))
-        return _dicom_json(
-            [_instance_json(r, instance_url(r)) for r in _paged(matched, limit, offset)]
-        )
+        async with _answered(api, attempt):
+            patient, decision = await study_access(attempt, study)
+            rows = await _read("instances", api.reader.instances(study, series))
+            matched = [
+                row
+                for row in rows
+                if (filters.get("sop") is None or row.sop_instance_uid == filters["sop"])
+                and (filters.get("sop_class") is None or row.sop_class_uid == filters["sop_class"])
+                and (filters.get("series") is None or row.series_instance_uid == filters["series"])
+            ]
+            await _grant(api, attempt, patient, decision, (study,))
+            return _dicom_json(
+                [_instance_json(r, instance_url(r)) for r in _paged(matched, limit, offset)]
+            )
 
     instance_filters = {"SOPInstanceUID", "SOPClassUID", "limit", "offset", "includefield"}
 
@@ -1133,39 +1194,41 @@ def build_router(api: TimelineApi) -> APIRouter:
         reason: str | None,
     ) -> Response:
         attempt = _attempt(request, principal, EVENT_WADO, AuditAction.READ, reason)
-        patient, decision = await study_access(attempt, study)
-        rows = await _read("instances", api.reader.instances(study, series, instance))
-        if not rows:
+        async with _answered(api, attempt):
+            patient, decision = await study_access(attempt, study)
+            rows = await _read("instances", api.reader.instances(study, series, instance))
+            if not rows:
+                await _grant(api, attempt, patient, decision, (study,))
+                raise Refusal(404, "not-found", "no such series or instance in this study")
+            stored = {r.transfer_syntax_uid for r in rows}
+            if not _accepts_dicom(request.headers.get("accept"), stored):
+                await _grant(api, attempt, patient, decision, (study,))
+                raise Refusal(
+                    406,
+                    "not-supported",
+                    'this server sends multipart/related; type="application/dicom" in the stored '
+                    "transfer syntax (transfer-syntax=* or the stored one)",
+                )
+            try:
+                # Before answering 200: can S3 serve it at all?
+                info = await asyncio.to_thread(api.objects.stat, rows[0].object_key)
+            except ObjectStoreError as exc:
+                log.error("WADO-RS: object store unavailable", error=str(exc))
+                raise unavailable("the images cannot be read now") from None
+            if info is None:
+                log.error(
+                    "WADO-RS: an instance is missing from the object store",
+                    study_instance_uid=study,
+                    object_key=rows[0].object_key,
+                )
+                raise Refusal(404, "not-found", "the images of this study are not available")
             await _grant(api, attempt, patient, decision, (study,))
-            raise Refusal(404, "not-found", "no such series or instance in this study")
-        if not _accepts_dicom(request.headers.get("accept"), {r.transfer_syntax_uid for r in rows}):
-            await _grant(api, attempt, patient, decision, (study,))
-            raise Refusal(
-                406,
-                "not-supported",
-                'this server sends multipart/related; type="application/dicom" in the stored '
-                "transfer syntax (transfer-syntax=* or the stored one)",
+            boundary = uuid.uuid4().hex
+            return StreamingResponse(
+                _multipart(api, rows, boundary),
+                media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+                headers={"Cache-Control": "no-store"},
             )
-        try:
-            # Before answering 200: can S3 serve it at all?
-            info = await asyncio.to_thread(api.objects.stat, rows[0].object_key)
-        except ObjectStoreError as exc:
-            log.error("WADO-RS: object store unavailable", error=str(exc))
-            raise unavailable("the images cannot be read now") from None
-        if info is None:
-            log.error(
-                "WADO-RS: an instance is missing from the object store",
-                study_instance_uid=study,
-                object_key=rows[0].object_key,
-            )
-            raise Refusal(404, "not-found", "the images of this study are not available")
-        await _grant(api, attempt, patient, decision, (study,))
-        boundary = uuid.uuid4().hex
-        return StreamingResponse(
-            _multipart(api, rows, boundary),
-            media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
-            headers={"Cache-Control": "no-store"},
-        )
 
     async def metadata(
         request: Request,
@@ -1178,22 +1241,23 @@ def build_router(api: TimelineApi) -> APIRouter:
         if not _accepts_json(request.headers.get("accept")):
             raise Refusal(406, "not-supported", f"metadata is sent as {DICOM_JSON}")
         attempt = _attempt(request, principal, EVENT_WADO, AuditAction.READ, reason)
-        patient, decision = await study_access(attempt, study)
-        rows = await _read("instances", api.reader.instances(study, series, instance))
-        if not rows:
+        async with _answered(api, attempt):
+            patient, decision = await study_access(attempt, study)
+            rows = await _read("instances", api.reader.instances(study, series, instance))
+            if not rows:
+                await _grant(api, attempt, patient, decision, (study,))
+                raise Refusal(404, "not-found", "no such series or instance in this study")
+
+            def read_all() -> list[dict[str, Any]]:
+                return [_instance_metadata(api, row, instance_url(row)) for row in rows]
+
+            try:
+                body = await asyncio.to_thread(read_all)
+            except ObjectStoreError as exc:
+                log.error("WADO-RS metadata: object store unavailable", error=str(exc))
+                raise unavailable("the stored headers cannot be read now") from None
             await _grant(api, attempt, patient, decision, (study,))
-            raise Refusal(404, "not-found", "no such series or instance in this study")
-
-        def read_all() -> list[dict[str, Any]]:
-            return [_instance_metadata(api, row, instance_url(row)) for row in rows]
-
-        try:
-            body = await asyncio.to_thread(read_all)
-        except ObjectStoreError as exc:
-            log.error("WADO-RS metadata: object store unavailable", error=str(exc))
-            raise unavailable("the stored headers cannot be read now") from None
-        await _grant(api, attempt, patient, decision, (study,))
-        return _dicom_json(body)
+            return _dicom_json(body)
 
     wado_responses: dict[int | str, dict[str, Any]] = {
         200: {

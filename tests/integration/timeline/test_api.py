@@ -703,6 +703,68 @@ def test_no_access_without_its_audit_record(timeline_api: RunningTimeline) -> No
     )
 
 
+def test_an_allowed_access_that_could_not_be_answered_is_audited_as_such(
+    timeline_api: RunningTimeline,
+) -> None:
+    t = timeline_api
+    t.treats(CONSENTING_BSN)
+    t.consents(CONSENTING_BSN)
+    study = t.put_study(CONSENTING_BSN, series=1, per_series=1)
+    other = t.put_study(CONSENTING_BSN, series=1, per_series=1)
+    refused = t.put_study(SILENT_BSN, series=1, per_series=1)  # no consent
+
+    async def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError("the read model is away")
+
+    search = t.reader.search
+    t.reader.search = unavailable  # type: ignore[method-assign]
+    try:
+        down = t.search(patient_form(CONSENTING_BSN))
+    finally:
+        t.reader.search = search  # type: ignore[method-assign]
+    s3 = t.bucket
+    Minio(
+        s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key.get_secret_value(),
+        region=s3.region, secure=False,
+    ).remove_object(s3.bucket, other.instances[0].object_key)  # fmt: skip
+    missing = t.get(f"/dicomweb/studies/{other.uid}")
+    # One request for a study this requester may see and one it may not: refused as a whole,
+    # and both patients' records say so, whatever the order.
+    both = t.get(f"/dicomweb/studies?StudyInstanceUID={refused.uid},{study.uid}")
+
+    assert down.status_code == 503
+    assert missing.status_code == 404
+    assert both.status_code == 403
+    rows = [
+        (r["patient_pseudonym"], r["outcome"], r["reason"], r["study_instance_uids"])
+        for r in t.audit_rows()
+    ]
+    consenting, silent = pseudonym(CONSENTING_BSN), pseudonym(SILENT_BSN)
+    assert rows[:2] == [
+        (
+            consenting,
+            "denied",
+            "allowed, not answered: the timeline read model is unavailable",
+            [],
+        ),
+        (
+            consenting,
+            "denied",
+            "allowed, not answered: the images of this study are not available",
+            [other.uid],
+        ),
+    ]
+    assert len(rows) == 4
+    last = {patient: (outcome, reason, uids) for patient, outcome, reason, uids in rows[2:]}
+    assert last[silent][0] == "denied" and last[silent][2] == [refused.uid]
+    assert "no explicit consent" in last[silent][1]
+    assert last[consenting] == (
+        "denied",
+        "allowed, not answered: the same request asked for a study refused to this requester",
+        [study.uid],
+    )
+
+
 # --- the patient's access log ---------------------------------------------------------------------
 
 
