@@ -6,8 +6,10 @@ import contextvars
 import logging
 import re
 import sys
+import threading
 import uuid
 from collections.abc import Mapping
+from types import TracebackType
 from typing import IO, Any
 
 import structlog
@@ -142,6 +144,12 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # What Python would print to stderr itself goes through the scrubbing handler too: an
+    # uncaught exception's traceback (a worker's fatal error is re-raised after it was logged),
+    # one in a thread, and warnings (pydicom's quote a value it could not read).
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+    logging.captureWarnings(True)
 
     structlog.configure(
         processors=[
@@ -154,6 +162,27 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         # Not cached: loggers made at import time must follow a later configure_logging call.
         cache_logger_on_first_use=False,
+    )
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, traceback)  # no patient data in a ^C
+        return
+    logging.getLogger("beeldportaal").critical(
+        "uncaught exception; exiting", exc_info=(kind, error, traceback)
+    )
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as threading's own hook: a thread's exit is not an error
+    logging.getLogger("beeldportaal").critical(
+        "uncaught exception in a thread",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"thread_name": args.thread.name if args.thread else None},
     )
 
 

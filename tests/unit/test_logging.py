@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -312,3 +314,39 @@ class TestCorrelationId:
 class TestKafkaPosition:
     def test_a_position_reads_topic_partition_at_offset(self) -> None:
         assert kafka_position("consent-checked", 0, 42) == "consent-checked[0]@42"
+
+
+class TestWhatPythonWouldPrintItself:
+    """An uncaught exception, one in a thread and a warning go through the scrubbing handler,
+    not straight to stderr (run in a child process: the hooks are process-wide)."""
+
+    SCRIPT = f"""
+import sys, threading, warnings
+from shared.logging import configure_logging
+configure_logging("test")
+warnings.warn("could not read value {VALID_BSN}")
+def fail():
+    raise ValueError("t {VALID_BSN}")
+thread = threading.Thread(target=fail)
+thread.start(); thread.join()
+raise RuntimeError("cannot build event from {{'patient_id': '{VALID_BSN}'}}")
+"""
+
+    def test_none_of_it_shows_a_bsn_and_all_of_it_is_logged(self) -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", self.SCRIPT], capture_output=True, text=True, timeout=60
+        )
+
+        assert done.returncode == 1
+        assert VALID_BSN not in done.stdout + done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [line["event"] for line in lines[1:]] == [
+            "uncaught exception in a thread",
+            "uncaught exception; exiting",
+        ]
+        assert "could not read value [BSN]" in lines[0]["event"]
+        assert "ValueError: t [BSN]" in lines[1]["exception"]
+        assert (
+            "RuntimeError: cannot build event from {'patient_id': '[BSN]'}"
+            in (lines[2]["exception"])
+        )
