@@ -41,8 +41,9 @@ _INSERT: Final = (
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
+# count(*) OVER (): every match in the period, counted before the LIMIT cuts the page.
 _SEARCH: Final = (
-    f"SELECT {_COLUMNS} FROM access_log WHERE patient_pseudonym = %s "
+    f"SELECT {_COLUMNS}, count(*) OVER () FROM access_log WHERE patient_pseudonym = %s "
     "AND occurred_at >= coalesce(%s::timestamptz, '-infinity') "
     "AND occurred_at <= coalesce(%s::timestamptz, 'infinity') "
     "ORDER BY occurred_at DESC, event_id LIMIT %s"
@@ -165,11 +166,11 @@ class PostgresAuditTrail:
 
     async def search(
         self, patient: str, since: datetime | None, until: datetime | None, limit: int
-    ) -> list[AccessLogged]:
+    ) -> tuple[list[AccessLogged], int]:
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_SEARCH, (patient, since, until, limit))
             rows = await cursor.fetchall()
-        return [_from_row(row) for row in rows]
+        return [_from_row(row[:-1]) for row in rows], int(rows[0][-1]) if rows else 0
 
     async def ready(self, timeout: float = 2.0) -> bool:
         """PostgreSQL answers and the access log is there (``/readyz``)."""

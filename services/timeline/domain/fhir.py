@@ -751,13 +751,17 @@ def audit_event(event: AccessLogged) -> dict[str, Any]:
     return resource
 
 
-def audit_bundle(events: Sequence[AccessLogged], *, now: datetime) -> dict[str, Any]:
+def audit_bundle(
+    events: Sequence[AccessLogged], *, now: datetime, total: int | None = None
+) -> dict[str, Any]:
+    """The newest records of a period as a searchset; ``total``: how many the period holds (the
+    older ones are read by searching again with ``until`` the oldest shown)."""
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
         "meta": {"lastUpdated": now.astimezone(UTC).isoformat()},
         "type": "searchset",
-        "total": len(events),
+        "total": len(events) if total is None else total,
         "entry": [
             {
                 "fullUrl": f"urn:uuid:{event.event_id}",

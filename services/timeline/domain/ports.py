@@ -169,6 +169,7 @@ class AuditTrail(Protocol):
 
     async def search(
         self, patient: str, since: datetime | None, until: datetime | None, limit: int
-    ) -> list[AccessLogged]:
-        """Who accessed this patient's data, newest first."""
+    ) -> tuple[list[AccessLogged], int]:
+        """Who accessed this patient's data, newest first: at most ``limit`` records, and how
+        many there are in the period."""
         ...

@@ -946,7 +946,7 @@ def build_router(api: TimelineApi) -> APIRouter:
         if body.since and body.until and body.since > body.until:
             raise Refusal(400, "invalid", "since is after until")
         try:
-            events = await api.audit.search(patient, body.since, body.until, body.limit)
+            events, total = await api.audit.search(patient, body.since, body.until, body.limit)
         except Exception as exc:
             log.error("access log unavailable", error=type(exc).__name__)
             raise unavailable("the access log is unavailable") from None
@@ -957,7 +957,7 @@ def build_router(api: TimelineApi) -> APIRouter:
         )
         await _grant(api, attempt, patient, decision, ())
         return JSONResponse(
-            audit_bundle(events, now=api.clock()),
+            audit_bundle(events, total=total, now=api.clock()),
             media_type=FHIR_JSON,
             headers={"Cache-Control": "no-store"},
         )

@@ -807,6 +807,11 @@ def test_the_patients_representative_sees_who_accessed_their_data_and_that_is_au
         ("access-log-search", HOSPITAL, "denied"),
     ]
     assert rows[-2]["patient_pseudonym"] == pseudonym(CONSENTING_BSN)
+    # A page shorter than the period: the total counts the period, not the page.
+    one = requests.post(
+        f"{t.base_url}/access-log/_search", json={**body, "limit": 1}, headers=portal, timeout=30
+    ).json()
+    assert (len(one["entry"]), one["total"]) == (1, 4)  # two timeline, two access-log searches
     # An invalid BSN is refused without being echoed.
     bad = requests.post(
         f"{t.base_url}/access-log/_search", json={"bsn": "123456789"}, headers=portal, timeout=30
