@@ -79,8 +79,9 @@ def _scrub(value: Any) -> Any:
 def scrub_bsn_processor(
     logger: WrappedLogger, method_name: str, event_dict: EventDict
 ) -> EventDict:
-    """structlog processor: scrubs BSNs from every value. Runs after exceptions are formatted."""
-    return {key: _scrub(value) for key, value in event_dict.items()}
+    """structlog processor: scrubs BSNs from every key and value. Runs after exceptions are
+    formatted."""
+    return {_scrub(key): _scrub(value) for key, value in event_dict.items()}
 
 
 # --- Configuration --------------------------------------------------------------------------------

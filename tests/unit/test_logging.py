@@ -265,6 +265,13 @@ class TestBsnScrubbing:
         # No digit before it, so never the offset of a kafka_position ("topic[3]@").
         assert scrub_bsns(before + bsn + after) == before + SCRUBBED_BSN + after
 
+    def test_a_bsn_as_a_field_name_is_scrubbed_too(self, configure: Configure) -> None:
+        stream = configure()
+        get_logger("test").info("counts", **{f"p{VALID_BSN}": 1}, nested={VALID_BSN: 2})
+        line = only_line(stream)
+        assert line["p[BSN]"] == 1 and line["nested"] == {"[BSN]": 2}
+        assert VALID_BSN not in json.dumps(line)
+
     def test_only_a_whole_kafka_position_keeps_its_offset(self) -> None:
         assert scrub_bsns(f"x]@{VALID_BSN}") == "x]@[BSN]"
         assert scrub_bsns(f"t[]@{VALID_BSN}") == "t[]@[BSN]"
