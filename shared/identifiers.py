@@ -176,14 +176,15 @@ def contains_bsn(text: str) -> bool:
     return next(find_bsns(text), None) is not None
 
 
-# Nine digits as a person may type them: in one run, or in groups split by one space, dot or
-# hyphen ("1234.56.782", "123 456 782"), the groups not part of a longer such sequence (a UID's
+# Nine digits as a person may type them: in one run, or in groups split by one space, dot,
+# hyphen, underscore, colon or slash ("1234.56.782", "123 456 782", "123_456_782": what an id
+# field allows), the groups not part of a longer such sequence (a UID's
 # components, a date followed by a number). For free text a person wrote, never for logs: dotted
 # UIDs and version strings in logs would give ~1 in 11 false hits of any 9-digit window.
 _WRITTEN_NINE_DIGITS = re.compile(
-    r"(?<![0-9])(?<![0-9][ .\-])(?:[0-9][ .\-]?){8}[0-9](?![ .\-]?[0-9])"
+    r"(?<![0-9])(?<![0-9][ .\-_:/])(?:[0-9][ .\-_:/]?){8}[0-9](?![ .\-_:/]?[0-9])"
 )
-_DIGIT_SEPARATORS = re.compile(r"[ .\-]")
+_DIGIT_SEPARATORS = re.compile(r"[ .\-_:/]")
 
 
 def find_written_bsns(text: str) -> Iterator[re.Match[str]]:

@@ -237,7 +237,17 @@ class TestFindingBsnsInText:
 class TestFindingBsnsAPersonWrote:
     @pytest.mark.parametrize(
         "written",
-        ["123456782", "1234.56.782", "123.456.782", "123 456 782", "123-456-782", "12 34 56 782"],
+        [
+            "123456782",
+            "1234.56.782",
+            "123.456.782",
+            "123 456 782",
+            "123-456-782",
+            "12 34 56 782",
+            "123_456_782",
+            "123:456:782",
+            "123/456/782",
+        ],
     )
     def test_a_bsn_written_in_groups_is_found(self, written: str) -> None:
         text = f"bewusteloos binnengebracht, BSN {written}, geen familie"

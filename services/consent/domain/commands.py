@@ -1,9 +1,14 @@
 """Writes to the consent registry as the API receives them, turned into events (pure).
 
-Every event id is derived from the content (uuid5), never random: a client that repeats a
-request after a timeout (a Mitz retry, a provider re-posting) produces the *same* event, which
-the registry fold applies once (registry.py). Ids are computed over the patient pseudonym, never
-the BSN: a uuid5 of a BSN could be reversed by trying all ~10^8 of them.
+A request the registry already holds (applying its event would change nothing) is answered as
+such and publishes nothing: a Mitz retry, a provider re-posting. Any other becomes an event whose
+id is derived (uuid5) from its content and the registry's version it was planned on, never
+random: a client that repeats it before the registry shows it produces the *same* event, which
+the fold applies once (registry.py), while the same terms asked again after something changed
+(deny, permit, deny again) are a new event. Until 2026-11-27 the id was the content's alone,
+and the second deny got the first's id: "already recorded", the objection lost. Ids are computed
+over the patient pseudonym, never the BSN: a uuid5 of a BSN could be reversed by trying all
+~10^8 of them.
 
 Free text that ends up on Kafka (consent ids, relationship ids, sources, category codes) is
 refused when it holds what looks like a BSN, so a careless client cannot put one on the bus.
@@ -18,7 +23,7 @@ from datetime import date
 from typing import Generic, TypeVar
 
 from services.consent.domain.mitz import MitzNotification
-from services.consent.domain.registry import PatientRegistry
+from services.consent.domain.registry import PatientRegistry, RegistryEvent, apply
 from shared.events.consent import (
     ConsentRegistered,
     ConsentRevoked,
@@ -54,6 +59,11 @@ class InvalidPeriod(CommandRefused):
     pass
 
 
+class RevokedForGood(CommandRefused):
+    """A consent id once revoked is revoked for good (registry.py): registering it again would
+    be answered as done and never be in force."""
+
+
 @dataclass(frozen=True, slots=True)
 class Planned(Generic[E]):
     """The event a request becomes; ``already_applied`` when the registry holds it already."""
@@ -73,15 +83,34 @@ def refuse_bsn_lookalikes(**fields: str | None) -> None:
             raise LooksLikeBsn(name)
 
 
-def _applied(registry: PatientRegistry | None, event_id: uuid.UUID) -> bool:
-    return registry is not None and event_id in registry.applied_event_ids
+def _applied(registry: PatientRegistry | None, event: RegistryEvent) -> bool:
+    """Whether ``registry`` holds ``event`` already: applied before, or applying it would change
+    none of the registry's facts."""
+    if registry is None:
+        return False
+    if event.event_id in registry.applied_event_ids:
+        return True
+    after = apply(registry, event)
+    return (after.consents, after.relationships, after.revoked_ids) == (
+        registry.consents,
+        registry.relationships,
+        registry.revoked_ids,
+    )
 
 
-def notification_event_id(notification: MitzNotification, patient: str) -> uuid.UUID:
-    """The same notification (consent id, status and terms) always gives the same event id."""
+def _version(registry: PatientRegistry | None) -> int:
+    return registry.version if registry is not None else 0
+
+
+def notification_event_id(
+    notification: MitzNotification, patient: str, version: int = 0
+) -> uuid.UUID:
+    """The same notification (consent id, status and terms) planned on the same registry
+    ``version`` always gives the same event id."""
     n = notification
     return _uuid(
         "mitz",
+        version,
         n.kind.value,
         n.consent_id,
         patient,
@@ -107,8 +136,21 @@ def plan_notification(
         provider_category=notification.provider_category,
     )
     event = notification.to_event(patient, correlation_id=correlation_id, producer=producer)
-    event_id = notification_event_id(notification, patient)
-    return Planned(event.model_copy(update={"event_id": event_id}), _applied(registry, event_id))
+    event = event.model_copy(
+        update={"event_id": notification_event_id(notification, patient, _version(registry))}
+    )
+    applied = _applied(registry, event)
+    if (
+        not applied  # a late resend of the registration is answered as done, as it was
+        and isinstance(event, ConsentRegistered)
+        and registry is not None
+        and event.consent_id in registry.revoked_ids
+    ):
+        raise RevokedForGood(
+            "this consent was revoked, and a revoked consent is revoked for good: register the "
+            "renewed consent under a new id"
+        )
+    return Planned(event, applied)
 
 
 def derived_relationship_id(patient: str, organisation_ura: str, start: date, source: str) -> str:
@@ -140,7 +182,10 @@ def plan_relationship_registration(
     if existing is not None and existing.organisation_ura != organisation_ura:
         # Registering under that id would replace another organisation's relationship.
         raise NotOwner("the relationship id belongs to another organisation")
-    event_id = _uuid("relationship-registered", rid, patient, organisation_ura, start, end, source)
+    event_id = _uuid(
+        "relationship-registered", _version(registry), rid, patient, organisation_ura, start, end,
+        source,
+    )  # fmt: skip
     event = TreatmentRelationshipRegistered(
         event_id=event_id,
         relationship_id=rid,
@@ -152,7 +197,7 @@ def plan_relationship_registration(
         correlation_id=correlation_id,
         producer=producer,
     )
-    return Planned(event, _applied(registry, event_id))
+    return Planned(event, _applied(registry, event))
 
 
 def plan_relationship_end(
@@ -173,7 +218,7 @@ def plan_relationship_end(
         raise NotOwner("an organisation may only end its own treatment relationships")
     if end < existing.start:
         raise InvalidPeriod("the relationship would end before it started")
-    event_id = _uuid("relationship-ended", relationship_id, patient, end)
+    event_id = _uuid("relationship-ended", _version(registry), relationship_id, patient, end)
     event = TreatmentRelationshipEnded(
         event_id=event_id,
         relationship_id=relationship_id,
@@ -183,4 +228,4 @@ def plan_relationship_end(
         correlation_id=correlation_id,
         producer=producer,
     )
-    return Planned(event, _applied(registry, event_id))
+    return Planned(event, _applied(registry, event))

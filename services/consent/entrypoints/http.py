@@ -22,6 +22,7 @@ from services.consent.domain.commands import (
     LooksLikeBsn,
     NotOwner,
     Planned,
+    RevokedForGood,
     UnknownRelationship,
     plan_notification,
     plan_relationship_end,
@@ -273,6 +274,9 @@ def build_router(api: ConsentApi) -> APIRouter:
         except Unavailable as exc:
             api.metrics.notification("unavailable")
             return outcome("error", "transient", str(exc), 503, {"Retry-After": "5"})
+        except RevokedForGood as exc:
+            api.metrics.notification("rejected")
+            return outcome("error", "conflict", str(exc), 409)
         except CommandRefused as exc:
             api.metrics.notification("rejected")
             return outcome("error", "value", str(exc), 400)

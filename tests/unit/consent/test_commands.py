@@ -10,6 +10,7 @@ from services.consent.domain.commands import (
     InvalidPeriod,
     LooksLikeBsn,
     NotOwner,
+    RevokedForGood,
     UnknownRelationship,
     derived_relationship_id,
     notification_event_id,
@@ -153,3 +154,71 @@ def test_only_the_owner_ends_a_known_relationship() -> None:
     assert end(after).already_applied
     relationship = after.relationship("r1")
     assert relationship is not None and relationship.end == date(2025, 6, 1)
+
+
+def _after(registry, planned):  # type: ignore[no-untyped-def]
+    """The registry once a planned event was published and read back (nothing if held)."""
+    return registry if planned.already_applied else apply(registry, planned.event)
+
+
+def test_an_objection_given_again_after_a_permit_is_a_new_event_and_applies() -> None:
+    deny, permit = make_bundle(provision="deny"), make_bundle(provision="permit")
+    registry = replay(PATIENT, [])
+    ids = []
+    for bundle in (deny, permit, deny):
+        planned = plan_notification(
+            parse_notification(bundle), registry, patient=PATIENT, **ENVELOPE
+        )
+        assert not planned.already_applied
+        ids.append(planned.event.event_id)
+        registry = _after(registry, planned)
+    assert len(set(ids)) == 3
+    [consent] = registry.consents
+    assert consent.provision.value == "deny"
+    # The same objection once more, now the registry holds it: answered as held.
+    again = plan_notification(parse_notification(deny), registry, patient=PATIENT, **ENVELOPE)
+    assert again.already_applied
+
+
+def test_a_resend_before_the_registry_shows_the_first_is_the_same_event() -> None:
+    registry = replay(PATIENT, [])
+    one = plan_notification(
+        parse_notification(make_bundle()), registry, patient=PATIENT, **ENVELOPE
+    )
+    two = plan_notification(
+        parse_notification(make_bundle()), registry, patient=PATIENT, **ENVELOPE
+    )
+    assert one.event.event_id == two.event.event_id
+    # The fold applies it once.
+    assert apply(apply(registry, one.event), two.event).version == 1
+
+
+def test_a_relationship_ended_again_after_a_change_is_a_new_event_and_applies() -> None:
+    registry = _after(replay(PATIENT, []), register(None, relationship_id="r1"))
+    first_end = end(registry)
+    registry = _after(registry, first_end)
+    longer = register(registry, relationship_id="r1", end=date(2025, 12, 31))
+    assert not longer.already_applied
+    registry = _after(registry, longer)
+    again = end(registry)
+    assert not again.already_applied and again.event.event_id != first_end.event.event_id
+    registry = _after(registry, again)
+    assert not registry.has_treatment_relationship(HOSPITAL, date(2025, 6, 2))
+
+
+def test_a_revoked_consent_cannot_be_registered_again_but_a_late_resend_is_held() -> None:
+    registry = replay(PATIENT, [])
+    for bundle in (make_bundle(provision="deny"), make_bundle(status="inactive")):
+        planned = plan_notification(
+            parse_notification(bundle), registry, patient=PATIENT, **ENVELOPE
+        )
+        registry = _after(registry, planned)
+    # The original registration arriving late changes nothing: answered as held.
+    late = plan_notification(
+        parse_notification(make_bundle(provision="deny")), registry, patient=PATIENT, **ENVELOPE
+    )
+    assert late.already_applied
+    renewed = make_bundle(provision="deny")
+    renewed["entry"][0]["resource"]["provision"]["period"] = {"start": "2026-01-01"}  # new terms
+    with pytest.raises(RevokedForGood, match="revoked for good"):
+        plan_notification(parse_notification(renewed), registry, patient=PATIENT, **ENVELOPE)

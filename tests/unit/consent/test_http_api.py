@@ -258,6 +258,22 @@ async def test_an_inactive_notification_revokes_the_consent(harness: Harness) ->
     assert (answer["decision"], answer["basis"]) == ("deny", "no-explicit-consent")
 
 
+async def test_an_objection_renewed_after_a_permit_applies_and_a_revoked_one_is_a_409(
+    harness: Harness,
+) -> None:
+    await harness.relate()
+    for provision in ("deny", "permit", "deny"):
+        assert (await harness.mitz(make_bundle(provision=provision))).status_code == 201
+    answer = (await harness.query()).json()
+    assert (answer["decision"], answer["basis"]) == ("deny", "explicit-objection")
+    assert (await harness.mitz(make_bundle(status="inactive"))).status_code == 201
+    renewed = make_bundle(provision="deny")
+    renewed["entry"][0]["resource"]["provision"]["period"] = {"start": "2026-01-01"}
+    refused = await harness.mitz(renewed)
+    assert refused.status_code == 409
+    assert "revoked for good" in refused.json()["issue"][0]["diagnostics"]
+
+
 async def test_a_malformed_bundle_is_an_operation_outcome_and_publishes_nothing(
     harness: Harness,
 ) -> None:
