@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from services.notify.domain.outcomes import BatchResult, InstanceStatus
-from services.notify.domain.retry import DEAD_LETTER_TOPIC, RetryPolicy
+from services.notify.domain.retry import DEAD_LETTER_TOPIC, RetryPolicy, tier_topic_name
 from shared.events import (
     Delivered,
     DeliveryFailed,
@@ -170,8 +170,15 @@ def conclude(
             now=now,
             producer=producer,
         )
+    tier = policy.tier(delivery.attempt)
+    assert tier is not None  # not_before is not None: there is a next tier
     if attempt.retry_after is not None:
-        not_before = max(not_before, now + timedelta(seconds=attempt.retry_after))
+        # The receiver's Retry-After: waited out on a tier whose delay covers it (not on this
+        # attempt's tier, whose records would all wait behind it; see RetryPolicy).
+        delay = policy.delay_covering(delivery.attempt, attempt.retry_after)
+        assert delay is not None
+        tier = tier_topic_name(delay)
+        not_before = now + timedelta(seconds=delay)
     retry = progressed.model_copy(
         update={
             "event_id": _id(delivery.key, "queued", delivery.attempt + 1),
@@ -182,8 +189,6 @@ def conclude(
             "last_failure": reason[:1024],
         }
     )
-    tier = policy.tier(delivery.attempt)
-    assert tier is not None  # not_before is not None: there is a next tier
     return [
         _failed(delivery, reason, final=False, next_at=not_before, now=now, producer=producer),
         (tier, retry),

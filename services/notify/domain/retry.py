@@ -88,6 +88,18 @@ class RetryPolicy:
         _check_attempt(attempt)
         return self.delays[attempt - 1] if attempt <= len(self.delays) else None
 
+    def delay_covering(self, attempt: int, wait: float) -> float | None:
+        """The delay of the tier a retry after attempt ``attempt`` waits on when the receiver
+        asked to wait ``wait`` seconds (Retry-After): the shortest of this and the later tiers'
+        delays that covers it, else the longest; None = dead-letter it. A record waits on a tier
+        for that tier's delay, so that the head of each tier is the one due first: put on a
+        shorter tier, a record due later would hold up every record behind it."""
+        delay = self.next_delay(attempt)
+        if delay is None:
+            return None
+        later = self.delays[attempt - 1 :]
+        return next((d for d in later if d >= wait), later[-1])
+
     def tier(self, attempt: int) -> str | None:
         """The retry topic a record waits on after attempt ``attempt`` failed; None = exhausted."""
         delay = self.next_delay(attempt)

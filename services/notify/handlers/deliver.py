@@ -136,10 +136,23 @@ class Deliverer:
             )
         todo = remaining(delivery)
         if isinstance(endpoint, PickupEndpoint):
-            # Portal pickup: the study is delivered when it is available to the recipient,
-            # which it is once stored; the recipient downloads it with a signed link.
+            # Portal pickup: the study is delivered when the recipient can download it (a signed
+            # link), which it can once each instance is in the store as received: looked up,
+            # not assumed (a missing one would fail the recipient's download later).
+            problems = await asyncio.gather(*(self._check_stored(ref) for ref in todo))
             return Attempt(
-                BatchResult(tuple(_stored(i.sop_instance_uid) for i in todo)),
+                BatchResult(
+                    tuple(
+                        _stored(ref.sop_instance_uid)
+                        for ref, problem in zip(todo, problems, strict=True)
+                        if problem is None
+                    )
+                ),
+                tuple(
+                    _refused(ref, problem)
+                    for ref, problem in zip(todo, problems, strict=True)
+                    if problem is not None
+                ),
             )
         results: list[BatchResult] = []
         unsendable: list[RefusedInstance] = []
@@ -206,6 +219,19 @@ class Deliverer:
                 )
             )
         return outgoing, refused
+
+    async def _check_stored(self, ref: InstanceRef) -> str | None:
+        """Why the stored instance cannot be offered for pickup (missing, or not the bytes that
+        were received, by size and recorded sha256), or None."""
+        try:
+            info = await asyncio.to_thread(self.objects.stat, ref.object_key)
+        except ObjectStoreError as exc:
+            raise TransientError(f"object store unavailable: {type(exc).__name__}") from exc
+        if info is None:
+            return "the stored instance is missing from the object store"
+        if info.size != ref.size or (info.sha256 is not None and info.sha256 != ref.sha256):
+            return "the stored bytes are not the ones received: not offered"
+        return None
 
     async def _load(self, ref: InstanceRef) -> tuple[bytes | None, str | None]:
         """The stored bytes, or why they cannot be sent (missing, or not what was received)."""

@@ -111,14 +111,19 @@ def test_a_transient_failure_goes_to_the_first_tier_with_what_was_stored() -> No
     assert [i.sop_instance_uid for i in remaining(retry)] == [b]
 
 
-def test_the_receivers_retry_after_can_only_lengthen_the_wait() -> None:
+def test_the_receivers_retry_after_is_waited_out_on_a_tier_whose_delay_covers_it() -> None:
+    # Every record of a tier waits that tier's delay, so its head is the one due first: a
+    # record due later than the tier's delay would hold up every record behind it.
     d = delivery(1)
-    attempt = Attempt(BatchResult(()), failure="HTTP 503", retry_after=120)
-    _, (_, retry) = conclude(d, attempt, policy=POLICY, now=NOW)
-    assert retry.not_before == NOW + timedelta(seconds=120)
-    short = Attempt(BatchResult(()), failure="HTTP 503", retry_after=1)
-    _, (_, retry) = conclude(d, short, policy=POLICY, now=NOW)
-    assert retry.not_before == NOW + timedelta(seconds=10)
+    policy = RetryPolicy(delays=(10.0, 60.0, 300.0))
+    cases = [(1, "delivery-retry-10s", 10), (30, "delivery-retry-1m", 60),
+             (120, "delivery-retry-5m", 300), (86_400, "delivery-retry-5m", 300)]  # fmt: skip
+    for retry_after, tier, waited in cases:
+        attempt = Attempt(BatchResult(()), failure="HTTP 503", retry_after=retry_after)
+        failure, (topic, retry) = conclude(d, attempt, policy=policy, now=NOW)
+        assert (topic, retry.not_before) == (tier, NOW + timedelta(seconds=waited))
+        assert failure.next_attempt_at == retry.not_before
+        assert retry.attempt == 2
 
 
 def test_retries_used_up_and_permanent_failures_are_dead_letters() -> None:

@@ -1,0 +1,75 @@
+"""The deliverer's attempt on pure logic: a portal pickup is offered only for what is stored."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from services.notify.adapters.dimse import DimseSender
+from services.notify.adapters.stow import StowSender
+from services.notify.domain.delivery import conclude, queued
+from services.notify.domain.retry import RetryPolicy
+from services.notify.handlers.deliver import Deliverer
+from services.notify.worker_metrics import NotifyWorkerMetrics
+from services.routing.domain.directory import PickupEndpoint
+from shared.events import Delivered, DeliveryChannel, DeliveryFailed
+from shared.storage.memory import InMemoryObjectStore
+from tests.factories import T0, make_destination, make_route_resolved, make_study
+
+NOW = T0 + timedelta(hours=1)
+
+
+class OneProvider:
+    """The directory view as the deliverer asks it: the recipient and its endpoints."""
+
+    def __init__(self, *endpoints: Any) -> None:
+        self.endpoints = endpoints
+
+    def get(self, ura: str) -> Any:
+        return self
+
+
+def deliverer(objects: InMemoryObjectStore) -> Deliverer:
+    return Deliverer(
+        directory=OneProvider(PickupEndpoint(id="portal")),  # type: ignore[arg-type]
+        objects=objects,
+        stow=StowSender(),
+        dimse=DimseSender(),
+        policy=RetryPolicy(),
+        metrics=NotifyWorkerMetrics(registry=CollectorRegistry()),
+    )
+
+
+def pickup_of(instances: int) -> Any:
+    study = make_study(instances)  # instance i holds the bytes b"instance i"
+    destination = make_destination(endpoint_id="portal", channel=DeliveryChannel.PICKUP)
+    return study, queued(make_route_resolved(study=study, destination=destination), now=NOW)
+
+
+async def test_a_pickup_offers_only_the_instances_stored_as_received() -> None:
+    study, delivery = pickup_of(3)
+    objects = InMemoryObjectStore()
+    whole, changed, _missing = study.instances
+    objects.put(whole.object_key, b"instance 0")
+    objects.put(changed.object_key, b"instance X")  # the same size, other bytes
+
+    attempt = await deliverer(objects).attempt(delivery)
+
+    assert [o.sop_instance_uid for o in attempt.results.stored] == [whole.sop_instance_uid]
+    assert sorted(r.reason for r in attempt.unsendable) == [
+        "the stored bytes are not the ones received: not offered",
+        "the stored instance is missing from the object store",
+    ]
+
+
+async def test_a_pickup_of_a_study_not_in_the_store_is_not_reported_delivered() -> None:
+    _, delivery = pickup_of(3)
+
+    attempt = await deliverer(InMemoryObjectStore()).attempt(delivery)
+    [outcome, *_] = conclude(delivery, attempt, policy=RetryPolicy(), now=NOW)
+
+    event = outcome[1] if isinstance(outcome, tuple) else outcome
+    assert not isinstance(event, Delivered)
+    assert isinstance(event, DeliveryFailed)
