@@ -195,6 +195,9 @@ class DeadLetterFold:
             "attempt": 1,
             "not_before": None,
             "last_failure": None,
+            # A run of its own, queued when the last one died (the same on every replica): its
+            # events get ids of their own, not the dead run's (delivery._id).
+            "first_queued_at": letter.dead_since,
         }
         if "refused" in DeliveryQueued.model_fields:
             update["refused"] = ()

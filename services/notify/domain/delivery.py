@@ -181,7 +181,7 @@ def conclude(
         not_before = now + timedelta(seconds=delay)
     retry = progressed.model_copy(
         update={
-            "event_id": _id(delivery.key, "queued", delivery.attempt + 1),
+            "event_id": _id(delivery, "queued", delivery.attempt + 1),
             "occurred_at": now,
             "producer": producer,
             "attempt": delivery.attempt + 1,
@@ -201,7 +201,7 @@ def _delivered(
     route = delivery.route
     study = route.study
     return Delivered(
-        event_id=_id(delivery.key, "delivered", 0),
+        event_id=_id(delivery, "delivered", 0),
         occurred_at=now,
         correlation_id=delivery.correlation_id,
         producer=producer,
@@ -226,7 +226,7 @@ def _delivered(
 def _dead(delivery: DeliveryQueued, reason: str, *, now: datetime, producer: str) -> list[Outgoing]:
     dead = delivery.model_copy(
         update={
-            "event_id": _id(delivery.key, "dead", delivery.attempt),
+            "event_id": _id(delivery, "dead", delivery.attempt),
             "occurred_at": now,
             "producer": producer,
             "not_before": None,
@@ -250,7 +250,7 @@ def _failed(
 ) -> DeliveryFailed:
     route = delivery.route
     return DeliveryFailed(
-        event_id=_id(delivery.key, "failed", delivery.attempt),
+        event_id=_id(delivery, "failed", delivery.attempt),
         occurred_at=now,
         correlation_id=delivery.correlation_id,
         producer=producer,
@@ -283,5 +283,13 @@ def _unique(refused: Iterable[RefusedInstance]) -> tuple[RefusedInstance, ...]:
     return tuple({r.sop_instance_uid: r for r in refused}.values())
 
 
-def _id(key: str, kind: str, attempt: int) -> uuid.UUID:
-    return uuid.uuid5(_NAMESPACE, f"{key}|{kind}|{attempt}")
+def _id(delivery: DeliveryQueued | str, kind: str, attempt: int) -> uuid.UUID:
+    """The id of one event of a delivery run: the same for a replay of it. A run re-driven from
+    the dead letters was queued again (first_queued_at) after its route: its events are not the
+    first run's (a consumer deduplicating on event ids would drop the second final failure)."""
+    if isinstance(delivery, str):
+        return uuid.uuid5(_NAMESPACE, f"{delivery}|{kind}|{attempt}")
+    run = ""
+    if delivery.first_queued_at != delivery.route.occurred_at:
+        run = f"|{delivery.first_queued_at.isoformat()}"
+    return uuid.uuid5(_NAMESPACE, f"{delivery.key}|{kind}|{attempt}{run}")

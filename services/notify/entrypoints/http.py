@@ -142,6 +142,7 @@ class DeadLetterOut(BaseModel):
     priority: Urgency
     attempts: int
     last_failure: str | None
+    # When the run that died was queued: routed, or re-driven (the previous run's death).
     first_queued_at: datetime
     dead_since: datetime
 

@@ -152,3 +152,18 @@ def test_batches_keep_every_instance_once_in_order_within_the_limits(
     for batch in out:
         assert len(batch) <= max_instances
         assert len(batch) == 1 or sum(r.size for r in batch) <= max_bytes
+
+
+def test_a_run_re_driven_from_the_dead_letters_has_event_ids_of_its_own() -> None:
+    first = delivery(1)
+    # What the dead-letter fold re-drives: attempt 1 again, queued when the first run died.
+    again = first.model_copy(update={"first_queued_at": NOW + timedelta(days=1)})
+    down = Attempt(BatchResult(()), failure="receiver unreachable")
+
+    [failed_first, (_, retry_first)] = conclude(first, down, policy=POLICY, now=NOW)
+    [failed_again, (_, retry_again)] = conclude(again, down, policy=POLICY, now=NOW)
+
+    assert failed_first.event_id != failed_again.event_id
+    assert retry_first.event_id != retry_again.event_id
+    # A replay of either run is that run's events again.
+    assert conclude(again, down, policy=POLICY, now=NOW)[0].event_id == failed_again.event_id
