@@ -119,14 +119,28 @@ class Deliverer:
             self._record(record.topic, delivery, attempt, outgoing)
         return outgoing
 
-    async def attempt(self, delivery: DeliveryQueued) -> Attempt:
+    def _endpoint(self, delivery: DeliveryQueued) -> Any:
         destination = delivery.route.destination
         provider = self.directory.get(destination.organisation_ura)
-        endpoint = None
-        if provider is not None:
-            endpoint = next(
-                (e for e in provider.endpoints if e.id == destination.endpoint_id), None
-            )
+        if provider is None:
+            return None
+        return next((e for e in provider.endpoints if e.id == destination.endpoint_id), None)
+
+    async def attempt(self, delivery: DeliveryQueued) -> Attempt:
+        destination = delivery.route.destination
+        endpoint = self._endpoint(delivery)
+        if endpoint is None:
+            # Not in this view (yet?): routing found it, so the view may be behind (a provider
+            # added just before the study): read the directory up to now before giving up.
+            try:
+                await self.directory.sync(self.view_timeout)
+            except (TimeoutError, TransientError) as exc:
+                return Attempt(
+                    BatchResult(()),
+                    failure="the provider directory could not be read up to date "
+                    f"({type(exc).__name__}); the endpoint is looked up again on the next try",
+                )
+            endpoint = self._endpoint(delivery)
         if endpoint is None or not endpoint.enabled:
             return Attempt(
                 BatchResult(()),

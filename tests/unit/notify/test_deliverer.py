@@ -22,18 +22,27 @@ NOW = T0 + timedelta(hours=1)
 
 
 class OneProvider:
-    """The directory view as the deliverer asks it: the recipient and its endpoints."""
+    """The directory view as the deliverer asks it: the recipient and its endpoints, known
+    after ``behind`` syncs (the view behind the topic); ``sync_fails`` raises instead."""
 
-    def __init__(self, *endpoints: Any) -> None:
+    def __init__(self, *endpoints: Any, behind: int = 0, sync_fails: bool = False) -> None:
         self.endpoints = endpoints
+        self.behind = behind
+        self.sync_fails = sync_fails
+        self.syncs = 0
 
     def get(self, ura: str) -> Any:
-        return self
+        return self if self.syncs >= self.behind else None
+
+    async def sync(self, timeout: float) -> None:
+        if self.sync_fails:
+            raise TimeoutError
+        self.syncs += 1
 
 
-def deliverer(objects: InMemoryObjectStore) -> Deliverer:
+def deliverer(objects: InMemoryObjectStore, directory: Any = None) -> Deliverer:
     return Deliverer(
-        directory=OneProvider(PickupEndpoint(id="portal")),  # type: ignore[arg-type]
+        directory=directory or OneProvider(PickupEndpoint(id="portal")),
         objects=objects,
         stow=StowSender(),
         dimse=DimseSender(),
@@ -73,3 +82,44 @@ async def test_a_pickup_of_a_study_not_in_the_store_is_not_reported_delivered() 
     event = outcome[1] if isinstance(outcome, tuple) else outcome
     assert not isinstance(event, Delivered)
     assert isinstance(event, DeliveryFailed)
+
+
+def stored_pickup(instances: int) -> tuple[Any, InMemoryObjectStore]:
+    study, delivery = pickup_of(instances)
+    objects = InMemoryObjectStore()
+    for i, ref in enumerate(study.instances):
+        objects.put(ref.object_key, f"instance {i}".encode())
+    return delivery, objects
+
+
+async def test_a_recipient_the_view_does_not_hold_yet_is_looked_up_after_a_sync() -> None:
+    delivery, objects = stored_pickup(2)
+    directory = OneProvider(PickupEndpoint(id="portal"), behind=1)
+
+    attempt = await deliverer(objects, directory).attempt(delivery)
+
+    assert directory.syncs == 1
+    assert attempt.failure is None and len(attempt.results.stored) == 2
+
+
+async def test_a_recipient_missing_from_a_view_that_cannot_sync_is_tried_again_later() -> None:
+    delivery, objects = stored_pickup(1)
+    directory = OneProvider(PickupEndpoint(id="portal"), behind=1, sync_fails=True)
+
+    attempt = await deliverer(objects, directory).attempt(delivery)
+    [failure, (topic, _)] = conclude(delivery, attempt, policy=RetryPolicy(), now=NOW)
+
+    assert not attempt.failure_is_permanent
+    assert isinstance(failure, DeliveryFailed) and not failure.final
+    assert topic == "delivery-retry-10s"
+
+
+async def test_an_endpoint_the_directory_does_not_hold_after_a_sync_is_a_dead_letter() -> None:
+    delivery, objects = stored_pickup(1)
+    directory = OneProvider(PickupEndpoint(id="another-portal"))
+
+    attempt = await deliverer(objects, directory).attempt(delivery)
+
+    assert directory.syncs == 1
+    assert attempt.failure_is_permanent
+    assert "not (or no longer) an enabled endpoint" in (attempt.failure or "")
