@@ -29,10 +29,11 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
+from services.consent.domain.checks import NETHERLANDS
 from shared.events.consent import ConsentRegistered, ConsentRevoked, Provision
 from shared.identifiers import BSN_SYSTEM, URA_SYSTEM, Bsn, InvalidBsn
 
@@ -46,7 +47,15 @@ _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Mitz category codes such as GGC002 and RPZAC104; the event fields allow at most 32 characters.
 _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
 _URA = re.compile(r"[0-9]{8}")
-_FHIR_DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})(T.*)?)?)?")
+# FHIR date or dateTime: a time needs seconds and a zone (FHIR R4 dateTime).
+_FHIR_DATE = re.compile(
+    r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})"
+    r"(T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?(?:Z|[+-][0-9]{2}:[0-9]{2}))?)?)?"
+)
+
+
+# Python reads at most microseconds; FHIR allows any precision.
+_MICROSECONDS = re.compile(r"(\.[0-9]{6})[0-9]+")
 
 
 class Severity(StrEnum):
@@ -411,8 +420,12 @@ class _Reader:
         if match is None:
             self.issue("value", "expected a FHIR date or dateTime", where)
             return None
-        year, month, day = int(match[1]), match[2], match[3]
+        year, month, day, time = int(match[1]), match[2], match[3], match[4]
         try:
+            if time is not None:
+                # The day it is in the Netherlands then: 2025-03-31T23:30:00Z is 1 April there.
+                moment = datetime.fromisoformat(_MICROSECONDS.sub(r"\1", value))
+                return moment.astimezone(NETHERLANDS).date()
             if day is not None:
                 return date(year, int(month), int(day))
             if month is not None:

@@ -146,6 +146,34 @@ def test_partial_dates_cover_their_whole_year_or_month() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("start", "end", "period"),
+    [
+        # The day it is in the Netherlands at that moment (CEST, UTC+2, from 30 March 2025).
+        ("2025-03-31T23:30:00Z", "2025-06-30T21:59:59Z", (date(2025, 4, 1), date(2025, 6, 30))),
+        ("2025-01-01T00:30:00+01:00", "2025-12-31T23:59:59.123456789+01:00",
+         (date(2025, 1, 1), date(2025, 12, 31))),
+    ],
+)  # fmt: skip
+def test_a_date_time_counts_as_the_dutch_day_it_falls_on(
+    start: str, end: str, period: tuple[date, date]
+) -> None:
+    bundle = make_bundle()
+    entry(bundle, "Consent")["provision"]["period"] = {"start": start, "end": end}
+    notification = parse_notification(bundle)
+    assert (notification.period_start, notification.period_end) == period
+
+
+@pytest.mark.parametrize(
+    "written", ["2025-03-01Tgarbage", "2025-03-01T!!", "2025-03-01T10:00:00", "2025-03-01T10:00Z"]
+)
+def test_a_date_time_without_seconds_and_zone_is_refused(written: str) -> None:
+    bundle = make_bundle()
+    entry(bundle, "Consent")["provision"]["period"] = {"start": written}
+    with pytest.raises(InvalidNotification, match="expected a FHIR date or dateTime"):
+        parse_notification(bundle)
+
+
 def test_the_notification_does_not_show_the_bsn_in_its_repr() -> None:
     assert TEST_BSN not in repr(parse_notification(make_bundle()))
 
