@@ -14,7 +14,12 @@ exactly one of:
 - **dead**: the failure is permanent for the whole delivery (the receiver refuses our
   credentials, the endpoint left the directory) or the retries are used up: a final
   ``DeliveryFailed`` and the delivery on the dead-letter topic, for an operator to re-drive.
-  So is an attempt where every instance was refused: nothing reached the receiver.
+  So is an attempt where every instance was refused: nothing reached the receiver;
+- **yielded**: the attempt used up its time slice (``Deliverer.attempt_seconds``) with batches
+  left and nothing failed: the delivery, with what it settled so far, goes to the back of its
+  priority queue, the same attempt. A large study to a slow receiver thus takes turns with the
+  deliveries queued behind it instead of holding them up for its whole length (a worker
+  handles a fetched batch of records together).
 
 Event ids derive from the delivery key and the attempt, so a replayed attempt repeats its
 events under the same ids.
@@ -117,6 +122,8 @@ class Attempt:
     failure: str | None = None
     failure_is_permanent: bool = False
     retry_after: float | None = None
+    # Stopped with batches left because its time slice was used up (nothing failed).
+    yielded: bool = False
 
 
 def conclude(
@@ -151,6 +158,16 @@ def conclude(
         update={"stored": tuple(dict.fromkeys(stored)), "refused": _unique(refused)}
     )
     left = remaining(progressed)
+    if attempt.yielded and attempt.failure is None and not transient and left:
+        settled = len(progressed.stored) + len(progressed.refused)
+        turn = progressed.model_copy(
+            update={
+                "event_id": _id(delivery, f"yielded-{settled}", delivery.attempt),
+                "occurred_at": now,
+                "producer": producer,
+            }
+        )
+        return [(queue_for(delivery.route.priority), turn)]
     if attempt.failure is None and not transient and not left:
         if progressed.refused and not progressed.stored:
             # Nothing reached the receiver: that is no delivery, whatever the reasons.

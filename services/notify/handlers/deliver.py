@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,9 @@ class Deliverer:
     # Deliveries in flight at once per source topic (a queue, or a retry tier), so that the
     # urgent queue never waits for a slot the routine one holds.
     max_concurrent: int = 12
+    # An attempt's time slice: past it, no further batch is started and the delivery yields
+    # to those queued behind it (see ``delivery.conclude``).
+    attempt_seconds: float = 120.0
     _directory_ready: bool = False
     _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
@@ -170,7 +174,10 @@ class Deliverer:
             )
         results: list[BatchResult] = []
         unsendable: list[RefusedInstance] = []
-        for batch in batches(todo, delivery.route.batch_limits):
+        deadline = time.monotonic() + self.attempt_seconds
+        for number, batch in enumerate(batches(todo, delivery.route.batch_limits)):
+            if number and time.monotonic() > deadline:
+                return Attempt(BatchResult.merge(results), tuple(unsendable), yielded=True)
             outgoing, refused = await self._read(batch, delivery)
             unsendable += refused
             if not outgoing:

@@ -10,11 +10,13 @@ from prometheus_client import CollectorRegistry
 from services.notify.adapters.dimse import DimseSender
 from services.notify.adapters.stow import StowSender
 from services.notify.domain.delivery import conclude, queued
+from services.notify.domain.outcomes import BatchResult, InstanceOutcome, InstanceStatus
 from services.notify.domain.retry import RetryPolicy
 from services.notify.handlers.deliver import Deliverer
 from services.notify.worker_metrics import NotifyWorkerMetrics
-from services.routing.domain.directory import PickupEndpoint
+from services.routing.domain.directory import DicomWebEndpoint, PickupEndpoint
 from shared.events import Delivered, DeliveryChannel, DeliveryFailed
+from shared.events.routing import BatchLimits
 from shared.storage.memory import InMemoryObjectStore
 from tests.factories import T0, make_destination, make_route_resolved, make_study
 
@@ -123,3 +125,50 @@ async def test_an_endpoint_the_directory_does_not_hold_after_a_sync_is_a_dead_le
     assert directory.syncs == 1
     assert attempt.failure_is_permanent
     assert "not (or no longer) an enabled endpoint" in (attempt.failure or "")
+
+
+class RecordingStow:
+    """A receiver that stores every instance it is sent, and says which were sent together."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    async def send(self, endpoint: Any, study: str, instances: Any) -> BatchResult:
+        self.batches.append([i.sop_instance_uid for i in instances])
+        return BatchResult(
+            tuple(InstanceOutcome(i.sop_instance_uid, InstanceStatus.STORED) for i in instances)
+        )
+
+
+async def test_a_delivery_past_its_time_slice_yields_to_the_queue_and_resumes_where_it_was() -> (
+    None
+):
+    study = make_study(3)
+    route = make_route_resolved(
+        study=study, batch_limits=BatchLimits(max_instances=1, max_bytes=10**9)
+    )
+    objects = InMemoryObjectStore()
+    for i, ref in enumerate(study.instances):
+        objects.put(ref.object_key, f"instance {i}".encode())
+    stow = RecordingStow()
+    endpoint = DicomWebEndpoint(id="pacs-dicomweb", base_url="https://pacs.example.nl/dicomweb")
+    sliced = deliverer(objects, OneProvider(endpoint))
+    sliced.stow, sliced.attempt_seconds = stow, 0.0  # type: ignore[assignment]
+
+    delivery = queued(route, now=NOW)
+    turns = []
+    for _ in range(3):
+        attempt = await sliced.attempt(delivery)
+        [outcome] = conclude(delivery, attempt, policy=RetryPolicy(), now=NOW)
+        turns.append(outcome)
+        if not isinstance(outcome, tuple):
+            break
+        queue, delivery = outcome
+        # Back on its priority queue: the same attempt, what it settled kept.
+        assert queue == "delivery-routine" and delivery.attempt == 1
+
+    assert stow.batches == [[ref.sop_instance_uid] for ref in study.instances]
+    assert [len(t[1].stored) for t in turns[:2]] == [1, 2]
+    assert len({t[1].event_id for t in turns[:2]}) == 2
+    delivered = turns[2]
+    assert isinstance(delivered, Delivered) and delivered.outcomes.sent == 3
