@@ -75,11 +75,13 @@ class PrivatePlatform(harness.PrivatePlatform):
     def bootstrap(self) -> str:
         return self.client_env["BEELDPORTAAL_KAFKA_BOOTSTRAP_SERVERS"]
 
-    def token(self, ura: str, role: str, uzi: str | None = None) -> str:
+    def token(self, ura: str, role: str, uzi: str | None = None, purpose: str | None = None) -> str:
         """A bearer token from the platform's dev issuer (`beeldportaal token mint`)."""
         args = ["token", "mint", "--ura", ura, "--role", role, "--ttl", "7200"]
         if uzi is not None:
             args += ["--uzi", uzi]
+        if purpose is not None:
+            args += ["--purpose", purpose]
         return self.cli(*args, timeout=60).strip().splitlines()[-1]
 
     def restart_broker(self, pause: float) -> tuple[float, float]:

@@ -216,7 +216,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             orthanc,
             valid_test_bsns(PATIENTS),
             sender_token=platform.token(SENDER, "provider"),
-            reader_token=platform.token(RECIPIENT, "provider", uzi=UZI),
+            # The timeline shows a named person's treatment access only.
+            reader_token=platform.token(RECIPIENT, "provider", uzi=UZI, purpose="TREAT"),
             timings=timings,
         )
         stack.callback(running.close_streams)

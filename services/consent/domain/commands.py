@@ -145,6 +145,9 @@ def plan_notification(
         and isinstance(event, ConsentRegistered)
         and registry is not None
         and event.consent_id in registry.revoked_ids
+        # Registered before with other terms; a registration that comes after its revocation
+        # (out of order) is taken, and kept revoked, as the fold's rule says.
+        and registry.consent(event.consent_id) is not None
     ):
         raise RevokedForGood(
             "this consent was revoked, and a revoked consent is revoked for good: register the "

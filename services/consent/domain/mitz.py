@@ -425,7 +425,10 @@ class _Reader:
             if time is not None:
                 # The day it is in the Netherlands then: 2025-03-31T23:30:00Z is 1 April there.
                 moment = datetime.fromisoformat(_MICROSECONDS.sub(r"\1", value))
-                return moment.astimezone(NETHERLANDS).date()
+                try:
+                    return moment.astimezone(NETHERLANDS).date()
+                except OverflowError:  # past the calendar's end there: "for ever" (or since)
+                    return date.max if moment.year == date.max.year else date.min
             if day is not None:
                 return date(year, int(month), int(day))
             if month is not None:

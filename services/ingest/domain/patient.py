@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
@@ -42,6 +42,9 @@ class BsnFinding:
 
     status: BsnStatus
     bsn: Bsn | None = None
+    # Every valid BSN the header claims (also when they conflict): none of them may be
+    # published (``without_own_bsn``, ``uid_holds_bsn``).
+    claims: frozenset[Bsn] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         if (self.bsn is None) == (self.status is BsnStatus.VERIFIED):
@@ -62,36 +65,41 @@ def find_bsn(ds: Dataset) -> BsnFinding:
             invalid += 1
     if not valid:
         return BsnFinding(BsnStatus.INVALID if invalid else BsnStatus.ABSENT)
+    claims = frozenset(valid)
     if len(valid) == 1 and not invalid:
-        return BsnFinding(BsnStatus.VERIFIED, next(iter(valid)))
-    return BsnFinding(BsnStatus.CONFLICTING)
+        return BsnFinding(BsnStatus.VERIFIED, next(iter(valid)), claims)
+    return BsnFinding(BsnStatus.CONFLICTING, claims=claims)
 
 
 MASKED_BSN = "[BSN]"
 
 
-def without_own_bsn(value: str | None, bsn: Bsn | None) -> str | None:
-    """An identifier from the header (an Accession Number) as it may be published: the
-    patient's own BSN masked wherever it stands in it, nothing else changed (a 9-digit
-    accession number passes the 11-proof one time in eleven, and reports are linked by it)."""
-    if value is None or bsn is None or bsn.value not in value:
-        return value
-    return value.replace(bsn.value, MASKED_BSN)
+def without_own_bsn(value: str | None, claims: Iterable[Bsn]) -> str | None:
+    """An identifier from the header (an Accession Number) as it may be published: every BSN
+    the header claims for the patient masked wherever it stands in it, nothing else changed
+    (a 9-digit accession number passes the 11-proof one time in eleven, and reports are
+    linked by it)."""
+    if value is None:
+        return None
+    for bsn in claims:
+        value = value.replace(bsn.value, MASKED_BSN)
+    return value
 
 
-def without_bsns(text: str | None, bsn: Bsn | None) -> str | None:
+def without_bsns(text: str | None, claims: Iterable[Bsn]) -> str | None:
     """Free text from the header or the sender (a description, a name, a note) as it may be
     published: the patient's own BSN masked wherever it stands, and any BSN a person wrote
     (``mask_written_bsns``: also in groups, "1234.56.782")."""
     if text is None:
         return None
-    return mask_written_bsns(without_own_bsn(text, bsn) or "", MASKED_BSN)
+    return mask_written_bsns(without_own_bsn(text, claims) or "", MASKED_BSN)
 
 
-def uid_holds_bsn(uid: str, bsn: Bsn | None) -> bool:
-    """Whether a UID holds the patient's BSN among its digits (a sender that builds UIDs from
-    patient ids): the UIDs name the object keys, the events' keys and the DICOMweb URLs."""
-    return bsn is not None and bsn.value in uid
+def uid_holds_bsn(uid: str, claims: Iterable[Bsn]) -> bool:
+    """Whether a UID holds a BSN the header claims for the patient among its digits (a sender
+    that builds UIDs from patient ids): the UIDs name the object keys, the events' keys and
+    the DICOMweb URLs."""
+    return any(bsn.value in uid for bsn in claims)
 
 
 def _bsn_claims(ds: Dataset) -> Iterator[str]:

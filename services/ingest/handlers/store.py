@@ -305,9 +305,9 @@ class InstanceStore:
             header = _read(received)
         except Rejected as exc:
             return Outcome(exc.status, exc.reason)
-        bsn = header.patient.bsn
+        claims = header.patient.claims
         uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-        if any(uid_holds_bsn(uid, bsn) for uid in uids):
+        if any(uid_holds_bsn(uid, claims) for uid in uids):
             # Not stored: the key, the events and the URLs would carry the BSN. The outcome
             # names no UID of it, so neither the log line nor the response does.
             return Outcome(
@@ -375,16 +375,16 @@ class InstanceStore:
             recipient_ura=sub.recipient_ura,
             patient=PatientRef(pseudonym=pseudonym, bsn_status=finding.status),
             # The header's texts as they may be published: no BSN in clear on the bus.
-            accession_number=without_own_bsn(header.accession_number, finding.bsn),
+            accession_number=without_own_bsn(header.accession_number, finding.claims),
             study_date=header.study_date,
             study_time=header.study_time,
-            study_description=without_bsns(header.study_description, finding.bsn),
-            institution_name=without_bsns(header.institution_name, finding.bsn),
+            study_description=without_bsns(header.study_description, finding.claims),
+            institution_name=without_bsns(header.institution_name, finding.claims),
             modality=header.modality,
             series_number=header.series_number,
-            series_description=without_bsns(header.series_description, finding.bsn),
+            series_description=without_bsns(header.series_description, finding.claims),
             urgency=sub.urgency,
-            sender_note=without_bsns(sub.sender_note, finding.bsn),
+            sender_note=without_bsns(sub.sender_note, finding.claims),
             completes_study=sub.completes_study,
         )
 

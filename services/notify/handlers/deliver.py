@@ -62,6 +62,7 @@ from shared.events.base import utcnow
 from shared.logging import correlation_context, get_logger
 from shared.storage.port import ObjectNotFound, ObjectStore, ObjectStoreError
 from shared.stream import NotDue, Outgoing, decode_as
+from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
 
@@ -138,7 +139,7 @@ class Deliverer:
             # added just before the study): read the directory up to now before giving up.
             try:
                 await self.directory.sync(self.view_timeout)
-            except (TimeoutError, TransientError) as exc:
+            except (TimeoutError, TransientError, ViewFailed) as exc:
                 return Attempt(
                     BatchResult(()),
                     failure="the provider directory could not be read up to date "

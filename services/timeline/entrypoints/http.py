@@ -931,6 +931,8 @@ def build_router(api: TimelineApi) -> APIRouter:
         request: Request,
         principal: Principal = Depends(authenticate),  # noqa: B008
     ) -> Response:
+        if body.since and body.until and body.since > body.until:
+            raise Refusal(400, "invalid", "since is after until")  # malformed: no attempt yet
         patient = api.pseudonymizer.pseudonym(body.bsn)
         attempt = _attempt(request, principal, EVENT_ACCESS_LOG, AuditAction.QUERY, None)
         if not principal.has_role(ROLE_PATIENT_REPRESENTATIVE):
@@ -943,24 +945,24 @@ def build_router(api: TimelineApi) -> APIRouter:
                 f"the token lacks the role {ROLE_PATIENT_REPRESENTATIVE}",
                 conditions=(CONDITION_ROLE,),
             )
-        if body.since and body.until and body.since > body.until:
-            raise Refusal(400, "invalid", "since is after until")
-        try:
-            events, total = await api.audit.search(patient, body.since, body.until, body.limit)
-        except Exception as exc:
-            log.error("access log unavailable", error=type(exc).__name__)
-            raise unavailable("the access log is unavailable") from None
-        decision = AccessDecision(
-            AccessOutcome.ALLOWED,
-            authorisation_basis=ROLE_PATIENT_REPRESENTATIVE,
-            consent_profile=None,
-        )
-        await _grant(api, attempt, patient, decision, ())
-        return JSONResponse(
-            audit_bundle(events, total=total, now=api.clock()),
-            media_type=FHIR_JSON,
-            headers={"Cache-Control": "no-store"},
-        )
+        attempt.allowed[patient] = ()
+        async with _answered(api, attempt):
+            try:
+                events, total = await api.audit.search(patient, body.since, body.until, body.limit)
+            except Exception as exc:
+                log.error("access log unavailable", error=type(exc).__name__)
+                raise unavailable("the access log is unavailable") from None
+            decision = AccessDecision(
+                AccessOutcome.ALLOWED,
+                authorisation_basis=ROLE_PATIENT_REPRESENTATIVE,
+                consent_profile=None,
+            )
+            await _grant(api, attempt, patient, decision, ())
+            return JSONResponse(
+                audit_bundle(events, total=total, now=api.clock()),
+                media_type=FHIR_JSON,
+                headers={"Cache-Control": "no-store"},
+            )
 
     # --- DICOMweb -----------------------------------------------------------------------------
 

@@ -819,6 +819,42 @@ def test_the_patients_representative_sees_who_accessed_their_data_and_that_is_au
     assert bad.status_code == 400 and "123456789" not in bad.text
 
 
+def test_an_access_log_search_allowed_but_not_answered_is_audited_as_such(
+    timeline_api: RunningTimeline,
+) -> None:
+    t = timeline_api
+    portal = t.auth(PORTAL, roles=("patient-representative",), uzi=None)
+
+    async def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError("the access log is away")
+
+    search = t.api.audit.search
+    t.api.audit.search = unavailable  # type: ignore[method-assign]
+    try:
+        answer = requests.post(
+            f"{t.base_url}/access-log/_search", json={"bsn": CONSENTING_BSN}, headers=portal,
+            timeout=30,
+        )  # fmt: skip
+    finally:
+        t.api.audit.search = search  # type: ignore[method-assign]
+    reversed_period = requests.post(
+        f"{t.base_url}/access-log/_search",
+        json={
+            "bsn": CONSENTING_BSN,
+            "since": "2026-02-01T00:00:00Z",
+            "until": "2026-01-01T00:00:00Z",
+        },
+        headers=portal,
+        timeout=30,
+    )
+
+    assert answer.status_code == 503
+    assert reversed_period.status_code == 400  # malformed: refused before it is an attempt
+    assert [(r["event_type"], r["outcome"], r["reason"]) for r in t.audit_rows()] == [
+        ("access-log-search", "denied", "allowed, not answered: the access log is unavailable")
+    ]
+
+
 # --- DICOMweb -------------------------------------------------------------------------------------
 
 

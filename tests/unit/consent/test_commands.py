@@ -222,3 +222,18 @@ def test_a_revoked_consent_cannot_be_registered_again_but_a_late_resend_is_held(
     renewed["entry"][0]["resource"]["provision"]["period"] = {"start": "2026-01-01"}  # new terms
     with pytest.raises(RevokedForGood, match="revoked for good"):
         plan_notification(parse_notification(renewed), registry, patient=PATIENT, **ENVELOPE)
+
+
+def test_a_registration_arriving_after_its_revocation_is_taken_and_stays_revoked() -> None:
+    registry = replay(PATIENT, [])
+    revoked = plan_notification(
+        parse_notification(make_bundle(status="inactive")), registry, patient=PATIENT, **ENVELOPE
+    )
+    registry = _after(registry, revoked)
+    late = plan_notification(
+        parse_notification(make_bundle()), registry, patient=PATIENT, **ENVELOPE
+    )
+    assert not late.already_applied
+    registry = _after(registry, late)
+    [consent] = registry.consents
+    assert consent.status.value == "revoked"

@@ -153,6 +153,8 @@ def test_partial_dates_cover_their_whole_year_or_month() -> None:
         ("2025-03-31T23:30:00Z", "2025-06-30T21:59:59Z", (date(2025, 4, 1), date(2025, 6, 30))),
         ("2025-01-01T00:30:00+01:00", "2025-12-31T23:59:59.123456789+01:00",
          (date(2025, 1, 1), date(2025, 12, 31))),
+        # Days the calendar does not have in the Netherlands: its first and last.
+        ("0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00Z", (date.min, date.max)),
     ],
 )  # fmt: skip
 def test_a_date_time_counts_as_the_dutch_day_it_falls_on(

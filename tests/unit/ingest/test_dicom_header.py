@@ -183,7 +183,7 @@ def test_a_ct_instance_yields_its_identity_and_descriptive_attributes() -> None:
         "study_instance_uid": "1.2.3.4",
         "series_instance_uid": "1.2.3.4.6",
         "transfer_syntax_uid": ExplicitVRLittleEndian,
-        "patient": {"status": "absent", "bsn": None},
+        "patient": {"status": "absent", "bsn": None, "claims": frozenset()},
         "modality": "CT",
         "study_date": date(2024, 1, 2),
         "study_time": "101500.25",

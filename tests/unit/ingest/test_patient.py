@@ -12,7 +12,13 @@ from pydicom.uid import (
 )
 
 from services.ingest.domain.dicom import read_header
-from services.ingest.domain.patient import BsnFinding, find_bsn
+from services.ingest.domain.patient import (
+    BsnFinding,
+    find_bsn,
+    uid_holds_bsn,
+    without_bsns,
+    without_own_bsn,
+)
 from shared.events import BsnStatus
 from shared.identifiers import BSN_OID, Bsn
 from tests.dicom_samples import bsn_item, make_dataset, make_dicom_bytes, patient_id_item
@@ -104,6 +110,8 @@ def test_two_different_valid_bsns_conflict_and_name_neither() -> None:
     result = finding(bsn_item("999990019"), bsn_item(OTHER_VALID))
     assert result == BsnFinding(BsnStatus.CONFLICTING)
     assert result.bsn is None
+    # Neither is used, and neither may be published.
+    assert result.claims == {Bsn("999990019"), Bsn(OTHER_VALID)}
 
 
 def test_a_valid_bsn_next_to_an_invalid_claim_conflicts() -> None:
@@ -151,3 +159,13 @@ def test_a_conflict_between_header_attributes_is_seen_in_the_received_bytes() ->
         patient=bsn_item("999990019"), other_patient_ids=[bsn_item(OTHER_VALID)]
     )
     assert read_header(io.BytesIO(data), len(data)).patient.status is BsnStatus.CONFLICTING
+
+
+def test_every_valid_bsn_claimed_is_kept_out_of_what_is_published() -> None:
+    # Two different BSNs claimed: conflicting, no pseudonym, and neither may be published.
+    first, second = Bsn("999990019"), Bsn("999991772")
+    finding = BsnFinding(BsnStatus.CONFLICTING, claims=frozenset({first, second}))
+    assert without_own_bsn(f"A{first.value}-{second.value}", finding.claims) == "A[BSN]-[BSN]"
+    assert uid_holds_bsn(f"1.2.826.0.1.3680043.{second.value}.1", finding.claims)
+    assert not uid_holds_bsn("1.2.826.0.1.3680043.1.1", finding.claims)
+    assert without_bsns(None, finding.claims) is None

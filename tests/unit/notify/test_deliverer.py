@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from services.notify.adapters.dimse import DimseSender
@@ -15,9 +16,11 @@ from services.notify.domain.retry import RetryPolicy
 from services.notify.handlers.deliver import Deliverer
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.domain.directory import DicomWebEndpoint, PickupEndpoint
+from shared.errors import TransientError
 from shared.events import Delivered, DeliveryChannel, DeliveryFailed
 from shared.events.routing import BatchLimits
 from shared.storage.memory import InMemoryObjectStore
+from shared.topic_view import ViewFailed
 from tests.factories import T0, make_destination, make_route_resolved, make_study
 
 NOW = T0 + timedelta(hours=1)
@@ -27,7 +30,9 @@ class OneProvider:
     """The directory view as the deliverer asks it: the recipient and its endpoints, known
     after ``behind`` syncs (the view behind the topic); ``sync_fails`` raises instead."""
 
-    def __init__(self, *endpoints: Any, behind: int = 0, sync_fails: bool = False) -> None:
+    def __init__(
+        self, *endpoints: Any, behind: int = 0, sync_fails: Exception | None = None
+    ) -> None:
         self.endpoints = endpoints
         self.behind = behind
         self.sync_fails = sync_fails
@@ -38,7 +43,7 @@ class OneProvider:
 
     async def sync(self, timeout: float) -> None:
         if self.sync_fails:
-            raise TimeoutError
+            raise self.sync_fails
         self.syncs += 1
 
 
@@ -104,9 +109,14 @@ async def test_a_recipient_the_view_does_not_hold_yet_is_looked_up_after_a_sync(
     assert attempt.failure is None and len(attempt.results.stored) == 2
 
 
-async def test_a_recipient_missing_from_a_view_that_cannot_sync_is_tried_again_later() -> None:
+@pytest.mark.parametrize(
+    "trouble", [TimeoutError(), TransientError("Kafka away"), ViewFailed("the view stopped")]
+)
+async def test_a_recipient_missing_from_a_view_that_cannot_sync_is_tried_again_later(
+    trouble: Exception,
+) -> None:
     delivery, objects = stored_pickup(1)
-    directory = OneProvider(PickupEndpoint(id="portal"), behind=1, sync_fails=True)
+    directory = OneProvider(PickupEndpoint(id="portal"), behind=1, sync_fails=trouble)
 
     attempt = await deliverer(objects, directory).attempt(delivery)
     [failure, (topic, _)] = conclude(delivery, attempt, policy=RetryPolicy(), now=NOW)
