@@ -573,8 +573,9 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
         assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (1,)
         assert load_tables(conn) == []
         # The swapped-in tables were vacuumed and analysed: the planner has their statistics,
-        # every page is marked all-visible (index-only scans), and autovacuum has nothing
-        # left to do on them (a later swap would wait for it to give way).
+        # and autovacuum has nothing left to do on them (a later swap would wait for it to
+        # give way). How many pages the vacuum could mark all-visible depends on the other
+        # sessions' snapshots at that moment, so it is not asserted.
         settled = conn.execute(
             "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY(%s) "
             "AND schemaname = current_schema() AND last_analyze IS NOT NULL "
@@ -582,11 +583,6 @@ async def test_rebuild_from_the_topics_yields_identical_tables_and_keeps_the_acc
             (list(PROJECTION_TABLES),),
         ).fetchall()
         assert [name for (name,) in settled] == sorted(PROJECTION_TABLES)
-        pages = conn.execute(
-            "SELECT relpages, relallvisible FROM pg_class "
-            "WHERE oid = 'timeline_instances'::regclass"
-        ).fetchone()
-        assert pages is not None and pages[0] > 0 and pages[1] == pages[0]
 
     # The worker continues after the rebuild: only what is new is applied.
     extra = study_of(patients[0], study_date=date(2026, 1, 1))
