@@ -692,11 +692,12 @@ class Reload:
     async def settle(self) -> bool:
         """Vacuum (freezing) and analyse the swapped-in tables, online (the API and the
         projection read and write meanwhile): the planner gets their statistics, which they
-        were made without, and every page is marked all-visible and frozen. Otherwise
-        autovacuum comes for every one of them soon after (they are all fresh inserts), and a
-        swap that finds it working on a live table waits ``deadlock_timeout`` (1 s) for it to
-        give way, with the API's reads queued behind (seen in back-to-back rebuilds). False,
-        and logged, if that failed: the rebuild is done all the same."""
+        were made without, and the pages no older snapshot still needs are marked all-visible
+        and frozen. Otherwise autovacuum comes for every one of them soon after (they are all
+        fresh inserts), and a swap that finds it working on a live table waits
+        ``deadlock_timeout`` (1 s) for it to give way, with the API's reads queued behind
+        (seen in back-to-back rebuilds). False, and logged, if that failed: the rebuild is
+        done all the same."""
         try:
             for table in PROJECTION_TABLES:
                 await self.conn.execute(
