@@ -31,7 +31,10 @@ Errors, with the one policy of ``shared.errors``:
 - :class:`TransientError` (or a Kafka error while publishing): the whole batch is handled again
   after a growing delay, holding its partitions; handlers are idempotent, so the events a
   half-published batch already sent are sent again with the same ids. A skipped record would
-  be a study silently never decided.
+  be a study silently never decided. A transactional worker first asks the group which of
+  the batch's records a transaction committed although the client saw it fail (its answer
+  lost with a broker restarting) and handles only the others: the committed offsets travel
+  in the transaction with the events, so a read_committed reader sees each event once.
 - anything else (:class:`FatalError`, a bug): the worker stops *without* committing the batch
   and :meth:`StreamWorker.run` raises; the process exits non-zero and its supervisor restarts
   it, which replays the batch.
@@ -124,6 +127,8 @@ MAX_BACKOFF_SECONDS = 30.0
 # A batch's transaction only spans publishing (the work is done before it begins): an open one
 # older than this belongs to a dead process, and the broker aborts it.
 TRANSACTION_TIMEOUT_MS = 15_000
+# How long a replay waits for the group's committed offsets before it counts as failed again.
+COMMITTED_TIMEOUT_SECONDS = 10.0
 E = TypeVar("E", bound=Event)
 
 
@@ -389,12 +394,18 @@ class StreamWorker:
         waited for a retry (uncommitted: the next owner replays it)."""
         delay = 0.5
         rebuild = False
+        again = False
         while True:
             try:
                 if rebuild:
                     await self._rebuild_state()
+                if again and self._transactional and batch:
+                    batch = await self._not_committed(batch)
+                    if not batch:
+                        return {}
                 return await self._handle_batch(batch)
             except TransientError as exc:
+                again = True
                 rebuild = self._hooks["assigned"] is not None
                 wait = exc.retry_after or delay
                 log.warning(
@@ -409,6 +420,38 @@ class StreamWorker:
                 if self._stopping.is_set():
                     return None
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+    async def _not_committed(
+        self, batch: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """The records of a batch whose transaction looked failed that it did not commit.
+
+        A commit can succeed on the broker while its answer is lost (the connection dropped
+        with the broker restarting): the client raises, yet the events and the offsets are
+        committed. Handling such a batch again would publish its events a second time, visible
+        to read_committed readers. The offsets committed with the events tell: records below
+        the group's committed offset are done. The producer is made ready first, since its
+        init_transactions completes (or aborts) what the previous one left in doubt.
+        """
+        await self._publisher.ready()
+        consumer = self._require_consumer()
+        remaining: dict[TopicPartition, list[Any]] = {}
+        for tp, records in batch.items():
+            try:
+                done = await asyncio.wait_for(consumer.committed(tp), COMMITTED_TIMEOUT_SECONDS)
+            except (KafkaError, TimeoutError) as exc:
+                raise TransientError(f"committed offset of {tp} unknown: {exc!r}") from exc
+            left = [r for r in records if done is None or r.offset >= done]
+            if len(left) < len(records):
+                log.warning(
+                    "a transaction that looked failed was committed; not handled again",
+                    worker=self.name,
+                    partition=f"{tp.topic}[{tp.partition}]",
+                    records=len(records) - len(left),
+                )
+            if left:
+                remaining[tp] = left
+        return remaining
 
     async def _handle_batch(
         self, batch: dict[TopicPartition, list[Any]]

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError
 
 from shared import topics
 from shared.codec import Codec
@@ -502,6 +503,56 @@ async def test_a_transaction_that_fails_is_invisible_to_read_committed_and_its_r
     assert sorted(again.handled()) == [(p, offset) for p in range(2) for offset in range(3)]
     assert clean_seen == Counter(dict.fromkeys(expected, 1))
     assert dirty_seen == Counter(dict.fromkeys(expected, 2))  # aborted copies + committed ones
+    assert await committed(kafka_settings, names) == {0: 3, 1: 3}
+
+
+async def test_a_transaction_committed_though_its_answer_was_lost_is_not_handled_again(
+    kafka_settings: KafkaSettings,
+    make_topics: Callable[[int], Awaitable[Topics]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = await make_topics(2)
+    inputs = {p: studies(3) for p in range(2)}
+    expected = {derived_id(e) for events in inputs.values() for e in events}
+    for p, events in inputs.items():
+        await produce(kafka_settings, names.source, events, partition=p)
+    commit = AIOKafkaProducer.commit_transaction
+    lost: list[int] = []
+
+    async def answer_lost(self: AIOKafkaProducer) -> None:
+        """The broker commits; the client never hears (the connection dropped), once."""
+        await commit(self)
+        if not lost:
+            lost.append(1)
+            raise KafkaConnectionError("connection lost before the commit's answer")
+
+    checked = StreamWorker._not_committed
+    replays: list[dict[TopicPartition, list[Any]]] = []
+
+    async def replay_checked(
+        self: StreamWorker, batch: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        replays.append(left := await checked(self, batch))
+        return left
+
+    monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", answer_lost)
+    monkeypatch.setattr(StreamWorker, "_not_committed", replay_checked)
+    handler = Handler()
+    async with sink(kafka_settings, names, "read_committed") as clean:
+        async with running(Worker(stream(kafka_settings, names, handler, transactional=True))):
+            await clean.until(expected)
+            async with asyncio.timeout(TIMEOUT):
+                # The batch whose answer was lost is handled again, or found committed.
+                while not replays and len(handler.handled()) <= len(expected):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # a wrongful second handling would publish meanwhile
+        seen = await clean.drain()
+
+    assert lost == [1]
+    assert replays == [{}]  # every record of the batch was found committed ...
+    # ... and none was handled or published a second time.
+    assert sorted(handler.handled()) == [(p, offset) for p in range(2) for offset in range(3)]
+    assert seen == Counter(dict.fromkeys(expected, 1))
     assert await committed(kafka_settings, names) == {0: 3, 1: 3}
 
 

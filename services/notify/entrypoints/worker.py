@@ -17,8 +17,9 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
   on the retry tiers a partition's go in order. Up to ``max_records_per_batch`` per fetch.
 - **webhooks** (``notify-webhooks``) tells the recipient, by its webhook from the directory,
   of each delivery and each final failure.
-- The deliver groups are **transactional**: an attempt's events (delivered, delivery-failed,
-  the next tier or the dead letter) and the consumed offset commit atomically. A crash at any
+- The dispatch and deliver groups are **transactional**: a route's queued delivery and its
+  offset commit atomically, and so do an attempt's events (delivered, delivery-failed,
+  the next tier or the dead letter) and its offset. A crash at any
   point leads at worst to the same instances sent again (the receiver keeps one copy, SOP
   Instance UIDs never change), never to a lost delivery or a second visible ``delivered``
   for a (study version, destination): consumers read with isolation level read_committed.
@@ -156,7 +157,14 @@ def build_notify_worker(
         pickup,
     )
     streams = [
-        stream("dispatch", [RouteResolved.topic], handle=Dispatcher(metrics).handle),
+        # Transactional like the deliver groups: a route queued twice (a publish whose answer
+        # was lost, then the batch handled again) would be delivered twice.
+        stream(
+            "dispatch",
+            [RouteResolved.topic],
+            handle=Dispatcher(metrics).handle,
+            transactional=True,
+        ),
         deliver("urgent", [URGENT_QUEUE], side_by_side=True),
         deliver("routine", [ROUTINE_QUEUE], side_by_side=True),
         # A tier's record not yet due stops its partition; what went side by side after it

@@ -11,6 +11,10 @@ receiver's coercion, sends the batches over the endpoint's channel, and returns 
 :func:`~services.notify.domain.delivery.conclude` makes of the answers. A record on a retry
 tier that is not yet due raises :class:`~shared.stream.NotDue`, which pauses its partition.
 
+A queued delivery published twice (the same event id: a publish that succeeded although its
+producer saw it fail) is attempted once: the deliverer skips a copy of one it handled earlier
+in the same partition (``Deliverer._is_copy``).
+
 Failures while sending are outcomes, not exceptions: they become a retry or a dead letter.
 Only what says nothing about the receiver is raised: the object store unreachable
 (``TransientError``: the batch is handled again, the partition held) and poison records.
@@ -21,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,10 +67,14 @@ from shared.events import (
 from shared.events.base import utcnow
 from shared.logging import correlation_context, get_logger
 from shared.storage.port import ObjectNotFound, ObjectStore, ObjectStoreError
-from shared.stream import NotDue, Outgoing, decode_as
+from shared.stream import NotDue, Outgoing, decode_as, position
 from shared.topic_view import ViewFailed
 
 log = get_logger(__name__)
+
+# How many handled queued deliveries a deliverer remembers to recognise their copies: copies are
+# published seconds apart (a publish retried), so the last 20,000 are plenty (5.4 MB measured).
+HANDLED_REMEMBERED = 20_000
 
 
 @dataclass
@@ -99,6 +109,9 @@ class Deliverer:
     attempt_seconds: float = 120.0
     _directory_ready: bool = False
     _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    # The queued deliveries handled last (event id -> topic, partition, offset): copies of them
+    # further on in their partition are skipped (``_is_copy``).
+    _handled: OrderedDict[uuid.UUID, tuple[str, int, int]] = field(default_factory=OrderedDict)
 
     async def prepare(self) -> None:
         if not self._directory_ready:
@@ -111,6 +124,20 @@ class Deliverer:
 
     async def handle(self, record: Any) -> list[Outgoing]:
         delivery = decode_as(self.codec, record, DeliveryQueued)
+        if self._is_copy(delivery, record):
+            # Its first copy went before it in this partition and was handled by this worker:
+            # what that attempt concluded (delivered, the next try, the dead letter) carries the
+            # delivery on, and commits no later than this record's offset does.
+            log.warning(
+                "a copy of a queued delivery already handled; skipped",
+                position=position(record),
+                study_instance_uid=delivery.route.study.study_instance_uid,
+                version=delivery.route.study.version,
+                endpoint_id=delivery.route.destination.endpoint_id,
+                attempt=delivery.attempt,
+            )
+            self.metrics.consumed(record.topic, delivery.schema_name, "copy")
+            return []
         now = utcnow()
         if delivery.not_before is not None and delivery.not_before > now:
             raise NotDue((delivery.not_before - now).total_seconds())
@@ -122,7 +149,33 @@ class Deliverer:
                 attempt = await self.attempt(delivery)
             outgoing = conclude(delivery, attempt, policy=self.policy, now=utcnow())
             self._record(record.topic, delivery, attempt, outgoing)
+        self._remember(delivery, record)
         return outgoing
+
+    def _is_copy(self, delivery: DeliveryQueued, record: Any) -> bool:
+        """Whether the same queued delivery (its event id: one step of one delivery run) was
+        handled here at an earlier offset of this partition: a copy published twice (a
+        producer that saw a publish fail that had succeeded, then sent it again).
+
+        Skipping it is safe: records of a partition are handled in offset order from its
+        committed offset on, so the first copy's outcome is either committed already or in
+        the same transaction as this record, and a batch handled again (or a partition taken
+        over) handles the first copy again before it reaches this one. A copy that arrives
+        after the worker restarted is not recognised: it makes one more attempt.
+        """
+        first = self._handled.get(delivery.event_id)
+        return (
+            first is not None
+            and first[:2] == (record.topic, record.partition)
+            and first[2] < record.offset
+        )
+
+    def _remember(self, delivery: DeliveryQueued, record: Any) -> None:
+        handled = self._handled
+        handled[delivery.event_id] = (record.topic, record.partition, record.offset)
+        handled.move_to_end(delivery.event_id)
+        while len(handled) > HANDLED_REMEMBERED:
+            handled.popitem(last=False)
 
     def _endpoint(self, delivery: DeliveryQueued) -> Any:
         destination = delivery.route.destination

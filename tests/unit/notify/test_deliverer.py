@@ -1,4 +1,5 @@
-"""The deliverer's attempt on pure logic: a portal pickup is offered only for what is stored."""
+"""The deliverer on pure logic: a portal pickup is offered only for what is stored, a directory
+behind is synced, a slow delivery yields its turn, a queued delivery published twice is sent once."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 from services.notify.adapters.dimse import DimseSender
@@ -16,14 +18,16 @@ from services.notify.domain.retry import RetryPolicy
 from services.notify.handlers.deliver import Deliverer
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.domain.directory import DicomWebEndpoint, PickupEndpoint
+from shared.codec import Codec
 from shared.errors import TransientError
-from shared.events import Delivered, DeliveryChannel, DeliveryFailed
+from shared.events import Delivered, DeliveryChannel, DeliveryFailed, DeliveryQueued
 from shared.events.routing import BatchLimits
 from shared.storage.memory import InMemoryObjectStore
 from shared.topic_view import ViewFailed
 from tests.factories import T0, make_destination, make_route_resolved, make_study
 
 NOW = T0 + timedelta(hours=1)
+CODEC = Codec()
 
 
 class OneProvider:
@@ -182,3 +186,53 @@ async def test_a_delivery_past_its_time_slice_yields_to_the_queue_and_resumes_wh
     assert len({t[1].event_id for t in turns[:2]}) == 2
     delivered = turns[2]
     assert isinstance(delivered, Delivered) and delivered.outcomes.sent == 3
+
+
+def consumed(event: Any, *, topic: str, offset: int, partition: int = 0) -> ConsumerRecord:
+    record = CODEC.encode(event)
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=record.key,
+        value=record.value,
+        checksum=None,
+        serialized_key_size=len(record.key),
+        serialized_value_size=len(record.value),
+        headers=record.headers,
+    )
+
+
+async def test_a_queued_delivery_published_twice_is_attempted_once() -> None:
+    study = make_study(2)
+    objects = InMemoryObjectStore()
+    for i, ref in enumerate(study.instances):
+        objects.put(ref.object_key, f"instance {i}".encode())
+    stow = RecordingStow()
+    endpoint = DicomWebEndpoint(id="pacs-dicomweb", base_url="https://pacs.example.nl/dicomweb")
+    worker = deliverer(objects, OneProvider(endpoint))
+    worker.stow = stow  # type: ignore[assignment]
+    delivery = queued(make_route_resolved(study=study), now=NOW)
+    first = consumed(delivery, topic="delivery-routine", offset=4)
+
+    outcome = await worker.handle(first)
+    # The same record handled again (its batch replayed) is attempted again: it is the first.
+    replayed = await worker.handle(first)
+    # A copy further on in the partition (published twice) is skipped ...
+    copy = await worker.handle(consumed(delivery, topic="delivery-routine", offset=9))
+    # ... but not the same event elsewhere, which this worker has no first copy of.
+    other = await worker.handle(consumed(delivery, topic="delivery-routine", offset=9, partition=1))
+
+    [delivered] = outcome
+    assert isinstance(delivered, Delivered) and delivered.outcomes.sent == 2
+    assert [e.event_id for e in replayed] == [delivered.event_id]
+    assert copy == []
+    assert [type(e) for e in other] == [Delivered]
+    assert len(stow.batches) == 3  # first, replayed, other; never the copy
+    copies = worker.metrics.registry.get_sample_value(
+        "beeldportaal_events_consumed_total",
+        {"topic": "delivery-routine", "schema": DeliveryQueued.schema_name, "outcome": "copy"},
+    )
+    assert copies == 1.0
