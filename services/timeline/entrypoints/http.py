@@ -1187,6 +1187,18 @@ def build_router(api: TimelineApi) -> APIRouter:
             request, principal, study, None, filters, limit, offset, break_the_glass
         )
 
+    async def wado_rows(
+        attempt: Attempt, study: str, series: str | None, instance: str | None
+    ) -> tuple[str, AccessDecision, list[InstanceRow]]:
+        """The instances a WADO-RS request names, once access to their study is decided. None
+        is a 404, audited as granted: the requester may see the study, nothing was there."""
+        patient, decision = await study_access(attempt, study)
+        rows = await _read("instances", api.reader.instances(study, series, instance))
+        if not rows:
+            await _grant(api, attempt, patient, decision, (study,))
+            raise Refusal(404, "not-found", "no such series or instance in this study")
+        return patient, decision, rows
+
     async def retrieve(
         request: Request,
         principal: Principal,
@@ -1197,11 +1209,7 @@ def build_router(api: TimelineApi) -> APIRouter:
     ) -> Response:
         attempt = _attempt(request, principal, EVENT_WADO, AuditAction.READ, reason)
         async with _answered(api, attempt):
-            patient, decision = await study_access(attempt, study)
-            rows = await _read("instances", api.reader.instances(study, series, instance))
-            if not rows:
-                await _grant(api, attempt, patient, decision, (study,))
-                raise Refusal(404, "not-found", "no such series or instance in this study")
+            patient, decision, rows = await wado_rows(attempt, study, series, instance)
             stored = {r.transfer_syntax_uid for r in rows}
             if not _accepts_dicom(request.headers.get("accept"), stored):
                 await _grant(api, attempt, patient, decision, (study,))
@@ -1244,11 +1252,7 @@ def build_router(api: TimelineApi) -> APIRouter:
             raise Refusal(406, "not-supported", f"metadata is sent as {DICOM_JSON}")
         attempt = _attempt(request, principal, EVENT_WADO, AuditAction.READ, reason)
         async with _answered(api, attempt):
-            patient, decision = await study_access(attempt, study)
-            rows = await _read("instances", api.reader.instances(study, series, instance))
-            if not rows:
-                await _grant(api, attempt, patient, decision, (study,))
-                raise Refusal(404, "not-found", "no such series or instance in this study")
+            patient, decision, rows = await wado_rows(attempt, study, series, instance)
 
             def read_all() -> list[dict[str, Any]]:
                 return [_instance_metadata(api, row, instance_url(row)) for row in rows]
