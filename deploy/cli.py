@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         "dead-letters", help="deliveries notify gave up on: list them, re-drive one or all"
     )
     dead.add_argument("action", choices=("list", "redrive"))
-    dead.add_argument("key", nargs="?", help="redrive: the delivery key (study|version|endpoint)")
+    dead.add_argument(
+        "key", nargs="?", help="redrive: the delivery key 'study|version|endpoint' (quote it)"
+    )
     dead.add_argument("--all", action="store_true", help="redrive: every dead letter")
     dead.set_defaults(handler=_dead_letters)
 

@@ -63,7 +63,9 @@ transaction are undone by rebuilding, so the replay starts from what was committ
 
 Metrics (on the worker's :class:`~shared.metrics.ServiceMetrics`, labelled by consumer group):
 ``consumer_lag`` per owned partition after every fetch (highwater minus position: records not
-fetched yet; a partition paused on a retry tier counts the records waiting there),
+fetched yet; a partition paused on a retry tier counts the records waiting there; a worker
+retrying a batch fetches nothing, so its lag stands still meanwhile), ``events_failed`` with
+``error_class="transient"`` per topic for every failed attempt at a batch,
 ``consumer_assigned_partitions``, and ``stream_record_latency_seconds`` per topic, from a
 record's append to the end of the batch that handled it (one hop). The series of the group's
 topics exist at zero from construction on.
@@ -407,6 +409,10 @@ class StreamWorker:
             except TransientError as exc:
                 again = True
                 rebuild = self._hooks["assigned"] is not None
+                # Counted per attempt: a worker stuck on a batch fetches nothing, so its lag
+                # stops growing while its input grows (BeeldportaalStreamStalled watches this).
+                for topic in {tp.topic for tp in batch}:
+                    self._metrics.failed(topic, "transient")
                 wait = exc.retry_after or delay
                 log.warning(
                     "batch failed for now; handling it again",

@@ -389,6 +389,8 @@ async def test_a_transient_error_replays_the_batch_until_it_succeeds_and_loses_n
     assert set(seen) == {derived_id(e) for e in inputs}  # a replay repeats an id, never a new one
     assert await committed(kafka_settings, names) == {0: 5}
     assert sample(metrics, "events_failed", topic=names.source, error_class="poison") == 0
+    # Each failed attempt at the batch is counted: a worker stuck retrying shows.
+    assert sample(metrics, "events_failed", topic=names.source, error_class="transient") == 2
 
 
 async def test_an_unexpected_error_stops_the_run_uncommitted_and_a_new_member_handles_it_again(

@@ -34,6 +34,7 @@ ALERTS = (
     "BeeldportaalDeliveryFailing",
     "BeeldportaalEndToEndLatencyHigh",
     "BeeldportaalConsumerLagHigh",
+    "BeeldportaalStreamStalled",
     "BeeldportaalIngestRejectionsHigh",
     "BeeldportaalConsentDenialsSpike",
 )

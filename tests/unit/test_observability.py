@@ -33,6 +33,7 @@ ALERTS = {
     "BeeldportaalDeliveryFailing",
     "BeeldportaalEndToEndLatencyHigh",
     "BeeldportaalConsumerLagHigh",
+    "BeeldportaalStreamStalled",
     "BeeldportaalIngestRejectionsHigh",
     "BeeldportaalConsentDenialsSpike",
 }

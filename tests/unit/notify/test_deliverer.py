@@ -1,5 +1,5 @@
 """The deliverer on pure logic: a portal pickup is offered only for what is stored, a directory
-behind is synced, a slow delivery yields its turn, a queued delivery published twice is sent once."""
+behind is synced, a slow delivery yields its turn, a delivery queued twice is sent once."""
 
 from __future__ import annotations
 
