@@ -47,9 +47,10 @@ class IngestSettings(ServiceSettings):
     # Study assembly: announce a study once no instance arrived for this long.
     stable_age_seconds: float = Field(default=15.0, gt=0)
     assembly_check_interval_seconds: float = Field(default=0.5, gt=0)
-    # A study whose newest instance came with completes_study is announced once no new instance
-    # came for this long (capped at the stable age), unless ingest said first that the request
-    # has ended (then at once). A straggler later than this is not lost: it makes a version 2.
+    # A study whose newest instance came with completes_study (as ingest wrote them before
+    # 2026-11-27; it now says so only when the whole request is in, and the study is then
+    # announced at once) is announced once no new instance came for this long (capped at the
+    # stable age). A straggler later than this is not lost: it makes a version 2.
     assembly_completion_quiet_seconds: float = Field(default=0.5, ge=0)
     # The assembly worker: /healthz, /readyz and /metrics on <host>:<port>; None serves none.
     assembly_metrics_port: int | None = Field(default=None, ge=1, le=65535)

@@ -15,6 +15,8 @@ INSTANCE_OUTCOMES = ("stored", "duplicate", "rejected", "failed")
 STUDY_KINDS = ("first", "follow-up")
 # STOW-RS answers (README "Sending a study") and DIMSE association outcomes (entrypoints.scp).
 STOW_STATUSES = ("200", "202", "400", "401", "404", "409", "413", "415", "503")
+# The STOW-RS routes' templates start with this (shared.http.CorrelationMiddleware's route).
+STOW_ROUTE_PREFIX = "/dicomweb/to/"
 ASSOCIATION_OUTCOMES = ("accepted", "rejected-limit", "rejected-called-ae", "rejected-calling-ae")
 
 
@@ -64,3 +66,9 @@ class IngestMetrics(ServiceMetrics):
         initialise(self.studies_assembled, STUDY_KINDS)
         initialise(self.requests, STOW_STATUSES)
         initialise(self.associations, ASSOCIATION_OUTCOMES)
+
+    def answered(self, route: str, status: int) -> None:
+        """Every answered STOW-RS request by its status (``CorrelationMiddleware``'s hook): the
+        ones refused before the handler ran (401, a 422 on the path) as much as the others."""
+        if route.startswith(STOW_ROUTE_PREFIX):
+            self.requests.labels(str(status)).inc()

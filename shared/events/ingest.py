@@ -49,7 +49,9 @@ class InstanceStored(Event):
     series_description: str | None = Field(default=None, max_length=64)
     urgency: Urgency = Urgency.ROUTINE
     sender_note: str | None = Field(default=None, max_length=2000)
-    # The sender said this request completes the study: announce without waiting.
+    # The sender said this request completes the study: announce without waiting. Written
+    # False since 2026-11-27 (a request's claim counts once the request is whole, by
+    # CompletingRequestStored); assembly still honours it on older records.
     completes_study: bool = False
 
     def partition_key(self) -> str:

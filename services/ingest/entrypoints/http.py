@@ -51,6 +51,22 @@ def build_router(ingest: Ingest) -> APIRouter:
         complete: str | None,
     ) -> Response:
         started = time.perf_counter()
+        try:
+            return await answer(request, ura, study_uid, sender, note, urgency, complete)
+        finally:
+            # Every request that got past authentication, refused or not (the answers, 401
+            # included, are counted by status in ``answered``).
+            ingest.metrics.request_duration.labels("stow-rs").observe(time.perf_counter() - started)
+
+    async def answer(
+        request: Request,
+        ura: str,
+        study_uid: str | None,
+        sender: Principal,
+        note: str | None,
+        urgency: str | None,
+        complete: str | None,
+    ) -> Response:
         # 404 before a single body byte is read or stored.
         if not ingest.peers.knows(ura):
             raise HTTPException(404, f"no organisation with URA {ura} receives through this portal")
@@ -70,20 +86,37 @@ def build_router(ingest: Ingest) -> APIRouter:
             completes_study=_flag(complete),
             expected_study_uid=study_uid,
         )
-        try:
-            results = await _store_parts(ingest, request, related, submission)
-        except MalformedMultipart as exc:  # 400, or 413 (PayloadTooLarge) for the limits
-            ingest.metrics.requests.labels(str(exc.status_code)).inc()
-            raise HTTPException(exc.status_code, f"multipart/related body refused: {exc}") from None
-        if submission.completes_study:
+        results, broken = await _store_parts(ingest, request, related, submission)
+        if broken is not None:
+            if not results:  # 400, or 413 (PayloadTooLarge) for the limits
+                raise HTTPException(broken.status_code, f"multipart/related body refused: {broken}")
+            # The parts before the break are handled (stored and announced, or refused): the
+            # answer says which, and the rest as one failure. The request did not complete
+            # the study, whatever it said.
+            log.warning(
+                "STOW-RS body broke off after some parts",
+                parts=len(results),
+                error=str(broken),
+                sender=submission.sender_ura,
+            )
+            results.append(
+                InstanceResult(
+                    Status.CANNOT_UNDERSTAND,
+                    f"the body broke off after part {len(results)} and was not read further "
+                    f"({broken}): send the instances not listed as stored again",
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            )
+        elif submission.completes_study:
             await ingest.store.request_ended(submission, _stored_per_study(results))
         status = http_status(results)
         study_url = _study_url(ingest, results, study_uid)
         headers = _warning_headers(results)
         if status == 503:
             headers["Retry-After"] = "5"
-        ingest.metrics.requests.labels(str(status)).inc()
-        ingest.metrics.request_duration.labels("stow-rs").observe(time.perf_counter() - started)
         return JSONResponse(
             response_body(results, study_url),
             status_code=status,
@@ -123,7 +156,9 @@ def build_router(ingest: Ingest) -> APIRouter:
 
 async def _store_parts(
     ingest: Ingest, request: Request, related: RelatedType, submission: Submission
-) -> list[InstanceResult]:
+) -> tuple[list[InstanceResult], MalformedMultipart | None]:
+    """Each part's result, in order, and what broke the body off (the parts before it were
+    handled all the same: what they stored is stored and announced)."""
     settings = ingest.settings
     slots = asyncio.Semaphore(settings.store_concurrency)
     tasks: list[asyncio.Task[InstanceResult]] = []
@@ -147,6 +182,7 @@ async def _store_parts(
             part.close()
             slots.release()
 
+    broken: MalformedMultipart | None = None
     try:
         async for part in iter_parts(
             request.stream(),
@@ -159,6 +195,8 @@ async def _store_parts(
             # Backpressure: at most store_concurrency parts are spooled and in flight.
             await slots.acquire()
             tasks.append(asyncio.create_task(one(part)))
+    except MalformedMultipart as exc:
+        broken = exc
     finally:
         done = await asyncio.gather(*tasks, return_exceptions=True)
     results: list[InstanceResult] = []
@@ -170,7 +208,7 @@ async def _store_parts(
             )
         else:
             results.append(item)
-    return results
+    return results, broken
 
 
 def _result(ingest: Ingest, outcome: Outcome) -> InstanceResult:
@@ -224,7 +262,10 @@ def _note(value: str | None) -> str | None:
     # HTTP header values are Latin-1; a note in any language is sent percent-encoded UTF-8.
     if value is None or not value.strip():
         return None
-    note = urllib.parse.unquote(value.strip(), errors="strict")
+    try:
+        note = urllib.parse.unquote(value.strip(), errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPException(400, f"{NOTE_HEADER} must be percent-encoded UTF-8") from None
     if len(note) > 2000:
         raise HTTPException(400, f"{NOTE_HEADER} is longer than 2000 characters")
     if contains_written_bsn(note):
@@ -271,7 +312,7 @@ def create_app(ingest: Ingest) -> FastAPI:
         lifespan=ingest.lifespan,
     )
 
-    app.add_middleware(CorrelationMiddleware)
+    app.add_middleware(CorrelationMiddleware, on_response=ingest.metrics.answered)
     app.include_router(build_router(ingest))
     add_operational_routes(app, ingest)
     return app

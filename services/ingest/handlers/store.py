@@ -214,8 +214,7 @@ class InstanceStore:
         the request is in, so study assembly announces the study at once.
 
         False when Kafka did not take it. Nothing is lost then: the instances are stored and
-        carry ``completes_study``, so assembly announces the study after its completion quiet
-        period instead.
+        announced, and assembly announces the study once it is stable instead.
         """
         if not submission.completes_study or not stored:
             return True
@@ -385,7 +384,10 @@ class InstanceStore:
             series_description=without_bsns(header.series_description, finding.claims),
             urgency=sub.urgency,
             sender_note=without_bsns(sub.sender_note, finding.claims),
-            completes_study=sub.completes_study,
+            # The request's claim to complete its study holds only once the whole request is
+            # in (``request_ended``): one that breaks off completes nothing, so no instance
+            # carries it (the field stays for records written before 2026-11-27).
+            completes_study=False,
         )
 
 

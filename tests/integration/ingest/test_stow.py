@@ -296,9 +296,36 @@ def test_the_senders_note_urgency_and_completion_mark_travel_with_the_instances(
     [event] = instance_stored_tap.read(for_sops([uid]), expect=1)
     assert event.sender_note == note
     assert event.urgency is Urgency.URGENT
-    assert event.completes_study is True
+    # The completion mark is the request's end (CompletingRequestStored), once it is whole.
+    assert event.completes_study is False
     bad = post(ingest_service, multipart([data]), headers={"X-Beeldportaal-Urgency": "asap"})
     assert bad.status_code == 400
+    not_utf8 = post(ingest_service, multipart([data]), headers={"X-Beeldportaal-Note": "%FF"})
+    assert not_utf8.status_code == 400
+    assert "percent-encoded UTF-8" in not_utf8.json()["detail"]
+
+
+def test_a_body_that_breaks_off_answers_for_the_parts_before_it_and_completes_nothing(
+    ingest_service: RunningIngest, instance_stored_tap: EventTap
+) -> None:
+    study = pydicom.uid.generate_uid()
+    files = [make_dicom_bytes(StudyInstanceUID=study) for _ in range(3)]
+    uids = [pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID for f in files]
+    whole = multipart(files)
+    cut = whole[: whole.index(files[2]) + 100]  # ends inside the third instance
+
+    response = post(ingest_service, cut, headers={"X-Beeldportaal-Study-Complete": "true"})
+
+    assert response.status_code == 202, response.text
+    assert sorted(uid_of(i) for i in items(response, REFERENCED)) == sorted(uids[:2])
+    [broken] = items(response, FAILED)
+    assert broken[FAILURE_REASON]["Value"][0] == int(Status.CANNOT_UNDERSTAND)
+    events = instance_stored_tap.read(lambda e: e.study_instance_uid == study, expect=2, settle=2)
+    stored = [e for e in events if isinstance(e, InstanceStored)]
+    assert sorted(e.instance.sop_instance_uid for e in stored) == sorted(uids[:2])
+    # The request said it completes the study, but it did not arrive whole: nothing says so.
+    assert not any(isinstance(e, CompletingRequestStored) for e in events)
+    assert not any(e.completes_study for e in stored)
 
 
 def test_no_bsn_reaches_the_bus_from_the_headers_texts_the_note_or_the_uids(
@@ -468,6 +495,17 @@ def test_readiness_reports_kafka_and_s3_and_metrics_count_what_came_in(
     assert 'beeldportaal_ingest_instances_rejected_total{channel="stow-rs",status="C000"} 1.0' in (
         metrics
     )
+    # Requests refused before any instance are counted by their status too.
+    body = multipart([make_dicom_bytes()])
+    assert post(ingest_service, body, headers={"Authorization": ""}).status_code == 401
+    assert post(ingest_service, body, url=ingest_service.stow_url("99999999")).status_code == 404
+    assert post(
+        ingest_service, body, headers={"Content-Type": "application/dicom"}
+    ).status_code == (415)
+    metrics = requests.get(f"{ingest_service.base_url}/metrics", timeout=10).text
+    for status in ("202", "401", "404", "415"):
+        assert f'beeldportaal_ingest_requests_total{{status="{status}"}} 1.0' in metrics, status
+    assert 'beeldportaal_ingest_request_duration_seconds_count{channel="stow-rs"} 3.0' in metrics
     assert json.loads(requests.get(f"{ingest_service.base_url}/openapi.json", timeout=10).text)[
         "paths"
     ]
