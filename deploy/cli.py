@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("up", "down", "status", "env", "purge"),
         help="up: install+start+provision (idempotent); down: stop what up started; "
         "status: health of each component (exit 1 unless all ready); env: print settings "
-        "exports; purge: down, then delete all platform state (data, logs, secrets)",
+        "exports; purge: the services and the platform down, then delete all state (data, "
+        "logs, secrets)",
     )
     platform.set_defaults(handler=_platform)
 

@@ -69,7 +69,12 @@ class Platform:
             self.out(f"{name + ':':11} {'stopped' if component.stop() else 'was not running'}")
 
     def purge(self) -> None:
-        """Stop everything, then delete every byte of state (data, logs, secrets)."""
+        """Stop everything, then delete every byte of state (data, logs, secrets). The services
+        `make up` started go first: their pid files are in the state, and once it is gone
+        nothing could stop their supervisors, which would start them again for ever."""
+        from deploy.local.services import Services
+
+        Services(self.config, out=self.out).down()
         self.down()
         homes = {self.config.state_dir, self.postgres.home}
         for path in homes:

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 
 from deploy.local import orthanc, processes, prometheus
+from deploy.local.config import LocalConfig
 from deploy.local.demo import ReceivingPacs, running_as_configured
 from deploy.local.orthanc import OrthancConfig, OrthancPeer
+from deploy.local.platform import Platform
 from deploy.local.processes import PlatformError, apt_install
-from deploy.local.services import DEMO_DIRECTORY
+from deploy.local.services import DEMO_DIRECTORY, Services
 
 # -- apt_install -----------------------------------------------------------------------------
 
@@ -227,3 +229,24 @@ def test_the_demo_orthanc_is_restarted_unless_it_runs_as_configured(tmp_path: Pa
 
     other = OrthancPeer(tmp_path, OrthancConfig(http_port=pacs.http_port, aet=pacs.aet))
     assert not running_as_configured(other)
+
+
+def test_purge_stops_the_services_before_the_platform_and_before_deleting_their_pid_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BEELDPORTAAL_LOCAL_STATE_DIR", str(tmp_path / "state"))
+    config = LocalConfig.from_env()
+    pid_files = config.state_dir / "services"
+    pid_files.mkdir(parents=True)
+    (pid_files / "ingest.pid").write_text("1\n")
+    steps: list[str] = []
+
+    def services_down(self: Services) -> None:
+        steps.append(f"services down, pid files there: {(pid_files / 'ingest.pid').exists()}")
+
+    monkeypatch.setattr(Services, "down", services_down)
+    monkeypatch.setattr(Platform, "down", lambda self: steps.append("platform down"))
+    Platform(config, out=lambda line: None).purge()
+
+    assert steps == ["services down, pid files there: True", "platform down"]
+    assert not config.state_dir.exists()
