@@ -1,4 +1,4 @@
-"""Where an instance's received bytes live in object storage: sender, study, series, instance."""
+"""Where an instance's received bytes live in object storage: sender and SOP Instance UID."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ _OBJECT_KEY: TypeAdapter[str] = TypeAdapter(ObjectKey)
 
 
 def object_key(sender_ura: str, header: InstanceHeader) -> str:
-    """``{sender_ura}/{study}/{series}/{sop}.dcm``: identifiers only, never patient data.
+    """``{sender_ura}/{sop}.dcm``: identifiers only, never patient data.
 
-    The sender is part of the key so two senders that (wrongly) reuse a UID never overwrite
-    each other's bytes. The UIDs were validated by read_header; they are checked again because
-    a key that is a path on a POSIX-backed S3 server must never depend on a caller's care.
+    One key per SOP Instance UID of a sender, whatever study or series the instance names: the
+    same UID sent again with other content, also under another series or study, finds the first
+    copy under its key and is refused (0111), never stored beside it (a receiver would get two
+    different instances under one UID). The sender is part of the key so two senders that
+    (wrongly) reuse a UID never overwrite or refuse each other. The UID was validated by
+    read_header; it is checked again because a key that is a path on a POSIX-backed S3 server
+    must never depend on a caller's care.
     """
     try:
         _URA.validate_python(sender_ura)
     except ValidationError:
         raise ValueError("the sender URA must be 8 digits") from None
-    uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-    for name, uid in zip(("Study", "Series", "SOP"), uids, strict=True):
-        if not is_valid_uid(uid):
-            raise ValueError(f"the {name} Instance UID is not a valid DICOM UID")
-    study, series, sop = uids
-    return _OBJECT_KEY.validate_python(f"{sender_ura}/{study}/{series}/{sop}.dcm")
+    if not is_valid_uid(header.sop_instance_uid):
+        raise ValueError("the SOP Instance UID is not a valid DICOM UID")
+    return _OBJECT_KEY.validate_python(f"{sender_ura}/{header.sop_instance_uid}.dcm")

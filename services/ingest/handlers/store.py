@@ -350,7 +350,8 @@ class InstanceStore:
                 header,
                 Status.DUPLICATE_SOP_INSTANCE,
                 "this sender already sent an instance with this SOP Instance UID and other "
-                "content; it is kept and not overwritten",
+                "content (in this or another series or study); the first is kept and not "
+                "overwritten: a changed instance needs a new SOP Instance UID",
             )
         return header, key, info, created
 

@@ -63,9 +63,7 @@ def test_a_one_gigabyte_request_is_stored_while_ingest_stays_under_250_mb(
         client = s3_client(deployment.env)
         for path in files[:1]:  # one is enough to prove the bytes; hashing all takes long
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            key_name = (
-                f"{SENDER}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
-            )
+            key_name = f"{SENDER}/{ds.SOPInstanceUID}.dcm"
             stat = client.stat_object(deployment.bucket, key_name)
             assert stat.size == path.stat().st_size
             expected = hashlib.sha256()

@@ -116,7 +116,7 @@ def test_a_study_sent_with_dicomweb_client_is_stored_byte_for_byte_and_announced
         assert event.patient.bsn_status is BsnStatus.VERIFIED
         assert event.patient.pseudonym is not None
         assert "999990019" not in event.model_dump_json()
-        assert event.instance.object_key.startswith(f"{SENDER_URA}/{study}/")
+        assert event.instance.object_key == f"{SENDER_URA}/{event.instance.sop_instance_uid}.dcm"
         # dicomweb-client re-encodes the data sets: the stored bytes are what it sent.
         body = stored_bytes(bucket, event.instance.object_key)
         assert hashlib.sha256(body).hexdigest() == event.instance.sha256
@@ -236,6 +236,28 @@ def test_the_same_sop_instance_with_other_bytes_is_refused_and_never_overwrites(
     assert stored_bytes(bucket, key) == first
 
 
+def test_the_same_sop_instance_in_another_series_or_study_is_refused_and_not_stored(
+    ingest_service: RunningIngest, bucket: S3Settings, instance_stored_tap: EventTap
+) -> None:
+    first = make_dicom_bytes()
+    ds = pydicom.dcmread(io.BytesIO(first))
+    uid = ds.SOPInstanceUID
+    other_series = make_dicom_bytes(SOPInstanceUID=uid, StudyInstanceUID=ds.StudyInstanceUID)
+    other_study = make_dicom_bytes(SOPInstanceUID=uid)
+    assert post(ingest_service, multipart([first])).status_code == 200
+    for moved in (other_series, other_study):
+        response = post(ingest_service, multipart([moved]))
+        _assert_refused_as_a_duplicate(response)
+        [item] = items(response, FAILED)
+        assert uid_of(item) == uid
+
+    client = s3_client(bucket)
+    keys = [o.object_name for o in client.list_objects(bucket.bucket, recursive=True)]
+    assert keys == [f"{SENDER_URA}/{uid}.dcm"]
+    assert stored_bytes(bucket, keys[0]) == first
+    assert len(instance_stored_tap.read(for_sops([uid]), expect=1, settle=2.0)) == 1
+
+
 def _one_instance_twice_with_other_bytes() -> tuple[bytes, bytes, str]:
     """Two encodings of one SOP instance with different content, and its object key."""
     first = make_dicom_bytes(StudyDescription="first")
@@ -246,7 +268,7 @@ def _one_instance_twice_with_other_bytes() -> tuple[bytes, bytes, str]:
         StudyInstanceUID=ds.StudyInstanceUID,
         SeriesInstanceUID=ds.SeriesInstanceUID,
     )
-    key = f"{SENDER_URA}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    key = f"{SENDER_URA}/{ds.SOPInstanceUID}.dcm"
     return first, second, key
 
 

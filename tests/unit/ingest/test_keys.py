@@ -1,4 +1,4 @@
-"""Object keys for received instances: sender, study, series, instance, and nothing personal."""
+"""Object keys for received instances: sender and SOP Instance UID, and nothing personal."""
 
 import dataclasses
 import io
@@ -19,12 +19,16 @@ def header(**attrs: object) -> InstanceHeader:
     return read_header(io.BytesIO(data), len(data))
 
 
-def test_the_key_is_sender_study_series_and_instance() -> None:
+def test_the_key_is_sender_and_instance() -> None:
     h = header()
-    key = object_key(SENDER_URA, h)
-    assert key == (
-        f"{SENDER_URA}/{h.study_instance_uid}/{h.series_instance_uid}/{h.sop_instance_uid}.dcm"
-    )
+    assert object_key(SENDER_URA, h) == f"{SENDER_URA}/{h.sop_instance_uid}.dcm"
+
+
+def test_an_instance_named_in_another_series_or_study_has_the_same_key() -> None:
+    # So that the same SOP Instance UID with other content finds the first copy and is refused.
+    h = header()
+    moved = dataclasses.replace(h, series_instance_uid="1.2.3.4", study_instance_uid="1.2.3.5")
+    assert object_key(SENDER_URA, moved) == object_key(SENDER_URA, h)
 
 
 def test_the_key_is_a_valid_object_key_for_the_events() -> None:
@@ -49,7 +53,7 @@ def test_uids_of_the_maximum_length_fit_in_a_key() -> None:
     h = dataclasses.replace(
         header(), study_instance_uid=uid, series_instance_uid=uid, sop_instance_uid=uid
     )
-    assert object_key(SENDER_URA, h).count(uid) == 3
+    assert object_key(SENDER_URA, h) == f"{SENDER_URA}/{uid}.dcm"
 
 
 @pytest.mark.parametrize("ura", ["1234567", "123456789", "abcdefgh", "1234567/", "../12345"])
@@ -61,11 +65,11 @@ def test_a_sender_ura_that_is_not_eight_digits_is_refused(ura: str) -> None:
 @pytest.mark.parametrize(
     ("field", "uid"),
     [
-        ("study_instance_uid", "../../etc"),
-        ("series_instance_uid", "1.2/3.4"),
+        ("sop_instance_uid", "../../etc"),
+        ("sop_instance_uid", "1.2/3.4"),
         ("sop_instance_uid", ".."),
         ("sop_instance_uid", "1.2.03"),
-        ("study_instance_uid", "1." + "2" * 63),
+        ("sop_instance_uid", "1." + "2" * 63),
     ],
 )
 def test_a_uid_that_is_not_valid_never_becomes_part_of_a_key(field: str, uid: str) -> None:

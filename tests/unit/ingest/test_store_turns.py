@@ -57,8 +57,7 @@ def _instance(large: bool = False, **uids: str) -> tuple[bytes, str]:
         attrs["ImageComments"] = "x" * (2 * SMALL)
     data = make_dicom_bytes(**attrs)
     assert (len(data) > SMALL) is large
-    key = f"{SENDER}/{attrs['StudyInstanceUID']}/{attrs['SeriesInstanceUID']}"
-    return data, f"{key}/{attrs['SOPInstanceUID']}.dcm"
+    return data, f"{SENDER}/{attrs['SOPInstanceUID']}.dcm"
 
 
 def _received(data: bytes) -> Received:
