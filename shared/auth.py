@@ -85,8 +85,6 @@ TREATMENT_PURPOSE: Final = "TREAT"
 _URA_RE = re.compile(r"[0-9]{8}")
 _UZI_RE = re.compile(r"[0-9]{9}")
 _MAX_ROLES = 64
-# The longest client id a token may name: events record it (instance-stored's sender_endpoint).
-MAX_CLIENT_ID = 128
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
 
 
@@ -113,7 +111,7 @@ class Principal(BaseModel):
     roles: frozenset[str]
     purpose_of_use: str | None = None
     subject: str
-    client_id: str | None = Field(default=None, max_length=MAX_CLIENT_ID)
+    client_id: str | None = None
     token_id: str | None = None
     issuer: str | None = None
     expires_at: datetime | None = None
@@ -337,9 +335,6 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     if subject is None:
         raise InvalidToken("missing claim sub")
     client_id = _optional_str(claims, "client_id") or _optional_str(claims, "azp")
-    if client_id is not None and len(client_id) > MAX_CLIENT_ID:
-        # It is recorded with what the client sends (instance-stored's sender_endpoint).
-        raise InvalidToken(f"claim client_id must be at most {MAX_CLIENT_ID} characters")
     try:
         return Principal(
             organisation_ura=ura,

@@ -411,7 +411,7 @@ class StreamWorker:
                 rebuild = self._hooks["assigned"] is not None
                 # Counted per attempt: a worker stuck on a batch fetches nothing, so its lag
                 # stops growing while its input grows (BeeldportaalStreamStalled watches this).
-                for topic in {tp.topic for tp in batch}:
+                for topic in {tp.topic for tp in batch} or self._topics:  # a tick: all
                     self._metrics.failed(topic, "transient")
                 wait = exc.retry_after or delay
                 log.warning(
@@ -437,7 +437,10 @@ class StreamWorker:
         committed. Handling such a batch again would publish its events a second time, visible
         to read_committed readers. The offsets committed with the events tell: records below
         the group's committed offset are done. The producer is made ready first, since its
-        init_transactions completes (or aborts) what the previous one left in doubt.
+        init_transactions completes (or aborts) what the previous one left in doubt, and on
+        Kafka 4 (its group coordinator) a completed transaction's offsets are in place when
+        the commit is: aiokafka's OffsetFetch (v3) cannot ask for stable offsets. On Kafka 3's
+        classic coordinator they land a moment later, and a batch could be handled twice.
         """
         await self._publisher.ready()
         consumer = self._require_consumer()

@@ -393,6 +393,31 @@ async def test_a_transient_error_replays_the_batch_until_it_succeeds_and_loses_n
     assert sample(metrics, "events_failed", topic=names.source, error_class="transient") == 2
 
 
+async def test_a_tick_that_fails_for_now_is_tried_again_and_counted_on_the_workers_topics(
+    kafka_settings: KafkaSettings, make_topics: Callable[[int], Awaitable[Topics]]
+) -> None:
+    names = await make_topics(1)
+    ticks: list[str] = []
+
+    async def tick() -> list[Event]:
+        if len(ticks) < 2:
+            ticks.append("failed")
+            raise TransientError("the store is away")
+        ticks.append("ok")
+        return []
+
+    metrics = new_metrics()
+    worker = stream(kafka_settings, names, Handler(), metrics, tick=tick, tick_interval_ms=100)
+    async with running(Worker(worker)):
+        async with asyncio.timeout(TIMEOUT):
+            while "ok" not in ticks:
+                await asyncio.sleep(0.05)
+
+    assert ticks[:3] == ["failed", "failed", "ok"]
+    # No record in hand, yet the stall shows: the failures count on the worker's topics.
+    assert sample(metrics, "events_failed", topic=names.source, error_class="transient") == 2
+
+
 async def test_an_unexpected_error_stops_the_run_uncommitted_and_a_new_member_handles_it_again(
     kafka_settings: KafkaSettings, make_topics: Callable[[int], Awaitable[Topics]]
 ) -> None:

@@ -25,7 +25,6 @@ from deploy.tokens import add_token_commands
 from shared.auth import (
     DEV_AUDIENCE,
     DEV_ISSUER,
-    MAX_CLIENT_ID,
     AuthSettings,
     InvalidToken,
     Principal,
@@ -297,19 +296,6 @@ def test_a_malformed_ura_is_refused(ura: Any) -> None:
     key = make_key()
     reason = refusal(verifier_for(key), sign(key, make_claims(ura=ura)))
     assert reason == "claim ura must be a string of 8 digits"
-
-
-def test_a_client_id_longer_than_events_record_is_refused() -> None:
-    key = make_key()
-    verifier = verifier_for(key)
-    longest = "https://clients.example.nl/" + "x" * (MAX_CLIENT_ID - 27)
-    assert verifier.verify(sign(key, make_claims(client_id=longest))).client_id == longest
-    for claims in (
-        make_claims(client_id=longest + "x"),
-        make_claims(client_id=None, azp=longest + "x"),
-    ):
-        reason = refusal(verifier, sign(key, claims))
-        assert reason == f"claim client_id must be at most {MAX_CLIENT_ID} characters"
 
 
 def test_a_malformed_uzi_is_refused() -> None:

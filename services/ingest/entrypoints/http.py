@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from services.ingest.adapters.multipart import (
     MalformedMultipart,
@@ -35,6 +36,10 @@ DICOM_JSON = "application/dicom+json"
 NOTE_HEADER = "X-Beeldportaal-Note"
 URGENCY_HEADER = "X-Beeldportaal-Urgency"
 COMPLETE_HEADER = "X-Beeldportaal-Study-Complete"
+# The longest client id of a token ingest records (InstanceStored.sender_endpoint).
+MAX_CLIENT_ID = 128
+# The status counted for a request whose client went away before its answer (nginx's).
+CLIENT_CLOSED_REQUEST = 499
 
 
 def build_router(ingest: Ingest) -> APIRouter:
@@ -70,6 +75,12 @@ def build_router(ingest: Ingest) -> APIRouter:
         # 404 before a single body byte is read or stored.
         if not ingest.peers.knows(ura):
             raise HTTPException(404, f"no organisation with URA {ura} receives through this portal")
+        if sender.client_id is not None and len(sender.client_id) > MAX_CLIENT_ID:
+            # Recorded with every instance (instance-stored's sender_endpoint): refused before
+            # any byte is stored rather than failing each instance after its write.
+            raise HTTPException(
+                401, f"the token's client_id is longer than {MAX_CLIENT_ID} characters"
+            )
         try:
             related = parse_content_type(request.headers.get("content-type"))
         except UnsupportedMediaType as exc:
@@ -86,10 +97,20 @@ def build_router(ingest: Ingest) -> APIRouter:
             completes_study=_flag(complete),
             expected_study_uid=study_uid,
         )
-        results, broken = await _store_parts(ingest, request, related, submission)
+        try:
+            results, broken = await _store_parts(ingest, request, related, submission)
+        except ClientDisconnect:
+            # Nobody to answer; what was stored before stays stored and announced (a resend
+            # finds it), and the request completes no study. 499 for the metrics, as nginx.
+            log.warning("STOW-RS client went away mid-request", sender=submission.sender_ura)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        status = http_status(results)
         if broken is not None:
             if not results:  # 400, or 413 (PayloadTooLarge) for the limits
                 raise HTTPException(broken.status_code, f"multipart/related body refused: {broken}")
+            # What the parts say decides the status (all of them A700 stays a 503 to retry);
+            # the break makes an all-stored answer a partial one.
+            status = 202 if status == 200 else status
             # The parts before the break are handled (stored and announced, or refused): the
             # answer says which, and the rest as one failure. The request did not complete
             # the study, whatever it said.
@@ -112,7 +133,6 @@ def build_router(ingest: Ingest) -> APIRouter:
             )
         elif submission.completes_study:
             await ingest.store.request_ended(submission, _stored_per_study(results))
-        status = http_status(results)
         study_url = _study_url(ingest, results, study_uid)
         headers = _warning_headers(results)
         if status == 503:
@@ -183,6 +203,7 @@ async def _store_parts(
             slots.release()
 
     broken: MalformedMultipart | None = None
+    # A client that goes away (ClientDisconnect) ends the parts too: raised once they are done.
     try:
         async for part in iter_parts(
             request.stream(),

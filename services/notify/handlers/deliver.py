@@ -153,15 +153,17 @@ class Deliverer:
         return outgoing
 
     def _is_copy(self, delivery: DeliveryQueued, record: Any) -> bool:
-        """Whether the same queued delivery (its event id: one step of one delivery run) was
+        """Whether the same queued delivery (its event id: the delivery's key and attempt, and
+        for a yielded turn what it settled, for a re-driven run when it was re-driven) was
         handled here at an earlier offset of this partition: a copy published twice (a
         producer that saw a publish fail that had succeeded, then sent it again).
 
-        Skipping it is safe: records of a partition are handled in offset order from its
-        committed offset on, so the first copy's outcome is either committed already or in
-        the same transaction as this record, and a batch handled again (or a partition taken
-        over) handles the first copy again before it reaches this one. A copy that arrives
-        after the worker restarted is not recognised: it makes one more attempt.
+        Skipping it is safe: a copy has the first's key, and the records of one key are
+        handled in offset order from the partition's committed offset on, so the first copy's
+        outcome is either committed already or in the same transaction as this record, and a
+        batch handled again (or a partition taken over) handles the first copy again before
+        it reaches this one. A copy that arrives after the worker restarted is not
+        recognised: it makes one more attempt.
         """
         first = self._handled.get(delivery.event_id)
         return (

@@ -10,6 +10,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -22,6 +23,8 @@ from deploy.local.s3 import S3Server
 from services.ingest.domain.status import Status
 from shared.events import BsnStatus, CompletingRequestStored, InstanceStored, Urgency
 from shared.settings import KafkaSettings, S3Settings
+from shared.storage.memory import InMemoryObjectStore
+from shared.storage.port import ObjectStoreUnavailable
 from tests.dicom_samples import bsn_item, make_dicom_bytes, malformed_samples, well_formed_samples
 from tests.integration.ingest.conftest import (
     RECIPIENT_URA,
@@ -200,6 +203,11 @@ def test_no_or_a_bad_token_is_401_and_an_unknown_recipient_is_404_before_storing
     )
     response = post(ingest_service, body, url=ingest_service.stow_url("99999999"))
     assert response.status_code == 404
+    # A client id longer than instance-stored records is refused before storing too.
+    long_client = ingest_service.token(client_id="https://clients.example.nl/" + "x" * 102)
+    response = post(ingest_service, body, headers={"Authorization": f"Bearer {long_client}"})
+    assert response.status_code == 401
+    assert "client_id is longer than 128 characters" in response.json()["detail"]
     assert list(s3_client(bucket).list_objects(bucket.bucket, recursive=True)) == []
 
 
@@ -325,6 +333,34 @@ def test_the_senders_note_urgency_and_completion_mark_travel_with_the_instances(
     not_utf8 = post(ingest_service, multipart([data]), headers={"X-Beeldportaal-Note": "%FF"})
     assert not_utf8.status_code == 400
     assert "percent-encoded UTF-8" in not_utf8.json()["detail"]
+
+
+class UnreachableStore(InMemoryObjectStore):
+    """Object storage that is away: every write fails for now."""
+
+    def put_if_absent(self, *args: Any, **kwargs: Any) -> Any:
+        raise ObjectStoreUnavailable("connection refused")
+
+    async def aput_if_absent(self, *args: Any, **kwargs: Any) -> Any:
+        raise ObjectStoreUnavailable("connection refused")
+
+
+def test_a_body_that_breaks_off_while_storage_is_away_stays_a_503_to_retry(
+    kafka_settings: KafkaSettings, bucket: S3Settings, tmp_path: Path
+) -> None:
+    files = [make_dicom_bytes() for _ in range(3)]
+    whole = multipart(files)
+    cut = whole[: whole.index(files[2]) + 100]
+    service = start_ingest(kafka_settings, bucket, tmp_path, objects=UnreachableStore())
+    try:
+        response = post(service, cut)
+    finally:
+        service.stop()
+
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "5"
+    reasons = sorted(i[FAILURE_REASON]["Value"][0] for i in items(response, FAILED))
+    assert reasons == sorted([int(Status.OUT_OF_RESOURCES)] * 2 + [int(Status.CANNOT_UNDERSTAND)])
 
 
 def test_a_body_that_breaks_off_answers_for_the_parts_before_it_and_completes_nothing(
