@@ -655,7 +655,7 @@ CONSENT = Dashboard(
                 )
             ],
             "route-failed per hour: consent-denied (the decision refused), unknown-recipient, "
-            "no-endpoint, no-usable-endpoint.",
+            "no-endpoint, no-usable-endpoint, nothing-accepted.",
         ),
         Row("Consent registry and timeline access"),
         Panel(

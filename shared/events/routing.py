@@ -84,12 +84,15 @@ class RouteFailureReason(StrEnum):
     UNKNOWN_RECIPIENT = "unknown-recipient"
     NO_ENDPOINT = "no-endpoint"
     NO_USABLE_ENDPOINT = "no-usable-endpoint"
+    # The receiver's object filters exclude every instance of the study (all its versions).
+    NOTHING_ACCEPTED = "nothing-accepted"
 
 
 @event
 class RouteFailed(Event):
     """Emitted by routing when a study cannot go anywhere: consent denied delivery, the recipient is
-    unknown, or it has no usable endpoint. The sender is told why."""
+    unknown, has no usable endpoint, or accepts none of the study's instances. The sender is
+    told why."""
 
     schema_name: ClassVar[str] = "route.failed.v1"
     topic: ClassVar[str] = "route-failed"

@@ -1,9 +1,10 @@
 """Routing: where a consent-checked study version must go, or why it cannot go anywhere.
 
 ``route`` is a pure function of the consent decision and the directory. Only the delivery purpose
-is routed; the timeline decision is for the timeline service. A deny, an unknown recipient or a
-recipient without a usable endpoint is a ``route-failed`` naming the reason, so the sender can be
-told: a study is never dropped silently.
+is routed; the timeline decision is for the timeline service. A deny, an unknown recipient, a
+recipient without a usable endpoint or one whose object filters exclude every instance of the
+study is a ``route-failed`` naming the reason, so the sender can be told: a study is never
+dropped silently.
 
 Event ids are uuid5 over (study, version, sender, recipient[, endpoint]) and ``occurred_at`` is
 taken from the decision unless ``now`` is given, so replaying a consent-checked record yields the
@@ -143,13 +144,30 @@ def plan(
             reason = f"recipient {provider.ura} ({provider.name}) has no delivery endpoint"
         return _failed(checked, code, reason, producer, occurred_at)
     parts = receiver_parts(provider)
+    selected = _select(study, parts.excluded_set)
+    excluded = parts.excluded_set
+    if (
+        not selected
+        and study.instances
+        and all(i.sop_class_uid in excluded for i in study.instances)
+    ):
+        # Not a delivery of nothing: the receiver would hold none of the study, and the
+        # sender would read "delivered". (A later version with nothing new it accepts is
+        # routed with an empty selection: the receiver holds the earlier ones.)
+        code = RouteFailureReason.NOTHING_ACCEPTED
+        reason = (
+            f"recipient {provider.ura} ({provider.name}) accepts none of this study's "
+            f"{len(study.instances)} instance(s): its directory entry's object filters exclude "
+            "their SOP classes"
+        )
+        return _failed(checked, code, reason, producer, occurred_at)
     return Routes(
         checked=checked,
         occurred_at=occurred_at,
         priority=priority_of(checked),
         parts=parts,
         endpoint_ids=tuple(endpoint.id for endpoint in endpoints),
-        selected=tuple(i.sop_instance_uid for i in _select(study, parts.excluded_set)),
+        selected=tuple(i.sop_instance_uid for i in selected),
     )
 
 

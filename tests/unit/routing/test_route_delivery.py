@@ -59,6 +59,22 @@ def test_a_version_with_nothing_the_receiver_accepts_routes_an_empty_selection()
     assert r.coercion == Coercion()
 
 
+def test_a_study_the_receiver_accepts_nothing_of_is_not_routed_but_failed_with_the_reason() -> None:
+    study = make_study(instances=1)
+    ps = make_instance_ref(study_instance_uid=study.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    study = study.model_copy(update={"instances": (ps,)})
+    recipient = make_recipient(DICOMWEB, preferences={"object_filters": ["presentation-states"]})
+
+    failed = route(make_consent_checked(study=study), Directory([recipient]))
+
+    assert isinstance(failed, RouteFailed)
+    assert failed.reason_code is RouteFailureReason.NOTHING_ACCEPTED
+    assert "accepts none of this study's 1 instance(s)" in failed.reason
+    # The same receiver without the filter gets the study.
+    [routed] = route(make_consent_checked(study=study), Directory([make_recipient(DICOMWEB)]))  # type: ignore[misc]
+    assert routed.sop_instance_uids == (ps.sop_instance_uid,)
+
+
 def test_failures_carry_a_reason_code() -> None:
     denied = make_consent_checked(decision=Decision.DENY, basis=Basis.EXPLICIT_OBJECTION)
     cases = [
