@@ -80,6 +80,7 @@ def _mint(args: argparse.Namespace) -> int:
             kid=args.kid,
             client_id=args.client_id,
             subject=args.subject,
+            on_behalf_of=args.on_behalf_of,
         )
     except ValueError as exc:
         print(f"cannot mint a token: {exc}", file=sys.stderr)
@@ -115,6 +116,11 @@ def add_token_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="repeatable; the first is the primary role (default: provider)",
     )
     mint.add_argument("--purpose", help="purpose of use, e.g. TREAT or ETREAT (emergency)")
+    mint.add_argument(
+        "--on-behalf-of",
+        type=_digits(9, "UZI number"),
+        help="UZI number of the professional the acting person works for (audited)",
+    )
     mint.add_argument(
         "--ttl", type=_positive_int, default=3600, help="lifetime in seconds (default 3600)"
     )

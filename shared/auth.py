@@ -17,6 +17,8 @@ Claim set (anything else in a token is ignored):
   and/or app roles (``provider``, ``consent-authority``, ``operator``, ``system``). The first is
   the principal's primary ``role``.
 - ``purpose``: purpose of use (HL7 PurposeOfUse): ``TREAT``, ``ETREAT`` (emergency), ...
+- ``on_behalf_of``: the UZI number (9 digits) of the care professional the acting person works
+  for (an assistant acting for a physician), recorded as NEN 7513's "on behalf of".
 - ``client_id``: the OAuth client that obtained the token (RFC 9068); ``azp`` (OpenID Connect)
   is read when it is absent.
 
@@ -106,6 +108,8 @@ class Principal(BaseModel):
 
     organisation_ura: Ura
     user_uzi: UziNumber | None = None
+    # Whom the acting person works for (the token's ``on_behalf_of``), for the audit trail.
+    on_behalf_of_uzi: UziNumber | None = None
     # The primary role (the token's first role); ``roles`` holds all of them, primary included.
     role: str = Field(min_length=1)
     roles: frozenset[str]
@@ -322,6 +326,11 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     uzi = claims.get("uzi")
     if uzi is not None and (not isinstance(uzi, str) or not _UZI_RE.fullmatch(uzi)):
         raise InvalidToken("claim uzi must be a string of 9 digits")
+    on_behalf_of = claims.get("on_behalf_of")
+    if on_behalf_of is not None and (
+        not isinstance(on_behalf_of, str) or not _UZI_RE.fullmatch(on_behalf_of)
+    ):
+        raise InvalidToken("claim on_behalf_of must be a string of 9 digits (a UZI number)")
     roles = claims.get("roles")
     if roles is None:
         raise InvalidToken("missing claim roles")
@@ -339,6 +348,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         return Principal(
             organisation_ura=ura,
             user_uzi=uzi,
+            on_behalf_of_uzi=on_behalf_of,
             role=roles[0],
             roles=frozenset(roles),
             purpose_of_use=_optional_str(claims, "purpose"),
@@ -628,6 +638,7 @@ def mint_token(
     kid: str | None = None,
     client_id: str | None = None,
     subject: str | None = None,
+    on_behalf_of: str | None = None,
     now: float | None = None,
 ) -> str:
     """Sign a token with a dev key. ``kid`` defaults to the key's RFC 7638 thumbprint and
@@ -636,6 +647,8 @@ def mint_token(
         raise ValueError("ura must be 8 digits")
     if uzi is not None and not _UZI_RE.fullmatch(uzi):
         raise ValueError("uzi must be 9 digits")
+    if on_behalf_of is not None and not _UZI_RE.fullmatch(on_behalf_of):
+        raise ValueError("on_behalf_of must be 9 digits (a UZI number)")
     if not roles or not all(roles):
         raise ValueError("at least one non-empty role is required")
     if ttl_s <= 0:
@@ -661,5 +674,7 @@ def mint_token(
         claims["purpose"] = purpose
     if client_id is not None:
         claims["client_id"] = client_id
+    if on_behalf_of is not None:
+        claims["on_behalf_of"] = on_behalf_of
     headers = {"kid": kid or jwk_thumbprint(key.public_key()), "typ": "JWT"}
     return jwt.encode(claims, key, algorithm=_signing_algorithm(key), headers=headers)

@@ -298,6 +298,17 @@ def test_a_malformed_ura_is_refused(ura: Any) -> None:
     assert reason == "claim ura must be a string of 8 digits"
 
 
+def test_on_behalf_of_names_the_professional_the_acting_person_works_for() -> None:
+    key = make_key()
+    verifier = verifier_for(key)
+    assert verifier.verify(sign(key)).on_behalf_of_uzi is None
+    principal = verifier.verify(sign(key, make_claims(on_behalf_of="123456782")))
+    assert principal.on_behalf_of_uzi == "123456782" and principal.user_uzi == UZI
+    for bad in ("12345678", 123456782, ""):
+        reason = refusal(verifier, sign(key, make_claims(on_behalf_of=bad)))
+        assert reason == "claim on_behalf_of must be a string of 9 digits (a UZI number)"
+
+
 def test_a_malformed_uzi_is_refused() -> None:
     key = make_key()
     reason = refusal(verifier_for(key), sign(key, make_claims(uzi="12345678")))
@@ -517,9 +528,11 @@ def test_minted_tokens_carry_the_requested_claims(tmp_path: Path) -> None:
         audience=AUDIENCE,
         ttl_s=60,
         client_id="cli",
+        on_behalf_of="123456782",
     )
     principal = TokenVerifier(load_public_keys([public_path]), ISSUER, AUDIENCE).verify(token)
 
+    assert principal.on_behalf_of_uzi == "123456782"
     assert principal.subject == UZI
     assert principal.role == "01.015"
     assert principal.client_id == "cli"

@@ -297,6 +297,7 @@ async def _audit(
         outcome=outcome,
         patient=patient,
         user_uzi=principal.user_uzi,
+        on_behalf_of_uzi=principal.on_behalf_of_uzi,
         user_role=principal.role[:32],
         organisation_ura=principal.organisation_ura,
         access_point=attempt.access_point,

@@ -74,6 +74,7 @@ OTHER_HOSPITAL = "22222222"  # V4, no relationship with anyone
 GP_PRACTICE = "44444444"  # Z3: no Mitz category for the timeline
 PORTAL = "00000002"  # the patient portal (patient-representative)
 UZI = "900000001"
+PHYSICIAN = "900000002"  # the professional an assistant acts for (on-behalf-of)
 HOSPITALS = "RPZAC104"
 # Published test BSNs (11-proof): one patient with consent, one without, one who objected.
 CONSENTING_BSN = TEST_BSN
@@ -169,8 +170,16 @@ class RunningTimeline:
         roles: Sequence[str] = ("provider",),
         purpose: str | None = "TREAT",
         uzi: str | None = UZI,
+        on_behalf_of: str | None = None,
     ) -> str:
-        return mint_token(self.key_path, ura=ura, uzi=uzi, roles=roles, purpose=purpose)
+        return mint_token(
+            self.key_path,
+            ura=ura,
+            uzi=uzi,
+            roles=roles,
+            purpose=purpose,
+            on_behalf_of=on_behalf_of,
+        )
 
     def auth(self, ura: str = HOSPITAL, **kw: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(ura, **kw)}"}
@@ -424,7 +433,8 @@ def test_a_treating_provider_with_consent_sees_the_timeline_newest_first_and_it_
     )
     tap = t.audit_tap()
 
-    answer = t.search(patient_form(CONSENTING_BSN))
+    # An assistant acting for a physician (who is named as on-behalf-of in the audit record).
+    answer = t.search(patient_form(CONSENTING_BSN), t.auth(on_behalf_of=PHYSICIAN))
 
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("application/fhir+json")
@@ -459,6 +469,7 @@ def test_a_treating_provider_with_consent_sees_the_timeline_newest_first_and_it_
         UZI,
         "provider",
     )
+    assert row["on_behalf_of_uzi"] == PHYSICIAN
     assert row["authorisation_basis"] == "treatment-relationship"
     assert row["consent_profile"].startswith(f"GGC002/{HOSPITALS}:consent-")
     assert row["emergency"] is False
@@ -467,6 +478,7 @@ def test_a_treating_provider_with_consent_sees_the_timeline_newest_first_and_it_
     [event] = tap.read(lambda e: isinstance(e, AccessLogged), expect=1)
     assert isinstance(event, AccessLogged)
     assert event.event_id == row["event_id"] and event.outcome.value == "allowed"
+    assert event.on_behalf_of_uzi == PHYSICIAN
     assert TEST_BSN not in event.model_dump_json()
 
 
