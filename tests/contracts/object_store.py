@@ -465,7 +465,11 @@ class ObjectStoreContract:
         assert list(store.list_keys()) == []
 
     def test_deleting_a_missing_object_is_not_an_error(self, store: ObjectStore) -> None:
+        store.put("kept.dcm", b"x")
         store.delete("missing.dcm")
+        assert store.stat("missing.dcm") is None
+        assert list(store.list_keys()) == ["kept.dcm"]
+        assert store.get("kept.dcm") == b"x"
 
     # -- keys, metadata and buckets ---------------------------------------------------------------
 

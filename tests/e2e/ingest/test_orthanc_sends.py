@@ -130,4 +130,6 @@ def test_a_study_sent_by_orthanc_over_c_store_is_announced_once_complete(
     assert announced.study.patient.bsn_status is BsnStatus.ABSENT
     assert announced.study.patient.pseudonym is None
     # The same study's bytes from the two channels are one set of objects in S3.
-    assert all(i.object_key.startswith(f"{SENDER}/{study_uid}/") for i in announced.study.instances)
+    assert all(
+        i.object_key == f"{SENDER}/{i.sop_instance_uid}.dcm" for i in announced.study.instances
+    )
