@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dead.add_argument("action", choices=("list", "redrive"))
     dead.add_argument(
-        "key", nargs="?", help="redrive: the delivery key 'study|version|endpoint' (quote it)"
+        "key",
+        nargs="?",
+        help="redrive: the delivery key 'study|version|sender|destination|endpoint' (quoted)",
     )
     dead.add_argument("--all", action="store_true", help="redrive: every dead letter")
     dead.set_defaults(handler=_dead_letters)

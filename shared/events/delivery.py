@@ -79,9 +79,16 @@ class DeliveryFailed(Event):
         return self.study_instance_uid
 
 
-def delivery_key(study_instance_uid: str, version: int, endpoint_id: str) -> str:
-    """One delivery: a study version to one endpoint of its destination."""
-    return f"{study_instance_uid}|{version}|{endpoint_id}"
+def delivery_key(
+    study_instance_uid: str, version: int, sender_ura: str, destination_ura: str, endpoint_id: str
+) -> str:
+    """One delivery: a study version from its sender to one endpoint of its destination.
+
+    All five: versions are numbered per (study, sender, recipient), so two senders of one Study
+    Instance UID, or one sender's study to two recipients, each have a version 1; and an
+    endpoint id is unique only within its provider (two hospitals may both call theirs "pacs").
+    """
+    return f"{study_instance_uid}|{version}|{sender_ura}|{destination_ura}|{endpoint_id}"
 
 
 @event
@@ -112,7 +119,14 @@ class DeliveryQueued(Event):
     def key(self) -> str:
         route = self.route
         study = route.study
-        return delivery_key(study.study_instance_uid, study.version, route.destination.endpoint_id)
+        destination = route.destination
+        return delivery_key(
+            study.study_instance_uid,
+            study.version,
+            study.sender_ura,
+            destination.organisation_ura,
+            destination.endpoint_id,
+        )
 
     def partition_key(self) -> str:
         return self.key

@@ -1,11 +1,12 @@
 """Deliveries notify gave up on: listed for an operator, and re-driven onto a queue on request.
 
 ``delivery-dead-letter`` is a compacted table: the key is the delivery
-(:func:`~shared.events.delivery_key`, ``study|version|endpoint``), the value the
-:class:`~shared.events.DeliveryQueued` that failed for the last time (``last_failure`` says
-why), and a tombstone (value ``None``) clears it once it has been re-driven. Every API replica
-folds the whole topic in memory (:class:`DeadLetters`, a :class:`~shared.topic_view.TopicView`):
-dead letters are few, and each is kept as its encoded bytes plus a small summary.
+(:func:`~shared.events.delivery_key`, ``study|version|sender|destination|endpoint``), the
+value the :class:`~shared.events.DeliveryQueued` that failed for the last time
+(``last_failure`` says why), and a tombstone (value ``None``) clears it once it has been
+re-driven. Every API replica folds the whole topic in memory (:class:`DeadLetters`, a
+:class:`~shared.topic_view.TopicView`): dead letters are few, and each is kept as its encoded
+bytes plus a small summary.
 
 A re-drive publishes a fresh ``DeliveryQueued`` (the same route, attempt 1, due now, its first
 queueing time kept) to ``delivery-urgent`` or ``delivery-routine`` by the route's priority, and
@@ -58,11 +59,13 @@ PRODUCER = "notify-api"
 # enormous transaction that a broker hiccup aborts as a whole.
 REDRIVE_BATCH = 200
 _NAMESPACE = uuid.UUID("5b7e8f0e-49a1-4c3e-8f2c-6d1f0e3a9b47")
-# A delivery key as the API accepts it: Study Instance UID | version | endpoint id (a slug, as
-# the provider directory demands).
+# A delivery key as the API accepts it: Study Instance UID | version | sender URA | destination
+# URA | endpoint id (a slug, as the provider directory demands). Dead letters written before
+# 2026-11-27 have keys without the two URAs: still accepted, to re-drive them.
 KEY_PATTERN = (
     r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+"  # Study Instance UID
     r"\|[1-9][0-9]{0,9}"  # | version
+    r"(\|[0-9]{8}\|[0-9]{8})?"  # | sender URA | destination URA
     r"\|[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # | endpoint id
 )
 _KEY = re.compile(KEY_PATTERN)

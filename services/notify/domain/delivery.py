@@ -63,8 +63,14 @@ def queue_for(urgency: Urgency) -> str:
 
 def queued(route: RouteResolved, *, now: datetime, producer: str = PRODUCER) -> DeliveryQueued:
     """The first attempt of the delivery a route asks for."""
-    study = route.study
-    key = delivery_key(study.study_instance_uid, study.version, route.destination.endpoint_id)
+    study, destination = route.study, route.destination
+    key = delivery_key(
+        study.study_instance_uid,
+        study.version,
+        study.sender_ura,
+        destination.organisation_ura,
+        destination.endpoint_id,
+    )
     return DeliveryQueued(
         event_id=_id(key, "queued", 1),
         occurred_at=now,

@@ -22,7 +22,13 @@ from services.notify.domain.outcomes import BatchResult, InstanceOutcome, Instan
 from services.notify.domain.retry import DEAD_LETTER_TOPIC, RetryPolicy
 from shared.events import Delivered, DeliveryFailed, DeliveryQueued, Urgency
 from shared.events.routing import BatchLimits
-from tests.factories import T0, make_instance_ref, make_route_resolved, make_study
+from tests.factories import (
+    T0,
+    make_destination,
+    make_instance_ref,
+    make_route_resolved,
+    make_study,
+)
 
 NOW = T0 + timedelta(hours=1)
 POLICY = RetryPolicy(delays=(10.0, 60.0))
@@ -53,6 +59,26 @@ def test_urgent_and_emergency_have_their_own_queue() -> None:
 def test_queueing_a_route_twice_gives_the_same_record() -> None:
     route = make_route_resolved()
     assert queued(route, now=route.occurred_at) == queued(route, now=route.occurred_at)
+
+
+def test_deliveries_of_one_study_version_to_endpoints_of_the_same_id_are_not_one() -> None:
+    # Versions are numbered per (study, sender, recipient), endpoint ids per provider: a study
+    # sent to two hospitals whose PACS are both "pacs", or by two senders, is two deliveries.
+    study = make_study(2)
+    to_a = make_route_resolved(study=study, destination=make_destination(endpoint_id="pacs"))
+    to_b = make_route_resolved(
+        study=study.model_copy(update={"recipient_ura": "22223333"}),
+        destination=make_destination(organisation_ura="22223333", endpoint_id="pacs"),
+    )
+    from_other = make_route_resolved(
+        study=study.model_copy(update={"sender_ura": "44445555"}),
+        destination=make_destination(endpoint_id="pacs"),
+    )
+    deliveries = [queued(r, now=NOW) for r in (to_a, to_b, from_other)]
+    assert len({d.key for d in deliveries}) == 3
+    assert len({d.event_id for d in deliveries}) == 3
+    assert len({d.partition_key() for d in deliveries}) == 3
+    assert deliveries[1].key == f"{study.study_instance_uid}|1|{study.sender_ura}|22223333|pacs"
 
 
 def test_a_route_without_a_selection_sends_the_new_instances_of_its_version() -> None:
