@@ -161,8 +161,10 @@ class VersionJourney:
     consent: ConsentState | None = None
     route_failure: RouteFailure | None = None
     endpoints: dict[tuple[str, str], EndpointJourney] = field(default_factory=dict)
-    # Only for versions routed to a pickup endpoint: the zip's contents, by SOP Instance UID.
-    pickup: dict[str, PickupInstance] | None = None
+    # Only for versions routed to a pickup endpoint: the zip's contents per recipient URA, by
+    # SOP Instance UID. Per recipient: a Study Instance UID reused by two senders gives both a
+    # version 1 here, and one recipient's zip must hold only what was routed to it.
+    pickup: dict[str, dict[str, PickupInstance]] | None = None
 
     @property
     def state(self) -> State:
@@ -244,7 +246,8 @@ class JourneyFold:
             return None
         if recipient_ura not in found.pickup_recipients():
             return None
-        return tuple(found.pickup.values())
+        manifest = found.pickup.get(recipient_ura)
+        return tuple(manifest.values()) if manifest is not None else None
 
     def apply_record(self, record: Any) -> None:
         self.apply(self._codec.decode_record(record))
@@ -350,7 +353,10 @@ class JourneyFold:
             # person downloading version 2 may never have fetched version 1), minus the SOP
             # classes the receiver excludes.
             excluded = set(event.excluded_sop_classes)
-            manifest = journey.pickup if journey.pickup is not None else {}
+            if journey.pickup is None:
+                journey.pickup = {}
+            recipient = _short(destination.organisation_ura)
+            manifest = journey.pickup.setdefault(recipient, {})
             for ref in event.study.instances:
                 if ref.sop_class_uid not in excluded:
                     manifest[ref.sop_instance_uid] = PickupInstance(
@@ -360,7 +366,6 @@ class JourneyFold:
                         ref.size,
                         ref.sha256,
                     )
-            journey.pickup = manifest
 
 
 # --- the view -------------------------------------------------------------------------------------

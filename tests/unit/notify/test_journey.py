@@ -346,6 +346,31 @@ def test_a_pickup_route_keeps_the_manifest_minus_the_classes_the_receiver_exclud
     assert journeys.pickup_manifest("1.2.999", 1, RECIPIENT_URA) is None
 
 
+def test_a_study_uid_two_senders_sent_to_two_pickup_recipients_zips_each_only_its_own() -> None:
+    # Versions are numbered per sender and recipient: both sends are version 1 here.
+    from_a = make_study(instances=2)
+    uid = from_a.study_instance_uid
+    from_b = make_study(instances=1).model_copy(
+        update={"study_instance_uid": uid, "sender_ura": "33334444", "recipient_ura": OTHER_URA}
+    )
+    to_a = make_destination(endpoint_id="portal", channel=DeliveryChannel.PICKUP)
+    to_b = make_destination(
+        organisation_ura=OTHER_URA, endpoint_id="portal", channel=DeliveryChannel.PICKUP
+    )
+    journeys = fold(
+        make_route_resolved(study=from_a, destination=to_a),
+        make_route_resolved(study=from_b, destination=to_b),
+    )
+
+    def objects(recipient: str) -> list[str]:
+        manifest = journeys.pickup_manifest(uid, 1, recipient)
+        assert manifest is not None
+        return sorted(i.object_key for i in manifest)
+
+    assert objects(RECIPIENT_URA) == sorted(i.object_key for i in from_a.instances)
+    assert objects(OTHER_URA) == sorted(i.object_key for i in from_b.instances)
+
+
 def test_no_manifest_is_kept_for_a_version_without_a_pickup_route() -> None:
     study = make_study()
     journeys = fold(make_study_received(study=study), make_route_resolved(study=study))
