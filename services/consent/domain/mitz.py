@@ -239,7 +239,9 @@ class _Reader:
         for i, ref in enumerate(refs):
             where = f"{path}.{element}" + (f"[{i}]" if isinstance(value, list) else "")
             reference = ref.get("reference") if isinstance(ref, dict) else None
-            if reference is not None and reference not in accepted:
+            if reference is not None and not isinstance(reference, str):
+                self.issue("structure", "a reference must be a string", f"{where}.reference")
+            elif reference is not None and reference not in accepted:
                 self.issue(
                     "invariant",
                     f"the reference does not point at the Bundle's {target_type}",

@@ -267,6 +267,16 @@ INVALID_BUNDLES = {
         "invariant",
         "patient.reference",
     ),
+    "patient reference not a string": (
+        mutate(lambda b: entry(b, "Consent").update(patient={"reference": []})),
+        "structure",
+        "patient.reference",
+    ),
+    "organisation reference not a string": (
+        mutate(lambda b: entry(b, "Consent").update(organization=[{"reference": {"x": 1}}])),
+        "structure",
+        "organization[0].reference",
+    ),
     "two provider categories": (
         mutate(
             lambda b: entry(b, "Consent")["extension"].append(
