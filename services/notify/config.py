@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.notify.domain.pickup import MIN_KEY_BYTES
 from services.notify.domain.retry import DEFAULT_DELAYS, RetryPolicy, tier_topic_name
 from shared.settings import ServiceSettings
 from shared.topics import BY_NAME
@@ -46,6 +47,14 @@ class NotifySettings(ServiceSettings):
     pickup_link_days: float = Field(default=14.0, gt=0)
     # How long to wait for the provider directory before delivering anyway.
     view_start_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("pickup_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # As the API demands of the same key: refused at start, not at the first pickup.
+        if value is not None and len(value.get_secret_value().encode()) < MIN_KEY_BYTES:
+            raise ValueError(f"pickup_key must be at least {MIN_KEY_BYTES} bytes")
+        return value
 
     @field_validator("retry_delays")
     @classmethod

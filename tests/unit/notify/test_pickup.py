@@ -11,8 +11,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from services.notify.config import NotifySettings
 from services.notify.domain.pickup import (
+    MIN_KEY_BYTES,
     ExpiredPickupToken,
     MalformedPickupToken,
     PickupGrant,
@@ -317,3 +320,12 @@ def test_any_members_round_trip_through_the_zip(contents: list[list[bytes]]) -> 
     archive = _read_zip(zip_entries(zip(names, contents, strict=True)))
 
     assert [archive.read(n) for n in archive.namelist()] == [b"".join(c) for c in contents]
+
+
+def test_the_worker_refuses_at_start_a_pickup_key_the_links_could_not_be_signed_with() -> None:
+    with pytest.raises(ValidationError, match=f"at least {MIN_KEY_BYTES} bytes"):
+        NotifySettings(pickup_key="replace-me")  # type: ignore[arg-type]
+    key = NotifySettings(pickup_key="k" * MIN_KEY_BYTES).pickup_key  # type: ignore[arg-type]
+    assert key is not None and sign_pickup(
+        "1.2.3", 1, "12345678", T0, key.get_secret_value().encode()
+    )
