@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.identifiers import contains_written_bsn
@@ -37,6 +38,45 @@ def http_server(app: Any, host: str, port: int) -> uvicorn.Server:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
     )
+
+
+class BodyLimitMiddleware:
+    """Refuses a request body over ``max_bytes`` with 413, declared (Content-Length) or
+    streamed (chunked), as its bytes arrive.
+
+    FastAPI reads and parses a JSON or form body before the route's dependencies run, its
+    authentication among them: without a limit here anyone, token or not, could make a service
+    read and parse as many bytes as they send. Plain ASGI like :class:`CorrelationMiddleware`
+    (add it before that one, so that a refusal gets its correlation id too). A body over the
+    limit raises the 413 from ``receive``, so a route reading the stream itself is stopped
+    alike.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, what: str = "a request body") -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.detail = f"{what} is at most {max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, self.detail)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 CORRELATION_HEADER = "X-Correlation-Id"

@@ -68,3 +68,41 @@ async def asgi_get(
 
     await app(scope, receive, send)
     return answer
+
+
+async def asgi_post(
+    app: Any, path: str, chunks: list[bytes], headers: dict[str, str] | None = None
+) -> tuple[Answer, int]:
+    """POST ``chunks`` as the body (chunked unless ``headers`` give a Content-Length); the
+    answer and how many of the chunks the app took."""
+    answer = Answer()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+    left = list(chunks)
+    taken = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal taken
+        if left:
+            taken += 1
+            return {"type": "http.request", "body": left.pop(0), "more_body": bool(left)}
+        await asyncio.Event().wait()  # connected until cancelled
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        answer.sent.append(message)
+
+    await app(scope, receive, send)
+    return answer, taken

@@ -1,17 +1,19 @@
-"""shared.http.CorrelationMiddleware: the correlation id every service's API gives a request."""
+"""shared.http's middleware: the correlation id every service's API gives a request, and the
+limit on a request body that holds before the body is read."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from shared.http import CorrelationMiddleware, offered_correlation_id
+from shared.http import BodyLimitMiddleware, CorrelationMiddleware, offered_correlation_id
 from shared.logging import current_correlation_id
-from tests.asgi import Answer, asgi_get
+from tests.asgi import Answer, asgi_get, asgi_post
 from tests.factories import TEST_BSN
 
 
@@ -105,3 +107,39 @@ async def test_an_unhandled_error_is_answered_500_with_the_id_and_still_raised()
     assert answer.body == b"Internal Server Error"
     assert [m["type"] for m in answer.sent].count("http.response.start") == 1
     assert answered == [("/boom/{uid}", 500)]
+
+
+def _limited_app() -> FastAPI:
+    app = FastAPI()
+
+    def authenticated() -> None:
+        raise HTTPException(401, "no token")
+
+    @app.post("/entries", dependencies=[Depends(authenticated)])
+    async def entries(entry: dict[str, Any]) -> dict[str, Any]:
+        return entry
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=1000, what="an entry")
+    app.add_middleware(CorrelationMiddleware)
+    return app
+
+
+async def test_a_streamed_body_over_the_limit_is_refused_as_it_arrives_before_any_token_check() -> (
+    None
+):
+    chunks = [b'{"a": "' + b"x" * 400] + [b"x" * 400] * 100 + [b'"}']
+    answer, taken = await asgi_post(_limited_app(), "/entries", chunks)
+    assert answer.status == 413
+    assert json.loads(answer.body) == {"detail": "an entry is at most 1000 bytes"}
+    assert answer.headers["x-correlation-id"]
+    assert taken == 3  # stopped at the chunk that passed the limit, not at the end
+
+
+async def test_a_declared_length_over_the_limit_is_refused_unread_and_a_small_body_goes_on() -> (
+    None
+):
+    answer, taken = await asgi_post(_limited_app(), "/entries", [b"{}"], {"content-length": "1001"})
+    assert (answer.status, taken) == (413, 0)
+    # Within the limit the route decides: here the token check refuses it.
+    answer, _ = await asgi_post(_limited_app(), "/entries", [b'{"a": 1}'])
+    assert answer.status == 401

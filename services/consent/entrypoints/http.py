@@ -33,7 +33,7 @@ from services.consent.domain.mitz import InvalidNotification, NotificationKind, 
 from services.consent.domain.query import answer_query
 from shared.auth import Principal, require_role
 from shared.events.consent import Decision, Purpose
-from shared.http import CorrelationMiddleware, add_operational_routes
+from shared.http import BodyLimitMiddleware, CorrelationMiddleware, add_operational_routes
 from shared.identifiers import Bsn, Ura
 from shared.logging import get_logger
 
@@ -456,6 +456,9 @@ def create_app(api: ConsentApi) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return JSONResponse({"detail": _without_input(exc.errors())}, status_code=422)
 
+    # A backstop for every body (FastAPI reads JSON bodies before the token is checked), above
+    # the notification route's own limit, which answers in FHIR.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=4 * MAX_NOTIFICATION_BYTES)
     app.add_middleware(CorrelationMiddleware, on_response=api.metrics.request)
 
     app.include_router(build_router(api))

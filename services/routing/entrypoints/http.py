@@ -22,7 +22,7 @@ from services.routing.bootstrap import Routing
 from services.routing.domain.directory import Provider, PublicProvider
 from shared.auth import Principal, require_role
 from shared.errors import TransientError
-from shared.http import CorrelationMiddleware
+from shared.http import BodyLimitMiddleware, CorrelationMiddleware
 from shared.logging import get_logger
 from shared.topic_view import ViewFailed
 
@@ -234,16 +234,7 @@ def create_app(routing: Routing) -> FastAPI:
         lifespan=routing.lifespan,
     )
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse(
-                {"detail": f"a provider entry is at most {MAX_BODY_BYTES} bytes"},
-                status_code=413,
-            )
-        return await call_next(request)
-
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, what="a provider entry")
     # Added last, so outermost: a refused body gets its correlation id too.
     app.add_middleware(CorrelationMiddleware)
 

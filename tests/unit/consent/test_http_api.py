@@ -545,3 +545,25 @@ def test_a_body_failing_a_model_level_check_does_not_echo_its_bsn() -> None:
         ConsentQuery.model_validate(body)
     assert "provider_category" in str(raised.value)
     assert TEST_BSN not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "path", ["/consent-queries", "/treatment-relationships", "/treatment-relationships/x/end"]
+)
+async def test_a_huge_streamed_body_is_refused_as_it_arrives_even_without_a_token(
+    harness: Harness, path: str
+) -> None:
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"bsn": "'
+        for _ in range(1024):  # 64 MB if it were all read
+            sent += 1
+            yield b"9" * 65536
+
+    response = await harness.client.post(
+        path, content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert sent < 1024
