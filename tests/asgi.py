@@ -35,17 +35,12 @@ class Answer:
         return next(m for m in self.sent if m["type"] == "http.response.start")
 
 
-async def asgi_get(
-    app: Any, path: str, headers: dict[str, str] | None = None, answer: Answer | None = None
-) -> Answer:
-    """GET ``path`` from ``app``. Pass ``answer`` to see what was sent when the app raises. The
-    client stays connected until the app is done (as a streaming response listens for it)."""
-    answer = answer if answer is not None else Answer()
-    scope = {
+def _scope(method: str, path: str, headers: dict[str, str] | None) -> dict[str, Any]:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
@@ -55,6 +50,15 @@ async def asgi_get(
         "client": ("127.0.0.1", 1234),
         "server": ("testserver", 80),
     }
+
+
+async def asgi_get(
+    app: Any, path: str, headers: dict[str, str] | None = None, answer: Answer | None = None
+) -> Answer:
+    """GET ``path`` from ``app``. Pass ``answer`` to see what was sent when the app raises. The
+    client stays connected until the app is done (as a streaming response listens for it)."""
+    answer = answer if answer is not None else Answer()
+    scope = _scope("GET", path, headers)
     requests = [{"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -76,20 +80,7 @@ async def asgi_post(
     """POST ``chunks`` as the body (chunked unless ``headers`` give a Content-Length); the
     answer and how many of the chunks the app took."""
     answer = Answer()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
+    scope = _scope("POST", path, headers)
     left = list(chunks)
     taken = 0
 

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from aiokafka.structs import ConsumerRecord
+
+from shared.codec import Codec
 from shared.events import (
     AccessLogged,
     AuditAction,
@@ -398,3 +401,23 @@ def sample_event(model_cls: type[Event], **overrides: Any) -> Event:
             "add one to tests/factories.py FACTORIES"
         ) from None
     return factory(**overrides)
+
+
+def make_consumer_record(
+    event: Event, *, topic: str | None = None, partition: int = 0, offset: int = 0
+) -> ConsumerRecord:  # type: ignore[type-arg]
+    """``event`` encoded as the project writes it, as aiokafka hands it to a consumer."""
+    record = Codec().encode(event)
+    return ConsumerRecord(
+        topic=topic or record.topic,
+        partition=partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=record.key,
+        value=record.value,
+        checksum=None,
+        serialized_key_size=len(record.key),
+        serialized_value_size=len(record.value),
+        headers=record.headers,
+    )

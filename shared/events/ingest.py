@@ -18,6 +18,9 @@ from shared.events.common import (
 )
 from shared.identifiers import Ura, UziNumber
 
+# The longest sender endpoint recorded (a token's client id, an AE title).
+MAX_SENDER_ENDPOINT = 128
+
 
 @event
 class InstanceStored(Event):
@@ -36,7 +39,7 @@ class InstanceStored(Event):
     sender_ura: Ura
     sender_user: UziNumber | None = None
     # Calling AE title for C-STORE, or the token's client id for STOW-RS.
-    sender_endpoint: str | None = Field(default=None, max_length=128)
+    sender_endpoint: str | None = Field(default=None, max_length=MAX_SENDER_ENDPOINT)
     recipient_ura: Ura
     patient: PatientRef
     accession_number: str | None = Field(default=None, max_length=16)

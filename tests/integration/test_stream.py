@@ -277,6 +277,16 @@ def studies(count: int) -> list[StudyReceived]:
     return [make_study_received() for _ in range(count)]
 
 
+async def three_studies_a_partition(kafka: KafkaSettings, names: Topics) -> set[uuid.UUID]:
+    """Three studies on each source partition; the ids of the events they cause."""
+    expected: set[uuid.UUID] = set()
+    for p in range(names.partitions):
+        events = studies(3)
+        await produce(kafka, names.source, events, partition=p)
+        expected |= {derived_id(e) for e in events}
+    return expected
+
+
 def sample(metrics: ServiceMetrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(f"beeldportaal_{name}_total", labels) or 0.0
 
@@ -496,10 +506,7 @@ async def test_a_transaction_that_fails_is_invisible_to_read_committed_and_its_r
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     names = await make_topics(2)
-    inputs = {p: studies(3) for p in range(2)}
-    expected = {derived_id(e) for events in inputs.values() for e in events}
-    for p, events in inputs.items():
-        await produce(kafka_settings, names.source, events, partition=p)
+    expected = await three_studies_a_partition(kafka_settings, names)
 
     async def crash(self: AIOKafkaProducer, offsets: object, group_id: str) -> None:
         raise RuntimeError("crashed between the batch's events and its offsets")
@@ -539,10 +546,7 @@ async def test_a_transaction_committed_though_its_answer_was_lost_is_not_handled
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     names = await make_topics(2)
-    inputs = {p: studies(3) for p in range(2)}
-    expected = {derived_id(e) for events in inputs.values() for e in events}
-    for p, events in inputs.items():
-        await produce(kafka_settings, names.source, events, partition=p)
+    expected = await three_studies_a_partition(kafka_settings, names)
     commit = AIOKafkaProducer.commit_transaction
     lost: list[int] = []
 

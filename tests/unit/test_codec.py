@@ -7,7 +7,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 import pytest
-from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import Field, ValidationError
@@ -42,6 +41,7 @@ from tests.factories import (
     make_access_logged,
     make_consent_checked,
     make_consent_revoked,
+    make_consumer_record,
     make_delivered,
     make_instance_ref,
     make_patient,
@@ -118,20 +118,7 @@ def test_no_python_class_path_travels_on_the_wire(model: type[Event]) -> None:
 
 def test_a_consumer_record_from_aiokafka_decodes() -> None:
     event = make_route_failed()
-    record = codec.encode(event)
-    consumed = ConsumerRecord(
-        topic=record.topic,
-        partition=0,
-        offset=7,
-        timestamp=0,
-        timestamp_type=0,
-        key=record.key,
-        value=record.value,
-        checksum=None,
-        serialized_key_size=len(record.key),
-        serialized_value_size=len(record.value),
-        headers=record.headers,
-    )
+    consumed = make_consumer_record(event, offset=7)
     assert codec.decode_record(consumed) == event
 
 

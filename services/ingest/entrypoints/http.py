@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.parse
 from collections import Counter
 from typing import Annotated
@@ -26,6 +25,7 @@ from services.ingest.domain.stow_response import InstanceResult, http_status, re
 from services.ingest.handlers.store import Outcome, Received, Submission
 from shared.auth import Principal
 from shared.events import IngestChannel, Urgency
+from shared.events.ingest import MAX_SENDER_ENDPOINT
 from shared.http import CorrelationMiddleware
 from shared.identifiers import contains_written_bsn
 from shared.logging import get_logger
@@ -36,8 +36,6 @@ DICOM_JSON = "application/dicom+json"
 NOTE_HEADER = "X-Beeldportaal-Note"
 URGENCY_HEADER = "X-Beeldportaal-Urgency"
 COMPLETE_HEADER = "X-Beeldportaal-Study-Complete"
-# The longest client id of a token ingest records (InstanceStored.sender_endpoint).
-MAX_CLIENT_ID = 128
 # The status counted for a request whose client went away before its answer (nginx's).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -45,25 +43,11 @@ CLIENT_CLOSED_REQUEST = 499
 def build_router(ingest: Ingest) -> APIRouter:
     router = APIRouter()
     principal = ingest.principal_dependency
+    # Every request that got past authentication, refused or not (every answer, 401 included,
+    # is counted by status in ``IngestMetrics.answered``).
+    timed = ingest.metrics.request_duration.labels("stow-rs").time
 
     async def stow(
-        request: Request,
-        ura: str,
-        study_uid: str | None,
-        sender: Principal,
-        note: str | None,
-        urgency: str | None,
-        complete: str | None,
-    ) -> Response:
-        started = time.perf_counter()
-        try:
-            return await answer(request, ura, study_uid, sender, note, urgency, complete)
-        finally:
-            # Every request that got past authentication, refused or not (the answers, 401
-            # included, are counted by status in ``answered``).
-            ingest.metrics.request_duration.labels("stow-rs").observe(time.perf_counter() - started)
-
-    async def answer(
         request: Request,
         ura: str,
         study_uid: str | None,
@@ -75,11 +59,11 @@ def build_router(ingest: Ingest) -> APIRouter:
         # 404 before a single body byte is read or stored.
         if not ingest.peers.knows(ura):
             raise HTTPException(404, f"no organisation with URA {ura} receives through this portal")
-        if sender.client_id is not None and len(sender.client_id) > MAX_CLIENT_ID:
+        if sender.client_id is not None and len(sender.client_id) > MAX_SENDER_ENDPOINT:
             # Recorded with every instance (instance-stored's sender_endpoint): refused before
             # any byte is stored rather than failing each instance after its write.
             raise HTTPException(
-                401, f"the token's client_id is longer than {MAX_CLIENT_ID} characters"
+                401, f"the token's client_id is longer than {MAX_SENDER_ENDPOINT} characters"
             )
         try:
             related = parse_content_type(request.headers.get("content-type"))
@@ -153,7 +137,8 @@ def build_router(ingest: Ingest) -> APIRouter:
         urgency: Annotated[str | None, Header(alias=URGENCY_HEADER)] = None,
         complete: Annotated[str | None, Header(alias=COMPLETE_HEADER)] = None,
     ) -> Response:
-        return await stow(request, ura, None, sender, note, urgency, complete)
+        with timed():
+            return await stow(request, ura, None, sender, note, urgency, complete)
 
     @router.post(
         "/dicomweb/to/{ura}/studies/{study_uid}",
@@ -169,7 +154,8 @@ def build_router(ingest: Ingest) -> APIRouter:
         urgency: Annotated[str | None, Header(alias=URGENCY_HEADER)] = None,
         complete: Annotated[str | None, Header(alias=COMPLETE_HEADER)] = None,
     ) -> Response:
-        return await stow(request, ura, study_uid, sender, note, urgency, complete)
+        with timed():
+            return await stow(request, ura, study_uid, sender, note, urgency, complete)
 
     return router
 

@@ -7,7 +7,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 from services.notify.adapters.dimse import DimseSender
@@ -18,16 +17,20 @@ from services.notify.domain.retry import RetryPolicy
 from services.notify.handlers.deliver import Deliverer
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.domain.directory import DicomWebEndpoint, PickupEndpoint
-from shared.codec import Codec
 from shared.errors import TransientError
 from shared.events import Delivered, DeliveryChannel, DeliveryFailed, DeliveryQueued
 from shared.events.routing import BatchLimits
 from shared.storage.memory import InMemoryObjectStore
 from shared.topic_view import ViewFailed
-from tests.factories import T0, make_destination, make_route_resolved, make_study
+from tests.factories import (
+    T0,
+    make_consumer_record,
+    make_destination,
+    make_route_resolved,
+    make_study,
+)
 
 NOW = T0 + timedelta(hours=1)
-CODEC = Codec()
 
 
 class OneProvider:
@@ -154,6 +157,19 @@ class RecordingStow:
         )
 
 
+def to_a_dicomweb_receiver(study: Any) -> tuple[Deliverer, RecordingStow]:
+    """A deliverer to a DICOMweb receiver that stores what it is sent, with the study's
+    instances stored (instance i holds the bytes b"instance i")."""
+    objects = InMemoryObjectStore()
+    for i, ref in enumerate(study.instances):
+        objects.put(ref.object_key, f"instance {i}".encode())
+    endpoint = DicomWebEndpoint(id="pacs-dicomweb", base_url="https://pacs.example.nl/dicomweb")
+    worker = deliverer(objects, OneProvider(endpoint))
+    stow = RecordingStow()
+    worker.stow = stow  # type: ignore[assignment]
+    return worker, stow
+
+
 async def test_a_delivery_past_its_time_slice_yields_to_the_queue_and_resumes_where_it_was() -> (
     None
 ):
@@ -161,13 +177,8 @@ async def test_a_delivery_past_its_time_slice_yields_to_the_queue_and_resumes_wh
     route = make_route_resolved(
         study=study, batch_limits=BatchLimits(max_instances=1, max_bytes=10**9)
     )
-    objects = InMemoryObjectStore()
-    for i, ref in enumerate(study.instances):
-        objects.put(ref.object_key, f"instance {i}".encode())
-    stow = RecordingStow()
-    endpoint = DicomWebEndpoint(id="pacs-dicomweb", base_url="https://pacs.example.nl/dicomweb")
-    sliced = deliverer(objects, OneProvider(endpoint))
-    sliced.stow, sliced.attempt_seconds = stow, 0.0  # type: ignore[assignment]
+    sliced, stow = to_a_dicomweb_receiver(study)
+    sliced.attempt_seconds = 0.0
 
     delivery = queued(route, now=NOW)
     turns = []
@@ -188,42 +199,21 @@ async def test_a_delivery_past_its_time_slice_yields_to_the_queue_and_resumes_wh
     assert isinstance(delivered, Delivered) and delivered.outcomes.sent == 3
 
 
-def consumed(event: Any, *, topic: str, offset: int, partition: int = 0) -> ConsumerRecord:
-    record = CODEC.encode(event)
-    return ConsumerRecord(
-        topic=topic,
-        partition=partition,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=record.key,
-        value=record.value,
-        checksum=None,
-        serialized_key_size=len(record.key),
-        serialized_value_size=len(record.value),
-        headers=record.headers,
-    )
-
-
 async def test_a_queued_delivery_published_twice_is_attempted_once() -> None:
     study = make_study(2)
-    objects = InMemoryObjectStore()
-    for i, ref in enumerate(study.instances):
-        objects.put(ref.object_key, f"instance {i}".encode())
-    stow = RecordingStow()
-    endpoint = DicomWebEndpoint(id="pacs-dicomweb", base_url="https://pacs.example.nl/dicomweb")
-    worker = deliverer(objects, OneProvider(endpoint))
-    worker.stow = stow  # type: ignore[assignment]
+    worker, stow = to_a_dicomweb_receiver(study)
     delivery = queued(make_route_resolved(study=study), now=NOW)
-    first = consumed(delivery, topic="delivery-routine", offset=4)
+    first = make_consumer_record(delivery, topic="delivery-routine", offset=4)
 
     outcome = await worker.handle(first)
     # The same record handled again (its batch replayed) is attempted again: it is the first.
     replayed = await worker.handle(first)
     # A copy further on in the partition (published twice) is skipped ...
-    copy = await worker.handle(consumed(delivery, topic="delivery-routine", offset=9))
+    copy = await worker.handle(make_consumer_record(delivery, topic="delivery-routine", offset=9))
     # ... but not the same event elsewhere, which this worker has no first copy of.
-    other = await worker.handle(consumed(delivery, topic="delivery-routine", offset=9, partition=1))
+    other = await worker.handle(
+        make_consumer_record(delivery, topic="delivery-routine", offset=9, partition=1)
+    )
 
     [delivered] = outcome
     assert isinstance(delivered, Delivered) and delivered.outcomes.sent == 2
