@@ -308,6 +308,7 @@ def make_route_failed(**overrides: Any) -> RouteFailed:
         study_version=1,
         recipient_ura=RECIPIENT_URA,
         reason="no endpoint for the recipient",
+        sender_ura=SENDER_URA,
     )
     fields.update(overrides)
     return RouteFailed(**fields)
@@ -324,6 +325,7 @@ def make_delivered(**overrides: Any) -> Delivered:
         attempts=1,
         seconds_since_first_received=42.5,
         delivered_at=T0 + timedelta(minutes=2),
+        sender_ura=SENDER_URA,
     )
     fields.update(overrides)
     return Delivered(**fields)
@@ -340,6 +342,7 @@ def make_delivery_failed(**overrides: Any) -> DeliveryFailed:
         attempt=1,
         final=False,
         next_attempt_at=T0 + timedelta(minutes=1),
+        sender_ura=SENDER_URA,
     )
     fields.update(overrides)
     return DeliveryFailed(**fields)

@@ -22,7 +22,7 @@ from services.notify.adapters.dead_letters import (
 from services.notify.adapters.journey_view import (
     JourneyTopics,
     JourneyView,
-    PickupInstance,
+    Pickup,
     StudyJourney,
 )
 from services.notify.api_config import NotifyApiSettings
@@ -59,9 +59,9 @@ class JourneyReader(_View, Protocol):
 
     def get(self, study_instance_uid: str) -> StudyJourney | None: ...
 
-    def pickup_manifest(
-        self, study_instance_uid: str, version: int, recipient_ura: str
-    ) -> tuple[PickupInstance, ...] | None: ...
+    def pickup(
+        self, study_instance_uid: str, version: int, recipient_ura: str, sender_ura: str | None
+    ) -> Pickup | None: ...
 
 
 class DeadLetterQueue(_View, Protocol):

@@ -53,6 +53,9 @@ class Delivered(Event):
     # From the first instance received by ingest to the receiver's last acknowledgement.
     seconds_since_first_received: float = Field(ge=0)
     delivered_at: AwareDatetime
+    # The study's sender: two organisations may send one Study Instance UID, each numbering
+    # its own versions. None in records written before 2026-11-27.
+    sender_ura: Ura | None = None
 
     def partition_key(self) -> str:
         return self.study_instance_uid
@@ -74,6 +77,8 @@ class DeliveryFailed(Event):
     attempt: int = Field(ge=1)
     final: bool
     next_attempt_at: AwareDatetime | None = None
+    # As on Delivered: None in records written before 2026-11-27.
+    sender_ura: Ura | None = None
 
     def partition_key(self) -> str:
         return self.study_instance_uid

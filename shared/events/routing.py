@@ -103,6 +103,9 @@ class RouteFailed(Event):
     reason: str = Field(min_length=1, max_length=512)
     # None in records written before the code existed.
     reason_code: RouteFailureReason | None = None
+    # The study's sender: two organisations may send one Study Instance UID, each numbering
+    # its own versions. None in records written before 2026-11-27.
+    sender_ura: Ura | None = None
 
     def partition_key(self) -> str:
         return self.study_instance_uid

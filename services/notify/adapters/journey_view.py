@@ -2,8 +2,8 @@
 
 A :class:`~shared.topic_view.TopicView` over ``study-received``, ``consent-checked``,
 ``route-resolved``, ``route-failed``, ``delivered`` and ``delivery-failed``, read from offset 0
-by every API replica and kept per Study Instance UID and version. It is an in-memory projection
-of those topics, with what that honestly implies:
+by every API replica and kept per Study Instance UID, sender and version. It is an in-memory
+projection of those topics, with what that honestly implies:
 
 - **Retention.** ``study-received``, ``consent-checked`` and ``delivered`` are kept forever, but
   ``route-resolved``, ``route-failed`` and ``delivery-failed`` only 90 days (shared.topics). A
@@ -29,7 +29,8 @@ position and skips it.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
@@ -92,6 +93,13 @@ class PickupInstance(NamedTuple):
     sha256: str
 
 
+class Pickup(NamedTuple):
+    """A pickup zip: its instances, and when the version's last instance was received."""
+
+    instances: tuple[PickupInstance, ...]
+    last_received_at: datetime | None
+
+
 @dataclass(slots=True)
 class ConsentState:
     decision: Decision
@@ -150,9 +158,10 @@ class EndpointJourney:
 @dataclass(slots=True)
 class VersionJourney:
     version: int
+    # The sender, from its key; None for the facts of records that did not name it.
+    sender_ura: str | None = None
     # Known from any event carrying the snapshot (study-received, consent-checked,
     # route-resolved); None while only events without it (delivered, ...) have been applied.
-    sender_ura: str | None = None
     recipient_ura: str | None = None
     instances: int | None = None
     first_received_at: datetime | None = None
@@ -191,27 +200,103 @@ class VersionJourney:
         }
 
 
+# A study version's key: its sender's URA and version number. Versions are numbered per sender
+# (and recipient): two organisations sending one Study Instance UID each have a version 1.
+# None for the sender: a fact from a record written before route-failed, delivered and
+# delivery-failed named it (2026-11-27), see StudyJourney.
+VersionKey = tuple[str | None, int]
+
+
 @dataclass(slots=True)
 class StudyJourney:
-    study_instance_uid: str
-    versions: dict[int, VersionJourney] = field(default_factory=dict)
+    """A Study Instance UID's versions, by sender and version number.
 
-    def version(self, version: int) -> VersionJourney:
-        found = self.versions.get(version)
+    A fact from a record that does not name its sender (written before 2026-11-27) is kept
+    under ``(None, version)``. It belongs to the one sender that has that version, and is shown
+    with it when asked; while two senders have that version, it could be either's, and only
+    operators see it, as a version of unknown sender.
+    """
+
+    study_instance_uid: str
+    versions: dict[VersionKey, VersionJourney] = field(default_factory=dict)
+
+    def version(self, sender_ura: str | None, version: int) -> VersionJourney:
+        key = (sender_ura, version)
+        found = self.versions.get(key)
         if found is None:
-            found = self.versions[version] = VersionJourney(version)
+            found = self.versions[key] = VersionJourney(version, sender_ura=sender_ura)
         return found
 
     def all_versions(self) -> list[VersionJourney]:
-        """Every version whatever its sender, oldest first: for operators only."""
-        return [self.versions[v] for v in sorted(self.versions)]
+        """Every version whatever its sender, by version then sender: for operators only."""
+        return self._resolved(lambda _sender: True)
 
     def visible_to(self, ura: str) -> list[VersionJourney]:
-        """The versions ``ura`` sent, oldest first. A version whose sender is not known yet is
-        shown to nobody, and a UID reused by another sender shows each only their own."""
-        return [
-            self.versions[v] for v in sorted(self.versions) if self.versions[v].sender_ura == ura
+        """The versions ``ura`` sent, oldest first: a UID reused by another sender shows each
+        only their own."""
+        return self._resolved(lambda sender: sender == ura)
+
+    def _resolved(self, shown: Callable[[str | None], bool]) -> list[VersionJourney]:
+        senders: dict[int, int] = {}
+        for sender, number in self.versions:
+            if sender is not None:
+                senders[number] = senders.get(number, 0) + 1
+        resolved = []
+        # By version, then sender; the facts of an unknown sender last.
+        for (sender, number), journey in sorted(
+            self.versions.items(),
+            key=lambda item: (item[0][1], item[0][0] is None, item[0][0] or ""),
+        ):
+            attributable = senders.get(number) == 1
+            if sender is None:
+                if not attributable and shown(None):
+                    resolved.append(journey)
+                continue
+            if not shown(sender):
+                continue
+            unattributed = self.versions.get((None, number))
+            if unattributed is not None and attributable:
+                journey = _merged(journey, unattributed)
+            resolved.append(journey)
+        return resolved
+
+    def pickup(
+        self, version: int, recipient_ura: str, sender_ura: str | None
+    ) -> VersionJourney | None:
+        """The version routed to a pickup endpoint of ``recipient_ura``, of ``sender_ura`` (of
+        the one sender that routed that version there, for None); None if there is none."""
+        found = [
+            journey
+            for (sender, number), journey in self.versions.items()
+            if number == version
+            and sender is not None
+            and sender_ura in (None, sender)
+            and journey.pickup is not None
+            and recipient_ura in journey.pickup_recipients()
         ]
+        return found[0] if len(found) == 1 else None
+
+
+def _merged(journey: VersionJourney, unattributed: VersionJourney) -> VersionJourney:
+    """``journey`` with the facts of records that did not name its sender (route failure,
+    deliveries, failed attempts), as asked: neither is changed."""
+    endpoints = dict(journey.endpoints)
+    for key, other in unattributed.endpoints.items():
+        own = endpoints.get(key)
+        if own is None:
+            endpoints[key] = other
+            continue
+        failures = [f for f in (own.failure, other.failure) if f is not None]
+        endpoints[key] = replace(
+            own,
+            delivered=own.delivered or other.delivered,
+            failure=max(failures, key=lambda f: f.failed_at) if failures else None,
+        )
+    return replace(
+        journey,
+        route_failure=journey.route_failure or unattributed.route_failure,
+        endpoints=endpoints,
+    )
 
 
 # --- the fold (pure) ------------------------------------------------------------------------------
@@ -220,6 +305,10 @@ class StudyJourney:
 def _short(text: str) -> str:
     # URAs, endpoint ids and reason codes repeat across every study: one copy each.
     return sys.intern(text)
+
+
+def _sender(ura: str | None) -> str | None:
+    return _short(ura) if ura is not None else None
 
 
 class JourneyFold:
@@ -235,19 +324,18 @@ class JourneyFold:
     def get(self, study_instance_uid: str) -> StudyJourney | None:
         return self._studies.get(study_instance_uid)
 
-    def pickup_manifest(
-        self, study_instance_uid: str, version: int, recipient_ura: str
-    ) -> tuple[PickupInstance, ...] | None:
-        """What a pickup of this version by ``recipient_ura`` contains; None when the version
-        was not routed to a pickup endpoint of that organisation (or is not known)."""
+    def pickup(
+        self, study_instance_uid: str, version: int, recipient_ura: str, sender_ura: str | None
+    ) -> Pickup | None:
+        """What a pickup of this version by ``recipient_ura`` contains; None when no version of
+        that number (of ``sender_ura``; of one sender, for None) was routed to a pickup
+        endpoint of that organisation."""
         study = self._studies.get(study_instance_uid)
-        found = study.versions.get(version) if study is not None else None
+        found = study.pickup(version, recipient_ura, sender_ura) if study is not None else None
         if found is None or found.pickup is None:
             return None
-        if recipient_ura not in found.pickup_recipients():
-            return None
-        manifest = found.pickup.get(recipient_ura)
-        return tuple(manifest.values()) if manifest is not None else None
+        manifest = found.pickup.get(recipient_ura, {})
+        return Pickup(tuple(manifest.values()), found.last_received_at)
 
     def apply_record(self, record: Any) -> None:
         self.apply(self._codec.decode_record(record))
@@ -265,7 +353,8 @@ class JourneyFold:
             case RouteResolved():
                 self._route(event)
             case RouteFailed():
-                journey = self._study(event.study_instance_uid).version(event.study_version)
+                study = self._study(event.study_instance_uid)
+                journey = study.version(_sender(event.sender_ura), event.study_version)
                 journey.route_failure = RouteFailure(
                     _short(event.reason_code.value) if event.reason_code else None,
                     event.reason,
@@ -274,6 +363,7 @@ class JourneyFold:
             case Delivered():
                 endpoint = self._endpoint(
                     event.study_instance_uid,
+                    _sender(event.sender_ura),
                     event.study_version,
                     event.destination_ura,
                     event.endpoint_id,
@@ -285,6 +375,7 @@ class JourneyFold:
             case DeliveryFailed():
                 endpoint = self._endpoint(
                     event.study_instance_uid,
+                    _sender(event.sender_ura),
                     event.study_version,
                     event.destination_ura,
                     event.endpoint_id,
@@ -310,9 +401,9 @@ class JourneyFold:
         return study
 
     def _version_of(self, snapshot: StudySnapshot) -> VersionJourney:
-        journey = self._study(snapshot.study_instance_uid).version(snapshot.version)
-        if journey.sender_ura is None:
-            journey.sender_ura = _short(snapshot.sender_ura)
+        study = self._study(snapshot.study_instance_uid)
+        journey = study.version(_short(snapshot.sender_ura), snapshot.version)
+        if journey.recipient_ura is None:
             journey.recipient_ura = _short(snapshot.recipient_ura)
             journey.instances = snapshot.number_of_instances
             journey.first_received_at = snapshot.first_received_at
@@ -322,12 +413,13 @@ class JourneyFold:
     def _endpoint(
         self,
         study_instance_uid: str,
+        sender_ura: str | None,
         version: int,
         destination_ura: str,
         endpoint_id: str,
         channel: DeliveryChannel,
     ) -> EndpointJourney:
-        journey = self._study(study_instance_uid).version(version)
+        journey = self._study(study_instance_uid).version(sender_ura, version)
         key = (_short(destination_ura), _short(endpoint_id))
         endpoint = journey.endpoints.get(key)
         if endpoint is None:
@@ -339,6 +431,7 @@ class JourneyFold:
         destination = event.destination
         endpoint = self._endpoint(
             event.study.study_instance_uid,
+            journey.sender_ura,
             event.study.version,
             destination.organisation_ura,
             destination.endpoint_id,
@@ -400,7 +493,7 @@ class JourneyView(TopicView):
     def get(self, study_instance_uid: str) -> StudyJourney | None:
         return self._fold.get(study_instance_uid)
 
-    def pickup_manifest(
-        self, study_instance_uid: str, version: int, recipient_ura: str
-    ) -> tuple[PickupInstance, ...] | None:
-        return self._fold.pickup_manifest(study_instance_uid, version, recipient_ura)
+    def pickup(
+        self, study_instance_uid: str, version: int, recipient_ura: str, sender_ura: str | None
+    ) -> Pickup | None:
+        return self._fold.pickup(study_instance_uid, version, recipient_ura, sender_ura)

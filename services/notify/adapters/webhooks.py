@@ -108,6 +108,7 @@ def delivered_payload(event: Delivered) -> dict[str, Any]:
     """``delivered.v1``: a study version reached a destination.
 
     ``data``: ``study_instance_uid``, ``study_version`` (1, 2, ... as instances were added),
+    ``sender_ura`` (who sent it; null for a delivery concluded before 2026-11-27),
     ``destination_ura``, ``endpoint_id``, ``channel`` (dicomweb, dimse, pickup), ``outcomes``
     (``sent``, ``already_present``, ``warnings``, ``failed`` instance counts), ``attempts``
     and ``delivered_at`` (ISO 8601 with offset).
@@ -118,6 +119,7 @@ def delivered_payload(event: Delivered) -> dict[str, Any]:
         {
             "study_instance_uid": event.study_instance_uid,
             "study_version": event.study_version,
+            "sender_ura": event.sender_ura,
             "destination_ura": event.destination_ura,
             "endpoint_id": event.endpoint_id,
             "channel": event.channel.value,
@@ -131,9 +133,10 @@ def delivered_payload(event: Delivered) -> dict[str, Any]:
 def delivery_failed_payload(event: DeliveryFailed) -> dict[str, Any]:
     """``delivery.failed.v1``: an attempt failed; ``final`` true means no more retries.
 
-    ``data``: ``study_instance_uid``, ``study_version``, ``destination_ura``, ``endpoint_id``,
-    ``channel``, ``reason`` (free text, BSN-scrubbed), ``attempt``, ``final`` and
-    ``next_attempt_at`` (ISO 8601, or null when final).
+    ``data``: ``study_instance_uid``, ``study_version``, ``sender_ura`` (as in
+    ``delivered.v1``), ``destination_ura``, ``endpoint_id``, ``channel``, ``reason`` (free text,
+    BSN-scrubbed), ``attempt``, ``final`` and ``next_attempt_at`` (ISO 8601, or null when
+    final).
     """
     return _envelope(
         DELIVERY_FAILED_TYPE,
@@ -141,6 +144,7 @@ def delivery_failed_payload(event: DeliveryFailed) -> dict[str, Any]:
         {
             "study_instance_uid": event.study_instance_uid,
             "study_version": event.study_version,
+            "sender_ura": event.sender_ura,
             "destination_ura": event.destination_ura,
             "endpoint_id": event.endpoint_id,
             "channel": event.channel.value,

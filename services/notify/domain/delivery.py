@@ -243,6 +243,7 @@ def _delivered(
         refused=delivery.refused,
         seconds_since_first_received=max(0.0, (now - study.first_received_at).total_seconds()),
         delivered_at=now,
+        sender_ura=study.sender_ura,
     )
 
 
@@ -286,6 +287,7 @@ def _failed(
         attempt=delivery.attempt,
         final=final,
         next_attempt_at=next_at,
+        sender_ura=route.study.sender_ura,
     )
 
 

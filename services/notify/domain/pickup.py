@@ -2,8 +2,12 @@
 
 A pickup token is ``<payload>.<mac>``, both unpadded base64url (so it is safe in a URL path):
 
-* payload = the UTF-8 lines ``v1``, Study Instance UID, study version, recipient URA and the
-  expiry in Unix seconds, joined by ``\\n``. Identifiers only: no BSN, no pseudonym, no name.
+* payload = the UTF-8 lines ``v2``, Study Instance UID, study version, recipient URA, sender
+  URA and the expiry in Unix seconds, joined by ``\\n``. Identifiers only: no BSN, no
+  pseudonym, no name. The sender is there because versions are numbered per sender: two
+  organisations sending one Study Instance UID to one recipient each have a version 1. Links
+  signed before 2026-11-27 are ``v1``, without the sender, and still verify: they name the
+  version of the one sender that routed it to the recipient's pickup.
 * mac = HMAC-SHA256(key, ``beeldportaal:pickup:v1\\0`` + payload): the prefix keeps a pickup MAC
   from ever being valid for any other use of the same key.
 
@@ -37,7 +41,8 @@ MIN_KEY_BYTES = 32
 MAX_TOKEN_CHARS = 512
 PICKUP_PATH_PREFIX = "/pickup/"
 
-_VERSION = "v1"
+_VERSION = "v2"
+_WITHOUT_SENDER = "v1"
 _MAC_DOMAIN = b"beeldportaal:pickup:v1\x00"
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 _DIGITS = re.compile(r"^(0|[1-9][0-9]{0,17})$")  # canonical: no sign, no leading zeros
@@ -73,6 +78,8 @@ class PickupGrant:
     study_version: int
     recipient_ura: str
     expires_at: datetime
+    # None for a link signed before links named the sender (v1).
+    sender_ura: str | None = None
 
 
 def _b64encode(data: bytes) -> str:
@@ -110,15 +117,24 @@ def _aware(moment: datetime, what: str) -> datetime:
 
 
 def sign_pickup(
-    study_uid: str, version: int, recipient_ura: str, expires_at: datetime, key: bytes
+    study_uid: str,
+    version: int,
+    recipient_ura: str,
+    sender_ura: str | None,
+    expires_at: datetime,
+    key: bytes,
 ) -> str:
-    """A URL-safe token granting ``recipient_ura`` this study version until ``expires_at``.
+    """A URL-safe token granting ``recipient_ura`` this study version of ``sender_ura`` until
+    ``expires_at``; a ``v1`` token for None (a delivery written before deliveries named their
+    sender).
 
     The expiry is kept to the whole second, rounded down (a link never lives longer than asked).
     """
     try:
         _UID.validate_python(study_uid)
         _URA.validate_python(recipient_ura)
+        if sender_ura is not None:
+            _URA.validate_python(sender_ura)
     except ValidationError:
         raise ValueError("a pickup link needs a valid Study Instance UID and URA") from None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -126,7 +142,11 @@ def sign_pickup(
     expiry = int(_aware(expires_at, "expires_at").timestamp())
     if expiry < 0:
         raise ValueError("expires_at is before 1970")
-    payload = "\n".join((_VERSION, study_uid, str(version), recipient_ura, str(expiry))).encode()
+    if sender_ura is None:
+        fields = (_WITHOUT_SENDER, study_uid, str(version), recipient_ura, str(expiry))
+    else:
+        fields = (_VERSION, study_uid, str(version), recipient_ura, sender_ura, str(expiry))
+    payload = "\n".join(fields).encode()
     return f"{_b64encode(payload)}.{_b64encode(_mac(key, payload))}"
 
 
@@ -166,12 +186,18 @@ def _parse(payload: bytes) -> PickupGrant:
         fields = payload.decode("utf-8").split("\n")
     except UnicodeDecodeError:
         raise MalformedPickupToken("the pickup payload is not UTF-8") from None
-    if len(fields) != 5 or fields[0] != _VERSION:
-        raise MalformedPickupToken("the pickup payload is not a v1 payload")
-    _, study_uid, version, ura, expiry = fields
+    if len(fields) == 6 and fields[0] == _VERSION:
+        _, study_uid, version, ura, sender, expiry = fields
+    elif len(fields) == 5 and fields[0] == _WITHOUT_SENDER:
+        _, study_uid, version, ura, expiry = fields
+        sender = None
+    else:
+        raise MalformedPickupToken("the pickup payload is not a v1 or v2 payload")
     try:
         _UID.validate_python(study_uid)
         _URA.validate_python(ura)
+        if sender is not None:
+            _URA.validate_python(sender)
     except ValidationError:
         raise MalformedPickupToken("the pickup payload has an invalid UID or URA") from None
     if not (_DIGITS.match(version) and _DIGITS.match(expiry)) or version == "0":
@@ -180,7 +206,7 @@ def _parse(payload: bytes) -> PickupGrant:
         expires_at = datetime.fromtimestamp(int(expiry), tz=UTC)
     except (OverflowError, OSError, ValueError):
         raise MalformedPickupToken("the pickup payload's expiry is out of range") from None
-    return PickupGrant(study_uid, int(version), ura, expires_at)
+    return PickupGrant(study_uid, int(version), ura, expires_at, sender)
 
 
 def pickup_path(token: str) -> str:

@@ -556,15 +556,16 @@ def build_router(api: NotifyApi) -> APIRouter:
             raise Problem(403, "Forbidden", "this pickup link is for another organisation")
         _require_ready(api.journey, "journey")
         uid, version, ura = grant.study_instance_uid, grant.study_version, grant.recipient_ura
-        manifest = api.journey.pickup_manifest(uid, version, ura)
-        if manifest is None and await _synced(api.journey, sync_timeout):
+        found = api.journey.pickup(uid, version, ura, grant.sender_ura)
+        if found is None and await _synced(api.journey, sync_timeout):
             # The link may have been sent a moment after the route was published.
-            manifest = api.journey.pickup_manifest(uid, version, ura)
-        if manifest is None:
+            found = api.journey.pickup(uid, version, ura, grant.sender_ura)
+        if found is None:
             api.metrics.pickup("not-found")
             raise Problem(
                 404, "Not Found", "this study version is not (or no longer) available for pickup"
             )
+        manifest = found.instances
         if manifest:
             # Find out before answering 200 whether S3 can serve it at all.
             try:
@@ -582,9 +583,7 @@ def build_router(api: NotifyApi) -> APIRouter:
                     object_key=manifest[0].object_key,
                 )
                 raise Problem(404, "Not Found", "this study version's images are not available")
-        study = api.journey.get(uid)
-        journey = study.versions.get(version) if study is not None else None
-        modified = journey.last_received_at if journey is not None else None
+        modified = found.last_received_at
         log.info(
             "pickup download",
             study_instance_uid=uid,

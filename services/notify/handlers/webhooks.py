@@ -53,6 +53,7 @@ class PickupLinks:
             event.study_instance_uid,
             event.study_version,
             event.destination_ura,
+            event.sender_ura,
             event.delivered_at + self.lifetime,
             self.key,
         )

@@ -311,4 +311,5 @@ def _failed(
         recipient_ura=study.recipient_ura,
         reason=reason,
         reason_code=code,
+        sender_ura=study.sender_ura,
     )

@@ -515,8 +515,14 @@ def put_pickup_study(
     return PickupStudy(uid, contents)
 
 
-def token_for(study: PickupStudy, *, ura: str = RECIPIENT_URA, ttl: timedelta) -> str:
-    return sign_pickup(study.uid, 1, ura, datetime.now(UTC) + ttl, PICKUP_KEY.encode())
+def token_for(
+    study: PickupStudy,
+    *,
+    ura: str = RECIPIENT_URA,
+    sender: str | None = SENDER_URA,
+    ttl: timedelta,
+) -> str:
+    return sign_pickup(study.uid, 1, ura, sender, datetime.now(UTC) + ttl, PICKUP_KEY.encode())
 
 
 def test_the_recipient_downloads_the_study_as_a_zip_of_exactly_the_stored_bytes(
@@ -566,9 +572,20 @@ def test_a_pickup_link_that_expired_was_altered_or_is_for_another_organisation_i
     assert notify_api.get(f"/pickup/{genuine}").status_code == 401
     # A study version without a pickup route is not for download, even with a genuine link.
     unrouted = sign_pickup(
-        make_uid(), 1, RECIPIENT_URA, datetime.now(UTC) + timedelta(hours=1), PICKUP_KEY.encode()
+        make_uid(),
+        1,
+        RECIPIENT_URA,
+        SENDER_URA,
+        datetime.now(UTC) + timedelta(hours=1),
+        PICKUP_KEY.encode(),
     )
     assert notify_api.get(f"/pickup/{unrouted}", recipient).status_code == 404
+    # Versions are numbered per sender: a link to another sender's version 1 of this UID
+    # opens nothing, and one signed before links named the sender opens the one routed here.
+    another_sender = token_for(study, sender=OTHER_URA, ttl=timedelta(hours=1))
+    assert notify_api.get(f"/pickup/{another_sender}", recipient).status_code == 404
+    before_senders = token_for(study, sender=None, ttl=timedelta(hours=1))
+    assert notify_api.get(f"/pickup/{before_senders}", recipient).status_code == 200
 
 
 def test_a_download_whose_bytes_do_not_match_their_sha256_breaks_off_unreadable(

@@ -81,6 +81,13 @@ def fold(*events: Event) -> JourneyFold:
     return journeys
 
 
+def manifest(
+    journeys: JourneyFold, uid: str, version: int, recipient: str, sender: str | None = SENDER_URA
+) -> tuple[PickupInstance, ...] | None:
+    found = journeys.pickup(uid, version, recipient, sender)
+    return found.instances if found is not None else None
+
+
 def endpoint_events(study: Any, endpoint_id: str = "pacs-dicomweb", **route: Any) -> list[Event]:
     destination = make_destination(endpoint_id=endpoint_id, **route.pop("destination", {}))
     return [make_route_resolved(study=study, destination=destination, **route)]
@@ -143,11 +150,11 @@ def test_the_state_follows_the_journey_from_received_to_routed() -> None:
     study = make_study()
     uid = study.study_instance_uid
     journeys = fold(make_study_received(study=study))
-    states = [journeys.get(uid).versions[1].state]  # type: ignore[union-attr]
+    states = [journeys.get(uid).versions[(SENDER_URA, 1)].state]  # type: ignore[union-attr]
     journeys.apply_record(rec(make_consent_checked(study=study)))
-    states.append(journeys.get(uid).versions[1].state)  # type: ignore[union-attr]
+    states.append(journeys.get(uid).versions[(SENDER_URA, 1)].state)  # type: ignore[union-attr]
     journeys.apply_record(rec(make_route_resolved(study=study)))
-    states.append(journeys.get(uid).versions[1].state)  # type: ignore[union-attr]
+    states.append(journeys.get(uid).versions[(SENDER_URA, 1)].state)  # type: ignore[union-attr]
 
     assert states == ["received", "consent-checked", "routed"]
 
@@ -163,7 +170,7 @@ def test_a_retrying_delivery_keeps_the_version_routed_and_a_final_failure_fails_
             study_instance_uid=uid, attempt=1, final=False, next_attempt_at=retry_at
         ),
     )
-    version = journeys.get(uid).versions[1]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
     [endpoint] = version.endpoints.values()
     assert (version.state, endpoint.state) == ("routed", "retrying")
     assert endpoint.failure is not None
@@ -198,7 +205,7 @@ def test_one_failed_endpoint_fails_the_version_even_when_another_was_delivered()
         make_delivery_failed(study_instance_uid=uid, endpoint_id="pacs-dimse", final=True),
     )
 
-    version = journeys.get(uid).versions[1]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "failed"
     assert {e.endpoint_id: e.state for e in version.endpoints.values()} == {
         "pacs-web": "delivered",
@@ -213,7 +220,7 @@ def test_a_denied_send_is_not_routed_and_says_why() -> None:
         make_study_received(study=study),
         make_consent_checked(study=study, decision=Decision.DENY, basis=Basis.EXPLICIT_OBJECTION),
     )
-    version = journeys.get(uid).versions[1]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "not-routed"  # before routing has said so, too
 
     journeys.apply_record(
@@ -241,26 +248,109 @@ def test_a_route_failure_without_a_consent_record_is_not_routed() -> None:
         make_route_failed(study_instance_uid=uid, study_version=1, reason_code=None),
     )
 
-    version = journeys.get(uid).versions[1]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "not-routed"
     assert version.route_failure is not None and version.route_failure.reason_code is None
 
 
-def test_events_before_the_study_are_kept_but_shown_to_nobody_until_its_sender_is_known() -> None:
+def test_a_delivery_read_before_its_study_shows_to_its_sender_at_once() -> None:
     study = make_study()
     uid = study.study_instance_uid
     journeys = fold(make_delivered(study_instance_uid=uid))
     study_journey = journeys.get(uid)
     assert study_journey is not None
-    assert study_journey.visible_to(SENDER_URA) == []
+    [version] = study_journey.visible_to(SENDER_URA)
+    assert version.state == "delivered" and version.recipient_ura is None
+    assert study_journey.visible_to(OTHER_URA) == []
 
     journeys.apply_record(rec(make_study_received(study=study)))
 
     [version] = study_journey.visible_to(SENDER_URA)
     # Delivered, though the route itself was never seen (route-resolved is kept 90 days only).
     assert version.state == "delivered"
+    assert version.recipient_ura == RECIPIENT_URA
     [endpoint] = version.endpoints.values()
     assert endpoint.routed is False and endpoint.priority is None
+
+
+def test_facts_of_records_without_their_sender_show_with_the_one_sender_of_that_version() -> None:
+    # Written before route-failed, delivered and delivery-failed named the sender.
+    study = make_study()
+    uid = study.study_instance_uid
+    journeys = fold(
+        make_delivered(study_instance_uid=uid, sender_ura=None),
+        make_delivery_failed(study_instance_uid=uid, endpoint_id="other", sender_ura=None),
+    )
+    study_journey = journeys.get(uid)
+    assert study_journey is not None
+    assert study_journey.visible_to(SENDER_URA) == []
+    [unknown] = study_journey.all_versions()  # operators see it, sender unknown
+    assert unknown.sender_ura is None and unknown.state == "routed"
+
+    journeys.apply_record(rec(make_study_received(study=study)))
+    journeys.apply_record(rec(make_route_resolved(study=study)))
+
+    [version] = study_journey.visible_to(SENDER_URA)
+    assert version.sender_ura == SENDER_URA
+    delivered = version.endpoints[(RECIPIENT_URA, "pacs-dicomweb")]
+    assert delivered.routed and delivered.state == "delivered"
+    assert version.endpoints[(RECIPIENT_URA, "other")].state == "retrying"
+    assert study_journey.all_versions() == [version]
+    # Shown merged, not merged into the kept state: the fold is unchanged by being asked.
+    kept = study_journey.versions[(SENDER_URA, 1)].endpoints
+    assert kept[(RECIPIENT_URA, "pacs-dicomweb")].delivered is None
+    assert (RECIPIENT_URA, "other") not in kept
+
+
+def test_facts_without_their_sender_are_shown_to_no_sender_while_two_have_that_version() -> None:
+    from_a = make_study()
+    uid = from_a.study_instance_uid
+    from_b = make_study(study_instance_uid=uid, sender_ura=OTHER_URA)
+    journeys = fold(
+        make_study_received(study=from_a),
+        make_study_received(study=from_b),
+        make_route_failed(study_instance_uid=uid, sender_ura=None, reason="nowhere to go"),
+    )
+    study = journeys.get(uid)
+    assert study is not None
+
+    for sender in (SENDER_URA, OTHER_URA):
+        [version] = study.visible_to(sender)
+        assert version.route_failure is None and version.state == "received"
+    shown = study.all_versions()
+    assert [v.sender_ura for v in shown] == [*sorted([SENDER_URA, OTHER_URA]), None]
+    assert shown[2].state == "not-routed"
+
+
+def test_two_senders_of_one_uid_each_see_only_their_own_routes_and_deliveries() -> None:
+    # Both send "their" study as version 1, to different recipients.
+    from_a = make_study()
+    uid = from_a.study_instance_uid
+    from_b = make_study(study_instance_uid=uid, sender_ura=OTHER_URA, recipient_ura="55556666")
+    to_b = make_destination(organisation_ura="55556666", endpoint_id="pacs-b")
+    journeys = fold(
+        make_study_received(study=from_a),
+        make_study_received(study=from_b),
+        make_route_resolved(study=from_a),
+        make_route_resolved(study=from_b, destination=to_b),
+        make_delivered(study_instance_uid=uid),
+        make_delivery_failed(
+            study_instance_uid=uid,
+            destination_ura="55556666",
+            endpoint_id="pacs-b",
+            sender_ura=OTHER_URA,
+            final=True,
+        ),
+    )
+    study = journeys.get(uid)
+    assert study is not None
+
+    [mine] = study.visible_to(SENDER_URA)
+    [theirs] = study.visible_to(OTHER_URA)
+    assert list(mine.endpoints) == [(RECIPIENT_URA, "pacs-dicomweb")]
+    assert mine.state == "delivered"
+    assert list(theirs.endpoints) == [("55556666", "pacs-b")]
+    assert theirs.state == "failed"
 
 
 def test_delivered_wins_over_a_failure_read_later_from_the_other_topic() -> None:
@@ -274,7 +364,7 @@ def test_delivered_wins_over_a_failure_read_later_from_the_other_topic() -> None
         make_delivery_failed(study_instance_uid=uid, attempt=6, final=True),
     )
 
-    version = journeys.get(uid).versions[1]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "delivered"
 
 
@@ -317,7 +407,7 @@ def test_the_timeline_decision_is_not_part_of_the_send() -> None:
         make_consent_checked(study=study, purpose=Purpose.TIMELINE, decision=Decision.DENY),
     )
 
-    version = journeys.get(study.study_instance_uid).versions[1]  # type: ignore[union-attr]
+    version = journeys.get(study.study_instance_uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
     assert version.consent is None
     assert version.state == "received"
 
@@ -335,15 +425,15 @@ def test_a_pickup_route_keeps_the_manifest_minus_the_classes_the_receiver_exclud
         make_route_resolved(study=study, destination=pickup, excluded_sop_classes=(SR_STORAGE,)),
     )
 
-    manifest = journeys.pickup_manifest(uid, 1, RECIPIENT_URA)
-    assert manifest == tuple(
+    assert manifest(journeys, uid, 1, RECIPIENT_URA) == tuple(
         PickupInstance(i.sop_instance_uid, i.series_instance_uid, i.object_key, i.size, i.sha256)
         for i in study.instances[:2]
     )
     # Only for the organisation the pickup route is for, and only for that version.
-    assert journeys.pickup_manifest(uid, 1, OTHER_URA) is None
-    assert journeys.pickup_manifest(uid, 2, RECIPIENT_URA) is None
-    assert journeys.pickup_manifest("1.2.999", 1, RECIPIENT_URA) is None
+    assert manifest(journeys, uid, 1, OTHER_URA) is None
+    assert manifest(journeys, uid, 2, RECIPIENT_URA) is None
+    assert manifest(journeys, "1.2.999", 1, RECIPIENT_URA) is None
+    assert manifest(journeys, uid, 1, RECIPIENT_URA, sender=OTHER_URA) is None
 
 
 def test_a_study_uid_two_senders_sent_to_two_pickup_recipients_zips_each_only_its_own() -> None:
@@ -362,21 +452,24 @@ def test_a_study_uid_two_senders_sent_to_two_pickup_recipients_zips_each_only_it
         make_route_resolved(study=from_b, destination=to_b),
     )
 
-    def objects(recipient: str) -> list[str]:
-        manifest = journeys.pickup_manifest(uid, 1, recipient)
-        assert manifest is not None
-        return sorted(i.object_key for i in manifest)
+    def objects(recipient: str, sender: str | None) -> list[str]:
+        found = manifest(journeys, uid, 1, recipient, sender)
+        assert found is not None
+        return sorted(i.object_key for i in found)
 
-    assert objects(RECIPIENT_URA) == sorted(i.object_key for i in from_a.instances)
-    assert objects(OTHER_URA) == sorted(i.object_key for i in from_b.instances)
+    assert objects(RECIPIENT_URA, SENDER_URA) == sorted(i.object_key for i in from_a.instances)
+    assert objects(OTHER_URA, "33334444") == sorted(i.object_key for i in from_b.instances)
+    # A link signed before links named the sender: the one sender that routed it there.
+    assert objects(RECIPIENT_URA, None) == objects(RECIPIENT_URA, SENDER_URA)
+    assert manifest(journeys, uid, 1, OTHER_URA, SENDER_URA) is None
 
 
 def test_no_manifest_is_kept_for_a_version_without_a_pickup_route() -> None:
     study = make_study()
     journeys = fold(make_study_received(study=study), make_route_resolved(study=study))
 
-    assert journeys.get(study.study_instance_uid).versions[1].pickup is None  # type: ignore[union-attr]
-    assert journeys.pickup_manifest(study.study_instance_uid, 1, RECIPIENT_URA) is None
+    assert journeys.get(study.study_instance_uid).versions[(SENDER_URA, 1)].pickup is None  # type: ignore[union-attr]
+    assert manifest(journeys, study.study_instance_uid, 1, RECIPIENT_URA) is None
 
 
 def test_replaying_records_changes_nothing() -> None:

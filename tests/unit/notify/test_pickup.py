@@ -28,7 +28,7 @@ from services.notify.domain.pickup import (
     zip_entries,
 )
 from shared.identifiers import contains_bsn
-from tests.factories import RECIPIENT_URA, T0, TEST_BSN, make_uid
+from tests.factories import RECIPIENT_URA, SENDER_URA, T0, TEST_BSN, make_uid
 
 KEY = b"pickup-key-for-tests-0123456789abcdef"
 OLD_KEY = b"retired-pickup-key-for-tests-0123456789"
@@ -45,6 +45,7 @@ def _token(**overrides: object) -> str:
         "study_uid": STUDY,
         "version": 2,
         "recipient_ura": RECIPIENT_URA,
+        "sender_ura": SENDER_URA,
         "expires_at": EXPIRES,
         "key": KEY,
     }
@@ -58,7 +59,16 @@ def _token(**overrides: object) -> str:
 def test_a_token_grants_its_study_version_to_its_recipient_until_it_expires() -> None:
     grant = verify_pickup(_token(), KEY, now=T0)
 
-    assert grant == PickupGrant(STUDY, 2, RECIPIENT_URA, EXPIRES)
+    assert grant == PickupGrant(STUDY, 2, RECIPIENT_URA, EXPIRES, SENDER_URA)
+
+
+def test_a_link_signed_before_links_named_the_sender_still_grants_its_version() -> None:
+    # A v1 payload, as signed before 2026-11-27 (and still for a delivery without a sender).
+    token = _token(sender_ura=None)
+    payload = base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
+
+    assert payload.split("\n")[0] == "v1"
+    assert verify_pickup(token, KEY, now=T0) == PickupGrant(STUDY, 2, RECIPIENT_URA, EXPIRES)
 
 
 def test_a_token_is_url_safe_and_becomes_a_pickup_path() -> None:
@@ -74,7 +84,8 @@ def test_a_token_holds_identifiers_only_never_a_bsn() -> None:
     token = _token()
     payload = base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
 
-    assert payload.split("\n") == ["v1", STUDY, "2", RECIPIENT_URA, str(int(EXPIRES.timestamp()))]
+    expiry = str(int(EXPIRES.timestamp()))
+    assert payload.split("\n") == ["v2", STUDY, "2", RECIPIENT_URA, SENDER_URA, expiry]
     assert not contains_bsn(payload)
     assert TEST_BSN not in token
 
@@ -83,17 +94,18 @@ def test_a_token_holds_identifiers_only_never_a_bsn() -> None:
     study=uids.filter(lambda uid: len(uid) <= 64),
     version=st.integers(min_value=1, max_value=10**6),
     ura=st.from_regex(r"[0-9]{8}", fullmatch=True),
+    sender=st.none() | st.from_regex(r"[0-9]{8}", fullmatch=True),
     seconds=st.integers(min_value=1, max_value=10**9),
 )
 def test_any_signed_grant_verifies_back_to_itself(
-    study: str, version: int, ura: str, seconds: int
+    study: str, version: int, ura: str, sender: str | None, seconds: int
 ) -> None:
     expires = T0 + timedelta(seconds=seconds)
-    token = sign_pickup(study, version, ura, expires, KEY)
+    token = sign_pickup(study, version, ura, sender, expires, KEY)
 
     grant = verify_pickup(token, KEY, now=T0)
 
-    assert grant == PickupGrant(study, version, ura, expires.replace(microsecond=0))
+    assert grant == PickupGrant(study, version, ura, expires.replace(microsecond=0), sender)
 
 
 @given(data=st.data())
@@ -182,6 +194,7 @@ def test_a_non_canonical_encoding_is_malformed_not_a_second_valid_token() -> Non
         ({"study_uid": "1.2.03"}, "valid Study Instance UID"),
         ({"study_uid": f"1.2.{TEST_BSN}x"}, "valid Study Instance UID"),
         ({"recipient_ura": "1234567"}, "URA"),
+        ({"sender_ura": "1234567"}, "URA"),
         ({"version": 0}, "version"),
         ({"key": b"short"}, "at least 32 bytes"),
         ({"expires_at": datetime(2030, 1, 1)}, "timezone-aware"),
@@ -327,5 +340,5 @@ def test_the_worker_refuses_at_start_a_pickup_key_the_links_could_not_be_signed_
         NotifySettings(pickup_key="replace-me")  # type: ignore[arg-type]
     key = NotifySettings(pickup_key="k" * MIN_KEY_BYTES).pickup_key  # type: ignore[arg-type]
     assert key is not None and sign_pickup(
-        "1.2.3", 1, "12345678", T0, key.get_secret_value().encode()
+        "1.2.3", 1, "12345678", "87654321", T0, key.get_secret_value().encode()
     )

@@ -31,7 +31,7 @@ from services.notify.adapters.webhooks import (
     verify,
 )
 from shared.events.delivery import Delivered, DeliveryFailed
-from tests.factories import T0, TEST_BSN, make_delivered, make_delivery_failed
+from tests.factories import SENDER_URA, T0, TEST_BSN, make_delivered, make_delivery_failed
 
 SECRET = "shared-secret-of-at-least-32-characters!"
 URL = "https://hooks.example.nl/beeldportaal?token=subscriber-token-xyz"
@@ -119,6 +119,7 @@ def test_the_delivered_payload_is_the_v1_contract() -> None:
         "data": {
             "study_instance_uid": event.study_instance_uid,
             "study_version": 2,
+            "sender_ura": SENDER_URA,
             "destination_ura": event.destination_ura,
             "endpoint_id": "pacs-dicomweb",
             "channel": "dicomweb",
@@ -128,6 +129,8 @@ def test_the_delivered_payload_is_the_v1_contract() -> None:
         },
     }
     assert json.loads(encode_body(payload)) == payload
+    # A delivery concluded before events named their sender.
+    assert delivered_payload(make_delivered(sender_ura=None))["data"]["sender_ura"] is None
 
 
 def test_the_delivery_failed_payload_is_the_v1_contract() -> None:
@@ -141,6 +144,7 @@ def test_the_delivery_failed_payload_is_the_v1_contract() -> None:
     assert payload["data"] == {
         "study_instance_uid": final.study_instance_uid,
         "study_version": 1,
+        "sender_ura": SENDER_URA,
         "destination_ura": final.destination_ura,
         "endpoint_id": "pacs-dicomweb",
         "channel": "dicomweb",
