@@ -1,13 +1,28 @@
 """An in-memory directory that is both reader and writer: for unit tests of the API.
 
 It folds every write through the same :class:`DirectoryFold` as the Kafka view, so what a
-unit test sees is what the view would hold; writes are applied at once, so every wait returns.
+unit test sees is what the view would hold. Writes are applied at once, so a wait for a record
+that was written returns at once; everything else behaves as the view does, and
+tests/contracts/provider_directory.py holds both to that:
+
+- it is caught up only between ``start`` and ``stop``, and ``sync``/``wait_for`` refuse to run
+  on a reader nobody started (``RuntimeError``), so a test that forgot to start it fails;
+- a wait for a record that is not there (yet, or on another topic) times out;
+- a record the fold cannot read (a key that is no URA) is skipped, as the view skips a poison
+  record, instead of failing the write;
+- once ``broken`` (the test hook for a view stopped on a bad record), waits raise ``ViewFailed``;
+- ``put`` and ``remove`` refuse to write before ``start`` (``RuntimeError``), as the writer does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from services.routing.adapters.directory_view import DirectoryFold, Written
 from services.routing.domain.directory import Provider
+from shared.errors import PoisonEvent
+from shared.topic_view import ViewFailed
 
 
 class InMemoryDirectory:
@@ -15,6 +30,9 @@ class InMemoryDirectory:
         self.topic = "provider-directory"
         self._fold = DirectoryFold()
         self._offset = -1
+        self._started = False
+        self._progress = asyncio.Condition()
+        # Test hooks: a view still loading (caught_up False), or one stopped on a bad record.
         self.caught_up = True
         self.broken = False
         for provider in providers:
@@ -24,7 +42,7 @@ class InMemoryDirectory:
 
     @property
     def is_caught_up(self) -> bool:
-        return self.caught_up and not self.broken
+        return self._started and self.caught_up and not self.broken
 
     @property
     def failed(self) -> bool:
@@ -37,28 +55,58 @@ class InMemoryDirectory:
         return self._fold.search(query, limit=limit)
 
     async def sync(self, timeout: float) -> None:
-        return None
+        self._check_readable()
 
     async def wait_for(self, written: Written, timeout: float) -> None:
-        return None
+        self._check_readable()
+
+        def applied() -> bool:
+            here = (written.topic, written.partition) == (self.topic, 0)
+            return self.broken or (here and written.offset <= self._offset)
+
+        async with self._progress:
+            try:
+                await asyncio.wait_for(self._progress.wait_for(applied), timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"in-memory directory did not apply {written} within {timeout:g}s"
+                ) from None
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        if not self._started:
+            raise RuntimeError("in-memory directory is not started")
+        if self.broken:
+            raise ViewFailed("in-memory directory failed (broken by the test)")
 
     # --- DirectoryWriter
 
     async def put(self, provider: Provider) -> Written:
-        return self._write(provider.ura, provider.to_record().encode())
+        return await self._publish(provider.ura, provider.to_record().encode())
 
     async def remove(self, ura: str) -> Written:
-        return self._write(ura, None)
+        return await self._publish(ura, None)
+
+    async def _publish(self, ura: str, value: bytes | None) -> Written:
+        if not self._started:
+            raise RuntimeError("in-memory directory writer not started")
+        written = self._write(ura, value)
+        async with self._progress:
+            self._progress.notify_all()  # a wait_for made before this write was
+        return written
 
     def _write(self, ura: str, value: bytes | None) -> Written:
-        self._fold.apply(ura.encode(), value)
+        """Append the record (it takes an offset whatever it holds) and fold it in."""
         self._offset += 1
+        # A record the fold refuses is skipped, keeping what the URA had, as the view does.
+        with contextlib.suppress(PoisonEvent):
+            self._fold.apply(ura.encode(), value)
         return Written(self.topic, 0, self._offset)
 
-    # --- lifecycle (nothing to start)
+    # --- lifecycle
 
     async def start(self) -> None:
-        return None
+        self._started = True
 
     async def stop(self) -> None:
-        return None
+        self._started = False

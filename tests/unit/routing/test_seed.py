@@ -13,6 +13,7 @@ def provider(ura: str, city: str = "Ede") -> Provider:
 
 async def test_a_seed_publishes_new_and_changed_entries_and_leaves_others_alone() -> None:
     memory = InMemoryDirectory([provider("10000001"), provider("10000002"), provider("10000009")])
+    await memory.start()
     seed = Directory(
         [provider("10000001"), provider("10000002", city="Wageningen"), provider("10000003")]
     )
