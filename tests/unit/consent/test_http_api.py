@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,8 @@ from typing import Any
 import httpx
 import pytest
 import structlog.testing
-from aiokafka.errors import KafkaConnectionError
 from pydantic import ValidationError
 
-from services.consent.adapters.registry_view import RegistryFold, RegistryTopics
 from services.consent.bootstrap import ConsentApi, build
 from services.consent.config import ConsentSettings
 from services.consent.entrypoints.http import FHIR_JSON, ConsentQuery, create_app
@@ -29,11 +26,10 @@ from shared.auth import (
     load_public_keys,
     mint_token,
 )
-from shared.codec import Codec
-from shared.events import Event
 from shared.identifiers import Bsn, Pseudonymizer
 from shared.settings import PrivacySettings
 from tests.factories import TEST_BSN
+from tests.fakes.consent import FakePublisher, FakeView
 from tests.unit.consent.test_mitz import make_bundle
 
 PSEUDONYM_KEY = "unit-test-pseudonym-key-" + "x" * 32
@@ -41,99 +37,6 @@ TODAY = date(2025, 6, 1)
 HOSPITAL = "11111111"
 OTHER_HOSPITAL = "22222222"
 MITZ = "00000001"
-
-
-@dataclass
-class _Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-@dataclass
-class FakeView:
-    """The registry view's contract, fed by FakePublisher instead of Kafka."""
-
-    topics: RegistryTopics = field(default_factory=RegistryTopics)
-    caught_up: bool = True
-    visible: bool = True  # False: published records never become visible (a lagging view)
-    applied: int = 0
-    skipped: int = 0
-    fold: RegistryFold = field(default_factory=RegistryFold)
-    pending: list[_Record] = field(default_factory=list)
-
-    @property
-    def failed(self) -> bool:
-        return False
-
-    @property
-    def is_caught_up(self) -> bool:
-        return self.caught_up
-
-    @property
-    def patients(self) -> int:
-        return len(self.fold)
-
-    def lag(self) -> int:
-        return len(self.pending)
-
-    def get(self, pseudonym: str):  # type: ignore[no-untyped-def]
-        return self.fold.get(pseudonym)
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    def _drain(self) -> None:
-        if self.visible:
-            for record in self.pending:
-                self.fold.apply_record(record)
-                self.applied += 1
-            self.pending.clear()
-
-    async def sync(self, timeout: float) -> None:
-        self._drain()
-
-    async def wait_for_offset(self, topic: str, partition: int, offset: int, timeout: float):
-        self._drain()
-        if not self.visible:
-            raise TimeoutError("not visible")
-
-
-@dataclass
-class FakePublisher:
-    view: FakeView
-    down: bool = False
-    hang: bool = False  # the broker never acknowledges
-    sent: list[_Record] = field(default_factory=list)
-    codec: Codec = field(default_factory=Codec)
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def send(self, event: Event, topic: str | None = None) -> asyncio.Future[Any]:
-        if self.down:
-            raise KafkaConnectionError("broker down")
-        if self.hang:
-            return asyncio.get_running_loop().create_future()
-        encoded = self.codec.encode(event)
-        record = _Record(
-            topic or encoded.topic, 0, len(self.sent), encoded.key, encoded.value,
-            list(encoded.headers),
-        )  # fmt: skip
-        self.sent.append(record)
-        self.view.pending.append(record)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.set_result(record)
-        return future
 
 
 @dataclass
