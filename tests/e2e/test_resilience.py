@@ -7,7 +7,9 @@ One private platform (real CLI, own state directory and ports), every process of
 patients with an explicit Mitz consent and a treatment relationship with the receiver, so each
 study must appear on their timeline. The hospital client resends a STOW-RS request that failed
 (ingest down, broker down), as a PACS does. A service that exits on its own is restarted, as a
-supervisor would, and reported. Module-scoped: both tests share the set-up.
+supervisor would, so the rest of the run still says what was lost, and fails the test: neither
+another service's death nor a broker restart is a reason for a service to exit. Module-scoped:
+both tests share the set-up.
 """
 
 from __future__ import annotations
@@ -283,8 +285,14 @@ def _assert_every_study_arrived_once(
     }
 
 
+def _assert_no_service_exited_on_its_own(pipeline: Pipeline, before: int) -> None:
+    exits = pipeline.services.unexpected_exits[before:]
+    assert not exits, f"services exited on their own (restarted by the test): {exits}"
+
+
 def test_killing_each_service_in_turn_loses_and_doubles_no_delivery(pipeline: Pipeline) -> None:
     began = time.monotonic()
+    exits_before = len(pipeline.services.unexpected_exits)
     studies = make_studies(STUDIES, pipeline.bsns, "kill")
     stream = pipeline.stream(studies, KILL_INTERVAL)
     kills = {}
@@ -305,10 +313,12 @@ def test_killing_each_service_in_turn_loses_and_doubles_no_delivery(pipeline: Pi
     stats = _assert_every_study_arrived_once(pipeline, studies, stream)
     assert pipeline.services.all_ready() == []
     log(f"kill -9 run: {stats}, kills {kills}, took {time.monotonic() - began:.0f}s")
+    _assert_no_service_exited_on_its_own(pipeline, exits_before)
 
 
 def test_restarting_the_kafka_broker_loses_and_doubles_no_delivery(pipeline: Pipeline) -> None:
     began = time.monotonic()
+    exits_before = len(pipeline.services.unexpected_exits)
     studies = make_studies(STUDIES, pipeline.bsns, "broker")
     stream = pipeline.stream(studies, BROKER_INTERVAL)
     stream.wait_queued(STUDIES // 3)
@@ -321,3 +331,4 @@ def test_restarting_the_kafka_broker_loses_and_doubles_no_delivery(pipeline: Pip
         time.sleep(1)
     assert pipeline.services.all_ready() == []
     log(f"broker restart run: {stats}, took {time.monotonic() - began:.0f}s")
+    _assert_no_service_exited_on_its_own(pipeline, exits_before)
