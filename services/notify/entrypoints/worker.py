@@ -16,7 +16,8 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
   partition (each delivery's key in order; ``max_concurrent_deliveries`` at once per queue);
   on the retry tiers a partition's go in order. Up to ``max_records_per_batch`` per fetch.
 - **webhooks** (``notify-webhooks``) tells the recipient, by its webhook from the directory,
-  of each delivery and each final failure.
+  of each delivery and each final failure; a partition's studies side by side (each study's
+  in order), ``max_concurrent_webhooks`` at once.
 - The dispatch and deliver groups are **transactional**: a route's queued delivery and its
   offset commit atomically, and so do an attempt's events (delivered, delivery-failed,
   the next tier or the dead letter) and its offset. A crash at any
@@ -155,6 +156,7 @@ def build_notify_worker(
         WebhookSender(http, backoff=settings.webhook_backoff_seconds),
         metrics,
         pickup,
+        max_concurrent=settings.max_concurrent_webhooks,
     )
     streams = [
         # Transactional like the deliver groups: a route queued twice (a publish whose answer
@@ -176,6 +178,8 @@ def build_notify_worker(
             handle=notifier.handle,
             prepare=deliverer.prepare,
             max_records=settings.max_records_per_batch,
+            # A subscriber that is down holds one notification's budget, not one per record.
+            parallel_keys=True,
         ),
     ]
     return NotifyWorker(streams, views=(directory,), stow=stow, http=http)

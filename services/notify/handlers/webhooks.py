@@ -6,9 +6,12 @@ webhook is only sent for what really happened. The recipient's webhook (URL and 
 secret) is in the provider directory; an organisation without one gets none. Failed attempts
 that will be retried are not announced, only the final failure.
 
-Each notification is retried with backoff within :class:`WebhookSender`'s budget while its
-partition waits (the offset is committed after the last attempt, so a crash sends it again:
-subscribers deduplicate on ``X-Beeldportaal-Delivery``). A subscriber that stays down past the
+Each notification is retried with backoff within :class:`WebhookSender`'s budget while the
+batch it came in waits (the offset is committed after the last attempt, so a crash sends it
+again: subscribers deduplicate on ``X-Beeldportaal-Delivery``). The studies of a batch are
+notified side by side (``parallel_keys``; each study's in order), at most ``max_concurrent``
+at once: one subscriber that is down holds the others' notifications for at most one budget,
+not one budget per notification before theirs. A subscriber that stays down past the
 budget misses that notification: it is logged and counted, and the same facts remain on the
 ``delivered`` topic and in the sender's status API.
 
@@ -18,6 +21,7 @@ recipient, expiring (``services.notify.domain.pickup``), that the notify API ser
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -67,6 +71,9 @@ class Notifier:
     metrics: NotifyWorkerMetrics
     pickup: PickupLinks | None = None
     codec: Codec = field(default_factory=Codec)
+    # Notifications in flight at once (the stream hands a batch's studies over side by side).
+    max_concurrent: int = 12
+    _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
 
     async def handle(self, record: Any) -> list[Event]:
         event = decode_as(self.codec, record, Delivered, DeliveryFailed)
@@ -81,14 +88,17 @@ class Notifier:
                 payload["data"]["pickup_url"] = self.pickup.link(event)
         else:
             kind, payload = DELIVERY_FAILED_TYPE, delivery_failed_payload(event)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent)
         with correlation_context(event.correlation_id):
-            result = await self.sender.deliver(
-                provider.webhook.url,
-                provider.webhook.secret,
-                delivery_id=f"{event.event_id}",
-                event_type=kind,
-                payload=payload,
-            )
+            async with self._slots:
+                result = await self.sender.deliver(
+                    provider.webhook.url,
+                    provider.webhook.secret,
+                    delivery_id=f"{event.event_id}",
+                    event_type=kind,
+                    payload=payload,
+                )
             self.metrics.webhooks.labels(kind, result.outcome.value).inc()
             if not result.delivered:
                 log.warning(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from services.notify.adapters.webhooks import (
@@ -30,8 +32,19 @@ from services.notify.adapters.webhooks import (
     sign,
     verify,
 )
+from services.notify.handlers.webhooks import Notifier
+from services.notify.worker_metrics import NotifyWorkerMetrics
+from services.routing.adapters.memory import InMemoryDirectory
+from services.routing.domain.directory import Provider, Webhook
 from shared.events.delivery import Delivered, DeliveryFailed
-from tests.factories import SENDER_URA, T0, TEST_BSN, make_delivered, make_delivery_failed
+from tests.factories import (
+    SENDER_URA,
+    T0,
+    TEST_BSN,
+    make_consumer_record,
+    make_delivered,
+    make_delivery_failed,
+)
 
 SECRET = "shared-secret-of-at-least-32-characters!"
 URL = "https://hooks.example.nl/beeldportaal?token=subscriber-token-xyz"
@@ -379,3 +392,81 @@ async def test_logs_name_the_host_but_never_the_url_path_query_or_body() -> None
     assert "/beeldportaal" not in text
     assert "body-marker-123" not in text
     assert SECRET not in text
+
+
+# --- the notifier: a batch's studies side by side -------------------------------------------------
+
+
+async def _notifier(
+    answer: Callable[[httpx.Request], Awaitable[httpx.Response]], max_concurrent: int
+) -> Notifier:
+    """A notifier over the real sender (no retries) whose HTTP answers come from ``answer``,
+    and a started in-memory directory in which SLOW and FAST each have a webhook."""
+    directory = InMemoryDirectory(
+        [
+            Provider(
+                ura=ura,
+                name=f"Ziekenhuis {ura}",
+                type_code="V4",
+                city="Ede",
+                webhook=Webhook(url=f"https://hooks.example.nl/{ura}", secret=SECRET),
+            )
+            for ura in (SLOW, FAST)
+        ]
+    )
+    await directory.start()
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    return Notifier(
+        directory,  # type: ignore[arg-type]  (the reader port of DirectoryView)
+        WebhookSender(client, backoff=()),
+        NotifyWorkerMetrics(registry=CollectorRegistry()),
+        max_concurrent=max_concurrent,
+    )
+
+
+SLOW, FAST = "10000001", "10000002"
+
+
+async def test_a_subscriber_that_hangs_holds_no_other_subscribers_notification() -> None:
+    release = asyncio.Event()
+    answered: list[str] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(SLOW):
+            await release.wait()
+        answered.append(request.url.path.rsplit("/", 1)[1])
+        return httpx.Response(204)
+
+    notifier = await _notifier(answer, max_concurrent=4)
+    slow = asyncio.create_task(
+        notifier.handle(make_consumer_record(make_delivered(destination_ura=SLOW)))
+    )
+    fast = make_consumer_record(make_delivered(destination_ura=FAST))
+
+    assert await asyncio.wait_for(notifier.handle(fast), 5) == []
+    assert answered == [FAST] and not slow.done()
+    release.set()
+    assert await slow == [] and answered == [FAST, SLOW]
+
+
+async def test_at_most_max_concurrent_notifications_are_in_flight() -> None:
+    in_flight = peak = 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return httpx.Response(204)
+
+    notifier = await _notifier(answer, max_concurrent=3)
+    records = [make_consumer_record(make_delivered(destination_ura=FAST)) for _ in range(12)]
+
+    await asyncio.gather(*(notifier.handle(r) for r in records))
+
+    assert peak == 3
+    sent = notifier.metrics.registry.get_sample_value(
+        "beeldportaal_notify_webhooks_total", {"type": DELIVERED_TYPE, "outcome": "delivered"}
+    )
+    assert sent == 12
