@@ -5,8 +5,8 @@ reader start in the app's lifespan; /readyz says when the views hold their topic
 PostgreSQL answers.
 
 ``build(settings, reader=...)`` takes the read model (``TimelineReader``: the PostgreSQL
-projection in production, an in-memory fake in tests); everything else defaults to the real
-adapter and can be replaced:
+projection, as ``main`` builds it); everything else defaults to the real adapter and can be
+replaced:
 
 - ``guard``: :class:`ConsentAccessGuard` on a ``RegistryView`` of the registry topics and the
   ``ProviderTypes`` of the provider directory (``registry_topics``/``directory_topic`` rename

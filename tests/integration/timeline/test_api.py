@@ -1,13 +1,17 @@
-"""The timeline API against the real Kafka, PostgreSQL and S3 (the read model is the in-memory
-fake): who may search, what every attempt leaves in the NEN 7513 audit trail, the patient's
-access log, DICOMweb byte for byte through dicomweb-client, hostile input, and a fuzz."""
+"""The timeline API against the real Kafka, PostgreSQL and S3: who may search, what every
+attempt leaves in the NEN 7513 audit trail, the patient's access log, DICOMweb byte for byte
+through dicomweb-client, hostile input, and a fuzz.
+
+The read model is the PostgreSQL projection (PostgresTimeline), in the same database as the
+access log as in production: each test gets a copy of a database migrated once per module, and
+its studies go in as the events ingest and consent send (``tests.timeline_seed``), so the
+projection's own visibility rules decide what the API may show."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
-import json
 import threading
 import time
 import uuid
@@ -30,25 +34,27 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from minio import Minio
-from pydicom.uid import BasicTextSRStorage
+from pydicom.uid import BasicTextSRStorage, CTImageStorage
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from services.consent.adapters.registry_view import RegistryTopics
+from services.routing.domain.directory import Provider
+from services.timeline.adapters.store import PostgresTimeline
 from services.timeline.bootstrap import TimelineApi, build
 from services.timeline.config import TimelineSettings
-from services.timeline.domain.ports import EntryKind, InstanceRow, SeriesRow
+from services.timeline.domain.ports import InstanceRow, SeriesRow
 from services.timeline.entrypoints.http import create_app
-from shared import topics
+from shared import migrations, topics
 from shared.auth import AuthSettings, generate_dev_keypair, mint_token
 from shared.events import AccessLogged, Event, Provision
 from shared.http import http_server
 from shared.identifiers import BSN_SYSTEM, Bsn, Pseudonymizer
 from shared.kafka import KafkaEventPublisher
-from shared.migrations import apply, discover
 from shared.settings import KafkaSettings, PostgresSettings, PrivacySettings, S3Settings
 from shared.storage.s3 import S3ObjectStore
 from shared.topics import TopicSpec
+from tests.contracts.timeline_reader import Report, Sender, Study
 from tests.dicom_samples import bsn_item, make_dicom_bytes
 from tests.factories import (
     PSEUDONYM_KEY,
@@ -56,16 +62,11 @@ from tests.factories import (
     make_consent_registered,
     make_treatment_relationship_registered,
 )
-from tests.fakes.timeline import (
-    InMemoryTimeline,
-    make_entry,
-    make_instance_row,
-    make_series_row,
-    make_source,
-    new_uid,
-)
+from tests.fakes.timeline import make_instance_row, make_series_row, new_uid
+from tests.integration.conftest import drop_database
 from tests.integration.ingest.conftest import free_port
 from tests.kafka_tap import EventTap
+from tests.timeline_seed import ProjectedTimeline
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,6 @@ HOSPITALS = "RPZAC104"
 CONSENTING_BSN = TEST_BSN
 SILENT_BSN = "999991772"
 OBJECTING_BSN = "999999990"
-MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "timeline" / "migrations"
 _pseudonyms = Pseudonymizer(PSEUDONYM_KEY)
 
 
@@ -129,14 +129,36 @@ def bucket(s3_settings: S3Settings) -> Iterator[S3Settings]:
     client.remove_bucket(settings.bucket)
 
 
+@pytest.fixture(scope="module")
+def migrated_database(postgres_settings: PostgresSettings) -> Iterator[str]:
+    """This module's database with every migration applied (the timeline's read model and
+    access log among them), dropped after the module; its name, a template for each test's."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = postgres_settings.conninfo.rpartition("/")
+    try:
+        migrations.migrate(f"{base}/{name}")
+        yield name
+    finally:
+        drop_database(postgres_settings.conninfo, name)
+
+
 @pytest.fixture
-def audit_database(scratch_database: str) -> str:
-    """A scratch database with the access log (the migrations of the table the audit owns)."""
-    access_log = [m for m in discover("timeline", MIGRATIONS) if "access_log" in m.name]
-    assert [m.version for m in access_log] == [1, 3]
-    with psycopg.connect(scratch_database, autocommit=True) as conn:
-        apply(conn, access_log)
-    return scratch_database
+def timeline_database(postgres_settings: PostgresSettings, migrated_database: str) -> Iterator[str]:
+    """A copy of the migrated database for one test, dropped afterwards; yields its DSN.
+
+    A copy, not the module's database emptied: the access log is append-only (a trigger refuses
+    DELETE and TRUNCATE), and every test counts the audit records of its own requests.
+    """
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_database}"')
+    base, _, _ = postgres_settings.conninfo.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        drop_database(postgres_settings.conninfo, name)
 
 
 @dataclass
@@ -152,7 +174,7 @@ class RunningTimeline:
     api: TimelineApi
     base_url: str
     key_path: Path
-    reader: InMemoryTimeline
+    reader: PostgresTimeline  # the API's
     topics: Topics
     kafka: KafkaSettings
     dsn: str
@@ -220,7 +242,9 @@ class RunningTimeline:
             producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_list)
             await producer.start()
             try:
-                value = json.dumps({"ura": ura, "type_code": type_code}).encode()
+                provider = Provider(ura=ura, name=f"Zorgaanbieder {ura}", type_code=type_code,
+                                    city="Utrecht")  # fmt: skip
+                value = provider.to_record().encode()
                 await producer.send_and_wait(self.topics.directory, value, key=ura.encode())
             finally:
                 await producer.stop()
@@ -253,6 +277,16 @@ class RunningTimeline:
             )
         )
 
+    def seed(self, *studies: Study) -> None:
+        """Apply the events ingest and consent send about ``studies`` to the read model, as the
+        projection would."""
+
+        async def apply() -> None:
+            async with PostgresTimeline(self.dsn, pool_size=1, name="timeline-seed") as store:
+                await ProjectedTimeline(store).seed(*studies)
+
+        asyncio.run(apply())
+
     def put_study(
         self,
         bsn: str,
@@ -260,51 +294,67 @@ class RunningTimeline:
         study_date: date = date(2024, 3, 1),
         series: int = 2,
         per_series: int = 2,
+        reports: int = 0,
         corrupt: bool = False,
-        **entry: Any,
+        revoked: bool = False,
+        description: str = "CT thorax",
+        sender: Sender | None = None,
     ) -> StoredStudy:
-        """Real DICOM instances in S3 and the study on the patient's timeline (the fake)."""
+        """Real DICOM instances in S3, ``series`` CT series of ``per_series`` and then one SR
+        series of ``reports``, and the study on the patient's timeline (see ``on_timeline``)."""
         uid = new_uid()
         rows: list[SeriesRow] = []
         instances: list[InstanceRow] = []
         contents: dict[str, bytes] = {}
-        for number in range(1, series + 1):
+        layout = [(CTImageStorage, per_series)] * series
+        if reports:
+            layout.append((BasicTextSRStorage, reports))
+        for number, (sop_class, count) in enumerate(layout, start=1):
             series_uid = new_uid()
             rows.append(
                 make_series_row(
                     uid,
                     series_instance_uid=series_uid,
+                    modality="SR" if sop_class == BasicTextSRStorage else "CT",
                     series_number=number,
-                    number_of_instances=per_series,
+                    number_of_instances=count,
                 )
             )
-            for _ in range(per_series):
+            for _ in range(count):
                 sop = new_uid()
                 data = make_dicom_bytes(
+                    sop_class_uid=sop_class,
                     StudyInstanceUID=uid,
                     SeriesInstanceUID=series_uid,
                     SOPInstanceUID=sop,
                     SeriesNumber=number,
                     patient=bsn_item(bsn),
                 )
-                row = make_instance_row(uid, series_uid, sop_instance_uid=sop, data=data)
+                row = make_instance_row(
+                    uid, series_uid, sop_instance_uid=sop, data=data, sop_class_uid=sop_class
+                )
                 self.store.put(row.object_key, data)
                 if corrupt:
                     # The store's bytes no longer hash to what ingest recorded.
                     flipped = data[:-1] + bytes([data[-1] ^ 0xFF])
                     row = make_instance_row(
-                        uid, series_uid, sop_instance_uid=sop, data=data,
+                        uid, series_uid, sop_instance_uid=sop, data=data, sop_class_uid=sop_class,
                         sha256=hashlib.sha256(flipped).hexdigest(),
                     )  # fmt: skip
                 instances.append(row)
                 contents[sop] = data
-        timeline_entry = make_entry(
-            study_instance_uid=uid,
-            study_date=study_date,
-            sources=[make_source(number_of_series=series, number_of_instances=series * per_series)],
-            **entry,
+        self.seed(
+            on_timeline(
+                bsn,
+                uid,
+                rows,
+                instances,
+                study_date=study_date,
+                description=description,
+                sender=sender,
+                revoked=revoked,
+            )
         )
-        self.reader.put(pseudonym(bsn), timeline_entry, series=rows, instances=instances)
         return StoredStudy(uid, rows, instances, contents)
 
     def audit_rows(self) -> list[dict[str, Any]]:
@@ -323,26 +373,60 @@ class RunningTimeline:
         self.thread.join(timeout=30)
 
 
+def on_timeline(
+    bsn: str,
+    uid: str,
+    series: Sequence[SeriesRow],
+    instances: Sequence[InstanceRow],
+    *,
+    study_date: date = date(2024, 3, 1),
+    description: str = "CT thorax",
+    sender: Sender | None = None,
+    revoked: bool = False,
+) -> Study:
+    """The study as ``sender`` (Testziekenhuis) sent it, its SR instances its reports, permitted
+    for the patient's timeline by consent; ``revoked``: that consent was revoked since."""
+    return Study(
+        patient=pseudonym(bsn),
+        uid=uid,
+        study_date=study_date,
+        study_time="092653",
+        description=description,
+        accession="ACC0001",
+        senders=(sender or Sender(),),
+        series=tuple(series),
+        instances=tuple(instances),
+        reports=tuple(
+            Report(i.sop_instance_uid, i.series_instance_uid)
+            for i in instances
+            if i.sop_class_uid == BasicTextSRStorage
+        ),
+        permitted=True,
+        revoked=revoked,
+    )
+
+
 @pytest.fixture
 def timeline_api(
     kafka_settings: KafkaSettings,
     timeline_topics: Topics,
     bucket: S3Settings,
-    audit_database: str,
+    timeline_database: str,
     tmp_path: Path,
 ) -> Iterator[RunningTimeline]:
     private, public = generate_dev_keypair(tmp_path / "keys")
     port = free_port()
-    reader = InMemoryTimeline()
     settings = TimelineSettings(
         kafka=kafka_settings,
         s3=bucket,
-        postgres=PostgresSettings(dsn=audit_database),
+        postgres=PostgresSettings(dsn=timeline_database),
         http_port=port,
         public_base_url=f"http://127.0.0.1:{port}",
         view_sync_timeout_seconds=15,
         pool_size=4,
     )
+    # As services/timeline/main.py builds it; started and stopped with the app.
+    reader = PostgresTimeline(settings.postgres.conninfo, pool_size=settings.pool_size)
     api = build(
         settings,
         reader=reader,
@@ -362,7 +446,7 @@ def timeline_api(
         reader,
         timeline_topics,
         kafka_settings,
-        audit_database,
+        timeline_database,
         bucket,
         server,
         thread,
@@ -420,16 +504,9 @@ def test_a_treating_provider_with_consent_sees_the_timeline_newest_first_and_it_
     t.treats(CONSENTING_BSN)
     t.consents(CONSENTING_BSN)
     old = t.put_study(CONSENTING_BSN, study_date=date(2023, 5, 1), description="CT thorax 2023")
-    new = t.put_study(CONSENTING_BSN, study_date=date(2024, 9, 1), description="CT thorax 2024")
-    t.reader.put(
-        pseudonym(CONSENTING_BSN),
-        make_entry(
-            kind=EntryKind.REPORT,
-            study_instance_uid=new.uid,
-            study_date=date(2024, 9, 2),
-            accession_number="ACC0001",
-            modalities=("SR",),
-        ),
+    # Four images and a report (an SR instance of the study: its own entry, after the images).
+    new = t.put_study(
+        CONSENTING_BSN, study_date=date(2024, 9, 1), description="CT thorax 2024", reports=1
     )
     tap = t.audit_tap()
 
@@ -446,14 +523,14 @@ def test_a_treating_provider_with_consent_sees_the_timeline_newest_first_and_it_
         (e["resource"]["resourceType"], e["resource"].get("description")) for e in bundle["entry"]
     ]
     assert kinds == [
-        ("DocumentReference", "CT thorax"),
         ("ImagingStudy", "CT thorax 2024"),
+        ("DocumentReference", "CT thorax 2024"),
         ("ImagingStudy", "CT thorax 2023"),
     ]
-    report = bundle["entry"][0]["resource"]
+    report = bundle["entry"][1]["resource"]
     assert {"reference": f"ImagingStudy/{new.uid}"} in report["context"]["related"]
-    study = bundle["entry"][1]["resource"]
-    assert study["id"] == new.uid and study["numberOfInstances"] == 4
+    study = bundle["entry"][0]["resource"]
+    assert study["id"] == new.uid and study["numberOfInstances"] == 5  # the report's too
     assert study["contained"][0]["address"] == f"{t.base_url}/dicomweb"
     assert_no_bsn(answer)
     assert pseudonym(CONSENTING_BSN) not in answer.text
@@ -518,8 +595,18 @@ def test_filters_reach_the_reader(timeline_api: RunningTimeline) -> None:
     t = timeline_api
     t.treats(CONSENTING_BSN)
     t.consents(CONSENTING_BSN)
-    t.put_study(CONSENTING_BSN, study_date=date(2024, 6, 1), series=1, per_series=1)
-    t.put_study(CONSENTING_BSN, study_date=date(2022, 6, 1), series=1, per_series=1)
+    # The range's first and last day, the first day's study with a report as well ...
+    first_day = t.put_study(
+        CONSENTING_BSN, study_date=date(2024, 1, 1), series=1, per_series=1, reports=1
+    )
+    last_day = t.put_study(CONSENTING_BSN, study_date=date(2024, 12, 31), series=1, per_series=1)
+    # ... and studies each left out by one filter alone: the dates, then the institution.
+    for day in (date(2022, 6, 1), date(2023, 12, 31), date(2025, 1, 1)):
+        t.put_study(CONSENTING_BSN, study_date=day, series=1, per_series=1)
+    elsewhere = Sender("33333333", "Tweede Ziekenhuis")
+    t.put_study(
+        CONSENTING_BSN, study_date=date(2024, 6, 1), series=1, per_series=1, sender=elsewhere
+    )
 
     answer = t.search(
         patient_form(
@@ -532,10 +619,13 @@ def test_filters_reach_the_reader(timeline_api: RunningTimeline) -> None:
     )
 
     assert answer.status_code == 200, answer.text
-    assert answer.json()["total"] == 1
-    query = t.reader.searches[-1]
-    assert (query.date_from, query.date_to) == (date(2024, 1, 1), date(2024, 12, 31))
-    assert (query.institution, query.kind) == ("testziekenhuis", EntryKind.IMAGES)
+    # The reader searched from 2024-01-01 to 2024-12-31, at Testziekenhuis, images only.
+    bundle = answer.json()
+    assert bundle["total"] == 2
+    assert [(e["resource"]["resourceType"], e["resource"]["id"]) for e in bundle["entry"]] == [
+        ("ImagingStudy", last_day.uid),
+        ("ImagingStudy", first_day.uid),
+    ]
 
     # After the last day or before the first there is: nothing, not an error.
     for edge in ("gt9999", "gt9999-12-31", "lt0001-01-01"):
@@ -725,15 +815,14 @@ def test_an_allowed_access_that_could_not_be_answered_is_audited_as_such(
     other = t.put_study(CONSENTING_BSN, series=1, per_series=1)
     refused = t.put_study(SILENT_BSN, series=1, per_series=1)  # no consent
 
-    async def unavailable(*_args: Any, **_kwargs: Any) -> Any:
-        raise OSError("the read model is away")
-
-    search = t.reader.search
-    t.reader.search = unavailable  # type: ignore[method-assign]
+    # The read model is away (its search's table gone) when the search is allowed.
+    with psycopg.connect(t.dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE timeline_entries RENAME TO timeline_entries_away")
     try:
         down = t.search(patient_form(CONSENTING_BSN))
     finally:
-        t.reader.search = search  # type: ignore[method-assign]
+        with psycopg.connect(t.dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE timeline_entries_away RENAME TO timeline_entries")
     s3 = t.bucket
     Minio(
         s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key.get_secret_value(),
@@ -961,8 +1050,8 @@ def test_dicomweb_on_a_study_of_no_timeline_is_404_and_of_another_patient_403(
     t.treats(CONSENTING_BSN)
     t.consents(CONSENTING_BSN)
     theirs = t.put_study(SILENT_BSN, series=1, per_series=1)  # no consent for this patient
-    hidden = t.put_study(CONSENTING_BSN, series=1, per_series=1)
-    t.reader.hide(hidden.uid)  # e.g. its timeline consent was revoked
+    # Its timeline consent was revoked since: off the timeline.
+    hidden = t.put_study(CONSENTING_BSN, series=1, per_series=1, revoked=True)
     row = theirs.instances[0]
 
     unknown = t.get(f"/dicomweb/studies/{new_uid()}")
@@ -1028,7 +1117,8 @@ def test_metadata_writes_a_non_finite_float_as_the_dicom_json_model_does(
     data = out.getvalue()
     row = make_instance_row(uid, series_uid, sop_instance_uid=sop, data=data)
     t.store.put(row.object_key, data)
-    t.reader.put(pseudonym(CONSENTING_BSN), make_entry(study_instance_uid=uid), instances=[row])
+    series = make_series_row(uid, series_instance_uid=series_uid)
+    t.seed(on_timeline(CONSENTING_BSN, uid, [series], [row]))
 
     answer = t.get(f"/dicomweb/studies/{uid}/metadata")
 
@@ -1057,22 +1147,10 @@ def test_a_report_instance_is_retrievable_where_the_timeline_points(
     t = timeline_api
     t.treats(CONSENTING_BSN)
     t.consents(CONSENTING_BSN)
-    uid, series_uid, sop = new_uid(), new_uid(), new_uid()
-    data = make_dicom_bytes(
-        sop_class_uid=BasicTextSRStorage,
-        StudyInstanceUID=uid,
-        SeriesInstanceUID=series_uid,
-        SOPInstanceUID=sop,
-    )
-    row = make_instance_row(uid, series_uid, sop_instance_uid=sop, data=data,
-                            sop_class_uid=BasicTextSRStorage)  # fmt: skip
-    t.store.put(row.object_key, data)
-    t.reader.put(
-        pseudonym(CONSENTING_BSN),
-        make_entry(kind=EntryKind.REPORT, study_instance_uid=uid, report_sop_instance_uid=sop,
-                   modalities=("SR",)),
-        instances=[row],
-    )  # fmt: skip
+    # A study of one report (an SR instance) and no images: a report entry only.
+    study = t.put_study(CONSENTING_BSN, series=0, reports=1)
+    [row] = study.instances
+    assert row.sop_class_uid == BasicTextSRStorage
 
     bundle = t.search(patient_form(CONSENTING_BSN)).json()
     [entry] = bundle["entry"]
@@ -1082,7 +1160,7 @@ def test_a_report_instance_is_retrievable_where_the_timeline_points(
         client._decode_multipart_message(client._http_get(url, headers=t.auth()), stream=False)
     )
 
-    assert parts == [data]
+    assert parts == [study.contents[row.sop_instance_uid]]
 
 
 # --- hostile input --------------------------------------------------------------------------------
@@ -1174,6 +1252,7 @@ def test_health_readiness_and_metrics_carry_no_patient_data(timeline_api: Runnin
         "postgres": True,
         "consent_registry_view": True,
         "provider_directory_view": True,
+        "read_model": True,
     }
     allowed = '{endpoint="timeline-search",outcome="allowed"} 1.0'
     assert f"beeldportaal_timeline_access_decisions_total{allowed}" in metrics
