@@ -3,16 +3,18 @@
 A delivery is decided for its recipient's Mitz provider category, which follows from the
 recipient's provider type in the routing service's directory. The directory is the compacted
 ``provider-directory`` topic (key URA, value the provider's JSON record, None when removed);
-this view reads only ``type_code`` from each record and keeps nothing else (the records also
-hold endpoint credentials, which consent has no business keeping in memory).
+this view keeps only ``type_code`` of each record (the records also hold endpoint credentials,
+which consent has no business keeping in memory). It reads a record as routing does
+(``directory_view.read_record``): one routing skips as invalid (not a provider, keyed by no URA
+or by another one) is skipped here too, keeping the URA's type, so that consent never decides
+on a provider category the directory does not hold.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from shared.errors import PoisonEvent
+from services.routing.adapters.directory_view import read_record
 from shared.settings import KafkaSettings
 from shared.topic_view import TopicView
 
@@ -22,7 +24,7 @@ DIRECTORY_TOPIC = "provider-directory"
 class ProviderTypes:
     def __init__(self, kafka: KafkaSettings, *, topic: str = DIRECTORY_TOPIC) -> None:
         self._types: dict[str, str] = {}
-        self.view = TopicView(kafka, [topic], self._apply, name="consent-provider-types")
+        self.view = TopicView(kafka, [topic], self.apply_record, name="consent-provider-types")
 
     def type_code(self, ura: str) -> str | None:
         return self._types.get(ura)
@@ -30,20 +32,10 @@ class ProviderTypes:
     def __len__(self) -> int:
         return len(self._types)
 
-    def _apply(self, record: Any) -> None:
-        if record.key is None:
-            raise PoisonEvent("directory record without a key (URA)")
-        ura = record.key.decode(errors="replace")
-        if record.value is None:
+    def apply_record(self, record: Any) -> None:
+        """Raises PoisonEvent for a record that is no provider: the view skips it."""
+        ura, provider = read_record(record.key, record.value)
+        if provider is None:
             self._types.pop(ura, None)
-            return
-        try:
-            type_code = json.loads(record.value)["type_code"]
-        except (ValueError, KeyError, TypeError) as exc:
-            # Never the value in the reason: directory records hold credentials.
-            raise PoisonEvent(
-                f"directory record is not a provider ({type(exc).__name__})"
-            ) from None
-        if not isinstance(type_code, str):
-            raise PoisonEvent("directory record has no type_code string")
-        self._types[ura] = type_code
+        else:
+            self._types[ura] = provider.type_code

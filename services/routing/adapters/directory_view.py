@@ -59,18 +59,11 @@ class DirectoryFold:
         self._directory: Directory | None = None
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
-        ura = _ura_of(key)
-        if value is None:  # tombstone: the provider was removed
+        ura, provider = read_record(key, value)
+        if provider is None:  # tombstone: the provider was removed
             if self._providers.pop(ura, None) is not None:
                 self._directory = None
             return
-        try:
-            provider = Provider.from_record(value)
-        except ValidationError as exc:
-            problems = "; ".join(validation_problems(exc)[:5])
-            raise PoisonEvent(f"provider record for URA {ura} is invalid: {problems}") from None
-        if provider.ura != ura:
-            raise PoisonEvent(f"provider record keyed {ura} describes another URA")
         self._providers[ura] = provider
         self._directory = None
 
@@ -87,6 +80,24 @@ class DirectoryFold:
 
     def __len__(self) -> int:
         return len(self._providers)
+
+
+def read_record(key: bytes | None, value: bytes | None) -> tuple[str, Provider | None]:
+    """A directory record's URA and provider (None for a tombstone: removed); raises
+    :class:`PoisonEvent` for a record that is no provider keyed by its own URA. Every reader of
+    the topic reads it so (consent's ``ProviderTypes`` too), or two services would disagree on
+    what the directory says."""
+    ura = _ura_of(key)
+    if value is None:
+        return ura, None
+    try:
+        provider = Provider.from_record(value)
+    except ValidationError as exc:
+        problems = "; ".join(validation_problems(exc)[:5])
+        raise PoisonEvent(f"provider record for URA {ura} is invalid: {problems}") from None
+    if provider.ura != ura:
+        raise PoisonEvent(f"provider record keyed {ura} describes another URA")
+    return ura, provider
 
 
 def _ura_of(key: bytes | None) -> str:

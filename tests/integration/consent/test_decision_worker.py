@@ -7,7 +7,6 @@ study-received records with the project's publisher, and reads consent-checked b
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from services.consent.adapters.registry_view import RegistryTopics
 from services.consent.config import ConsentSettings
 from services.consent.entrypoints.decisions import DecisionMetrics, build_decision_worker
+from services.routing.domain.directory import Provider
 from shared import topics
 from shared.codec import Codec
 from shared.events import ConsentChecked, Event, StudyReceived
@@ -100,12 +100,13 @@ async def publish(kafka: KafkaSettings, topic: str, events: list[Event]) -> None
 
 
 async def publish_directory(kafka: KafkaSettings, topic: str, entries: dict[str, str]) -> None:
-    """Directory records as routing keeps them (URA -> provider JSON); consent reads type_code."""
+    """Directory records as routing writes them (URA -> provider JSON); consent keeps type_code."""
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_list, acks="all")
     await producer.start()
     try:
         for ura, type_code in entries.items():
-            record = json.dumps({"ura": ura, "name": "test", "type_code": type_code}).encode()
+            provider = Provider(ura=ura, name="test", type_code=type_code, city="Utrecht")
+            record = provider.to_record().encode()
             await producer.send_and_wait(topic, key=ura.encode(), value=record)
     finally:
         await producer.stop()
