@@ -1,5 +1,25 @@
 """The timeline's access guard on registries built with consent's own domain: a treatment
-relationship and an explicit consent covering the requester's category, or break the glass."""
+relationship and an explicit consent covering the requester's category, or break the glass.
+
+The guard's two ports (``services/timeline/domain/access.py``) are played by contract-tested
+fakes, not by fakes of this file's own:
+
+- ``RegistrySource`` (production: consent's ``RegistryView``, wired in
+  ``services/timeline/bootstrap.py``) is ``tests.fakes.consent.FakeView``, fed by its
+  ``FakePublisher`` as the consent API feeds the registry topics: both are held to
+  ``RegistryView`` and ``KafkaEventPublisher`` by ``tests/contracts/consent_registry.py``. A
+  published event is stored but applied only when the guard syncs the view.
+- ``ProviderTypeSource`` (production: consent's ``ProviderTypes``, a view of its own on the
+  ``provider-directory`` topic that keeps only each provider's ``type_code``) is
+  :class:`DirectoryTypes` over routing's ``InMemoryDirectory``, held to ``DirectoryView`` and
+  ``KafkaDirectoryWriter`` by ``tests/contracts/provider_directory.py``. No production class
+  wraps a directory reader to give a type code, so :class:`DirectoryTypes` is this file's one
+  (three-line) adapter.
+
+The failures the guard must answer 503 to use the fakes' own switches (``FakeView.caught_up``,
+``InMemoryDirectory.caught_up``/``broken``) plus one control of this file, :func:`break_sync`,
+for a sync that raises or hangs.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +28,10 @@ from datetime import date
 
 import pytest
 
-from services.consent.domain.registry import PatientRegistry, RegistryEvent, apply
+from services.consent.domain.registry import RegistryEvent
+from services.routing.adapters.directory_view import DirectoryReader
+from services.routing.adapters.memory import InMemoryDirectory
+from services.routing.domain.directory import Provider
 from services.timeline.domain.access import (
     BASIS_EMERGENCY,
     BASIS_TREATMENT_RELATIONSHIP,
@@ -32,6 +55,7 @@ from tests.factories import (
     make_pseudonym,
     make_treatment_relationship_registered,
 )
+from tests.fakes.consent import FakePublisher, FakeView
 
 TODAY = date(2025, 6, 1)
 PATIENT = make_pseudonym()
@@ -44,45 +68,62 @@ CATEGORIES = {"V4": HOSPITALS}
 DIRECTORY = {HOSPITAL: "V4", OTHER_HOSPITAL: "V4", GP_PRACTICE: "Z3"}
 
 
-class FakeView:
-    """A consent view that syncs on demand: ``pending`` events apply only when synced."""
+class DirectoryTypes:
+    """The guard's ``ProviderTypeSource`` over a routing ``DirectoryReader``: the type code of
+    the provider the directory holds for the URA, and the reader itself as the view to sync.
 
-    def __init__(self) -> None:
-        self.failed = False
-        self.is_caught_up = True
-        self.syncs = 0
-        self.sync_error: BaseException | None = None
+    Stands in for ``ProviderTypes``, which folds the same topic itself and keeps only
+    ``type_code``: both read a record with ``directory_view.read_record``, and
+    tests/unit/consent/test_provider_types.py holds them to the same answer on every kind of
+    record, those the directory skips included.
+    """
 
-    async def sync(self, timeout: float) -> None:
-        if self.sync_error is not None:
-            raise self.sync_error
-        self.syncs += 1
-
-
-class FakeRegistry(FakeView):
-    def __init__(self, *events: RegistryEvent) -> None:
-        super().__init__()
-        self.registries: dict[str, PatientRegistry] = {}
-        self.pending: list[RegistryEvent] = list(events)
-
-    async def sync(self, timeout: float) -> None:
-        await super().sync(timeout)
-        for event in self.pending:
-            current = self.registries.get(event.patient) or PatientRegistry.empty(event.patient)
-            self.registries[event.patient] = apply(current, event)
-        self.pending.clear()
-
-    def get(self, pseudonym: str) -> PatientRegistry | None:
-        return self.registries.get(pseudonym)
-
-
-class FakeDirectory:
-    def __init__(self, types: dict[str, str]) -> None:
-        self.types = types
-        self.view = FakeView()
+    def __init__(self, reader: DirectoryReader) -> None:
+        self.view = reader
 
     def type_code(self, ura: str) -> str | None:
-        return self.types.get(ura)
+        provider = self.view.get(ura)
+        return None if provider is None else provider.type_code
+
+
+async def published(*events: RegistryEvent) -> FakeView:
+    """A started registry view with ``events`` published to their topics, as the consent API
+    publishes them: stored and acknowledged, but applied only once someone syncs the view."""
+    view = FakeView()
+    publisher = FakePublisher(view)
+    await publisher.start()
+    await view.start()
+    for event in events:
+        await (await publisher.send(event, view.topics.for_event(event)))
+    return view
+
+
+async def listed(types: dict[str, str] = DIRECTORY) -> InMemoryDirectory:
+    """A started directory holding a provider of each ``{ura: type_code}``."""
+    directory = InMemoryDirectory(
+        [
+            Provider(ura=ura, name=f"Zorgaanbieder {ura}", type_code=code, city="Utrecht")
+            for ura, code in types.items()
+        ]
+    )
+    await directory.start()
+    return directory
+
+
+def break_sync(
+    monkeypatch: pytest.MonkeyPatch, view: FakeView, error: BaseException | None
+) -> None:
+    """Test control, no part of the registry contract: ``view.sync`` raises ``error``, as
+    ``RegistryView.sync`` does when it cannot catch up (``TimeoutError`` past its timeout,
+    ``TransientError`` when Kafka does not give the end offsets, ``ViewFailed`` once stopped
+    on a record), or with ``None`` never returns, whatever timeout it was given."""
+
+    async def sync(timeout: float) -> None:
+        if error is not None:
+            raise error
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(view, "sync", sync)
 
 
 def principal(
@@ -109,13 +150,20 @@ def relationship(ura: str = HOSPITAL):  # type: ignore[no-untyped-def]
     )
 
 
-def guard(*events: RegistryEvent, directory: dict[str, str] | None = None) -> ConsentAccessGuard:
+async def guard(
+    *events: RegistryEvent,
+    view: FakeView | None = None,
+    directory: InMemoryDirectory | None = None,
+    sync_timeout: float = 1.0,
+) -> ConsentAccessGuard:
+    """The guard on ``view`` (default: one with ``events`` published, not yet applied) and
+    ``directory`` (default: :data:`DIRECTORY`)."""
     return ConsentAccessGuard(
-        FakeRegistry(*events),
-        FakeDirectory(DIRECTORY if directory is None else directory),
+        view if view is not None else await published(*events),
+        DirectoryTypes(directory if directory is not None else await listed()),
         "GGC002",
         CATEGORIES,
-        sync_timeout=1.0,
+        sync_timeout=sync_timeout,
         today=lambda: TODAY,
     )
 
@@ -147,7 +195,7 @@ CONSENT = {
 async def test_access_needs_both_a_treatment_relationship_and_consent_covering_the_category(
     has_relationship: str, consent_state: str, outcome: AccessOutcome, failed: tuple[str, ...]
 ) -> None:
-    decision = await guard(*RELATIONSHIP[has_relationship], *CONSENT[consent_state]).check(
+    decision = await (await guard(*RELATIONSHIP[has_relationship], *CONSENT[consent_state])).check(
         principal(), PATIENT
     )
 
@@ -188,7 +236,7 @@ async def test_only_a_token_of_a_named_person_for_treatment_opens_a_timeline(
     purpose: str | None, uzi: str | None, failed: tuple[str, ...]
 ) -> None:
     # Relationship and consent are in place: the token alone decides.
-    decision = await guard(relationship(), consent()).check(
+    decision = await (await guard(relationship(), consent())).check(
         principal(purpose=purpose, uzi=uzi), PATIENT, emergency_reason="unconscious"
     )
 
@@ -202,12 +250,14 @@ async def test_only_a_token_of_a_named_person_for_treatment_opens_a_timeline(
 
 
 async def test_another_organisations_relationship_does_not_open_the_timeline() -> None:
-    decision = await guard(relationship(OTHER_HOSPITAL), consent()).check(principal(), PATIENT)
+    decision = await (await guard(relationship(OTHER_HOSPITAL), consent())).check(
+        principal(), PATIENT
+    )
     assert decision.failed_conditions == (CONDITION_TREATMENT_RELATIONSHIP,)
 
 
 async def test_a_consent_for_another_provider_category_does_not_cover_the_requester() -> None:
-    decision = await guard(relationship(), consent(provider_category="RPZAC999")).check(
+    decision = await (await guard(relationship(), consent(provider_category="RPZAC999"))).check(
         principal(), PATIENT
     )
     assert (decision.outcome, decision.failed_conditions) == (
@@ -217,15 +267,15 @@ async def test_a_consent_for_another_provider_category_does_not_cover_the_reques
 
 
 async def test_a_consent_for_another_data_category_does_not_count() -> None:
-    decision = await guard(relationship(), consent(data_category="GGC001")).check(
+    decision = await (await guard(relationship(), consent(data_category="GGC001"))).check(
         principal(), PATIENT
     )
     assert decision.failed_conditions == (CONDITION_CONSENT,)
 
 
 async def test_a_consent_naming_the_requesting_organisation_counts() -> None:
-    decision = await guard(
-        relationship(), consent(provider_category=None, organisation_ura=HOSPITAL)
+    decision = await (
+        await guard(relationship(), consent(provider_category=None, organisation_ura=HOSPITAL))
     ).check(principal(), PATIENT)
     assert decision.outcome is AccessOutcome.ALLOWED
 
@@ -238,7 +288,7 @@ async def test_a_consent_naming_the_requesting_organisation_counts() -> None:
     ],
 )
 async def test_a_requester_of_unknown_type_is_refused_naming_that(ura: str, words: str) -> None:
-    decision = await guard(relationship(ura), consent(provider_category=None)).check(
+    decision = await (await guard(relationship(ura), consent(provider_category=None))).check(
         principal(ura), PATIENT
     )
     assert decision.outcome is AccessOutcome.DENIED
@@ -248,7 +298,9 @@ async def test_a_requester_of_unknown_type_is_refused_naming_that(ura: str, word
 
 
 async def test_a_consent_registered_a_moment_ago_counts_because_the_view_is_synced_first() -> None:
-    access = guard(relationship(), consent())  # both still pending in the view
+    view = await published(relationship(), consent())
+    assert view.get(PATIENT) is None and view.lag() == 2  # stored, not yet applied
+    access = await guard(view=view)
 
     decision = await access.check(principal(), PATIENT)
 
@@ -256,7 +308,7 @@ async def test_a_consent_registered_a_moment_ago_counts_because_the_view_is_sync
 
 
 async def test_break_the_glass_with_a_reason_is_allowed_over_an_objection_and_flagged() -> None:
-    decision = await guard(consent(Provision.DENY)).check(
+    decision = await (await guard(consent(Provision.DENY))).check(
         principal(purpose="ETREAT"), PATIENT, emergency_reason="  unconscious patient at the ED "
     )
 
@@ -272,7 +324,7 @@ async def test_break_the_glass_with_a_reason_is_allowed_over_an_objection_and_fl
 async def test_break_the_glass_where_the_normal_rules_allow_is_still_recorded_as_emergency() -> (
     None
 ):
-    decision = await guard(relationship(), consent()).check(
+    decision = await (await guard(relationship(), consent())).check(
         principal(purpose="ETREAT"), PATIENT, emergency_reason="trauma call"
     )
     assert decision.outcome is AccessOutcome.EMERGENCY
@@ -282,7 +334,7 @@ async def test_break_the_glass_where_the_normal_rules_allow_is_still_recorded_as
 
 @pytest.mark.parametrize("reason", [None, "", "   "])
 async def test_an_emergency_without_a_reason_is_refused_and_says_so(reason: str | None) -> None:
-    access = guard(relationship(), consent())
+    access = await guard(relationship(), consent())
 
     decision = await access.check(principal(purpose="ETREAT"), PATIENT, emergency_reason=reason)
 
@@ -292,7 +344,9 @@ async def test_an_emergency_without_a_reason_is_refused_and_says_so(reason: str 
 
 
 async def test_a_reason_without_an_emergency_token_opens_nothing_and_says_what_is_missing() -> None:
-    decision = await guard().check(principal(), PATIENT, emergency_reason="I just want to see")
+    decision = await (await guard()).check(
+        principal(), PATIENT, emergency_reason="I just want to see"
+    )
 
     assert decision.outcome is AccessOutcome.DENIED
     assert decision.failed_conditions == (CONDITION_TREATMENT_RELATIONSHIP, CONDITION_CONSENT)
@@ -304,41 +358,44 @@ async def test_a_reason_without_an_emergency_token_opens_nothing_and_says_what_i
     [TimeoutError("slow"), TransientError("kafka down"), ViewFailed("poison record")],
 )
 async def test_a_view_that_cannot_sync_makes_the_check_unavailable_never_a_guess(
-    error: BaseException,
+    error: BaseException, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    registry = FakeRegistry(relationship(), consent())
-    registry.sync_error = error
-    access = ConsentAccessGuard(
-        registry, FakeDirectory(DIRECTORY), "GGC002", CATEGORIES, sync_timeout=1.0
-    )
+    view = await published(relationship(), consent())
+    break_sync(monkeypatch, view, error)
+    access = await guard(view=view)
 
-    with pytest.raises(AccessCheckUnavailable):
+    with pytest.raises(AccessCheckUnavailable, match="in time") as raised:
         await access.check(principal(), PATIENT)
+    assert raised.value.__cause__ is error
 
 
-async def test_a_slow_view_is_given_up_on_after_the_sync_timeout() -> None:
-    class SlowRegistry(FakeRegistry):
-        async def sync(self, timeout: float) -> None:
-            await asyncio.sleep(10)
-
-    access = ConsentAccessGuard(
-        SlowRegistry(), FakeDirectory(DIRECTORY), "GGC002", CATEGORIES, sync_timeout=0.05
-    )
+async def test_a_slow_view_is_given_up_on_after_the_sync_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    view = await published()
+    break_sync(monkeypatch, view, None)  # a sync that never returns
+    access = await guard(view=view, sync_timeout=0.05)
 
     with pytest.raises(AccessCheckUnavailable, match="in time"):
         await access.check(principal(), PATIENT)
 
 
-@pytest.mark.parametrize("state", ["failed", "reading"])
-async def test_a_failed_or_still_reading_view_makes_the_check_unavailable(state: str) -> None:
-    directory = FakeDirectory(DIRECTORY)
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [("failed", "stopped"), ("reading", "still reading"), ("registry-reading", "still reading")],
+)
+async def test_a_failed_or_still_reading_view_makes_the_check_unavailable(
+    state: str, says: str
+) -> None:
+    view = await published(relationship(), consent())
+    directory = await listed()
     if state == "failed":
-        directory.view.failed = True
+        directory.broken = True  # the directory view stopped on a record
+    elif state == "reading":
+        directory.caught_up = False  # the directory view is still reading its history
     else:
-        directory.view.is_caught_up = False
-    access = ConsentAccessGuard(
-        FakeRegistry(relationship(), consent()), directory, "GGC002", CATEGORIES
-    )
+        view.caught_up = False  # the registry view is still reading its history
+    access = await guard(view=view, directory=directory)
 
-    with pytest.raises(AccessCheckUnavailable):
+    with pytest.raises(AccessCheckUnavailable, match=says):
         await access.check(principal(), PATIENT)

@@ -40,6 +40,17 @@ def record(event: Event, offset: int = 0) -> Record:
 
 @dataclass
 class FakeStore:
+    """A recording spy for the Projector's own logic, not a fake of ``PostgresTimeline``.
+
+    It keeps each batch the Projector hands to ``apply`` (so a test sees when it is called,
+    how often, and what was folded into the batch), or raises ``fail_with`` instead, as the real
+    ``apply`` raises ``TransientError`` when PostgreSQL is away. It holds no tables and answers
+    no reads, so it claims nothing about what applying a batch does. The real store's ``apply``
+    is tested on PostgreSQL by tests/integration/timeline/test_projection.py (the worker on
+    Kafka: events in, timeline out, a replay changes nothing) and test_rebuild_equivalence.py
+    (``apply`` on random batches, held to the rebuild's tables).
+    """
+
     batches: list[ProjectionBatch] = field(default_factory=list)
     fail_with: Exception | None = None
 
