@@ -373,10 +373,20 @@ class TimelineReaderContract:
         assert keys(by_ura.entries) == images(here)
         by_name = await self.search(timeline, patient, institution="TESTZIEKENHUIS")
         assert keys(by_name.entries) == images(here)
-        # A whole URA or name, not a part of one.
-        for partial in ("Máxima", "1234567", "ziekenhuis"):
+        # A whole URA or name, not a part of one; letters compared lower-cased, not folded
+        # (PostgreSQL's lower(): "ß" stays "ß", so "STRASSE" is not "Straße").
+        for partial in ("Máxima", "1234567", "ziekenhuis", "MAXIMA MC"):
             page = await self.search(timeline, patient, institution=partial)
             assert (page.entries, page.total) == ([], 0), partial
+        street = study_of(
+            patient, study_date=date(2025, 1, 1), senders=[Sender("33333333", "Straße Klinik")]
+        )
+        await self.seed_shuffled(timeline, street)
+        for folded in ("STRASSE KLINIK", "strasse klinik"):
+            page = await self.search(timeline, patient, institution=folded)
+            assert (page.entries, page.total) == ([], 0), folded
+        page = await self.search(timeline, patient, institution="STRAßE KLINIK")
+        assert keys(page.entries) == images(street)
 
     async def test_a_kind_filter_keeps_only_images_or_only_reports(
         self, timeline: SeededTimeline

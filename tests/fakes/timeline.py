@@ -282,7 +282,6 @@ def _matches(entry: TimelineEntry, query: TimelineQuery) -> bool:
         wanted = query.institution
         if _URA.fullmatch(wanted):
             return any(s.sender_ura == wanted for s in entry.sources)
-        return any(
-            (s.institution_name or "").casefold() == wanted.casefold() for s in entry.sources
-        )
+        # Lower-cased as PostgreSQL's lower() does, not case-folded ("ß" is not "ss").
+        return any((s.institution_name or "").lower() == wanted.lower() for s in entry.sources)
     return True
