@@ -106,7 +106,7 @@ def study_events(study_uid: str, count: int, series: int) -> list[InstanceStored
                     sop_class_uid=CT_IMAGE_STORAGE,
                     series_instance_uid=series_uids[number],
                     transfer_syntax_uid=EXPLICIT_VR_LITTLE_ENDIAN,
-                    object_key=f"studies/{study_uid}/{series_uids[number]}/{sop}.dcm",
+                    object_key=f"11111111/{sop}.dcm",  # ingest's key: {sender}/{sop}.dcm
                     size=526_000,
                     sha256=uuid.uuid4().hex * 2,
                 ),

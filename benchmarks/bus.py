@@ -112,7 +112,7 @@ class EventFactory:
                 sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                 series_instance_uid=series_uid,
                 transfer_syntax_uid="1.2.840.10008.1.2.4.90",
-                object_key=f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm",
+                object_key=f"12345678/{sop_uid}.dcm",  # ingest's key: {sender}/{sop}.dcm
                 size=524_288 + index % 4096,
                 sha256=hashlib.sha256(sop_uid.encode()).hexdigest(),
             ),

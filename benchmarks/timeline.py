@@ -182,7 +182,7 @@ def fill(dsn: str, patients: list[str], entries: int, rng: random.Random) -> dic
                     sop = f"{series}.{i}"
                     put("instances", (
                         uid, ura, sop, series, "1.2.840.10008.5.1.4.1.1.2",
-                        "1.2.840.10008.1.2.1", f"studies/{uid}/{series}/{sop}.dcm", 524_288,
+                        "1.2.840.10008.1.2.1", f"{ura}/{sop}.dcm", 524_288,
                         "0" * 64,
                     ))  # fmt: skip
                 if reported:
@@ -190,7 +190,7 @@ def fill(dsn: str, patients: list[str], entries: int, rng: random.Random) -> dic
                     put("reports", (uid, ura, sop, report_series, "sr"))
                     put("instances", (
                         uid, ura, sop, report_series, "1.2.840.10008.5.1.4.1.1.88.11",
-                        "1.2.840.10008.1.2.1", f"studies/{uid}/{sop}.dcm", 4096, "0" * 64,
+                        "1.2.840.10008.1.2.1", f"{ura}/{sop}.dcm", 4096, "0" * 64,
                     ))  # fmt: skip
             if permitted and rng.random() < 0.5:
                 put("deliveries", (uid, RECIPIENT, "pacs", 1, when + timedelta(hours=2)))

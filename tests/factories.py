@@ -104,13 +104,14 @@ def make_patient(
 
 def make_instance_ref(
     *,
-    study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    sender_ura: str = SENDER_URA,
     data: bytes = b"DICM",
     **overrides: Any,
 ) -> InstanceRef:
-    study_instance_uid = make_uid() if study_instance_uid is None else study_instance_uid
+    """An instance as ingest stored it: its object key is ingest's (``{sender}/{sop}.dcm``,
+    services/ingest/domain/keys.py)."""
     series_instance_uid = make_uid() if series_instance_uid is None else series_instance_uid
     sop_instance_uid = make_uid() if sop_instance_uid is None else sop_instance_uid
     fields: dict[str, Any] = {
@@ -118,7 +119,7 @@ def make_instance_ref(
         "sop_class_uid": CT_IMAGE_STORAGE,
         "series_instance_uid": series_instance_uid,
         "transfer_syntax_uid": EXPLICIT_VR_LITTLE_ENDIAN,
-        "object_key": f"studies/{study_instance_uid}/{series_instance_uid}/{sop_instance_uid}.dcm",
+        "object_key": f"{sender_ura}/{sop_instance_uid}.dcm",
         "size": len(data),
         "sha256": make_sha256(data),
     }
@@ -143,8 +144,8 @@ def make_study(
     series_uids = [make_uid() for _ in range(max(series, 1) if instances else 0)]
     refs = tuple(
         make_instance_ref(
-            study_instance_uid=study_instance_uid,
             series_instance_uid=series_uids[i % len(series_uids)],
+            sender_ura=overrides.get("sender_ura", SENDER_URA),
             data=f"instance {i}".encode(),
         )
         for i in range(instances)
@@ -190,7 +191,7 @@ def make_instance_stored(
     study_instance_uid = make_uid() if study_instance_uid is None else study_instance_uid
     fields: dict[str, Any] = make_envelope(
         study_instance_uid=study_instance_uid,
-        instance=instance or make_instance_ref(study_instance_uid=study_instance_uid),
+        instance=instance or make_instance_ref(),
         channel=IngestChannel.STOW_RS,
         sender_ura=SENDER_URA,
         sender_user=TEST_UZI,

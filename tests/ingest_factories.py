@@ -56,8 +56,8 @@ def make_study_instances(
         make_instance_stored(
             study_instance_uid=study,
             instance=make_instance_ref(
-                study_instance_uid=study,
                 series_instance_uid=series,
+                sender_ura=sender_ura,
                 data=f"{series} instance {i}".encode(),
                 **ref_fields,
             ),

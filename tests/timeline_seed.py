@@ -74,7 +74,6 @@ def snapshot(study: Study, sender: Sender) -> StudySnapshot:
             ),
             "instances": tuple(
                 make_instance_ref(
-                    study_instance_uid=i.study_instance_uid,
                     series_instance_uid=i.series_instance_uid,
                     sop_instance_uid=i.sop_instance_uid,
                     sop_class_uid=i.sop_class_uid,

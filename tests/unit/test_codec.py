@@ -515,13 +515,7 @@ def optional_text(max_size: int) -> st.SearchStrategy[str | None]:
 def studies(draw: st.DrawFn) -> StudyReceived:
     study_uid = draw(uids)
     n = draw(st.integers(0, 50))
-    instances = tuple(
-        make_instance_ref(
-            study_instance_uid=study_uid,
-            size=draw(st.integers(0, 2**63 - 1)),
-        )
-        for _ in range(n)
-    )
+    instances = tuple(make_instance_ref(size=draw(st.integers(0, 2**63 - 1))) for _ in range(n))
     first = draw(moments)
     snapshot = make_study(
         instances=0,

@@ -75,9 +75,7 @@ def study_of(patient: str, **overrides: Any) -> StudySnapshot:
 
 
 def next_version(study: StudySnapshot, instances: int = 1) -> StudySnapshot:
-    added = tuple(
-        make_instance_ref(study_instance_uid=study.study_instance_uid) for _ in range(instances)
-    )
+    added = tuple(make_instance_ref() for _ in range(instances))
     return study.model_copy(
         update={
             "version": study.version + 1,
@@ -90,9 +88,8 @@ def next_version(study: StudySnapshot, instances: int = 1) -> StudySnapshot:
 def with_report(
     study: StudySnapshot, kind: ReportKind = ReportKind.STRUCTURED_REPORT
 ) -> StudySnapshot:
-    series = make_instance_ref(study_instance_uid=study.study_instance_uid).series_instance_uid
+    series = make_instance_ref().series_instance_uid
     report = make_instance_ref(
-        study_instance_uid=study.study_instance_uid,
         series_instance_uid=series,
         sop_class_uid=BASIC_TEXT_SR,
     )

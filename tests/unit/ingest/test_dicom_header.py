@@ -301,7 +301,6 @@ def test_header_values_fit_the_instance_stored_event() -> None:
         )
     )
     ref = make_instance_ref(
-        study_instance_uid=header.study_instance_uid,
         series_instance_uid=header.series_instance_uid,
         sop_instance_uid=header.sop_instance_uid,
         sop_class_uid=header.sop_class_uid,

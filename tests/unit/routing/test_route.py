@@ -199,7 +199,7 @@ def test_now_overrides_the_time_of_the_events() -> None:
 
 def test_select_instances_keeps_the_new_ones_the_receiver_accepts() -> None:
     base = make_study(instances=2)
-    ps = make_instance_ref(study_instance_uid=base.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    ps = make_instance_ref(sop_class_uid=PS_SOP_CLASS)
     old, new = base.instances
     study = base.model_copy(
         update={
@@ -222,7 +222,7 @@ def test_a_changed_directory_entry_is_routed_on_what_it_now_says() -> None:
     # What a route takes from the entry is kept per entry object; the view replaces an entry
     # when it changes, and the next route must follow the new one.
     base = make_study(instances=1)
-    ps = make_instance_ref(study_instance_uid=base.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    ps = make_instance_ref(sop_class_uid=PS_SOP_CLASS)
     checked = make_consent_checked(
         study=base.model_copy(update={"instances": (*base.instances, ps)})
     )

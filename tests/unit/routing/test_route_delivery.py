@@ -15,7 +15,7 @@ from tests.unit.routing.test_route import DICOMWEB, PICKUP, PS_SOP_CLASS, make_r
 
 def test_a_route_names_the_instances_the_receiver_accepts_and_its_preferences() -> None:
     base = make_study(instances=2)
-    ps = make_instance_ref(study_instance_uid=base.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    ps = make_instance_ref(sop_class_uid=PS_SOP_CLASS)
     study = base.model_copy(update={"instances": (*base.instances, ps)})
     recipient = make_recipient(
         DICOMWEB,
@@ -45,7 +45,7 @@ def test_a_route_names_the_instances_the_receiver_accepts_and_its_preferences() 
 
 def test_a_version_with_nothing_the_receiver_accepts_routes_an_empty_selection() -> None:
     base = make_study(instances=1)
-    ps = make_instance_ref(study_instance_uid=base.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    ps = make_instance_ref(sop_class_uid=PS_SOP_CLASS)
     study = base.model_copy(
         update={
             "version": 2,
@@ -61,7 +61,7 @@ def test_a_version_with_nothing_the_receiver_accepts_routes_an_empty_selection()
 
 def test_a_study_the_receiver_accepts_nothing_of_is_not_routed_but_failed_with_the_reason() -> None:
     study = make_study(instances=1)
-    ps = make_instance_ref(study_instance_uid=study.study_instance_uid, sop_class_uid=PS_SOP_CLASS)
+    ps = make_instance_ref(sop_class_uid=PS_SOP_CLASS)
     study = study.model_copy(update={"instances": (ps,)})
     recipient = make_recipient(DICOMWEB, preferences={"object_filters": ["presentation-states"]})
 

@@ -95,10 +95,7 @@ def test_the_records_are_the_models_records_byte_for_byte(
     max_instances: int,
 ) -> None:
     study = make_study(0, urgency=urgency, version=2 if second_version else 1)
-    instances = tuple(
-        make_instance_ref(study_instance_uid=study.study_instance_uid, sop_class_uid=sop_class)
-        for sop_class in sop_classes
-    )
+    instances = tuple(make_instance_ref(sop_class_uid=sop_class) for sop_class in sop_classes)
     new = tuple(i.sop_instance_uid for i in instances[::2]) if second_version else ()
     study = study.model_copy(update={"instances": instances, "new_sop_instance_uids": new})
     checked = make_consent_checked(
