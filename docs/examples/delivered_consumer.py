@@ -41,7 +41,9 @@ async def consume(bootstrap: str, group: str, topic: str, limit: int | None) -> 
             outcomes = event["outcomes"]
             print(
                 f"{event['delivered_at']} study {event['study_instance_uid']} "
-                f"v{event['study_version']} -> {event['destination_ura']}/{event['endpoint_id']} "
+                # Versions are numbered per sender and recipient (sender null before 2026-11-27).
+                f"v{event['study_version']} from {event.get('sender_ura') or '?'} "
+                f"-> {event['destination_ura']}/{event['endpoint_id']} "
                 f"({event['channel']}): {outcomes['sent']} sent, {outcomes['failed']} failed",
                 flush=True,
             )

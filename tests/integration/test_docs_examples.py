@@ -72,5 +72,6 @@ async def test_the_delivered_consumer_example_prints_each_committed_delivery_onc
     assert {first.study_instance_uid, second.study_instance_uid} == {
         line.split()[2] for line in lines
     }
+    assert all(f" from {first.sender_ura} -> " in line for line in lines)
     assert aborted.study_instance_uid not in run.stdout
     assert Delivered.schema_name == "delivered.v1"  # the version the docs and example name

@@ -2,8 +2,8 @@
 
 A :class:`~shared.topic_view.TopicView` over ``study-received``, ``consent-checked``,
 ``route-resolved``, ``route-failed``, ``delivered`` and ``delivery-failed``, read from offset 0
-by every API replica and kept per Study Instance UID, sender and version. It is an in-memory
-projection of those topics, with what that honestly implies:
+by every API replica and kept per Study Instance UID, sender, recipient and version. It is an
+in-memory projection of those topics, with what that honestly implies:
 
 - **Retention.** ``study-received``, ``consent-checked`` and ``delivered`` are kept forever, but
   ``route-resolved``, ``route-failed`` and ``delivery-failed`` only 90 days (shared.topics). A
@@ -158,11 +158,12 @@ class EndpointJourney:
 @dataclass(slots=True)
 class VersionJourney:
     version: int
-    # The sender, from its key; None for the facts of records that did not name it.
-    sender_ura: str | None = None
+    # Sender and recipient, from its key; no sender for the facts of records that did not
+    # name it.
+    sender_ura: str | None
+    recipient_ura: str
     # Known from any event carrying the snapshot (study-received, consent-checked,
     # route-resolved); None while only events without it (delivered, ...) have been applied.
-    recipient_ura: str | None = None
     instances: int | None = None
     first_received_at: datetime | None = None
     last_received_at: datetime | None = None
@@ -170,10 +171,8 @@ class VersionJourney:
     consent: ConsentState | None = None
     route_failure: RouteFailure | None = None
     endpoints: dict[tuple[str, str], EndpointJourney] = field(default_factory=dict)
-    # Only for versions routed to a pickup endpoint: the zip's contents per recipient URA, by
-    # SOP Instance UID. Per recipient: a Study Instance UID reused by two senders gives both a
-    # version 1 here, and one recipient's zip must hold only what was routed to it.
-    pickup: dict[str, dict[str, PickupInstance]] | None = None
+    # Only for versions routed to a pickup endpoint: the zip's contents, by SOP Instance UID.
+    pickup: dict[str, PickupInstance] | None = None
 
     @property
     def state(self) -> State:
@@ -192,43 +191,44 @@ class VersionJourney:
             return "not-routed" if self.consent.decision is Decision.DENY else "consent-checked"
         return "received"
 
-    def pickup_recipients(self) -> set[str]:
-        return {
-            e.destination_ura
-            for e in self.endpoints.values()
-            if e.channel is DeliveryChannel.PICKUP and e.routed
-        }
+    @property
+    def routed_to_pickup(self) -> bool:
+        return any(
+            e.channel is DeliveryChannel.PICKUP and e.routed for e in self.endpoints.values()
+        )
 
 
-# A study version's key: its sender's URA and version number. Versions are numbered per sender
-# (and recipient): two organisations sending one Study Instance UID each have a version 1.
-# None for the sender: a fact from a record written before route-failed, delivered and
-# delivery-failed named it (2026-11-27), see StudyJourney.
-VersionKey = tuple[str | None, int]
+# A study version's key: its sender's URA, its recipient's URA and its version number. Ingest
+# numbers versions per sender and recipient: two organisations sending one Study Instance UID,
+# or one sending it to two recipients, each have a version 1. No sender: a fact from a record
+# written before route-failed, delivered and delivery-failed named it (2026-11-27); the
+# recipient every event names (a delivery's destination is the study's recipient).
+VersionKey = tuple[str | None, str, int]
 
 
 @dataclass(slots=True)
 class StudyJourney:
-    """A Study Instance UID's versions, by sender and version number.
+    """A Study Instance UID's versions, by sender, recipient and version number.
 
     A fact from a record that does not name its sender (written before 2026-11-27) is kept
-    under ``(None, version)``. It belongs to the one sender that has that version, and is shown
-    with it when asked; while two senders have that version, it could be either's, and only
-    operators see it, as a version of unknown sender.
+    under ``(None, recipient, version)``. It belongs to the one sender that has that version
+    for that recipient, and is shown with it when asked; while two senders have it, it could be
+    either's, and only operators see it, as a version of unknown sender.
     """
 
     study_instance_uid: str
     versions: dict[VersionKey, VersionJourney] = field(default_factory=dict)
 
-    def version(self, sender_ura: str | None, version: int) -> VersionJourney:
-        key = (sender_ura, version)
+    def version(self, sender_ura: str | None, recipient_ura: str, version: int) -> VersionJourney:
+        key = (sender_ura, recipient_ura, version)
         found = self.versions.get(key)
         if found is None:
-            found = self.versions[key] = VersionJourney(version, sender_ura=sender_ura)
+            found = self.versions[key] = VersionJourney(version, sender_ura, recipient_ura)
         return found
 
     def all_versions(self) -> list[VersionJourney]:
-        """Every version whatever its sender, by version then sender: for operators only."""
+        """Every version whatever its sender, by version, sender and recipient: for operators
+        only."""
         return self._resolved(lambda _sender: True)
 
     def visible_to(self, ura: str) -> list[VersionJourney]:
@@ -237,24 +237,24 @@ class StudyJourney:
         return self._resolved(lambda sender: sender == ura)
 
     def _resolved(self, shown: Callable[[str | None], bool]) -> list[VersionJourney]:
-        senders: dict[int, int] = {}
-        for sender, number in self.versions:
+        senders: dict[tuple[str, int], int] = {}
+        for sender, recipient, number in self.versions:
             if sender is not None:
-                senders[number] = senders.get(number, 0) + 1
+                senders[recipient, number] = senders.get((recipient, number), 0) + 1
         resolved = []
-        # By version, then sender; the facts of an unknown sender last.
-        for (sender, number), journey in sorted(
+        # By version, then sender (the facts of an unknown sender last), then recipient.
+        for (sender, recipient, number), journey in sorted(
             self.versions.items(),
-            key=lambda item: (item[0][1], item[0][0] is None, item[0][0] or ""),
+            key=lambda item: (item[0][2], item[0][0] is None, item[0][0] or "", item[0][1]),
         ):
-            attributable = senders.get(number) == 1
+            attributable = senders.get((recipient, number)) == 1
             if sender is None:
                 if not attributable and shown(None):
                     resolved.append(journey)
                 continue
             if not shown(sender):
                 continue
-            unattributed = self.versions.get((None, number))
+            unattributed = self.versions.get((None, recipient, number))
             if unattributed is not None and attributable:
                 journey = _merged(journey, unattributed)
             resolved.append(journey)
@@ -263,16 +263,17 @@ class StudyJourney:
     def pickup(
         self, version: int, recipient_ura: str, sender_ura: str | None
     ) -> VersionJourney | None:
-        """The version routed to a pickup endpoint of ``recipient_ura``, of ``sender_ura`` (of
-        the one sender that routed that version there, for None); None if there is none."""
+        """The version sent to ``recipient_ura`` and routed to its pickup endpoint, of
+        ``sender_ura`` (of the one sender that had it routed there, for None); None if there is
+        none."""
         found = [
             journey
-            for (sender, number), journey in self.versions.items()
-            if number == version
+            for (sender, recipient, number), journey in self.versions.items()
+            if (number, recipient) == (version, recipient_ura)
             and sender is not None
             and sender_ura in (None, sender)
             and journey.pickup is not None
-            and recipient_ura in journey.pickup_recipients()
+            and journey.routed_to_pickup
         ]
         return found[0] if len(found) == 1 else None
 
@@ -334,8 +335,7 @@ class JourneyFold:
         found = study.pickup(version, recipient_ura, sender_ura) if study is not None else None
         if found is None or found.pickup is None:
             return None
-        manifest = found.pickup.get(recipient_ura, {})
-        return Pickup(tuple(manifest.values()), found.last_received_at)
+        return Pickup(tuple(found.pickup.values()), found.last_received_at)
 
     def apply_record(self, record: Any) -> None:
         self.apply(self._codec.decode_record(record))
@@ -354,7 +354,9 @@ class JourneyFold:
                 self._route(event)
             case RouteFailed():
                 study = self._study(event.study_instance_uid)
-                journey = study.version(_sender(event.sender_ura), event.study_version)
+                journey = study.version(
+                    _sender(event.sender_ura), _short(event.recipient_ura), event.study_version
+                )
                 journey.route_failure = RouteFailure(
                     _short(event.reason_code.value) if event.reason_code else None,
                     event.reason,
@@ -402,9 +404,10 @@ class JourneyFold:
 
     def _version_of(self, snapshot: StudySnapshot) -> VersionJourney:
         study = self._study(snapshot.study_instance_uid)
-        journey = study.version(_short(snapshot.sender_ura), snapshot.version)
-        if journey.recipient_ura is None:
-            journey.recipient_ura = _short(snapshot.recipient_ura)
+        journey = study.version(
+            _short(snapshot.sender_ura), _short(snapshot.recipient_ura), snapshot.version
+        )
+        if journey.instances is None:
             journey.instances = snapshot.number_of_instances
             journey.first_received_at = snapshot.first_received_at
             journey.last_received_at = snapshot.last_received_at
@@ -419,8 +422,10 @@ class JourneyFold:
         endpoint_id: str,
         channel: DeliveryChannel,
     ) -> EndpointJourney:
-        journey = self._study(study_instance_uid).version(sender_ura, version)
-        key = (_short(destination_ura), _short(endpoint_id))
+        # A delivery's destination is the study's recipient (routing routes to its endpoints).
+        recipient = _short(destination_ura)
+        journey = self._study(study_instance_uid).version(sender_ura, recipient, version)
+        key = (recipient, _short(endpoint_id))
         endpoint = journey.endpoints.get(key)
         if endpoint is None:
             endpoint = journey.endpoints[key] = EndpointJourney(*key, channel)
@@ -448,8 +453,7 @@ class JourneyFold:
             excluded = set(event.excluded_sop_classes)
             if journey.pickup is None:
                 journey.pickup = {}
-            recipient = _short(destination.organisation_ura)
-            manifest = journey.pickup.setdefault(recipient, {})
+            manifest = journey.pickup
             for ref in event.study.instances:
                 if ref.sop_class_uid not in excluded:
                     manifest[ref.sop_instance_uid] = PickupInstance(

@@ -150,11 +150,11 @@ def test_the_state_follows_the_journey_from_received_to_routed() -> None:
     study = make_study()
     uid = study.study_instance_uid
     journeys = fold(make_study_received(study=study))
-    states = [journeys.get(uid).versions[(SENDER_URA, 1)].state]  # type: ignore[union-attr]
+    states = [journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)].state]  # type: ignore[union-attr]
     journeys.apply_record(rec(make_consent_checked(study=study)))
-    states.append(journeys.get(uid).versions[(SENDER_URA, 1)].state)  # type: ignore[union-attr]
+    states.append(journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)].state)  # type: ignore[union-attr]
     journeys.apply_record(rec(make_route_resolved(study=study)))
-    states.append(journeys.get(uid).versions[(SENDER_URA, 1)].state)  # type: ignore[union-attr]
+    states.append(journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)].state)  # type: ignore[union-attr]
 
     assert states == ["received", "consent-checked", "routed"]
 
@@ -170,7 +170,7 @@ def test_a_retrying_delivery_keeps_the_version_routed_and_a_final_failure_fails_
             study_instance_uid=uid, attempt=1, final=False, next_attempt_at=retry_at
         ),
     )
-    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
     [endpoint] = version.endpoints.values()
     assert (version.state, endpoint.state) == ("routed", "retrying")
     assert endpoint.failure is not None
@@ -205,7 +205,7 @@ def test_one_failed_endpoint_fails_the_version_even_when_another_was_delivered()
         make_delivery_failed(study_instance_uid=uid, endpoint_id="pacs-dimse", final=True),
     )
 
-    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "failed"
     assert {e.endpoint_id: e.state for e in version.endpoints.values()} == {
         "pacs-web": "delivered",
@@ -220,7 +220,7 @@ def test_a_denied_send_is_not_routed_and_says_why() -> None:
         make_study_received(study=study),
         make_consent_checked(study=study, decision=Decision.DENY, basis=Basis.EXPLICIT_OBJECTION),
     )
-    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "not-routed"  # before routing has said so, too
 
     journeys.apply_record(
@@ -248,7 +248,7 @@ def test_a_route_failure_without_a_consent_record_is_not_routed() -> None:
         make_route_failed(study_instance_uid=uid, study_version=1, reason_code=None),
     )
 
-    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "not-routed"
     assert version.route_failure is not None and version.route_failure.reason_code is None
 
@@ -260,7 +260,7 @@ def test_a_delivery_read_before_its_study_shows_to_its_sender_at_once() -> None:
     study_journey = journeys.get(uid)
     assert study_journey is not None
     [version] = study_journey.visible_to(SENDER_URA)
-    assert version.state == "delivered" and version.recipient_ura is None
+    assert version.state == "delivered" and version.instances is None
     assert study_journey.visible_to(OTHER_URA) == []
 
     journeys.apply_record(rec(make_study_received(study=study)))
@@ -268,7 +268,7 @@ def test_a_delivery_read_before_its_study_shows_to_its_sender_at_once() -> None:
     [version] = study_journey.visible_to(SENDER_URA)
     # Delivered, though the route itself was never seen (route-resolved is kept 90 days only).
     assert version.state == "delivered"
-    assert version.recipient_ura == RECIPIENT_URA
+    assert (version.recipient_ura, version.instances) == (RECIPIENT_URA, study.number_of_instances)
     [endpoint] = version.endpoints.values()
     assert endpoint.routed is False and endpoint.priority is None
 
@@ -297,7 +297,7 @@ def test_facts_of_records_without_their_sender_show_with_the_one_sender_of_that_
     assert version.endpoints[(RECIPIENT_URA, "other")].state == "retrying"
     assert study_journey.all_versions() == [version]
     # Shown merged, not merged into the kept state: the fold is unchanged by being asked.
-    kept = study_journey.versions[(SENDER_URA, 1)].endpoints
+    kept = study_journey.versions[(SENDER_URA, RECIPIENT_URA, 1)].endpoints
     assert kept[(RECIPIENT_URA, "pacs-dicomweb")].delivered is None
     assert (RECIPIENT_URA, "other") not in kept
 
@@ -320,6 +320,38 @@ def test_facts_without_their_sender_are_shown_to_no_sender_while_two_have_that_v
     shown = study.all_versions()
     assert [v.sender_ura for v in shown] == [*sorted([SENDER_URA, OTHER_URA]), None]
     assert shown[2].state == "not-routed"
+
+
+def test_one_senders_study_to_two_recipients_is_two_versions_each_with_its_own_fate() -> None:
+    # Ingest numbers versions per sender and recipient: both sends are version 1.
+    to_first = make_study()
+    uid = to_first.study_instance_uid
+    to_second = make_study(study_instance_uid=uid, recipient_ura=OTHER_URA)
+    second_pacs = make_destination(organisation_ura=OTHER_URA, endpoint_id="pacs")
+    journeys = fold(
+        make_study_received(study=to_first),
+        make_study_received(study=to_second),
+        make_consent_checked(
+            study=to_first, decision=Decision.DENY, basis=Basis.EXPLICIT_OBJECTION
+        ),
+        make_route_failed(study_instance_uid=uid, reason="consent denied delivery"),
+        make_consent_checked(study=to_second),
+        make_route_resolved(study=to_second, destination=second_pacs),
+        make_delivered(study_instance_uid=uid, destination_ura=OTHER_URA, endpoint_id="pacs"),
+    )
+    study = journeys.get(uid)
+    assert study is not None
+
+    versions = study.visible_to(SENDER_URA)
+    assert len(versions) == 2
+    first, second = (
+        next(v for v in versions if v.recipient_ura == r) for r in (RECIPIENT_URA, OTHER_URA)
+    )
+    assert (first.version, first.state) == (1, "not-routed")
+    assert first.consent is not None and first.consent.decision is Decision.DENY
+    assert first.endpoints == {}
+    assert (second.version, second.state) == (1, "delivered")
+    assert second.route_failure is None
 
 
 def test_two_senders_of_one_uid_each_see_only_their_own_routes_and_deliveries() -> None:
@@ -364,7 +396,7 @@ def test_delivered_wins_over_a_failure_read_later_from_the_other_topic() -> None
         make_delivery_failed(study_instance_uid=uid, attempt=6, final=True),
     )
 
-    version = journeys.get(uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
+    version = journeys.get(uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
     assert version.state == "delivered"
 
 
@@ -407,7 +439,7 @@ def test_the_timeline_decision_is_not_part_of_the_send() -> None:
         make_consent_checked(study=study, purpose=Purpose.TIMELINE, decision=Decision.DENY),
     )
 
-    version = journeys.get(study.study_instance_uid).versions[(SENDER_URA, 1)]  # type: ignore[union-attr]
+    version = journeys.get(study.study_instance_uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
     assert version.consent is None
     assert version.state == "received"
 
@@ -468,7 +500,8 @@ def test_no_manifest_is_kept_for_a_version_without_a_pickup_route() -> None:
     study = make_study()
     journeys = fold(make_study_received(study=study), make_route_resolved(study=study))
 
-    assert journeys.get(study.study_instance_uid).versions[(SENDER_URA, 1)].pickup is None  # type: ignore[union-attr]
+    version = journeys.get(study.study_instance_uid).versions[(SENDER_URA, RECIPIENT_URA, 1)]  # type: ignore[union-attr]
+    assert version.pickup is None
     assert manifest(journeys, study.study_instance_uid, 1, RECIPIENT_URA) is None
 
 
