@@ -169,8 +169,10 @@ class TopicView:
 
     @property
     def is_caught_up(self) -> bool:
-        """Holds at least what the topics held when the view started (and has not failed)."""
-        return not self.failed and self._reached(self._start_ends)
+        """Holds at least what the topics held when the view started (and has not failed); a
+        view not started, or stopped, holds nothing it can vouch for."""
+        started = self._consumer is not None
+        return started and not self.failed and self._reached(self._start_ends)
 
     def lag(self) -> int:
         """Records on the topics (as far as the last fetch saw) that the view has not applied."""

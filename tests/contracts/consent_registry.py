@@ -14,6 +14,7 @@ a view that never shows a write) stand in for failures and are no part of the co
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +46,13 @@ SHORT_TIMEOUT = 0.5
 @dataclass(frozen=True)
 class RegistryBackend:
     """A started publisher and view over registry topics no other test writes to, and a topic
-    of the same broker that the view does not read."""
+    of the same broker that the view does not read; ``another_view`` makes a view, not started,
+    over the same topics (a second API replica, or this one restarted)."""
 
     publisher: Publisher
     view: RegistryReader
     stray_topic: str
+    another_view: Callable[[], RegistryReader]
 
 
 class ConsentRegistryContract:
@@ -94,6 +97,28 @@ class ConsentRegistryContract:
         assert view.get(make_pseudonym()) is None
         await view.sync(TIMEOUT)  # nothing to wait for: returns at once
         assert view.patients == 0
+
+    async def test_a_view_started_later_holds_what_was_written_before_and_none_unstarted(
+        self, backend: RegistryBackend
+    ) -> None:
+        """A replica (re)started reads the registry back from the topics; before it started, it
+        vouches for nothing (readiness hangs on ``is_caught_up``) and cannot be synced."""
+        consent = make_consent_registered()
+        await self.record(backend, consent)
+        later = backend.another_view()
+        assert not later.is_caught_up
+        with pytest.raises(RuntimeError, match="not started"):
+            await later.sync(TIMEOUT)
+
+        await later.start()
+        try:
+            await later.sync(TIMEOUT)
+            assert later.is_caught_up
+            found = later.get(consent.patient)
+            assert found is not None and found.consent(consent.consent_id) is not None
+        finally:
+            await later.stop()
+        assert not later.is_caught_up
 
     # -- read-your-writes -------------------------------------------------------------------------
 

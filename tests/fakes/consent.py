@@ -59,6 +59,7 @@ class FakeView:
     pending: list[_Record] = field(default_factory=list)
     # Next offset to apply per (topic, partition), as TopicView keeps it.
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    started: bool = False
 
     @property
     def failed(self) -> bool:
@@ -66,7 +67,7 @@ class FakeView:
 
     @property
     def is_caught_up(self) -> bool:
-        return self.caught_up
+        return self.started and self.caught_up
 
     @property
     def patients(self) -> int:
@@ -79,10 +80,10 @@ class FakeView:
         return self.fold.get(pseudonym)
 
     async def start(self) -> None:
-        pass
+        self.started = True
 
     async def stop(self) -> None:
-        pass
+        self.started = False
 
     def deliver(self, record: _Record) -> None:
         """Take a record just stored; like the real view, one on another topic is not read."""
@@ -91,6 +92,7 @@ class FakeView:
 
     async def sync(self, timeout: float) -> None:
         # Like TopicView.sync, a view that cannot apply everything stored times out.
+        self._require_started()
         self._drain()
         if self.pending:
             raise TimeoutError(f"registry view not in sync (lag {self.lag()})")
@@ -99,9 +101,14 @@ class FakeView:
         self, topic: str, partition: int, offset: int, timeout: float
     ) -> None:
         # Nothing is stored while the fake waits, so a record not applied now never will be.
+        self._require_started()
         self._drain()
         if self.positions.get((topic, partition), 0) <= offset:
             raise TimeoutError(f"offset {offset} of {topic}/{partition} not applied")
+
+    def _require_started(self) -> None:
+        if not self.started:
+            raise RuntimeError("fake registry view is not started")
 
     def _drain(self) -> None:
         """Apply the pending records, as TopicView does: a poison one is skipped and counted,
@@ -128,6 +135,16 @@ class FakePublisher:
     hang: bool = False
     sent: list[_Record] = field(default_factory=list)
     codec: Codec = field(default_factory=Codec)
+    _others: list[FakeView] = field(default_factory=list, init=False, repr=False)
+
+    def another_view(self) -> FakeView:
+        """A view, not started, of what this publisher stored and will store (a second API
+        replica, or one restarted): it reads the topics from their start, as RegistryView."""
+        view = FakeView(topics=self.view.topics)
+        for record in self.sent:
+            view.deliver(record)
+        self._others.append(view)
+        return view
 
     async def start(self) -> None:
         pass
@@ -147,7 +164,8 @@ class FakePublisher:
             topic, _PARTITION, offset, encoded.key, encoded.value, list(encoded.headers)
         )
         self.sent.append(record)
-        self.view.deliver(record)
+        for view in (self.view, *self._others):
+            view.deliver(record)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.set_result(record)
         return future

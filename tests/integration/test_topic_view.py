@@ -34,12 +34,14 @@ async def test_a_view_holds_every_record_written_before_it_started_once_caught_u
     view = TopicView(
         kafka_settings, [topic], lambda r: state.__setitem__(r.key, r.value), name="test"
     )
+    assert not view.is_caught_up  # not started: it read nothing
     async with view:
         await view.wait_caught_up(30)
         assert view.is_caught_up
         assert len(state) == 50
         assert state[b"k7"] == b"v7"
         assert view.lag() == 0
+    assert not view.is_caught_up  # stopped: it no longer follows the topics
 
 
 async def test_sync_after_a_write_makes_the_write_visible(

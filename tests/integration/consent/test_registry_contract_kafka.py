@@ -32,5 +32,9 @@ class TestKafkaRegistry(ConsentRegistryContract):
         # As the API builds them (services/consent/bootstrap.py), named for this test.
         publisher = KafkaEventPublisher(kafka_settings, f"contract-{tag}", linger_ms=0)
         view = RegistryView(kafka_settings, registry_topics, name=f"contract-{tag}")
+
+        def another_view() -> RegistryView:
+            return RegistryView(kafka_settings, registry_topics, name=f"contract-{tag}-later")
+
         async with publisher, view:
-            yield RegistryBackend(publisher, view, stray_topic)
+            yield RegistryBackend(publisher, view, stray_topic, another_view)

@@ -18,6 +18,8 @@ class TestFakeRegistry(ConsentRegistryContract):
         publisher = FakePublisher(view)
         await publisher.start()
         await view.start()
-        yield RegistryBackend(publisher, view, stray_topic="not-a-registry-topic")
+        yield RegistryBackend(
+            publisher, view, "not-a-registry-topic", another_view=publisher.another_view
+        )
         await view.stop()
         await publisher.stop()
