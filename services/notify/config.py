@@ -39,7 +39,8 @@ class NotifySettings(ServiceSettings):
     io_threads: int = Field(default=32, ge=4, le=512)
     # Waits between the attempts of one webhook notification (so one more attempt than waits).
     webhook_backoff_seconds: tuple[float, ...] = (1.0, 5.0, 30.0)
-    # Webhook notifications in flight at once: a batch's studies are notified side by side.
+    # Webhook requests in flight at once per receiving organisation (a batch's studies are
+    # notified side by side; the waits between one notification's attempts hold no slot).
     max_concurrent_webhooks: int = Field(default=12, ge=1, le=512)
     # Portal pickup: links in the recipient's webhook are signed with this key (the notify API
     # verifies them with the same BEELDPORTAAL_NOTIFY_PICKUP_KEY), point at this base URL and

@@ -26,11 +26,13 @@ path or query, which may hold a subscriber's token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -238,8 +240,10 @@ class WebhookSender:
         delivery_id: str,
         event_type: str,
         payload: Mapping[str, Any],
+        slot: AbstractAsyncContextManager[Any] | None = None,
     ) -> WebhookResult:
-        """Send ``payload`` until it is accepted, refused for good, or the budget is spent."""
+        """Send ``payload`` until it is accepted, refused for good, or the budget is spent;
+        each request is made holding ``slot`` (if given), the waits between them are not."""
         body = encode_body(payload)
         signature = sign(body, secret)
         host = _host(url)
@@ -257,14 +261,17 @@ class WebhookSender:
             retry_after: float | None = None
             try:
                 # Streamed and never read: a subscriber's answer body is of no use to us.
-                async with self._client.stream(
-                    "POST",
-                    url,
-                    content=body,
-                    headers=headers,
-                    timeout=self._timeout,
-                    follow_redirects=False,
-                ) as response:
+                async with (
+                    slot or contextlib.nullcontext(),
+                    self._client.stream(
+                        "POST",
+                        url,
+                        content=body,
+                        headers=headers,
+                        timeout=self._timeout,
+                        follow_redirects=False,
+                    ) as response,
+                ):
                     status, error = response.status_code, None
                     retry_after = _retry_after(response)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:

@@ -17,7 +17,7 @@ One process runs four consumer groups side by side (:class:`~shared.stream.Worke
   on the retry tiers a partition's go in order. Up to ``max_records_per_batch`` per fetch.
 - **webhooks** (``notify-webhooks``) tells the recipient, by its webhook from the directory,
   of each delivery and each final failure; a partition's studies side by side (each study's
-  in order), ``max_concurrent_webhooks`` at once.
+  in order), at most ``max_concurrent_webhooks`` requests at once per organisation.
 - The dispatch and deliver groups are **transactional**: a route's queued delivery and its
   offset commit atomically, and so do an attempt's events (delivered, delivery-failed,
   the next tier or the dead letter) and its offset. A crash at any
@@ -178,7 +178,7 @@ def build_notify_worker(
             handle=notifier.handle,
             prepare=deliverer.prepare,
             max_records=settings.max_records_per_batch,
-            # A subscriber that is down holds one notification's budget, not one per record.
+            # A subscriber that is down delays only its own notifications (handlers/webhooks.py).
             parallel_keys=True,
         ),
     ]

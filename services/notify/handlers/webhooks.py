@@ -9,11 +9,16 @@ that will be retried are not announced, only the final failure.
 Each notification is retried with backoff within :class:`WebhookSender`'s budget while the
 batch it came in waits (the offset is committed after the last attempt, so a crash sends it
 again: subscribers deduplicate on ``X-Beeldportaal-Delivery``). The studies of a batch are
-notified side by side (``parallel_keys``; each study's in order), at most ``max_concurrent``
-at once: one subscriber that is down holds the others' notifications for at most one budget,
-not one budget per notification before theirs. A subscriber that stays down past the
-budget misses that notification: it is logged and counted, and the same facts remain on the
-``delivered`` topic and in the sender's status API.
+notified side by side (``parallel_keys``; each study's in order), with at most
+``max_concurrent`` requests in flight per receiving organisation; a request holds its slot,
+the waits between attempts do not. A subscriber that is down takes no slot from another
+organisation's notifications in the batch, which go out at once; the next batch waits for
+this one, which with N notifications for a subscriber that hangs takes about
+ceil(N / max_concurrent) times its requests' timeouts (4 x 10 s) plus one budget's waits
+(36 s): 4 x 40 + 36 s for a full batch of 50, within Kafka's 5-minute poll interval (one by
+one, each notification waited out the whole budget of every one before it). A
+subscriber that stays down past the budget misses that notification: it is logged and
+counted, and the same facts remain on the ``delivered`` topic and in the sender's status API.
 
 A study delivered by portal pickup comes with ``data.pickup_url``: a link signed for the
 recipient, expiring (``services.notify.domain.pickup``), that the notify API serves as a zip.
@@ -71,9 +76,10 @@ class Notifier:
     metrics: NotifyWorkerMetrics
     pickup: PickupLinks | None = None
     codec: Codec = field(default_factory=Codec)
-    # Notifications in flight at once (the stream hands a batch's studies over side by side).
+    # Requests in flight at once per receiving organisation (the stream hands a batch's
+    # studies over side by side).
     max_concurrent: int = 12
-    _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
 
     async def handle(self, record: Any) -> list[Event]:
         event = decode_as(self.codec, record, Delivered, DeliveryFailed)
@@ -88,17 +94,18 @@ class Notifier:
                 payload["data"]["pickup_url"] = self.pickup.link(event)
         else:
             kind, payload = DELIVERY_FAILED_TYPE, delivery_failed_payload(event)
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrent)
+        slot = self._slots.get(event.destination_ura)
+        if slot is None:
+            slot = self._slots[event.destination_ura] = asyncio.Semaphore(self.max_concurrent)
         with correlation_context(event.correlation_id):
-            async with self._slots:
-                result = await self.sender.deliver(
-                    provider.webhook.url,
-                    provider.webhook.secret,
-                    delivery_id=f"{event.event_id}",
-                    event_type=kind,
-                    payload=payload,
-                )
+            result = await self.sender.deliver(
+                provider.webhook.url,
+                provider.webhook.secret,
+                delivery_id=f"{event.event_id}",
+                event_type=kind,
+                payload=payload,
+                slot=slot,
+            )
             self.metrics.webhooks.labels(kind, result.outcome.value).inc()
             if not result.delivered:
                 log.warning(

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -398,10 +399,12 @@ async def test_logs_name_the_host_but_never_the_url_path_query_or_body() -> None
 
 
 async def _notifier(
-    answer: Callable[[httpx.Request], Awaitable[httpx.Response]], max_concurrent: int
+    answer: Callable[[httpx.Request], Awaitable[httpx.Response]],
+    max_concurrent: int,
+    backoff: tuple[float, ...] = (),
 ) -> Notifier:
-    """A notifier over the real sender (no retries) whose HTTP answers come from ``answer``,
-    and a started in-memory directory in which SLOW and FAST each have a webhook."""
+    """A notifier over the real sender whose HTTP answers come from ``answer``, and a started
+    in-memory directory in which SLOW and FAST each have a webhook."""
     directory = InMemoryDirectory(
         [
             Provider(
@@ -418,7 +421,7 @@ async def _notifier(
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
     return Notifier(
         directory,  # type: ignore[arg-type]  (the reader port of DirectoryView)
-        WebhookSender(client, backoff=()),
+        WebhookSender(client, backoff=backoff),
         NotifyWorkerMetrics(registry=CollectorRegistry()),
         max_concurrent=max_concurrent,
     )
@@ -427,7 +430,11 @@ async def _notifier(
 SLOW, FAST = "10000001", "10000002"
 
 
-async def test_a_subscriber_that_hangs_holds_no_other_subscribers_notification() -> None:
+def delivered_to(ura: str) -> Any:
+    return make_consumer_record(make_delivered(destination_ura=ura))
+
+
+async def test_a_subscriber_that_hangs_takes_no_slot_from_another_organisation() -> None:
     release = asyncio.Event()
     answered: list[str] = []
 
@@ -437,36 +444,57 @@ async def test_a_subscriber_that_hangs_holds_no_other_subscribers_notification()
         answered.append(request.url.path.rsplit("/", 1)[1])
         return httpx.Response(204)
 
-    notifier = await _notifier(answer, max_concurrent=4)
-    slow = asyncio.create_task(
-        notifier.handle(make_consumer_record(make_delivered(destination_ura=SLOW)))
-    )
-    fast = make_consumer_record(make_delivered(destination_ura=FAST))
+    notifier = await _notifier(answer, max_concurrent=2)
+    # More hanging notifications than SLOW has slots: one of them waits for a slot.
+    slow = [asyncio.create_task(notifier.handle(delivered_to(SLOW))) for _ in range(3)]
+    await asyncio.sleep(0)
 
-    assert await asyncio.wait_for(notifier.handle(fast), 5) == []
-    assert answered == [FAST] and not slow.done()
+    assert await asyncio.wait_for(notifier.handle(delivered_to(FAST)), 5) == []
+    assert answered == [FAST] and not any(task.done() for task in slow)
     release.set()
-    assert await slow == [] and answered == [FAST, SLOW]
+    assert await asyncio.gather(*slow) == [[], [], []]
+    assert answered == [FAST, SLOW, SLOW, SLOW]
 
 
-async def test_at_most_max_concurrent_notifications_are_in_flight() -> None:
-    in_flight = peak = 0
+async def test_at_most_max_concurrent_requests_are_in_flight_per_organisation() -> None:
+    in_flight: dict[str, int] = {SLOW: 0, FAST: 0}
+    peak: dict[str, int] = {SLOW: 0, FAST: 0}
 
     async def answer(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
+        ura = request.url.path.rsplit("/", 1)[1]
+        in_flight[ura] += 1
+        peak[ura] = max(peak[ura], in_flight[ura])
         await asyncio.sleep(0.01)
-        in_flight -= 1
+        in_flight[ura] -= 1
         return httpx.Response(204)
 
     notifier = await _notifier(answer, max_concurrent=3)
-    records = [make_consumer_record(make_delivered(destination_ura=FAST)) for _ in range(12)]
+    records = [delivered_to(ura) for ura in (SLOW, FAST) for _ in range(8)]
 
     await asyncio.gather(*(notifier.handle(r) for r in records))
 
-    assert peak == 3
+    assert peak == {SLOW: 3, FAST: 3}
     sent = notifier.metrics.registry.get_sample_value(
         "beeldportaal_notify_webhooks_total", {"type": DELIVERED_TYPE, "outcome": "delivered"}
     )
-    assert sent == 12
+    assert sent == 16
+
+
+async def test_the_wait_before_a_retry_holds_no_slot() -> None:
+    """With one slot, a notification waiting to retry lets the next one make its request."""
+    requests: list[tuple[str, str]] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        attempt = (request.headers[DELIVERY_HEADER], request.headers[ATTEMPT_HEADER])
+        requests.append(attempt)
+        return httpx.Response(503 if attempt[1] == "1" else 204)
+
+    notifier = await _notifier(answer, max_concurrent=1, backoff=(0.2,))
+    first, second = delivered_to(SLOW), delivered_to(SLOW)
+
+    await asyncio.gather(notifier.handle(first), notifier.handle(second))
+
+    ids = [json.loads(r.value)["event_id"] for r in (first, second)]
+    # Both first attempts before either retry: the first's wait did not keep the slot.
+    assert requests[:2] == [(ids[0], "1"), (ids[1], "1")]
+    assert sorted(requests[2:]) == sorted([(ids[0], "2"), (ids[1], "2")])
