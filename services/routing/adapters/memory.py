@@ -24,6 +24,9 @@ from services.routing.domain.directory import Provider
 from shared.errors import PoisonEvent
 from shared.topic_view import ViewFailed
 
+# How often a wait looks again whether its record was applied (or the fake stopped or broke).
+POLL_SECONDS = 0.005
+
 
 class InMemoryDirectory:
     def __init__(self, providers: tuple[Provider, ...] | list[Provider] = ()) -> None:
@@ -31,7 +34,6 @@ class InMemoryDirectory:
         self._fold = DirectoryFold()
         self._offset = -1
         self._started = False
-        self._progress = asyncio.Condition()
         # Test hooks: a view still loading (caught_up False), or one stopped on a bad record.
         self.caught_up = True
         self.broken = False
@@ -58,20 +60,20 @@ class InMemoryDirectory:
         self._check_readable()
 
     async def wait_for(self, written: Written, timeout: float) -> None:
-        self._check_readable()
-
-        def applied() -> bool:
-            here = (written.topic, written.partition) == (self.topic, 0)
-            return self.broken or (here and written.offset <= self._offset)
-
-        async with self._progress:
-            try:
-                await asyncio.wait_for(self._progress.wait_for(applied), timeout)
-            except TimeoutError:
+        """Return once ``written`` is applied; raise as the view does once stopped or broken
+        meanwhile. It looks every few milliseconds: writes are applied as they are made, and
+        the test hooks (``broken``) are plain attributes, so nothing could wake a waiter."""
+        here = (written.topic, written.partition) == (self.topic, 0)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            self._check_readable()
+            if here and written.offset <= self._offset:
+                return
+            if asyncio.get_running_loop().time() >= deadline:
                 raise TimeoutError(
                     f"in-memory directory did not apply {written} within {timeout:g}s"
-                ) from None
-        self._check_readable()
+                )
+            await asyncio.sleep(POLL_SECONDS)
 
     def _check_readable(self) -> None:
         if not self._started:
@@ -90,10 +92,7 @@ class InMemoryDirectory:
     async def _publish(self, ura: str, value: bytes | None) -> Written:
         if not self._started:
             raise RuntimeError("in-memory directory writer not started")
-        written = self._write(ura, value)
-        async with self._progress:
-            self._progress.notify_all()  # a wait_for made before this write was
-        return written
+        return self._write(ura, value)
 
     def _write(self, ura: str, value: bytes | None) -> Written:
         """Append the record (it takes an offset whatever it holds) and fold it in."""
