@@ -4,8 +4,8 @@ Tests put studies in with :meth:`InMemoryTimeline.put` (an images entry, its ser
 instances, any report entries) and hide them with :meth:`hide` (consent revoked for the
 timeline): the reader answers only about visible studies, exactly like the PostgreSQL
 projection. Searches filter on date, modality, institution (a source's URA or its name,
-case-insensitive) and kind, newest first (study date/time, then received), ``count`` from
-``offset``. ``make_*`` build the rows with defaults that fit together.
+lower-cased as PostgreSQL's lower() does) and kind, newest first (study date/time, then
+received), ``count`` from ``offset``. ``make_*`` build the rows with defaults that fit together.
 """
 
 from __future__ import annotations
@@ -118,8 +118,10 @@ def make_instance_row(
     transfer_syntax_uid: str = EXPLICIT_VR_LITTLE_ENDIAN,
     object_key: str | None = None,
     sha256: str | None = None,
+    sender_ura: str = "12345678",
 ) -> InstanceRow:
-    """A row for ``data`` as stored: its size and (unless overridden) its sha256."""
+    """A row for ``data`` as stored (at ingest's key, ``{sender}/{sop}.dcm``): its size and
+    (unless overridden) its sha256."""
     sop = sop_instance_uid or new_uid()
     return InstanceRow(
         study_instance_uid=study_instance_uid,
@@ -127,7 +129,7 @@ def make_instance_row(
         sop_instance_uid=sop,
         sop_class_uid=sop_class_uid,
         transfer_syntax_uid=transfer_syntax_uid,
-        object_key=object_key or f"studies/{study_instance_uid}/{series_instance_uid}/{sop}.dcm",
+        object_key=object_key or f"{sender_ura}/{sop}.dcm",
         size=len(data),
         sha256=sha256 or hashlib.sha256(data).hexdigest(),
     )

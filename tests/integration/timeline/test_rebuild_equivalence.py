@@ -76,7 +76,7 @@ def snapshot(study: str, sender: str, version: int, last: int, recipient: str) -
             InstanceRef(
                 sop_instance_uid=sop, sop_class_uid=BASIC_TEXT_SR if report else CT,
                 series_instance_uid=in_series, transfer_syntax_uid="1.2.840.10008.1.2.1",
-                object_key=f"studies/{study}/{sop}.dcm", size=n, sha256="0" * 64,
+                object_key=f"{sender}/{sop}.dcm", size=n, sha256="0" * 64,
             )
         )  # fmt: skip
         if report:

@@ -1,4 +1,4 @@
-"""The TimelineReader contract, run on InMemoryTimeline (the fake the API's tests use)."""
+"""The TimelineReader contract, run on InMemoryTimeline (the fake the FHIR unit tests use)."""
 
 from __future__ import annotations
 
