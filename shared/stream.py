@@ -221,7 +221,7 @@ class StreamWorker:
         # key in order): for workers whose records of different keys are independent and slow
         # (notify's deliveries, one key per delivery), so that a batch is not as slow as its
         # longest partition.
-        self._parallel_keys = parallel_keys
+        self.parallel_keys = parallel_keys
         self.assigned = asyncio.Event()
         self._kafka = kafka
         self._group = f"{kafka.client_id_prefix}-{group}"
@@ -470,7 +470,7 @@ class StreamWorker:
         An empty batch is a tick on its own."""
         if self._prepare is not None and batch:
             await self._prepare()
-        by_partition = self._handle_by_key if self._parallel_keys else self._handle_partition
+        by_partition = self._handle_by_key if self.parallel_keys else self._handle_partition
         handled = await asyncio.gather(*(by_partition(records) for records in batch.values()))
         waits = {tp: wait for tp, (_, wait) in zip(batch, handled, strict=True) if wait}
         outgoing = [item for items, _ in handled for item in items]

@@ -33,11 +33,14 @@ from services.notify.adapters.webhooks import (
     sign,
     verify,
 )
+from services.notify.config import NotifySettings
+from services.notify.entrypoints.worker import build_notify_worker
 from services.notify.handlers.webhooks import Notifier
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.memory import InMemoryDirectory
 from services.routing.domain.directory import Provider, Webhook
 from shared.events.delivery import Delivered, DeliveryFailed
+from shared.storage.memory import InMemoryObjectStore
 from tests.factories import (
     SENDER_URA,
     T0,
@@ -498,3 +501,17 @@ async def test_the_wait_before_a_retry_holds_no_slot() -> None:
     # Both first attempts before either retry: the first's wait did not keep the slot.
     assert requests[:2] == [(ids[0], "1"), (ids[1], "1")]
     assert sorted(requests[2:]) == sorted([(ids[0], "2"), (ids[1], "2")])
+
+
+def test_the_worker_notifies_a_partitions_studies_side_by_side() -> None:
+    """The notifier's slots only matter if the stream hands it a batch's studies at once."""
+    worker = build_notify_worker(
+        NotifySettings(),
+        objects=InMemoryObjectStore(),
+        metrics=NotifyWorkerMetrics(registry=CollectorRegistry()),
+    )
+
+    side_by_side = {stream.name: stream.parallel_keys for stream in worker.streams}
+    assert side_by_side["notify-webhooks"] is True
+    # A retry tier's records wait in order (a record not yet due stops its partition).
+    assert side_by_side["notify-retry"] is False
