@@ -208,8 +208,8 @@ class WebhookSender:
     ``backoff`` holds the waits between attempts, so there are ``len(backoff) + 1`` attempts.
     A ``Retry-After`` (seconds) from a 429/503 lengthens a wait, but never beyond the longest
     backoff delay: one notification never takes much more than ``sum(backoff)`` plus the
-    request timeouts. Redirects are not followed (the body and signature must not be replayed
-    to another address).
+    request timeouts, plus any wait for a ``slot`` (see :meth:`deliver`). Redirects are not
+    followed (the body and signature must not be replayed to another address).
     """
 
     def __init__(
@@ -250,30 +250,29 @@ class WebhookSender:
         status: int | None = None
         error: str | None = None
         for attempt in range(1, self.max_attempts + 1):
-            headers = {
-                "Content-Type": "application/json",
-                SIGNATURE_HEADER: signature,
-                DELIVERY_HEADER: delivery_id,
-                ATTEMPT_HEADER: str(attempt),
-                EVENT_HEADER: event_type,
-                TIMESTAMP_HEADER: str(int(time.time())),
-            }
             retry_after: float | None = None
             try:
-                # Streamed and never read: a subscriber's answer body is of no use to us.
-                async with (
-                    slot or contextlib.nullcontext(),
-                    self._client.stream(
+                async with slot or contextlib.nullcontext():
+                    # Stamped once the request may go: a wait for the slot is not in it.
+                    headers = {
+                        "Content-Type": "application/json",
+                        SIGNATURE_HEADER: signature,
+                        DELIVERY_HEADER: delivery_id,
+                        ATTEMPT_HEADER: str(attempt),
+                        EVENT_HEADER: event_type,
+                        TIMESTAMP_HEADER: str(int(time.time())),
+                    }
+                    # Streamed and never read: a subscriber's answer body is of no use to us.
+                    async with self._client.stream(
                         "POST",
                         url,
                         content=body,
                         headers=headers,
                         timeout=self._timeout,
                         follow_redirects=False,
-                    ) as response,
-                ):
-                    status, error = response.status_code, None
-                    retry_after = _retry_after(response)
+                    ) as response:
+                        status, error = response.status_code, None
+                        retry_after = _retry_after(response)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 # A URL that can never work; the directory refuses these, so this is a bug.
                 return WebhookResult(

@@ -143,7 +143,12 @@ def build_notify_worker(
         )
 
     # Webhooks: no redirects (the signed body must not be replayed elsewhere).
-    http = httpx.AsyncClient(follow_redirects=False)
+    # A batch's notifications go side by side: one connection each, so a subscriber that hangs
+    # never leaves another organisation's request waiting for the pool (httpx's default: 100).
+    limits = httpx.Limits(
+        max_connections=max(100, settings.max_records_per_batch), max_keepalive_connections=20
+    )
+    http = httpx.AsyncClient(follow_redirects=False, limits=limits)
     pickup = None
     if settings.pickup_key is not None:
         pickup = PickupLinks(

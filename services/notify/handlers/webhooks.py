@@ -13,10 +13,12 @@ notified side by side (``parallel_keys``; each study's in order), with at most
 ``max_concurrent`` requests in flight per receiving organisation; a request holds its slot,
 the waits between attempts do not. A subscriber that is down takes no slot from another
 organisation's notifications in the batch, which go out at once; the next batch waits for
-this one, which with N notifications for a subscriber that hangs takes about
-ceil(N / max_concurrent) times its requests' timeouts (4 x 10 s) plus one budget's waits
-(36 s): 4 x 40 + 36 s for a full batch of 50, within Kafka's 5-minute poll interval (one by
-one, each notification waited out the whole budget of every one before it). A
+this one, which with N notifications for a subscriber that hangs takes at most
+ceil(N / max_concurrent) times one notification's requests (4 x 10 s timeouts) plus one
+budget's waits (36 s): 5 x 40 + 36 = 236 s for a full batch of 50, within Kafka's 5-minute
+poll interval (with slots held for a whole budget it was 5 x 76 = 380 s, and one by one
+50 x 76 s). The process's HTTP pool holds ``max_records_per_batch`` connections at least
+(``entrypoints/worker.py``), so the requests of one batch never wait for one. A
 subscriber that stays down past the budget misses that notification: it is logged and
 counted, and the same facts remain on the ``delivered`` topic and in the sender's status API.
 
