@@ -60,9 +60,11 @@ class InMemoryDirectory:
         self._check_readable()
 
     async def wait_for(self, written: Written, timeout: float) -> None:
-        """Return once ``written`` is applied; raise as the view does once stopped or broken
-        meanwhile. It looks every few milliseconds: writes are applied as they are made, and
-        the test hooks (``broken``) are plain attributes, so nothing could wake a waiter."""
+        """Return once ``written`` is applied; raise ``ViewFailed`` as the view does once it
+        broke meanwhile (and ``RuntimeError`` once stopped, where the real view's wait would
+        run out its timeout). It looks every few milliseconds: writes are applied as they are
+        made, and the test hook ``broken`` is a plain attribute, so nothing could wake a
+        waiter."""
         here = (written.topic, written.partition) == (self.topic, 0)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:

@@ -354,6 +354,29 @@ def test_one_senders_study_to_two_recipients_is_two_versions_each_with_its_own_f
     assert second.route_failure is None
 
 
+def test_a_fact_without_its_sender_goes_to_the_version_of_its_recipient() -> None:
+    # One sender, one UID to two recipients (both version 1); an old delivered record without
+    # the sender names the second recipient: it is that send's, not the first's.
+    to_first = make_study()
+    uid = to_first.study_instance_uid
+    to_second = make_study(study_instance_uid=uid, recipient_ura=OTHER_URA)
+    journeys = fold(
+        make_study_received(study=to_first),
+        make_study_received(study=to_second),
+        make_delivered(
+            study_instance_uid=uid, destination_ura=OTHER_URA, endpoint_id="pacs", sender_ura=None
+        ),
+    )
+    study = journeys.get(uid)
+    assert study is not None
+
+    by_recipient = {v.recipient_ura: v for v in study.visible_to(SENDER_URA)}
+    assert by_recipient[OTHER_URA].state == "delivered"
+    assert by_recipient[RECIPIENT_URA].state == "received"
+    assert by_recipient[RECIPIENT_URA].endpoints == {}
+    assert len(study.all_versions()) == 2  # nothing left unattributed
+
+
 def test_two_senders_of_one_uid_each_see_only_their_own_routes_and_deliveries() -> None:
     # Both send "their" study as version 1, to different recipients.
     from_a = make_study()
