@@ -19,6 +19,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from services.routing.domain.directory import Provider
 from shared.codec import Codec
 from shared.events import (
     AccessLogged,
@@ -75,6 +76,18 @@ T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 
 def make_uid() -> str:
     return f"{TEST_UID_ROOT}.{uuid.uuid4().int}"
+
+
+def make_provider(ura: str, **overrides: Any) -> Provider:
+    """A provider directory entry as routing writes it: a hospital (V4) unless overridden."""
+    fields: dict[str, Any] = {
+        "ura": ura,
+        "name": f"Zorgaanbieder {ura}",
+        "type_code": "V4",
+        "city": "Utrecht",
+    }
+    fields.update(overrides)
+    return Provider.model_validate(fields)
 
 
 def make_pseudonym(bsn: str | None = None) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from services.routing.adapters.directory_view import DirectoryReader, DirectoryWriter, Written
 from services.routing.domain.directory import Provider
+from tests.factories import make_provider
 
 # Generous for a busy broker on a shared machine; the fake answers at once.
 WAIT = 30.0
@@ -31,22 +32,19 @@ WEBHOOK_SECRET = "webhook-secret-of-at-least-32-characters"
 
 def provider(ura: str, name: str = "Testziekenhuis", city: str = "Utrecht") -> Provider:
     """A provider with secrets (endpoint password, webhook secret): they must survive a write."""
-    return Provider.model_validate(
-        {
-            "ura": ura,
-            "name": name,
-            "type_code": "V4",
-            "city": city,
-            "endpoints": [
-                {
-                    "channel": "dicomweb",
-                    "id": "pacs-web",
-                    "base_url": "https://pacs.example.nl/dicom-web",
-                    "auth": {"type": "basic", "username": "bp", "password": PASSWORD},
-                }
-            ],
-            "webhook": {"url": "https://hooks.example.nl/bp", "secret": WEBHOOK_SECRET},
-        }
+    return make_provider(
+        ura,
+        name=name,
+        city=city,
+        endpoints=[
+            {
+                "channel": "dicomweb",
+                "id": "pacs-web",
+                "base_url": "https://pacs.example.nl/dicom-web",
+                "auth": {"type": "basic", "username": "bp", "password": PASSWORD},
+            }
+        ],
+        webhook={"url": "https://hooks.example.nl/bp", "secret": WEBHOOK_SECRET},
     )
 
 

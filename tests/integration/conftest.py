@@ -7,6 +7,7 @@ the running platform's env file. A missing platform fails the tests: nothing ski
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import string
@@ -74,17 +75,26 @@ def postgres_settings(platform_env: dict[str, str]) -> PostgresSettings:
     return settings
 
 
-@pytest.fixture
-def scratch_database(postgres_settings: PostgresSettings) -> Iterator[str]:
-    """A database of its own for one test, dropped afterwards; yields its DSN."""
+@contextlib.contextmanager
+def temporary_database(conninfo: str, *, template: str | None = None) -> Iterator[str]:
+    """A database of its own (a copy of ``template``, if named), dropped when the block ends;
+    yields its DSN."""
     name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = postgres_settings.conninfo.rpartition("/")
+    copy = "" if template is None else f' TEMPLATE "{template}"'
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
+    base, _, _ = conninfo.rpartition("/")
     try:
         yield f"{base}/{name}"
     finally:
-        drop_database(postgres_settings.conninfo, name)
+        drop_database(conninfo, name)
+
+
+@pytest.fixture
+def scratch_database(postgres_settings: PostgresSettings) -> Iterator[str]:
+    """A database of its own for one test, dropped afterwards; yields its DSN."""
+    with temporary_database(postgres_settings.conninfo) as dsn:
+        yield dsn
 
 
 def drop_database(conninfo: str, name: str, attempts: int = 10) -> None:

@@ -197,7 +197,7 @@ class DirectoryView:
 
     @property
     def is_caught_up(self) -> bool:
-        return self._started.is_set() and self._view.is_caught_up
+        return self._view.is_caught_up  # not before start nor after stop (TopicView)
 
     @property
     def failed(self) -> bool:

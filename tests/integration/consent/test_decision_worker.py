@@ -18,7 +18,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from services.consent.adapters.registry_view import RegistryTopics
 from services.consent.config import ConsentSettings
 from services.consent.entrypoints.decisions import DecisionMetrics, build_decision_worker
-from services.routing.domain.directory import Provider
 from shared import topics
 from shared.codec import Codec
 from shared.events import ConsentChecked, Event, StudyReceived
@@ -31,6 +30,7 @@ from shared.topics import TopicSpec
 from tests.factories import (
     RECIPIENT_URA,
     make_consent_registered,
+    make_provider,
     make_pseudonym,
     make_study,
     make_study_received,
@@ -105,8 +105,7 @@ async def publish_directory(kafka: KafkaSettings, topic: str, entries: dict[str,
     await producer.start()
     try:
         for ura, type_code in entries.items():
-            provider = Provider(ura=ura, name="test", type_code=type_code, city="Utrecht")
-            record = provider.to_record().encode()
+            record = make_provider(ura, type_code=type_code).to_record().encode()
             await producer.send_and_wait(topic, key=ura.encode(), value=record)
     finally:
         await producer.stop()

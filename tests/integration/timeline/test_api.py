@@ -39,7 +39,6 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from services.consent.adapters.registry_view import RegistryTopics
-from services.routing.domain.directory import Provider
 from services.timeline.adapters.store import PostgresTimeline
 from services.timeline.bootstrap import TimelineApi, build
 from services.timeline.config import TimelineSettings
@@ -60,10 +59,11 @@ from tests.factories import (
     PSEUDONYM_KEY,
     TEST_BSN,
     make_consent_registered,
+    make_provider,
     make_treatment_relationship_registered,
 )
 from tests.fakes.timeline import make_instance_row, make_series_row, new_uid
-from tests.integration.conftest import drop_database
+from tests.integration.conftest import temporary_database
 from tests.integration.ingest.conftest import free_port
 from tests.kafka_tap import EventTap
 from tests.timeline_seed import ProjectedTimeline
@@ -133,15 +133,9 @@ def bucket(s3_settings: S3Settings) -> Iterator[S3Settings]:
 def migrated_database(postgres_settings: PostgresSettings) -> Iterator[str]:
     """This module's database with every migration applied (the timeline's read model and
     access log among them), dropped after the module; its name, a template for each test's."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = postgres_settings.conninfo.rpartition("/")
-    try:
-        migrations.migrate(f"{base}/{name}")
-        yield name
-    finally:
-        drop_database(postgres_settings.conninfo, name)
+    with temporary_database(postgres_settings.conninfo) as dsn:
+        migrations.migrate(dsn)
+        yield dsn.rpartition("/")[2]
 
 
 @pytest.fixture
@@ -151,14 +145,8 @@ def timeline_database(postgres_settings: PostgresSettings, migrated_database: st
     A copy, not the module's database emptied: the access log is append-only (a trigger refuses
     DELETE and TRUNCATE), and every test counts the audit records of its own requests.
     """
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_settings.conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_database}"')
-    base, _, _ = postgres_settings.conninfo.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        drop_database(postgres_settings.conninfo, name)
+    with temporary_database(postgres_settings.conninfo, template=migrated_database) as dsn:
+        yield dsn
 
 
 @dataclass
@@ -242,9 +230,7 @@ class RunningTimeline:
             producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_list)
             await producer.start()
             try:
-                provider = Provider(ura=ura, name=f"Zorgaanbieder {ura}", type_code=type_code,
-                                    city="Utrecht")  # fmt: skip
-                value = provider.to_record().encode()
+                value = make_provider(ura, type_code=type_code).to_record().encode()
                 await producer.send_and_wait(self.topics.directory, value, key=ura.encode())
             finally:
                 await producer.stop()

@@ -11,9 +11,9 @@ import pytest
 
 from services.consent.adapters.provider_types import ProviderTypes
 from services.routing.adapters.directory_view import DirectoryFold
-from services.routing.domain.directory import Provider
 from shared.errors import PoisonEvent
 from shared.settings import KafkaSettings
+from tests.factories import make_provider
 
 HOSPITAL, PRACTICE = "11111111", "22222222"
 
@@ -27,8 +27,7 @@ class Record(NamedTuple):
 
 def record_of(ura: str, **changes: object) -> bytes:
     """A V4 provider's record as routing writes it, with ``changes`` made to its JSON."""
-    provider = Provider(ura=ura, name=f"Zorgaanbieder {ura}", type_code="V4", city="Ede")
-    fields = json.loads(provider.to_record().encode())
+    fields = json.loads(make_provider(ura).to_record().encode())
     fields.update(changes)
     return json.dumps(fields).encode()
 

@@ -38,7 +38,6 @@ from services.notify.entrypoints.worker import build_notify_worker
 from services.notify.handlers.webhooks import Notifier
 from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.memory import InMemoryDirectory
-from services.routing.domain.directory import Provider, Webhook
 from shared.events.delivery import Delivered, DeliveryFailed
 from shared.storage.memory import InMemoryObjectStore
 from tests.factories import (
@@ -48,6 +47,7 @@ from tests.factories import (
     make_consumer_record,
     make_delivered,
     make_delivery_failed,
+    make_provider,
 )
 
 SECRET = "shared-secret-of-at-least-32-characters!"
@@ -410,13 +410,7 @@ async def _notifier(
     in-memory directory in which SLOW and FAST each have a webhook."""
     directory = InMemoryDirectory(
         [
-            Provider(
-                ura=ura,
-                name=f"Ziekenhuis {ura}",
-                type_code="V4",
-                city="Ede",
-                webhook=Webhook(url=f"https://hooks.example.nl/{ura}", secret=SECRET),
-            )
+            make_provider(ura, webhook={"url": f"https://hooks.example.nl/{ura}", "secret": SECRET})
             for ura in (SLOW, FAST)
         ]
     )

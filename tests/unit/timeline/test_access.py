@@ -31,7 +31,6 @@ import pytest
 from services.consent.domain.registry import RegistryEvent
 from services.routing.adapters.directory_view import DirectoryReader
 from services.routing.adapters.memory import InMemoryDirectory
-from services.routing.domain.directory import Provider
 from services.timeline.domain.access import (
     BASIS_EMERGENCY,
     BASIS_TREATMENT_RELATIONSHIP,
@@ -52,6 +51,7 @@ from shared.events.consent import Provision
 from shared.topic_view import ViewFailed
 from tests.factories import (
     make_consent_registered,
+    make_provider,
     make_pseudonym,
     make_treatment_relationship_registered,
 )
@@ -101,10 +101,7 @@ async def published(*events: RegistryEvent) -> FakeView:
 async def listed(types: dict[str, str] = DIRECTORY) -> InMemoryDirectory:
     """A started directory holding a provider of each ``{ura: type_code}``."""
     directory = InMemoryDirectory(
-        [
-            Provider(ura=ura, name=f"Zorgaanbieder {ura}", type_code=code, city="Utrecht")
-            for ura, code in types.items()
-        ]
+        [make_provider(ura, type_code=code) for ura, code in types.items()]
     )
     await directory.start()
     return directory
