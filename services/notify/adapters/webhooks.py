@@ -219,6 +219,7 @@ class WebhookSender:
         backoff: Sequence[float] = DEFAULT_BACKOFF,
         timeout: float = 10.0,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if any(not (delay >= 0) for delay in backoff):
             raise ValueError("backoff delays must be >= 0 seconds")
@@ -228,6 +229,7 @@ class WebhookSender:
         self._backoff = tuple(float(d) for d in backoff)
         self._timeout = timeout
         self._sleep = sleep
+        self._clock = clock  # the timestamp header's (Unix seconds)
 
     @property
     def max_attempts(self) -> int:
@@ -260,7 +262,7 @@ class WebhookSender:
                         DELIVERY_HEADER: delivery_id,
                         ATTEMPT_HEADER: str(attempt),
                         EVENT_HEADER: event_type,
-                        TIMESTAMP_HEADER: str(int(time.time())),
+                        TIMESTAMP_HEADER: str(int(self._clock())),
                     }
                     # Streamed and never read: a subscriber's answer body is of no use to us.
                     async with self._client.stream(

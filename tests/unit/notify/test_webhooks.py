@@ -253,6 +253,31 @@ async def test_a_2xx_answer_is_delivered_at_once_with_every_header() -> None:
     assert request.headers[TIMESTAMP_HEADER].isdigit()
 
 
+async def test_the_timestamp_is_taken_once_the_request_holds_its_slot() -> None:
+    """A subscriber that refuses stale timestamps must not refuse a notification for the time
+    it waited for a slot: each attempt is stamped after getting its slot."""
+    now = [1_000_000.0]
+
+    class SlowSlot:
+        async def __aenter__(self) -> None:
+            now[0] += 90  # a minute and a half waiting for the slot
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            return None
+
+    recorder = Recorder([503, 204])
+    client = httpx.AsyncClient(transport=httpx.MockTransport(recorder))
+    sender = WebhookSender(client, backoff=(5.0,), sleep=Sleeps(), clock=lambda: now[0])
+    async with client:
+        result = await sender.deliver(
+            URL, SECRET, "delivery-1", DELIVERED_TYPE, {"n": 1}, slot=SlowSlot()
+        )
+
+    assert result.outcome is WebhookOutcome.DELIVERED
+    # Each attempt waited for its slot, then was stamped.
+    assert [r.headers[TIMESTAMP_HEADER] for r in recorder.requests] == ["1000090", "1000180"]
+
+
 async def test_server_errors_are_retried_with_backoff_under_one_delivery_id() -> None:
     recorder, sleeps = Recorder([503, 500, 200]), Sleeps()
     sender, client = _sender(recorder, sleeps)
