@@ -84,6 +84,30 @@ def scrub_bsn_processor(
     return {_scrub(key): _scrub(value) for key, value in event_dict.items()}
 
 
+# --- DICOM values in pydicom's words ------------------------------------------------------------
+
+# pydicom's own messages and warnings quote the values they could not read ("Invalid value for
+# VR DA: '1980-03-14'"): a patient's birth date, name or id, which no log may hold. The BSN
+# scrubber cannot tell those apart, so every quoted span of theirs is withheld.
+_PYDICOM_LOGGERS = ("pydicom", "py.warnings")
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+WITHHELD_VALUE = "<value withheld>"
+
+
+def withhold_dicom_values(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> EventDict:
+    """structlog processor: in records of pydicom (and Python warnings, through which pydicom
+    warns too) every quoted span of the message is replaced by ``<value withheld>``."""
+    name = event_dict.get("logger")
+    if isinstance(name, str) and (name in _PYDICOM_LOGGERS or name.startswith("pydicom.")):
+        for key in ("event", "exception"):
+            text = event_dict.get(key)
+            if isinstance(text, str):
+                event_dict[key] = _QUOTED.sub(WITHHELD_VALUE, text)
+    return event_dict
+
+
 # --- Configuration --------------------------------------------------------------------------------
 
 
@@ -131,6 +155,7 @@ def configure_logging(
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            withhold_dicom_values,
             # Last before rendering, so it sees the formatted traceback and the final message.
             scrub_bsn_processor,
             renderer,

@@ -357,3 +357,66 @@ raise RuntimeError("cannot build event from {{'patient_id': '{VALID_BSN}'}}")
             "RuntimeError: cannot build event from {'patient_id': '[BSN]'}"
             in (lines[2]["exception"])
         )
+
+
+class TestPydicomQuotesNoValue:
+    """pydicom warns about values it cannot read by quoting them, through its logger and through
+    Python's warnings: a birth date or a name must not reach the log that way (a timeline
+    reading a stored header for WADO-RS metadata met such a sender's dates)."""
+
+    SCRIPT = """
+import io
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from shared.logging import configure_logging
+configure_logging("test")
+ds = Dataset()
+ds.file_meta = FileMetaDataset()
+ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds.add_new(0x00100030, "DA", "1980-03-14")  # PatientBirthDate, not in DICOM's YYYYMMDD
+ds.add_new(0x00101010, "AS", "45 years")  # PatientAge
+buffer = io.BytesIO()
+ds.save_as(buffer, enforce_file_format=False)
+buffer.seek(0)
+dcmread(buffer, force=True).to_json_dict()
+"""
+
+    def test_the_warnings_are_logged_with_the_values_withheld(self) -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", self.SCRIPT], capture_output=True, text=True, timeout=60
+        )
+
+        assert done.returncode == 0, done.stderr
+        output = done.stdout + done.stderr
+        assert "1980-03-14" not in output and "45 years" not in output
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        events = [(line["logger"], line["event"]) for line in lines]
+        assert ("pydicom", "Invalid value for VR DA: <value withheld>.") in events
+        assert ("pydicom", "Invalid value for VR AS: <value withheld>.") in events
+        assert any(
+            logger == "py.warnings"
+            and "UserWarning: Invalid value for VR DA: <value withheld>" in event
+            for logger, event in events
+        )
+
+
+@pytest.mark.parametrize(
+    ("logger", "message", "logged"),
+    [
+        ("pydicom", "Invalid value for VR PN: \"O'Brien^Jan\".", "Invalid value for VR PN: "
+         "<value withheld>."),
+        ("pydicom.valuerep", "bad 'a' and 'b'", "bad <value withheld> and <value withheld>"),
+        ("py.warnings", "x.py:1: UserWarning: Invalid value for VR DA: '1980-03-14'.",
+         "x.py:1: UserWarning: Invalid value for VR DA: <value withheld>."),
+        # Other libraries' quotes are theirs to keep (a Kafka topic, a file name).
+        ("aiokafka", "Topic 'study-received' is not available", "Topic 'study-received' is "
+         "not available"),
+    ],
+)  # fmt: skip
+def test_only_pydicoms_quoted_values_are_withheld(
+    configure: Configure, logger: str, message: str, logged: str
+) -> None:
+    stream = configure()
+    logging.getLogger(logger).warning(message)
+    assert only_line(stream)["event"] == logged
