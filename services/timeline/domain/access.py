@@ -105,6 +105,9 @@ class _Normal:
     consent_profile: str | None
     failed: tuple[str, ...]
     reason: str | None
+    # What a requester is told when that is less (see AccessDecision.disclosed_reason).
+    disclosed_failed: tuple[str, ...] | None = None
+    disclosed_reason: str | None = None
 
 
 def _refused_token(principal: Principal) -> AccessDecision | None:
@@ -188,15 +191,19 @@ class ConsentAccessGuard:
                 authorisation_basis=BASIS_TREATMENT_RELATIONSHIP,
                 consent_profile=normal.consent_profile,
             )
-        why = normal.reason or "access refused"
+        why, told = normal.reason or "access refused", normal.disclosed_reason
         if reason is not None:
-            why += f"; break-the-glass needs a token with purpose of use {EMERGENCY_PURPOSE}"
+            hint = f"; break-the-glass needs a token with purpose of use {EMERGENCY_PURPOSE}"
+            why += hint
+            told = told + hint if told is not None else None
         return AccessDecision(
             AccessOutcome.DENIED,
             authorisation_basis=None,
             consent_profile=normal.consent_profile,
             reason=why,
             failed_conditions=normal.failed,
+            disclosed_reason=told,
+            disclosed_conditions=normal.disclosed_failed,
         )
 
     async def _sync(self) -> None:
@@ -243,9 +250,10 @@ class ConsentAccessGuard:
             return _Normal(True, profile, (), None)
         failed: list[str] = []
         reasons: list[str] = []
+        no_relationship = "no active treatment relationship with the patient"
         if not answer.treatment_relationship:
             failed.append(CONDITION_TREATMENT_RELATIONSHIP)
-            reasons.append("no active treatment relationship with the patient")
+            reasons.append(no_relationship)
         if answer.basis == Basis.EXPLICIT_OBJECTION:
             failed.append(CONDITION_OBJECTION)
             reasons.append(f"the patient objected to sharing {self._data_category} with {category}")
@@ -254,7 +262,17 @@ class ConsentAccessGuard:
             reasons.append(
                 f"no explicit consent of the patient covers {self._data_category} for {category}"
             )
-        return _Normal(False, profile, tuple(failed), "; ".join(reasons))
+        if answer.treatment_relationship or len(failed) == 1:
+            return _Normal(False, profile, tuple(failed), "; ".join(reasons))
+        # Not treating the patient: told that alone, the consent's state only audited.
+        return _Normal(
+            False,
+            profile,
+            tuple(failed),
+            "; ".join(reasons),
+            disclosed_failed=(CONDITION_TREATMENT_RELATIONSHIP,),
+            disclosed_reason=no_relationship,
+        )
 
 
 def _clip(text: str) -> str:

@@ -145,13 +145,25 @@ class AccessDecision:
     authorisation_basis: str | None
     # The consent that allowed it (its id) or the rule that refused it.
     consent_profile: str | None
-    # For a denial: which condition failed, in words for the OperationOutcome.
+    # For a denial: which conditions failed, in words, for the audit record.
     reason: str | None = None
     failed_conditions: tuple[str, ...] = field(default=())
+    # What the requester is told of a denial when that is less (None: the above): a requester
+    # without a treatment relationship learns nothing of the patient's consent, whether they
+    # objected or never consented being the patient's own business.
+    disclosed_reason: str | None = None
+    disclosed_conditions: tuple[str, ...] | None = None
 
     @property
     def allowed(self) -> bool:
         return self.outcome is not AccessOutcome.DENIED
+
+    @property
+    def told(self) -> tuple[str, tuple[str, ...]]:
+        """The reason and failed conditions the requester's OperationOutcome names."""
+        reason = self.disclosed_reason or self.reason or "access refused"
+        conditions = self.disclosed_conditions
+        return reason, self.failed_conditions if conditions is None else conditions
 
 
 class AccessGuard(Protocol):

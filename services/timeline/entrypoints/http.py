@@ -332,8 +332,10 @@ async def _refuse(
     conditions: Sequence[str] = (),
     profile: str | None = None,
     study_uids: Sequence[str] = (),
+    told: tuple[str, Sequence[str]] | None = None,
 ) -> Refusal:
-    """Audit a denied attempt; the caller raises the returned refusal."""
+    """Audit a denied attempt; the caller raises the returned refusal, which names ``told``
+    (reason and conditions) when the requester may learn less than the audit holds."""
     api.metrics.access(attempt.event_type, AccessOutcome.DENIED.value, tuple(conditions))
     await _audit(
         api,
@@ -350,6 +352,7 @@ async def _refuse(
         caller_ura=attempt.principal.organisation_ura,
         conditions=list(conditions),
     )
+    reason, conditions = told if told is not None else (reason, conditions)
     return Refusal(status, code, reason, conditions=conditions)
 
 
@@ -399,6 +402,7 @@ async def _check_access(
             conditions=decision.failed_conditions,
             profile=decision.consent_profile,
             study_uids=study_uids,
+            told=decision.told,
         )
     attempt.allowed[patient] = tuple(study_uids)
     return decision

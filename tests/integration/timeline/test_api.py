@@ -620,6 +620,26 @@ def test_filters_reach_the_reader(timeline_api: RunningTimeline) -> None:
         assert beyond.json()["total"] == 0
 
 
+def test_a_requester_not_treating_the_patient_learns_nothing_of_their_consent(
+    timeline_api: RunningTimeline,
+) -> None:
+    """Whether the patient objected, or never consented, is theirs: an organisation without
+    a treatment relationship is told only that; the audit record holds the whole answer."""
+    t = timeline_api
+    t.consents(OBJECTING_BSN, Provision.DENY)
+    t.put_study(OBJECTING_BSN, series=1, per_series=1)
+
+    refused = t.search(patient_form(OBJECTING_BSN))
+
+    assert refused.status_code == 403
+    assert conditions_of(refused) == ["treatment-relationship"]
+    diagnostics = outcome_of(refused)["diagnostics"]
+    assert "no active treatment relationship" in diagnostics
+    assert "object" not in refused.text and "consent" not in diagnostics
+    [row] = t.audit_rows()
+    assert "no active treatment relationship" in row["reason"] and "objected" in row["reason"]
+
+
 @pytest.mark.parametrize(
     ("bsn", "setup", "conditions", "words"),
     [
@@ -1052,7 +1072,9 @@ def test_dicomweb_on_a_study_of_no_timeline_is_404_and_of_another_patient_403(
     assert unknown.status_code == invisible.status_code == 404
     assert forbidden.status_code == forbidden_qido.status_code == 403
     assert forbidden_instance.status_code == 403
-    assert conditions_of(forbidden) == ["treatment-relationship", "consent"]
+    # Not treating that patient: told so, and nothing of the patient's consent.
+    assert conditions_of(forbidden) == ["treatment-relationship"]
+    assert "consent" not in outcome_of(forbidden)["diagnostics"]
     assert theirs.contents[row.sop_instance_uid] not in forbidden_instance.content
     rows = t.audit_rows()
     assert [(r["event_type"], r["outcome"]) for r in rows] == [

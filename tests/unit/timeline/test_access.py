@@ -216,6 +216,14 @@ async def test_access_needs_both_a_treatment_relationship_and_consent_covering_t
         if CONDITION_OBJECTION in failed:
             assert "objected" in decision.reason
             assert decision.consent_profile is not None and decision.consent_profile.endswith(":c1")
+        told_reason, told_conditions = decision.told
+        if CONDITION_TREATMENT_RELATIONSHIP in failed:
+            # Not treating the patient: told that alone; the consent's state is only audited.
+            assert told_conditions == (CONDITION_TREATMENT_RELATIONSHIP,)
+            assert told_reason == "no active treatment relationship with the patient"
+        else:
+            # A treating provider is told what the consent lacks (to ask the patient).
+            assert (told_reason, told_conditions) == (decision.reason, failed)
 
 
 @pytest.mark.parametrize(
@@ -348,6 +356,9 @@ async def test_a_reason_without_an_emergency_token_opens_nothing_and_says_what_i
     assert decision.outcome is AccessOutcome.DENIED
     assert decision.failed_conditions == (CONDITION_TREATMENT_RELATIONSHIP, CONDITION_CONSENT)
     assert decision.reason is not None and "purpose of use ETREAT" in decision.reason
+    told_reason, told_conditions = decision.told
+    assert told_conditions == (CONDITION_TREATMENT_RELATIONSHIP,)
+    assert "purpose of use ETREAT" in told_reason and "consent" not in told_reason
 
 
 @pytest.mark.parametrize(
