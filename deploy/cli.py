@@ -46,6 +46,22 @@ def _timeline(args: argparse.Namespace) -> int:
     return actions[args.action]()
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from shared.logging import configure_logging, get_logger
+    from shared.migrations import MigrationError, migrate
+    from shared.settings import PostgresSettings
+
+    configure_logging("migrate", "INFO", json=False, stream=sys.stderr)
+    log = get_logger("beeldportaal.migrate")
+    try:
+        applied = migrate(PostgresSettings().conninfo, grant_to=args.grant_to)
+    except MigrationError as exc:
+        log.error("migrations not applied", reason=str(exc))
+        return 1
+    log.info("migrations applied", applied=applied or "none pending", granted_to=args.grant_to)
+    return 0
+
+
 def _dead_letters(args: argparse.Namespace) -> int:
     from services.notify import main
 
@@ -158,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     timeline.add_argument("--tag", help=tag_help)
     timeline.set_defaults(handler=_timeline)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply the database migrations, as the schema's owner (BEELDPORTAAL_POSTGRES_DSN); "
+        "the services apply them at start too when they connect as the owner",
+    )
+    migrate.add_argument(
+        "--grant-to",
+        metavar="ROLE",
+        help="the services' own PostgreSQL role, given what they need and no more (it may add "
+        "to the append-only access_log, not alter or drop it): see docs/operations.md",
+    )
+    migrate.set_defaults(handler=_migrate)
 
     dead = commands.add_parser(
         "dead-letters", help="deliveries notify gave up on: list them, re-drive one or all"

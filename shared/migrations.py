@@ -4,6 +4,15 @@ A component (e.g. ``timeline``) keeps ``NNNN_description.sql`` files in its ``mi
 folder. Each file runs in its own transaction together with its bookkeeping row, so a failed
 migration leaves nothing half-applied. An applied file whose text changed is refused: history
 is fixed, a change is a new migration.
+
+Two database roles (production): the schema's owner applies the migrations
+(``beeldportaal migrate --grant-to <service role>``) and the services connect as a role that
+owns nothing. A component's ``grants.sql`` (``{role}`` standing for the service role) gives that
+role what the service needs, and no more: the timeline's may add to the append-only
+``access_log`` but, not owning it, can neither disable its triggers nor drop it. The services
+still call :func:`migrate` at start: with nothing pending it only reads the ledger, and with
+something pending it says to run the migrations as the owner. One role that owns everything
+(the local platform) works too, but can switch the audit table's protection off.
 """
 
 from __future__ import annotations
@@ -14,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# A component's grants to the service role, applied after its migrations (not one itself).
+GRANTS_FILE = "grants.sql"
 
 LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -48,6 +60,8 @@ class Migration:
 def discover(component: str, folder: Path) -> list[Migration]:
     found: list[Migration] = []
     for path in sorted(folder.glob("*.sql")):
+        if path.name == GRANTS_FILE:
+            continue
         match = _NAME.match(path.name)
         if match is None:
             raise MigrationError(f"{path}: name must look like 0001_what_it_does.sql")
@@ -62,7 +76,9 @@ def apply(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
     """Apply what is not applied yet; returns the names applied now. Safe to run concurrently."""
     applied_now: list[str] = []
     with conn.transaction():
-        conn.execute(LEDGER)
+        # Made if missing only: a service role may read the ledger but not create in the schema.
+        if conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,):
+            conn.execute(LEDGER)
     for migration in sorted(migrations, key=lambda m: (m.component, m.version)):
         with conn.transaction():
             # One migrator at a time per component, across processes.
@@ -78,7 +94,14 @@ def apply(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
                         "add a new migration instead of editing an applied one"
                     )
                 continue
-            conn.execute(migration.sql)  # type: ignore[arg-type]
+            try:
+                conn.execute(migration.sql)  # type: ignore[arg-type]
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise MigrationError(
+                    f"{migration.component}/{migration.name} is not applied yet and this role "
+                    f"may not apply it ({exc}); run `beeldportaal migrate --grant-to <service "
+                    "role>` as the schema's owner"
+                ) from exc
             conn.execute(
                 "INSERT INTO schema_migrations (component, version, name, sha256) "
                 "VALUES (%s, %s, %s, %s)",
@@ -88,15 +111,36 @@ def apply(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
     return applied_now
 
 
-def project_migrations() -> list[Migration]:
+def _migration_folders() -> list[Path]:
     """Every service's migrations folder (``services/<name>/migrations``)."""
-    services = Path(__file__).resolve().parent.parent / "services"
+    return sorted((Path(__file__).resolve().parent.parent / "services").glob("*/migrations"))
+
+
+def project_migrations() -> list[Migration]:
     found: list[Migration] = []
-    for folder in sorted(services.glob("*/migrations")):
+    for folder in _migration_folders():
         found.extend(discover(folder.parent.name, folder))
     return found
 
 
-def migrate(dsn: str) -> list[str]:
+def grant(conn: psycopg.Connection, role: str, folders: list[Path] | None = None) -> None:
+    """Give ``role`` (the services' role) the ledger to read and each component's
+    ``grants.sql``; run as the owner. Idempotent."""
+    with conn.transaction():
+        conn.execute(
+            sql.SQL("GRANT SELECT ON schema_migrations TO {}").format(sql.Identifier(role))
+        )
+        for folder in folders if folders is not None else _migration_folders():
+            grants = folder / GRANTS_FILE
+            if grants.exists():
+                conn.execute(sql.SQL(grants.read_text()).format(role=sql.Identifier(role)))
+
+
+def migrate(dsn: str, *, grant_to: str | None = None) -> list[str]:
+    """Apply the project's pending migrations; with ``grant_to``, then give that role the
+    components' grants (see the module docstring)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return apply(conn, project_migrations())
+        applied = apply(conn, project_migrations())
+        if grant_to is not None:
+            grant(conn, grant_to)
+        return applied

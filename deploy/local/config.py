@@ -23,7 +23,8 @@ DATABASE = "beeldportaal"
 DB_USER = "beeldportaal"
 # Two more login roles of the local cluster, for what a hospital's DBA sets up around the
 # owner: an operator role that is a member of it (runs e.g. the timeline rebuild as itself),
-# and one that is not (which such commands must refuse). The tests act as both.
+# and one that is not (which such commands must refuse; the tests also run the timeline's
+# services as it, given the service grants, as production would: docs/operations.md).
 OPERATOR_USER = "beeldportaal_operator"
 OUTSIDER_USER = "beeldportaal_outsider"
 

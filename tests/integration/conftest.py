@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from deploy.local.config import LocalConfig, read_env_file
+from deploy.local.config import OUTSIDER_USER, LocalConfig, read_env_file
 from shared import topics
 from shared.kafka import broker_ready, delete_topics_containing, provision_topics
 from shared.settings import KafkaSettings, PostgresSettings, S3Settings
@@ -73,6 +73,17 @@ def postgres_settings(platform_env: dict[str, str]) -> PostgresSettings:
     except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL is not reachable: {exc}", pytrace=False)
     return settings
+
+
+# The services' own role in a database migrated with ``grant_to=SERVICE_ROLE``: it owns
+# nothing, so the timeline's API and projection worker run with only what ``grants.sql`` gives
+# (as in production; see shared/migrations.py). Not a member of the owner's role.
+SERVICE_ROLE = OUTSIDER_USER
+
+
+def as_role(dsn: str, role: str) -> str:
+    """``dsn`` connecting as ``role`` (the local cluster trusts its login roles)."""
+    return psycopg.conninfo.make_conninfo(dsn, user=role)
 
 
 @contextlib.contextmanager

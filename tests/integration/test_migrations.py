@@ -10,6 +10,7 @@ import pytest
 
 from shared import migrations
 from shared.migrations import Migration, MigrationError, discover
+from tests.integration.conftest import SERVICE_ROLE, as_role
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,65 @@ def test_the_access_log_refuses_updates_deletes_and_truncation(scratch_database:
             with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
                 conn.execute(statement)
         assert conn.execute("SELECT outcome FROM access_log").fetchall() == [("denied",)]
+
+
+_AUDIT_ROW = (
+    "INSERT INTO access_log (event_id, occurred_at, event_type, action, outcome, "
+    "organisation_ura, access_point) VALUES (%s, now(), 'timeline-search', 'query', "
+    "'denied', '12345678', 'POST /timeline/_search') ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def test_the_service_role_adds_to_the_access_log_but_cannot_alter_or_remove_it(
+    scratch_database: str,
+) -> None:
+    """Run by its owner the triggers are a lock with the key in it (the owner may disable
+    them); the services' own role, given grants.sql, holds no key."""
+    assert "timeline/0001_access_log.sql" in migrations.migrate(
+        scratch_database, grant_to=SERVICE_ROLE
+    )
+    service = as_role(scratch_database, SERVICE_ROLE)
+    # Starting, a service finds nothing to apply: reading the ledger is all it needs.
+    assert migrations.migrate(service) == []
+    with psycopg.connect(service, autocommit=True) as conn:
+        conn.execute(_AUDIT_ROW, (uuid.uuid4(),))
+        for statement in (
+            "DELETE FROM access_log",
+            "UPDATE access_log SET outcome = 'allowed'",
+            "TRUNCATE access_log",
+            "ALTER TABLE access_log DISABLE TRIGGER access_log_append_only",
+            "ALTER TABLE access_log DISABLE TRIGGER ALL",
+            "DROP TRIGGER access_log_append_only ON access_log",
+            "DROP TABLE access_log",
+            "CREATE OR REPLACE FUNCTION access_log_is_append_only() RETURNS trigger "
+            "LANGUAGE plpgsql AS $$ BEGIN RETURN OLD; END $$",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        assert conn.execute("SELECT outcome FROM access_log").fetchall() == [("denied",)]
+    # Granting again (every `beeldportaal migrate --grant-to`) changes nothing.
+    assert migrations.migrate(scratch_database, grant_to=SERVICE_ROLE) == []
+
+
+def test_a_migration_the_service_role_may_not_apply_says_who_may(
+    scratch_database: str, tmp_path: Path
+) -> None:
+    migrations.migrate(scratch_database, grant_to=SERVICE_ROLE)
+    _write(tmp_path, "0001_more.sql", "CREATE TABLE more_tables (id int);")
+
+    with (
+        psycopg.connect(as_role(scratch_database, SERVICE_ROLE), autocommit=True) as conn,
+        pytest.raises(MigrationError, match="beeldportaal migrate --grant-to"),
+    ):
+        migrations.apply(conn, discover("extra", tmp_path))
+    assert "more_tables" not in _tables(scratch_database)
+
+
+def test_the_grants_file_is_no_migration(tmp_path: Path) -> None:
+    _write(tmp_path, "0001_first.sql", "CREATE TABLE first (id int);")
+    _write(tmp_path, migrations.GRANTS_FILE, "GRANT SELECT ON first TO {role};")
+
+    assert [m.name for m in discover("x", tmp_path)] == ["0001_first.sql"]
 
 
 def _write(folder: Path, name: str, sql: str) -> None:

@@ -63,7 +63,7 @@ from tests.factories import (
     make_treatment_relationship_registered,
 )
 from tests.fakes.timeline import make_instance_row, make_series_row, new_uid
-from tests.integration.conftest import temporary_database
+from tests.integration.conftest import SERVICE_ROLE, as_role, temporary_database
 from tests.integration.ingest.conftest import free_port
 from tests.kafka_tap import EventTap
 from tests.timeline_seed import ProjectedTimeline
@@ -134,7 +134,7 @@ def migrated_database(postgres_settings: PostgresSettings) -> Iterator[str]:
     """This module's database with every migration applied (the timeline's read model and
     access log among them), dropped after the module; its name, a template for each test's."""
     with temporary_database(postgres_settings.conninfo) as dsn:
-        migrations.migrate(dsn)
+        migrations.migrate(dsn, grant_to=SERVICE_ROLE)
         yield dsn.rpartition("/")[2]
 
 
@@ -405,7 +405,8 @@ def timeline_api(
     settings = TimelineSettings(
         kafka=kafka_settings,
         s3=bucket,
-        postgres=PostgresSettings(dsn=timeline_database),
+        # The API as production runs it: a role that owns nothing (the tests seed as the owner).
+        postgres=PostgresSettings(dsn=as_role(timeline_database, SERVICE_ROLE)),
         http_port=port,
         public_base_url=f"http://127.0.0.1:{port}",
         view_sync_timeout_seconds=15,

@@ -53,6 +53,7 @@ from tests.factories import (
     make_study,
     make_study_received,
 )
+from tests.integration.conftest import SERVICE_ROLE, as_role
 from tests.workers import running
 
 pytestmark = pytest.mark.integration
@@ -147,7 +148,11 @@ class Timeline:
         return f"{self.settings.kafka.client_id_prefix}-{self.group}"
 
     def worker(self) -> Worker:
-        return build_projection(self.settings, group=self.group, rename=self.names, max_records=500)
+        # The worker as production runs it: a role that owns nothing (the rebuild, the tests'
+        # reads and seeding, as the owner).
+        service = PostgresSettings(dsn=as_role(self.dsn, SERVICE_ROLE))
+        settings = self.settings.model_copy(update={"postgres": service})
+        return build_projection(settings, group=self.group, rename=self.names, max_records=500)
 
     async def publish(self, *events: Event) -> None:
         for event in events:
@@ -193,7 +198,7 @@ async def timeline(
 ) -> AsyncIterator[Timeline]:
     names = {name: f"test-timeline-{name}-{tag}" for name in TOPICS}
     await declare_topics(*(TopicSpec(n, PARTITIONS, topics.DAY_MS) for n in names.values()))
-    migrations.migrate(scratch_database)
+    migrations.migrate(scratch_database, grant_to=SERVICE_ROLE)
     settings = TimelineSettings(
         kafka=kafka_settings, postgres=PostgresSettings(dsn=scratch_database)
     )

@@ -45,6 +45,7 @@ from shared.events import (
     StudySnapshot,
 )
 from tests.factories import make_pseudonym
+from tests.integration.conftest import as_role
 
 pytestmark = pytest.mark.integration
 
@@ -372,10 +373,6 @@ async def test_a_loader_or_rebuild_session_that_fails_to_start_leaves_no_session
         async with Reload(scratch_database):
             pass
     assert sessions_in(scratch_database) == 0
-
-
-def as_role(dsn: str, role: str) -> str:
-    return psycopg.conninfo.make_conninfo(dsn, user=role)
 
 
 def owners(dsn: str) -> set[str]:
