@@ -34,7 +34,14 @@ from shared.storage.port import (
     validate_prefix,
     validate_sha256,
 )
-from shared.storage.s3_async import MAX_BODY, Answer, AsyncPutClient, SigV4, object_path
+from shared.storage.s3_async import (
+    MAX_BODY,
+    Answer,
+    AsyncPutClient,
+    KeyTaken,
+    SigV4,
+    object_path,
+)
 from shared.storage.s3_pool import S3PoolManager
 
 if TYPE_CHECKING:
@@ -208,17 +215,34 @@ class S3ObjectStore:
         headers.update({_META + name: value for name, value in user_metadata.items()})
         if conditional:
             headers["if-none-match"] = "*"
-        answer = await self._put_client().put(object_path(self.bucket, key), body, digest, headers)
-        if answer.status < 300:
+
+        async def taken() -> bool:
+            try:
+                return await asyncio.to_thread(self.stat, key) is not None
+            except ObjectStoreError:
+                return False  # the error goes on as the PUT's own
+
+        try:
+            answer = await self._put_client().put(
+                object_path(self.bucket, key),
+                body,
+                digest,
+                headers,
+                taken=taken if conditional else None,
+            )
+        except KeyTaken:
+            answer = None  # refused as taken, the refusal lost to a reset (s3_async)
+        if answer is not None and answer.status < 300:
             etag = answer.headers.get("etag", "").replace('"', "")
             return ObjectInfo(key, len(body), etag, digest, content_type, user_metadata), True
-        code, message = _error_of(answer)
-        if conditional and (answer.status == 412 or code in _KEY_TAKEN_CODES):
+        code, message = _error_of(answer) if answer is not None else (None, "")
+        if conditional and (answer is None or answer.status == 412 or code in _KEY_TAKEN_CODES):
             existing = await asyncio.to_thread(self.stat, key)
             if existing is None:
                 # Taken a moment ago, gone now (deleted, or a 409 whose writer failed).
                 raise ObjectStoreUnavailable(f"{key!r} changed during put_if_absent")
             return existing, False
+        assert answer is not None  # None only for a conditional write, answered above
         if code == "NoSuchBucket":
             raise BucketNotFound(self.bucket)
         if code is None or code in _TRANSIENT_CODES or answer.status >= 500:

@@ -21,7 +21,7 @@ from minio.signer import sign_v4_s3
 from urllib3 import Retry
 
 from shared.storage import BucketNotFound, ObjectStoreError, ObjectStoreUnavailable, S3ObjectStore
-from shared.storage.s3_async import AsyncPutClient, SigV4, object_path
+from shared.storage.s3_async import AsyncPutClient, KeyTaken, SigV4, object_path
 from tests.scripted_http import Seen, answer, ok
 
 BODY = b"dicom bytes"
@@ -282,6 +282,63 @@ def test_an_answer_sent_before_the_body_was_read_is_taken() -> None:
 
     try:
         assert asyncio.run(go()) == 412
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def _resetting_server(connections: int) -> tuple[socket.socket, threading.Thread]:
+    """A server that reads each request's head and resets the connection (SO_LINGER 0) with
+    the body unread and no answer: what a client sees when the reset beat the refusal."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(connections)
+
+    def reset() -> None:
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            reader = conn.makefile("rb")
+            while reader.readline() not in (b"\r\n", b""):
+                pass
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+            conn.close()
+
+    thread = threading.Thread(target=reset, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_reset_that_took_the_answer_asks_whether_the_key_is_taken(exists: bool) -> None:
+    body = b"x" * (64 * 1024)
+    retries = 2
+    # Asked after every connection error: once when taken, each attempt when not.
+    listener, thread = _resetting_server(1 if exists else retries + 1)
+    port = listener.getsockname()[1]
+    put_client = client(f"http://127.0.0.1:{port}", retries=retries)
+    asked = 0
+
+    async def taken() -> bool:
+        nonlocal asked
+        asked += 1
+        return exists
+
+    async def go() -> None:
+        try:
+            await put_client.put("/b/k.dcm", body, hashlib.sha256(body).hexdigest(), {},
+                                 taken=taken)  # fmt: skip
+        finally:
+            await put_client.aclose()
+
+    try:
+        if exists:
+            with pytest.raises(KeyTaken):
+                asyncio.run(go())
+            assert asked == 1
+        else:
+            with pytest.raises(ObjectStoreUnavailable, match="unreachable"):
+                asyncio.run(go())
+            assert asked == retries + 1
     finally:
         listener.close()
         thread.join(5)

@@ -417,6 +417,9 @@ _NO_LIMIT = _NoLimit()
 
 def _store_failed(header: InstanceHeader, key: str, exc: ObjectStoreError) -> Outcome:
     if isinstance(exc, ObjectStoreUnavailable):
+        # The sender is told only "retry later"; the operator needs the cause (an outage, or a
+        # connection error of one request).
+        log.warning("object store unavailable for an instance", error=str(exc), key=key)
         return _refused(
             header, Status.OUT_OF_RESOURCES, "object storage is unavailable; retry later"
         )
