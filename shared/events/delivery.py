@@ -13,7 +13,12 @@ from shared.identifiers import Ura
 
 
 class InstanceOutcomes(Model):
-    """Per-instance outcome counts of one delivery, from the receiver's own answer."""
+    """Per-instance outcome counts of one delivery, from the receiver's own answer.
+
+    ``sent``: stored by the receiver (``warnings`` of them not quite as sent);
+    ``already_present``: the receiver answered it holds them already (C-STORE 0111, STOW-RS
+    B00E), as a rule from an earlier attempt whose answer was lost; ``failed``: refused.
+    """
 
     sent: int = Field(ge=0)
     already_present: int = Field(ge=0)
@@ -119,6 +124,10 @@ class DeliveryQueued(Event):
     # good. The next attempt sends the rest.
     stored: tuple[DicomUid, ...] = ()
     refused: tuple[RefusedInstance, ...] = ()
+    # Instances the receiver answered it holds already (our own earlier copy, as a rule: an
+    # abort left its answer unread), settled like the stored ones. Added within v1: a record
+    # written before it decodes with none.
+    already_present: tuple[DicomUid, ...] = ()
 
     @property
     def key(self) -> str:

@@ -27,6 +27,7 @@ from shared.events import (
     PURPOSE_HEADER,
     AccessLogged,
     BsnStatus,
+    DeliveryQueued,
     Event,
     Purpose,
     RouteFailed,
@@ -43,11 +44,13 @@ from tests.factories import (
     make_consent_revoked,
     make_consumer_record,
     make_delivered,
+    make_delivery_queued,
     make_instance_ref,
     make_patient,
     make_route_failed,
     make_study,
     make_study_received,
+    make_uid,
     sample_event,
 )
 
@@ -573,3 +576,17 @@ def test_an_access_logged_v1_record_reads_as_v2_that_recorded_no_purpose() -> No
     assert event.model_dump(exclude={"purpose_of_use"}) == AccessLogged.model_validate(
         payload
     ).model_dump(exclude={"purpose_of_use"})
+
+
+def test_a_delivery_queued_record_written_before_already_present_decodes_with_none() -> None:
+    # DeliveryQueued.already_present was added within v1: records on the retry tiers and the
+    # dead-letter topic written without it must still decode.
+    record = codec.encode(make_delivery_queued(stored=(make_uid(),)))
+    payload = json.loads(record.value)
+    del payload["already_present"]
+
+    event = codec.decode(json.dumps(payload).encode(), record.headers)
+
+    assert isinstance(event, DeliveryQueued)
+    assert event.already_present == ()
+    assert event.stored == tuple(payload["stored"])

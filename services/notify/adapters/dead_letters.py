@@ -20,8 +20,9 @@ a tombstone for the dead letter, **in one Kafka transaction**:
 
 The new event id is derived from the key and the dead letter's own offset, so two replicas
 re-driving the same dead letter at once publish the same event, which the worker recognises.
-Instances the receiver already stored (``stored``) stay settled; instances it refused for good
-(``refused``) are tried again: an operator re-drives after fixing something, most often that.
+Instances the receiver already holds (``stored``, ``already_present``) stay settled; instances
+it refused for good (``refused``) are tried again: an operator re-drives after fixing
+something, most often that.
 
 The call returns once Kafka acknowledged the transaction and, read-your-writes, once this
 process's view has applied the tombstone (``Redriven.visible`` says whether it did in time).

@@ -19,7 +19,14 @@ Answers:
   or ``C122`` (transfer syntax not supported, the STOW-RS code for the same refusal);
 * for the whole batch: connection refused or timed out, association rejected-transient,
   aborted, or no C-STORE response: TransientDeliveryError; association rejected-permanent
-  (e.g. an unknown called AE title): PermanentDeliveryError.
+  (e.g. an unknown called AE title): PermanentDeliveryError. An abort (or a lost connection,
+  or a C-STORE response that never came) after some instances were answered keeps their
+  answers in the error's ``answered``: a C-STORE response is final (PS3.7 §9.1.1), so only
+  the instance in flight and those after it are sent again.
+
+Each C-STORE-RQ carries the delivery's Priority (0000,0700): HIGH for an urgent or emergency
+study, MEDIUM for a routine one (:func:`c_store_priority`; pynetdicom's own default is LOW). A
+receiver may use it to order its import work; most ignore it, none refuse it.
 
 pynetdicom blocks, so each batch runs in a worker thread (``asyncio.to_thread``). Cancelling
 :meth:`DimseSender.send` lets the thread finish the C-STORE in flight, then abort the
@@ -50,8 +57,18 @@ from services.notify.domain.outcomes import (
     outcome_for_status,
 )
 from services.routing.domain.directory import DimseEndpoint
+from shared.events import Urgency
 
-__all__ = ["MAX_PRESENTATION_CONTEXTS", "DimseSender", "DimseTimeouts", "presentation_contexts"]
+__all__ = [
+    "MAX_PRESENTATION_CONTEXTS",
+    "PRIORITY_HIGH",
+    "PRIORITY_LOW",
+    "PRIORITY_MEDIUM",
+    "DimseSender",
+    "DimseTimeouts",
+    "c_store_priority",
+    "presentation_contexts",
+]
 
 # PS3.8 §9.3.2.2: presentation context ids are the odd numbers 1..255.
 MAX_PRESENTATION_CONTEXTS = 128
@@ -72,6 +89,10 @@ _REJECT_DIAGNOSTICS = {
 # Presentation context results (PS3.8 §9.3.3.2): 3 and 4 name what the receiver refused.
 _ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+# Priority (0000,0700) of a C-STORE-RQ (PS3.7 Table 9.3-1): not in the order of their values.
+PRIORITY_MEDIUM = 0x0000
+PRIORITY_HIGH = 0x0001
+PRIORITY_LOW = 0x0002
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +139,12 @@ def presentation_contexts(instances: Sequence[OutgoingInstance]) -> list[Present
     return contexts
 
 
+def c_store_priority(urgency: Urgency) -> int:
+    """HIGH for urgent and emergency studies, MEDIUM for routine ones (never LOW: a routine
+    study is not less than the receiver's ordinary work)."""
+    return PRIORITY_MEDIUM if urgency is Urgency.ROUTINE else PRIORITY_HIGH
+
+
 class DimseSender:
     """C-STOREs batches to receivers' SCPs, calling each as its endpoint's calling AE title."""
 
@@ -125,20 +152,27 @@ class DimseSender:
         self._timeouts = timeouts
 
     async def send(
-        self, endpoint: DimseEndpoint, instances: Sequence[OutgoingInstance]
+        self,
+        endpoint: DimseEndpoint,
+        instances: Sequence[OutgoingInstance],
+        *,
+        priority: int = PRIORITY_MEDIUM,
     ) -> BatchResult:
-        """C-STORE ``instances`` over one association; one outcome per instance, in order.
+        """C-STORE ``instances`` over one association, each with ``priority``; one outcome per
+        instance, in order.
 
         Raises TransientDeliveryError or PermanentDeliveryError when the association fails
         (see the module docstring).
         """
+        if priority not in (PRIORITY_MEDIUM, PRIORITY_HIGH, PRIORITY_LOW):
+            raise ValueError("a C-STORE priority is 0 (medium), 1 (high) or 2 (low)")
         if not instances:
             return BatchResult(())
         contexts = presentation_contexts(instances)
         cancelled = threading.Event()
         try:
             return await asyncio.to_thread(
-                self._send_blocking, endpoint, list(instances), contexts, cancelled
+                self._send_blocking, endpoint, list(instances), contexts, cancelled, priority
             )
         except asyncio.CancelledError:
             cancelled.set()
@@ -150,17 +184,27 @@ class DimseSender:
         instances: list[OutgoingInstance],
         contexts: list[PresentationContext],
         cancelled: threading.Event,
+        priority: int,
     ) -> BatchResult:
         assoc = self._associate(endpoint, contexts)
         try:
             if not assoc.is_established:
                 return self._not_established(assoc, endpoint, instances)
-            outcomes = []
+            outcomes: list[InstanceOutcome] = []
             for message_id, instance in enumerate(instances, start=1):
                 if cancelled.is_set():
                     assoc.abort()
-                    raise TransientDeliveryError("C-STORE batch cancelled")
-                outcomes.append(_store(assoc, instance, message_id, len(outcomes), len(instances)))
+                    raise TransientDeliveryError(
+                        "C-STORE batch cancelled", answered=BatchResult(tuple(outcomes))
+                    )
+                try:
+                    outcomes.append(_store(assoc, instance, message_id, priority))
+                except _Aborted:
+                    raise TransientDeliveryError(
+                        f"association aborted or no C-STORE response after {len(outcomes)} of "
+                        f"{len(instances)} instances",
+                        answered=BatchResult(tuple(outcomes)),
+                    ) from None
             return BatchResult(tuple(outcomes))
         finally:
             if assoc.is_established:
@@ -204,8 +248,12 @@ class DimseSender:
         )
 
 
+class _Aborted(Exception):
+    """The association broke off before the instance's C-STORE response arrived."""
+
+
 def _store(
-    assoc: Association, instance: OutgoingInstance, message_id: int, done: int, total: int
+    assoc: Association, instance: OutgoingInstance, message_id: int, priority: int
 ) -> InstanceOutcome:
     uid = instance.sop_instance_uid
     if not _accepted(assoc, instance):
@@ -220,26 +268,20 @@ def _store(
             reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
         )
     try:
-        status = assoc.send_c_store(dataset, msg_id=message_id % 0x10000 or 1)
+        status = assoc.send_c_store(dataset, msg_id=message_id % 0x10000 or 1, priority=priority)
     except (ValueError, AttributeError) as exc:
         if not assoc.is_established:
-            raise _aborted(done, total) from None
+            raise _Aborted from None
         # The data set disagrees with what it was announced as, or cannot be encoded.
         return InstanceOutcome(
             uid, InstanceStatus.FAILED, reason=f"cannot be sent as stored ({type(exc).__name__})"
         )
     except RuntimeError:
-        raise _aborted(done, total) from None
+        raise _Aborted from None
     if "Status" not in status:
         # pynetdicom's answer to an abort, a DIMSE timeout or an invalid response.
-        raise _aborted(done, total)
+        raise _Aborted
     return outcome_for_status(uid, int(status.Status))
-
-
-def _aborted(done: int, total: int) -> TransientDeliveryError:
-    return TransientDeliveryError(
-        f"association aborted or no C-STORE response after {done} of {total} instances"
-    )
 
 
 def _accepted(assoc: Association, instance: OutgoingInstance) -> bool:

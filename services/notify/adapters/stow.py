@@ -9,19 +9,24 @@ request support.
 How the answer is read (PS3.18 §10.5.3, and how real servers behave):
 
 * The Store Instances Response Module names instances in ReferencedSOPSequence (0008,1199)
-  (stored, maybe with a WarningReason) or FailedSOPSequence (0008,1198) with a FailureReason.
+  (stored, maybe with a WarningReason) or FailedSOPSequence (0008,1198) with a FailureReason
+  (``outcomes.classify_failure_reason``: mostly a failure, but the Azure DICOM service lists an
+  instance it holds already there, B00E, which is ALREADY_PRESENT).
 * 200, 202 and 409 carry it; so may 400: Orthanc answers 409 for a batch where one instance
   was refused and the others stored, and 400 when a part was unreadable, in both cases with the
-  module listing what it did store. A 400/409 body that names any instance sent is therefore
-  read per instance rather than failing the whole batch.
+  module listing what it did store. A 400/409 is therefore read per instance rather than
+  failing the whole batch.
 * An instance in neither sequence: stored on a 2xx other than 202 (200 means "all stored");
   on a 202 unknown, so FAILED transient (sending it again is harmless); on a 400/409 FAILED
-  permanent, the receiver refused the request without naming it.
+  permanent, the receiver refused the request without naming it. So a 400/409 that names no
+  instance sent (or has no readable body) refuses the batch's instances one by one: the
+  receiver judged this request, not the endpoint, and the delivery's other batches still go.
 * A body that cannot be read (not JSON, not a module): on 200/204 every instance counts as
   stored, because the status itself says so; on 202 the batch is a TransientDeliveryError
   (which part was stored is unknown, resending all is harmless); on 4xx the status decides.
 * 408, 429, 5xx, timeouts and connection errors: TransientDeliveryError (with the receiver's
-  Retry-After). 401/403 and every other 4xx/3xx: PermanentDeliveryError.
+  Retry-After). 401/403 (the endpoint's credentials) and every other 4xx/3xx but 400/409:
+  PermanentDeliveryError, for the whole delivery.
 
 Reasons name HTTP statuses and DICOM codes only, never the receiver's text or URL path (which
 may hold a token), so they can go into events and logs.
@@ -48,6 +53,7 @@ from services.notify.domain.outcomes import (
     OutgoingInstance,
     PermanentDeliveryError,
     TransientDeliveryError,
+    outcome_for_failure_reason,
     outcome_for_status,
 )
 from services.routing.domain.directory import BasicAuth, BearerAuth, DicomWebEndpoint, NoAuth
@@ -230,7 +236,11 @@ def _result(response: httpx.Response, uids: Sequence[str]) -> BatchResult:
                 )
             return BatchResult(tuple(InstanceOutcome(uid, InstanceStatus.STORED) for uid in uids))
         return BatchResult(tuple(_outcome(uid, module, status) for uid in uids))
-    if status in _PER_INSTANCE_REFUSALS and module is not None and module.names_any(uids):
+    if status in _PER_INSTANCE_REFUSALS:
+        if module is None or not module.names_any(uids):
+            # Refused without naming an instance: this request was judged, not the endpoint
+            # (that is 401/403/404 ...), so this batch's instances fail and the others go on.
+            module = StoreResponse(referenced={}, failed={})
         return BatchResult(tuple(_outcome(uid, module, status) for uid in uids))
     if status in (401, 403):
         raise PermanentDeliveryError(
@@ -251,13 +261,8 @@ def _outcome(uid: str, module: StoreResponse, http_status: int) -> InstanceOutco
             return InstanceOutcome(
                 uid, InstanceStatus.FAILED, reason="refused by the receiver without a reason"
             )
-        outcome = outcome_for_status(uid, code)
-        if outcome.status is InstanceStatus.FAILED:
-            return outcome
-        # A "failure" whose code means success or a warning: the receiver contradicts itself.
-        return InstanceOutcome(
-            uid, InstanceStatus.FAILED, code=outcome.code, reason="listed as failed"
-        )
+        # Mostly FAILED; ALREADY_PRESENT for "instance already stored" (0111, B00E).
+        return outcome_for_failure_reason(uid, code)
     if uid in module.referenced:
         warning = module.referenced[uid]
         if not warning:

@@ -89,7 +89,9 @@ def coerce(
     Returns ``data`` itself when the profile is ``none``, or when the header already says what
     the profile wants (nothing is replaced, so there is nothing to record).
     ``source_of_previous_values`` names the sending organisation when known (LO, at most 64
-    characters); it is empty otherwise, as PS3.3 allows.
+    characters); it is empty otherwise, as PS3.3 allows. ``modified_at`` is recorded as the
+    Attribute Modification DateTime (the clock when not given): a sender passes one time per
+    delivery, so that every attempt coerces to the same bytes under the same SOP Instance UID.
     """
     if coercion.profile == "none":
         return data

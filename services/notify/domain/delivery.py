@@ -4,17 +4,19 @@ A delivery is one study version to one endpoint (``DeliveryQueued.key``). An att
 instances earlier attempts did not settle, in batches within the receiver's limits, and ends in
 exactly one of:
 
-- **delivered**: nothing is left to retry and at least one instance is stored. Instances the
+- **delivered**: nothing is left to retry and at least one instance is at the receiver: stored
+  by it, or answered as held already (``already_present``: C-STORE 0111 or STOW-RS B00E, as
+  a rule our own copy from an attempt whose answer was lost; never sent again). Instances the
   receiver refused for good (or that could not be sent at all, e.g. no verified BSN to coerce
-  to) are named in ``refused`` and counted as failed; the others are stored. One
-  ``Delivered`` per delivery (event id from the key), whatever the number of attempts;
+  to) are named in ``refused`` and counted as failed. One ``Delivered`` per delivery (event
+  id from the key), whatever the number of attempts;
 - **retry**: something failed for now (the receiver was down, answered A7xx, 5xx, ...) and the
   policy has another delay: a ``DeliveryFailed`` (not final) and the delivery, with what it
   settled so far, onto the retry tier of that delay, due at ``not_before``;
 - **dead**: the failure is permanent for the whole delivery (the receiver refuses our
   credentials, the endpoint left the directory) or the retries are used up: a final
   ``DeliveryFailed`` and the delivery on the dead-letter topic, for an operator to re-drive.
-  So is an attempt where every instance was refused: nothing reached the receiver;
+  So is an attempt where every instance was refused: the receiver holds none of them;
 - **yielded**: the attempt used up its time slice (``Deliverer.attempt_seconds``) with batches
   left and nothing failed: the delivery, with what it settled so far, goes to the back of its
   priority queue, the same attempt. A large study to a slow receiver thus takes turns with the
@@ -94,7 +96,11 @@ def selected(route: RouteResolved) -> list[InstanceRef]:
 
 def remaining(delivery: DeliveryQueued) -> list[InstanceRef]:
     """What this attempt must still send: the selection minus what earlier attempts settled."""
-    settled = set(delivery.stored) | {r.sop_instance_uid for r in delivery.refused}
+    settled = (
+        set(delivery.stored)
+        | set(delivery.already_present)
+        | {r.sop_instance_uid for r in delivery.refused}
+    )
     return [i for i in selected(delivery.route) if i.sop_instance_uid not in settled]
 
 
@@ -142,6 +148,7 @@ def conclude(
 ) -> list[Outgoing]:
     """The events that follow an attempt (see the module docstring)."""
     stored = list(delivery.stored)
+    present = list(delivery.already_present)
     refused = list(delivery.refused) + list(attempt.unsendable)
     transient: list[str] = []
     warnings = 0
@@ -157,15 +164,22 @@ def conclude(
                         reason=(outcome.reason or "refused by the receiver")[:256],
                     )
                 )
+        elif outcome.status is InstanceStatus.ALREADY_PRESENT:
+            present.append(outcome.sop_instance_uid)
         else:
             stored.append(outcome.sop_instance_uid)
             warnings += outcome.status is InstanceStatus.WARNING
     progressed = delivery.model_copy(
-        update={"stored": tuple(dict.fromkeys(stored)), "refused": _unique(refused)}
+        update={
+            "stored": tuple(dict.fromkeys(stored)),
+            "already_present": tuple(dict.fromkeys(present)),
+            "refused": _unique(refused),
+        }
     )
     left = remaining(progressed)
     if attempt.yielded and attempt.failure is None and not transient and left:
-        settled = len(progressed.stored) + len(progressed.refused)
+        settled = len(progressed.stored) + len(progressed.already_present)
+        settled += len(progressed.refused)
         turn = progressed.model_copy(
             update={
                 "event_id": _id(delivery, f"yielded-{settled}", delivery.attempt),
@@ -175,8 +189,8 @@ def conclude(
         )
         return [(queue_for(delivery.route.priority), turn)]
     if attempt.failure is None and not transient and not left:
-        if progressed.refused and not progressed.stored:
-            # Nothing reached the receiver: that is no delivery, whatever the reasons.
+        if progressed.refused and not (progressed.stored or progressed.already_present):
+            # The receiver holds none of it: that is no delivery, whatever the reasons.
             return _dead(
                 progressed, _refused_reason(progressed.refused), now=now, producer=producer
             )
@@ -235,7 +249,7 @@ def _delivered(
         channel=route.destination.channel,
         outcomes=InstanceOutcomes(
             sent=len(delivery.stored),
-            already_present=0,
+            already_present=len(delivery.already_present),
             warnings=warnings,
             failed=len(delivery.refused),
         ),

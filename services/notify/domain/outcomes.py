@@ -5,10 +5,17 @@ Two levels of failure, because a receiver answers at two levels:
 * The **batch** fails as a whole when the receiver never judged the instances: it could not be
   reached, the association or HTTP request was refused, it answered 5xx. That is an exception:
   :class:`TransientDeliveryError` (retry the batch later) or :class:`PermanentDeliveryError`
-  (retrying the same request cannot help: dead-letter it with the reason).
+  (retrying the same request cannot help: dead-letter it with the reason). An association
+  aborted mid-batch is a TransientDeliveryError that carries the answers received before it.
 * Otherwise each instance has an :class:`InstanceOutcome` from the receiver's own status code
   (C-STORE Status, STOW-RS FailureReason/WarningReason), gathered in a :class:`BatchResult`.
   A FAILED outcome says whether it is worth sending that instance again (``transient``).
+
+An instance the receiver says it holds already (C-STORE 0111, STOW-RS FailureReason B00E) is
+ALREADY_PRESENT, not a failure: beeldportaal resends what an abort or a timeout left unanswered,
+so the copy the receiver holds is almost always our own earlier one. Its code is kept on the
+outcome, so a real content conflict (another system's instance under the same UID) stays
+traceable.
 
 Codes are written as four upper-case hex digits (``"A700"``), as PS3.4/PS3.18 print them.
 Reasons are short fixed phrases, never text from the receiver or the data set: they end up in
@@ -31,10 +38,12 @@ __all__ = [
     "OutgoingInstance",
     "PermanentDeliveryError",
     "TransientDeliveryError",
+    "classify_failure_reason",
     "classify_status",
     "describe_status",
     "format_code",
     "is_transient_failure",
+    "outcome_for_failure_reason",
     "outcome_for_status",
 ]
 
@@ -60,10 +69,9 @@ class OutgoingInstance:
 class InstanceStatus(StrEnum):
     """What became of one instance at the receiver.
 
-    DICOM has no "already present" status: a receiver that already holds an instance answers
-    success (Orthanc does), or at most a warning. ALREADY_PRESENT is never produced by the
-    channels; it is for the caller's own bookkeeping, e.g. instances it skipped because the
-    destination is known to hold them already.
+    ALREADY_PRESENT: the receiver answered that it holds this SOP Instance UID already (C-STORE
+    0111 "duplicate SOP instance", STOW-RS FailureReason B00E); many receivers answer plain
+    success instead (Orthanc does), which is STORED.
     """
 
     STORED = "stored"
@@ -151,14 +159,25 @@ class BatchResult:
 
 class TransientDeliveryError(TransientError):
     """The batch did not reach the receiver's judgement but may later: unreachable, timed out,
-    HTTP 5xx/408/429, association rejected-transient or aborted. Retry the whole batch.
+    HTTP 5xx/408/429, association rejected-transient or aborted. Retry the whole batch, less
+    ``answered``.
 
-    ``retry_after`` is the receiver's own Retry-After (seconds) when it sent one.
+    ``retry_after`` is the receiver's own Retry-After (seconds) when it sent one. ``answered``
+    holds the outcomes of the instances the receiver did answer before the batch broke off (an
+    association aborted mid-batch): each C-STORE response is final (PS3.7 §9.1.1), so those
+    are settled and only the rest is sent again.
     """
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        retry_after: float | None = None,
+        *,
+        answered: BatchResult | None = None,
+    ) -> None:
         super().__init__(reason, retry_after)
         self.reason = reason
+        self.answered = answered or BatchResult()
 
 
 class PermanentDeliveryError(PoisonEvent):
@@ -196,6 +215,12 @@ _DESCRIPTIONS: dict[int, str] = {
     0xB007: "data set does not match SOP class",
     0xC122: "transfer syntax not supported",
 }
+# STOW-RS FailureReasons of the Azure DICOM service (45070, 45071): only meaningful in a
+# FailedSOPSequence, where a Bxxx code is otherwise a warning the receiver contradicts.
+_STOW_DESCRIPTIONS: dict[int, str] = {
+    0xB00E: "instance already stored",
+    0xB00F: "instance being stored by another process",
+}
 _RANGES: tuple[tuple[int, int, str], ...] = (
     (0xA700, 0xA7FF, "out of resources"),
     (0xA900, 0xA9FF, "data set does not match SOP class"),
@@ -206,8 +231,14 @@ _RANGES: tuple[tuple[int, int, str], ...] = (
 _WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 # Pending and Cancel are not final answers to a C-STORE: a broken peer, worth another try.
 _NOT_FINAL = frozenset({0xFE00, 0xFF00, 0xFF01})
-# Failures that say "not now" rather than "not this": out of resources, resource limitation.
-_TRANSIENT_CODES = frozenset({0x0213})
+# Failures that say "not now" rather than "not this": resource limitation, and processing
+# failure, which dcm4chee and the Azure DICOM service answer for their own internal errors.
+_TRANSIENT_CODES = frozenset({0x0110, 0x0213})
+# "The receiver holds this SOP Instance UID already": C-STORE duplicate SOP instance. The Azure
+# DICOM service says it in a FailedSOPSequence as B00E (and "not yet, being stored" as B00F).
+_ALREADY_PRESENT_CODES = frozenset({0x0111})
+_STOW_ALREADY_PRESENT = 0xB00E
+_STOW_BEING_CREATED = 0xB00F
 
 
 def format_code(status: int) -> str:
@@ -230,23 +261,46 @@ def describe_status(status: int) -> str:
 
 
 def is_transient_failure(status: int) -> bool:
-    """A7xx (out of resources), 0213 (resource limitation), or a non-final status."""
+    """A7xx (out of resources), 0110 (processing failure), 0213 (resource limitation), or a
+    non-final status."""
     return 0xA700 <= status <= 0xA7FF or status in _TRANSIENT_CODES or status in _NOT_FINAL
 
 
 def classify_status(status: int) -> tuple[InstanceStatus, bool]:
     """``(status, transient)`` for a C-STORE Status or a STOW-RS Failure/WarningReason.
 
-    0000 is STORED; Bxxx and the general warnings 0001/0107/0116 are WARNING (stored); anything
-    else is FAILED, transient only for A7xx/0213 (and a non-final Pending/Cancel, which no SCP
-    should answer to a C-STORE). A9xx, Cxxx, 0110, 0122, 0124, 0211 ... are permanent.
+    0000 is STORED; 0111 (duplicate SOP instance) is ALREADY_PRESENT; Bxxx and the general
+    warnings 0001/0107/0116 are WARNING (stored); anything else is FAILED, transient only for
+    A7xx/0110/0213 (and a non-final Pending/Cancel, which no SCP should answer to a C-STORE).
+    A9xx, Cxxx, 0122, 0124, 0211 ... are permanent.
     """
     format_code(status)  # range check
     if status == SUCCESS:
         return InstanceStatus.STORED, False
+    if status in _ALREADY_PRESENT_CODES:
+        return InstanceStatus.ALREADY_PRESENT, False
     if 0xB000 <= status <= 0xBFFF or status in _WARNINGS:
         return InstanceStatus.WARNING, False
     return InstanceStatus.FAILED, is_transient_failure(status)
+
+
+def classify_failure_reason(reason: int) -> tuple[InstanceStatus, bool]:
+    """``(status, transient)`` for a STOW-RS FailureReason, i.e. an instance the receiver listed
+    in FailedSOPSequence (0008,1198).
+
+    As :func:`classify_status`, except: B00E (instance already stored) is ALREADY_PRESENT and
+    B00F (being stored by another process) a transient failure; any other code that would mean
+    stored (0000, a warning) is a permanent failure, the receiver having listed it as failed.
+    """
+    format_code(reason)  # range check
+    if reason == _STOW_ALREADY_PRESENT:
+        return InstanceStatus.ALREADY_PRESENT, False
+    if reason == _STOW_BEING_CREATED:
+        return InstanceStatus.FAILED, True
+    kind, transient = classify_status(reason)
+    if kind in (InstanceStatus.STORED, InstanceStatus.WARNING):
+        return InstanceStatus.FAILED, False
+    return kind, transient
 
 
 def outcome_for_status(sop_instance_uid: str, status: int) -> InstanceOutcome:
@@ -259,5 +313,23 @@ def outcome_for_status(sop_instance_uid: str, status: int) -> InstanceOutcome:
         kind,
         code=format_code(status),
         reason=describe_status(status),
+        transient=transient,
+    )
+
+
+def outcome_for_failure_reason(sop_instance_uid: str, reason: int) -> InstanceOutcome:
+    """The outcome of one instance a STOW-RS receiver listed as failed with ``reason``."""
+    kind, transient = classify_failure_reason(reason)
+    if reason in _STOW_DESCRIPTIONS:
+        description = _STOW_DESCRIPTIONS[reason]
+    elif classify_status(reason)[0] is kind:
+        description = describe_status(reason)
+    else:  # a code that means stored, listed as failed: the receiver contradicts itself
+        description = "listed as failed"
+    return InstanceOutcome(
+        sop_instance_uid,
+        kind,
+        code=format_code(reason),
+        reason=description,
         transient=transient,
     )

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.notify.adapters.dimse import DimseSender
+from services.notify.adapters.dimse import DimseSender, c_store_priority
 from services.notify.adapters.stow import StowSender
 from services.notify.domain.coercion import CoercionImpossible, coerce
 from services.notify.domain.delivery import (
@@ -75,6 +75,8 @@ log = get_logger(__name__)
 # How many handled queued deliveries a deliverer remembers to recognise their copies: copies are
 # published seconds apart (a publish retried), so the last 20,000 are plenty (5.4 MB measured).
 HANDLED_REMEMBERED = 20_000
+# At most this many SOP Instance UIDs in one log line (a whole study may be answered 0111).
+_UIDS_LOGGED = 50
 
 
 @dataclass
@@ -241,8 +243,9 @@ class Deliverer:
             try:
                 results.append(await self._send(endpoint, delivery, outgoing))
             except TransientDeliveryError as exc:
+                # What the receiver answered before the batch broke off is settled.
                 return Attempt(
-                    BatchResult.merge(results),
+                    BatchResult.merge([*results, exc.answered]),
                     tuple(unsendable),
                     failure=exc.reason,
                     retry_after=exc.retry_after,
@@ -266,7 +269,8 @@ class Deliverer:
             if isinstance(endpoint, DicomWebEndpoint):
                 study = delivery.route.study.study_instance_uid
                 return await self.stow.send(endpoint, study, instances)
-            return await self.dimse.send(endpoint, instances)
+            priority = c_store_priority(delivery.route.priority)
+            return await self.dimse.send(endpoint, instances, priority=priority)
 
     async def _read(
         self, batch: Sequence[InstanceRef], delivery: DeliveryQueued
@@ -274,6 +278,10 @@ class Deliverer:
         """The batch's instances as they will be sent, and the ones that cannot be sent."""
         coercion = delivery.route.coercion
         sender = delivery.route.study.sender_ura
+        # The modification time recorded in Original Attributes Sequence is the route's, not the
+        # clock's: every attempt (and a re-drive) sends identical bytes under one SOP Instance
+        # UID, so an instance a lost answer left unsettled is resent as the very same content.
+        modified_at = delivery.route.occurred_at
         loaded = await asyncio.gather(*(self._load(ref) for ref in batch))
         outgoing: list[OutgoingInstance] = []
         refused: list[RefusedInstance] = []
@@ -283,7 +291,9 @@ class Deliverer:
                 continue
             assert data is not None
             try:
-                data = coerce(data, coercion, source_of_previous_values=sender)
+                data = coerce(
+                    data, coercion, source_of_previous_values=sender, modified_at=modified_at
+                )
             except CoercionImpossible as exc:
                 refused.append(_refused(ref, f"not coerced for the receiver: {exc.reason}"))
                 continue
@@ -347,6 +357,7 @@ class Deliverer:
                     destination_ura=event.destination_ura,
                     endpoint_id=event.endpoint_id,
                     sent=event.outcomes.sent,
+                    already_present=event.outcomes.already_present,
                     failed=event.outcomes.failed,
                     attempts=event.attempts,
                 )
@@ -364,6 +375,24 @@ class Deliverer:
                     reason=event.reason,
                     next_attempt_at=event.next_attempt_at,
                 )
+        present = [
+            o for o in attempt.results.outcomes if o.status is InstanceStatus.ALREADY_PRESENT
+        ]
+        if present:
+            # Counted delivered and never sent again: as a rule our own copy from an attempt
+            # whose answer was lost. The codes and UIDs are here in case it was not (another
+            # system's instance under the same UID, whose content differs).
+            log.info(
+                "instances already held by the receiver; not sent again",
+                study_instance_uid=route.study.study_instance_uid,
+                version=route.study.version,
+                destination_ura=route.destination.organisation_ura,
+                endpoint_id=route.destination.endpoint_id,
+                attempt=delivery.attempt,
+                codes=sorted({o.code or "?" for o in present}),
+                count=len(present),
+                sop_instance_uids=[o.sop_instance_uid for o in present[:_UIDS_LOGGED]],
+            )
         self.metrics.consumed(source, delivery.schema_name, outcome)
         if outcome != "unknown":
             destination = route.destination

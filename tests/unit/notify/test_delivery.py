@@ -18,7 +18,12 @@ from services.notify.domain.delivery import (
     remaining,
     selected,
 )
-from services.notify.domain.outcomes import BatchResult, InstanceOutcome, InstanceStatus
+from services.notify.domain.outcomes import (
+    BatchResult,
+    InstanceOutcome,
+    InstanceStatus,
+    outcome_for_status,
+)
 from services.notify.domain.retry import DEAD_LETTER_TOPIC, RetryPolicy
 from shared.events import Delivered, DeliveryFailed, DeliveryQueued, Urgency
 from shared.events.routing import BatchLimits
@@ -45,6 +50,10 @@ def stored(uid: str) -> InstanceOutcome:
 
 def failed(uid: str, code: str, transient: bool) -> InstanceOutcome:
     return InstanceOutcome(uid, InstanceStatus.FAILED, code, "refused", transient)
+
+
+def present(uid: str, code: str = "0111") -> InstanceOutcome:
+    return InstanceOutcome(uid, InstanceStatus.ALREADY_PRESENT, code, "duplicate SOP instance")
 
 
 def uids(d: DeliveryQueued) -> list[str]:
@@ -123,6 +132,77 @@ def test_an_attempt_where_everything_was_refused_is_dead_not_delivered() -> None
     assert topic == DEAD_LETTER_TOPIC and isinstance(dead, DeliveryQueued)
 
 
+def test_instances_the_receiver_holds_already_are_delivered_as_already_present() -> None:
+    # A resend after an abort: the receiver answers 0111 (C-STORE) or B00E (STOW-RS) for the
+    # instances our lost attempt did store. Not failures, and not a dead letter.
+    d = delivery(3)
+    a, b, c = uids(d)
+    attempt = Attempt(BatchResult((present(a), present(b, "B00E"), stored(c))))
+
+    [event] = conclude(d, attempt, policy=POLICY, now=NOW)
+
+    assert isinstance(event, Delivered)
+    assert event.outcomes.model_dump() == {
+        "sent": 1,
+        "already_present": 2,
+        "warnings": 0,
+        "failed": 0,
+    }
+    assert event.refused == ()
+
+
+def test_a_delivery_the_receiver_held_entirely_already_is_delivered() -> None:
+    d = delivery(2)
+    attempt = Attempt(BatchResult(tuple(present(u) for u in uids(d))))
+
+    [event] = conclude(d, attempt, policy=POLICY, now=NOW)
+
+    assert isinstance(event, Delivered)
+    assert (event.outcomes.sent, event.outcomes.already_present) == (0, 2)
+
+
+def test_instances_already_present_beside_refused_ones_make_a_delivery() -> None:
+    # The receiver holds some of it: not "nothing could be delivered".
+    d = delivery(2)
+    a, b = uids(d)
+    attempt = Attempt(BatchResult((present(a), failed(b, "A900", False))))
+
+    [event] = conclude(d, attempt, policy=POLICY, now=NOW)
+
+    assert isinstance(event, Delivered)
+    assert (event.outcomes.already_present, event.outcomes.failed) == (1, 1)
+
+
+def test_instances_already_present_are_settled_never_sent_again_and_counted_at_the_end() -> None:
+    d = delivery(3)
+    a, b, c = uids(d)
+    first = Attempt(BatchResult((present(a), failed(b, "A700", True), stored(c))))
+
+    _, (_, retry) = conclude(d, first, policy=POLICY, now=NOW)
+
+    assert isinstance(retry, DeliveryQueued)
+    assert (retry.stored, retry.already_present) == ((c,), (a,))
+    assert [i.sop_instance_uid for i in remaining(retry)] == [b]
+    [event] = conclude(retry, Attempt(BatchResult((stored(b),))), policy=POLICY, now=NOW)
+    assert isinstance(event, Delivered)
+    assert (event.outcomes.sent, event.outcomes.already_present, event.attempts) == (2, 1, 2)
+
+
+def test_turns_that_only_found_instances_already_present_are_distinct_events() -> None:
+    d = delivery(3)
+    a, b, _ = uids(d)
+
+    [(_, turn)] = conclude(
+        d, Attempt(BatchResult((present(a),)), yielded=True), policy=POLICY, now=NOW
+    )
+    [(_, second)] = conclude(
+        turn, Attempt(BatchResult((present(b),)), yielded=True), policy=POLICY, now=NOW
+    )
+
+    assert turn.event_id != second.event_id
+    assert second.already_present == (a, b)
+
+
 def test_a_transient_failure_goes_to_the_first_tier_with_what_was_stored() -> None:
     d = delivery(3)
     a, b, c = uids(d)
@@ -150,6 +230,25 @@ def test_the_receivers_retry_after_is_waited_out_on_a_tier_whose_delay_covers_it
         assert (topic, retry.not_before) == (tier, NOW + timedelta(seconds=waited))
         assert failure.next_attempt_at == retry.not_before
         assert retry.attempt == 2
+
+
+def test_a_processing_failure_is_retried_on_the_tiers_then_dead_lettered() -> None:
+    # 0110 is the receiver's own internal error (dcm4chee, Azure): worth another try, but a
+    # delivery still holding one when the tiers are used up gives up like any transient one.
+    d = delivery(2)
+    a, b = uids(d)
+    attempt = Attempt(BatchResult((stored(a), outcome_for_status(b, 0x0110))))
+
+    failure, (topic, retry) = conclude(d, attempt, policy=POLICY, now=NOW)
+
+    assert not failure.final and topic == "delivery-retry-10s"
+    assert "0110" in failure.reason and retry.refused == ()
+    assert [i.sop_instance_uid for i in remaining(retry)] == [b]
+    last = retry.model_copy(update={"attempt": 3})
+    again = Attempt(BatchResult((outcome_for_status(b, 0x0110),)))
+    failure, (topic, dead) = conclude(last, again, policy=POLICY, now=NOW)
+    assert failure.final and "gave up after 3 attempts" in failure.reason
+    assert topic == DEAD_LETTER_TOPIC and dead.stored == (a,)
 
 
 def test_retries_used_up_and_permanent_failures_are_dead_letters() -> None:

@@ -609,6 +609,7 @@ def test_a_requeued_dead_letter_is_a_fresh_first_attempt_of_the_same_route() -> 
         last_failure="HTTP 503",
         stored=("1.2.4",),
         refused=(refused,),
+        already_present=("1.2.5",),
     )
     record = dead(entry)
     letters.apply_record(record)
@@ -622,7 +623,9 @@ def test_a_requeued_dead_letter_is_a_fresh_first_attempt_of_the_same_route() -> 
     # run's (a consumer deduplicating on event ids would drop its final failure).
     assert fresh.first_queued_at == letters.get(entry.key).dead_since != entry.first_queued_at  # type: ignore[union-attr]
     assert fresh.correlation_id == entry.correlation_id
+    # What the receiver holds is not sent again; what it refused is tried anew.
     assert fresh.stored == ("1.2.4",) and fresh.refused == ()
+    assert fresh.already_present == ("1.2.5",)
     assert fresh.key == entry.key
     # Deterministic (two replicas re-driving at once publish one event), but not the old id.
     assert fresh.event_id == again.event_id != entry.event_id

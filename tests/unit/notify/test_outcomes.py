@@ -9,14 +9,17 @@ from services.notify.domain.outcomes import (
     OutgoingInstance,
     PermanentDeliveryError,
     TransientDeliveryError,
+    classify_failure_reason,
     classify_status,
     describe_status,
     format_code,
+    outcome_for_failure_reason,
     outcome_for_status,
 )
 from shared.errors import PoisonEvent, TransientError
 
 STORED, WARNING, FAILED = InstanceStatus.STORED, InstanceStatus.WARNING, InstanceStatus.FAILED
+ALREADY_PRESENT = InstanceStatus.ALREADY_PRESENT
 
 
 def test_success_is_stored() -> None:
@@ -34,12 +37,54 @@ def test_out_of_resources_is_a_failure_worth_retrying(status: int) -> None:
     assert classify_status(status) == (FAILED, True)
 
 
+def test_a_processing_failure_is_the_receivers_own_trouble_and_worth_retrying() -> None:
+    # dcm4chee and the Azure DICOM service answer 0110 for their internal errors.
+    assert classify_status(0x0110) == (FAILED, True)
+    assert outcome_for_status("1.2.3", 0x0110) == InstanceOutcome(
+        "1.2.3", FAILED, "0110", "processing failure", transient=True
+    )
+
+
+def test_a_duplicate_sop_instance_is_already_present_and_keeps_its_code() -> None:
+    # The receiver holds that SOP Instance UID: as a rule our own copy from an earlier attempt.
+    assert classify_status(0x0111) == (ALREADY_PRESENT, False)
+    outcome = outcome_for_status("1.2.3", 0x0111)
+    assert (outcome.status, outcome.code, outcome.failed) == (ALREADY_PRESENT, "0111", False)
+    assert BatchResult((outcome,)).stored == (outcome,)
+
+
 @pytest.mark.parametrize(
-    "status",
-    [0xA900, 0xA9FF, 0xC000, 0xC122, 0xCFFF, 0x0110, 0x0111, 0x0117, 0x0122, 0x0124, 0x0211],
+    "status", [0xA900, 0xA9FF, 0xC000, 0xC122, 0xCFFF, 0x0117, 0x0122, 0x0124, 0x0211]
 )
 def test_other_failures_are_permanent(status: int) -> None:
     assert classify_status(status) == (FAILED, False)
+
+
+def test_a_stow_failure_reason_already_stored_is_already_present_and_being_created_transient() -> (
+    None
+):
+    # The Azure DICOM service's 45070 and 45071, listed in FailedSOPSequence.
+    assert classify_failure_reason(45070) == (ALREADY_PRESENT, False)
+    assert classify_failure_reason(45071) == (FAILED, True)
+    assert outcome_for_failure_reason("1.2.3", 0xB00E) == InstanceOutcome(
+        "1.2.3", ALREADY_PRESENT, "B00E", "instance already stored"
+    )
+    assert outcome_for_failure_reason("1.2.3", 0xB00F) == InstanceOutcome(
+        "1.2.3", FAILED, "B00F", "instance being stored by another process", transient=True
+    )
+    assert classify_failure_reason(0x0111) == (ALREADY_PRESENT, False)
+
+
+@pytest.mark.parametrize("reason", [0x0000, 0xB000, 0xB006, 0x0001])
+def test_a_stow_failure_reason_that_means_stored_is_a_permanent_failure(reason: int) -> None:
+    # Listed as failed with a code that says otherwise: the receiver contradicts itself.
+    assert classify_failure_reason(reason) == (FAILED, False)
+    assert outcome_for_failure_reason("1.2.3", reason).reason == "listed as failed"
+
+
+@pytest.mark.parametrize("reason", [0xA700, 0xA900, 0xC122, 0x0110])
+def test_other_stow_failure_reasons_are_classified_as_c_store_statuses(reason: int) -> None:
+    assert classify_failure_reason(reason) == classify_status(reason)
 
 
 @pytest.mark.parametrize("status", [0xFF00, 0xFF01, 0xFE00])

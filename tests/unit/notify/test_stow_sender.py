@@ -29,6 +29,7 @@ from tests.factories import CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN, make_ui
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 BASE_URL = "http://pacs.example.test/dicom-web"
 STORED, WARNING, FAILED = InstanceStatus.STORED, InstanceStatus.WARNING, InstanceStatus.FAILED
+ALREADY_PRESENT = InstanceStatus.ALREADY_PRESENT
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -206,9 +207,36 @@ async def test_a_409_like_orthancs_for_another_study_fails_only_that_instance() 
     result = await send(answer(409, body), [ours, foreign])
 
     assert result.outcome(ours.sop_instance_uid).status is STORED
+    # 0110 is a processing failure: transient (dcm4chee and Azure answer it for their own
+    # errors), although Orthanc also answers it for an instance of another study.
     assert result.outcome(foreign.sop_instance_uid) == InstanceOutcome(
-        foreign.sop_instance_uid, FAILED, "0110", "processing failure"
+        foreign.sop_instance_uid, FAILED, "0110", "processing failure", transient=True
     )
+
+
+@pytest.mark.parametrize("status", [409, 202])
+async def test_instances_azure_lists_as_already_stored_are_already_present_not_failed(
+    status: int,
+) -> None:
+    new, held, busy, duplicate = instance(), instance(), instance(), instance()
+    body = module(
+        [referenced(new.sop_instance_uid)],
+        [
+            failed(held.sop_instance_uid, 45070),  # B00E: instance already stored
+            failed(busy.sop_instance_uid, 45071),  # B00F: being stored by another process
+            failed(duplicate.sop_instance_uid, 0x0111),
+        ],
+    )
+
+    result = await send(answer(status, body), [new, held, busy, duplicate])
+
+    assert [(o.status, o.code, o.transient) for o in result.outcomes] == [
+        (STORED, None, False),
+        (ALREADY_PRESENT, "B00E", False),
+        (FAILED, "B00F", True),
+        (ALREADY_PRESENT, "0111", False),
+    ]
+    assert [o.sop_instance_uid for o in result.failed] == [busy.sop_instance_uid]
 
 
 async def test_a_400_naming_stored_instances_is_read_per_instance() -> None:
@@ -257,11 +285,25 @@ async def test_an_unreadable_202_is_transient_because_what_was_stored_is_unknown
         await send(answer(202, b"oops"), [instance()])
 
 
-async def test_a_400_or_409_that_names_none_of_the_instances_fails_the_batch() -> None:
-    with pytest.raises(PermanentDeliveryError, match="HTTP 400"):
-        await send(answer(400, module()), [instance()])
-    with pytest.raises(PermanentDeliveryError, match="HTTP 409"):
-        await send(answer(409, b"conflict"), [instance()])
+@pytest.mark.parametrize("body", [module(), module([referenced("1.2.3.4")]), b"conflict", b""])
+@pytest.mark.parametrize("status", [400, 409])
+async def test_a_400_or_409_that_names_none_of_the_instances_refuses_each_of_them(
+    status: int, body: Any
+) -> None:
+    # The receiver judged this request, not the endpoint: the batch's instances are refused
+    # (permanently), and the delivery goes on with its other batches.
+    batch = [instance(), instance()]
+
+    result = await send(answer(status, body), batch)
+
+    assert result.outcomes == tuple(
+        InstanceOutcome(
+            i.sop_instance_uid,
+            FAILED,
+            reason=f"refused by the receiver without naming it (HTTP {status})",
+        )
+        for i in batch
+    )
 
 
 def test_parse_store_response_rejects_what_is_not_a_response_module() -> None:
