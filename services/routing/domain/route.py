@@ -224,10 +224,13 @@ receiver_parts = PerEntry(_receiver_parts)
 
 
 def priority_of(checked: ConsentChecked) -> Urgency:
-    """The study's urgency; an emergency send is an emergency whatever the sender marked."""
+    """The study's urgency as its sender marked it. Consent permits an urgent send on the
+    emergency basis too (flagged: it is not checked against a consent), which does not make it
+    an emergency; only a send of a study marked routine that consent let through as an
+    emergency goes as one."""
     urgency = checked.study.urgency
-    if checked.basis is Basis.EMERGENCY:
-        return max(urgency, Urgency.EMERGENCY, key=_RANK.__getitem__)
+    if checked.basis is Basis.EMERGENCY and urgency is Urgency.ROUTINE:
+        return Urgency.EMERGENCY
     return urgency
 
 

@@ -137,7 +137,9 @@ def test_disabled_endpoints_are_skipped() -> None:
         (Urgency.URGENT, Basis.PRESUMED_REFERRAL, Urgency.URGENT),
         (Urgency.EMERGENCY, Basis.PRESUMED_REFERRAL, Urgency.EMERGENCY),
         (Urgency.ROUTINE, Basis.EMERGENCY, Urgency.EMERGENCY),
-        (Urgency.URGENT, Basis.EMERGENCY, Urgency.EMERGENCY),
+        # Consent permits an urgent send on the emergency basis: still urgent, not an emergency.
+        (Urgency.URGENT, Basis.EMERGENCY, Urgency.URGENT),
+        (Urgency.EMERGENCY, Basis.EMERGENCY, Urgency.EMERGENCY),
     ],
 )
 def test_priority_follows_the_study_urgency_and_an_emergency_send(
