@@ -38,6 +38,9 @@ URGENCY_HEADER = "X-Beeldportaal-Urgency"
 COMPLETE_HEADER = "X-Beeldportaal-Study-Complete"
 # The status counted for a request whose client went away before its answer (nginx's).
 CLIENT_CLOSED_REQUEST = 499
+# Who sends: a care provider (a person) or a hospital's system (its PACS, a gateway); not a
+# patient's representative, a consent authority or an operator.
+SENDING_ROLES = frozenset({"provider", "system"})
 
 
 def build_router(ingest: Ingest) -> APIRouter:
@@ -56,7 +59,18 @@ def build_router(ingest: Ingest) -> APIRouter:
         urgency: str | None,
         complete: str | None,
     ) -> Response:
-        # 404 before a single body byte is read or stored.
+        # Refused before a single body byte is read or stored: a sender the portal does not
+        # know (the token's organisation must be in the peers file, as a DIMSE sender's AE
+        # title must), a token that is no sender's, a recipient it does not know.
+        if not ingest.peers.knows(sender.organisation_ura):
+            raise HTTPException(
+                403,
+                f"organisation {sender.organisation_ura} does not send through this portal",
+            )
+        if not sender.has_role(*SENDING_ROLES):
+            raise HTTPException(
+                403, f"sending needs a token with the role {' or '.join(sorted(SENDING_ROLES))}"
+            )
         if not ingest.peers.knows(ura):
             raise HTTPException(404, f"no organisation with URA {ura} receives through this portal")
         if sender.client_id is not None and len(sender.client_id) > MAX_SENDER_ENDPOINT:

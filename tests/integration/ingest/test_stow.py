@@ -211,6 +211,26 @@ def test_no_or_a_bad_token_is_401_and_an_unknown_recipient_is_404_before_storing
     assert list(s3_client(bucket).list_objects(bucket.bucket, recursive=True)) == []
 
 
+def test_a_sender_the_portal_does_not_know_or_a_token_of_no_sender_is_403_before_storing(
+    ingest_service: RunningIngest, bucket: S3Settings
+) -> None:
+    body = multipart([make_dicom_bytes()])
+    stranger = ingest_service.token(ura="99999998")  # validly signed, in no peers file
+    response = post(ingest_service, body, headers={"Authorization": f"Bearer {stranger}"})
+    assert response.status_code == 403
+    assert "organisation 99999998 does not send through this portal" in response.text
+    for role in ("patient-representative", "consent-authority", "operator"):
+        token = ingest_service.token(roles=(role,))
+        response = post(ingest_service, body, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 403, role
+        assert "role provider or system" in response.text
+    system = ingest_service.token(roles=("system",), client_id="pacs.oost.example.nl")
+    response = post(ingest_service, body, headers={"Authorization": f"Bearer {system}"})
+    assert response.status_code == 200, response.text
+    stored = list(s3_client(bucket).list_objects(bucket.bucket, recursive=True))
+    assert len(stored) == 1  # the system's instance only
+
+
 def test_an_instance_of_another_study_than_the_url_names_is_a_409_conflict(
     ingest_service: RunningIngest,
 ) -> None:
