@@ -698,7 +698,6 @@ class Pipeline:
         (self.work / "spool").mkdir(exist_ok=True)
         ingest_env = {
             "BEELDPORTAAL_INGEST_HTTP_PORT": str(http_port),
-            "BEELDPORTAAL_INGEST_PUBLIC_BASE_URL": self.ingest_url,
             "BEELDPORTAAL_INGEST_DIMSE_PORT": str(_free_port()),
             "BEELDPORTAAL_INGEST_PEERS_FILE": str(peers),
             "BEELDPORTAAL_INGEST_SPOOL_DIR": str(self.work / "spool"),

@@ -92,7 +92,8 @@ def specs(config: LocalConfig) -> list[ServiceSpec]:
     routing_port = api_port("routing")
     ingest_env = {
         "BEELDPORTAAL_INGEST_HTTP_PORT": str(http),
-        "BEELDPORTAAL_INGEST_PUBLIC_BASE_URL": base,
+        # STOW-RS answers name the timeline's WADO-RS as where a stored study is retrieved.
+        "BEELDPORTAAL_INGEST_RETRIEVE_BASE_URL": f"{api_base_url('timeline')}/dicomweb",
         "BEELDPORTAAL_INGEST_DIMSE_PORT": str(dimse),
         "BEELDPORTAAL_INGEST_PEERS_FILE": os.environ.get(
             "BEELDPORTAAL_INGEST_PEERS_FILE", str(DEMO_PEERS)

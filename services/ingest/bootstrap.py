@@ -39,8 +39,10 @@ class Ingest:
     _ready_cache: tuple[float, dict[str, bool]] = field(default=(0.0, {}))
 
     @property
-    def retrieve_base(self) -> str:
-        return self.settings.public_base_url.rstrip("/") + "/dicomweb"
+    def retrieve_base(self) -> str | None:
+        """WADO-RS base of the stored studies (``settings.retrieve_base_url``), if any."""
+        base = self.settings.retrieve_base_url
+        return base.rstrip("/") if base else None
 
     @asynccontextmanager
     async def lifespan(self, _app: object = None) -> AsyncIterator[None]:

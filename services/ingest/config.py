@@ -20,8 +20,11 @@ class IngestSettings(ServiceSettings):
     # STOW-RS (and /healthz, /readyz, /metrics).
     http_host: str = "127.0.0.1"
     http_port: int = 8081
-    # Base of RetrieveURLs in STOW responses: the public address of the DICOMweb API.
-    public_base_url: str = "http://127.0.0.1:8081"
+    # Where a stored study can be retrieved with WADO-RS (``{base}/studies/{uid}``), named in
+    # STOW-RS answers as RetrieveURL: the timeline's DICOMweb API (its ``/dicomweb``), which
+    # answers requesters who may see the patient's timeline. Unset, answers name no
+    # RetrieveURL: ingest itself serves no WADO-RS.
+    retrieve_base_url: str | None = None
 
     # C-STORE SCP.
     dimse_host: str = "127.0.0.1"

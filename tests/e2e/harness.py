@@ -320,7 +320,6 @@ def ingest_deployment(
     env.update(
         BEELDPORTAAL_S3_BUCKET=bucket,
         BEELDPORTAAL_INGEST_HTTP_PORT=str(http_port),
-        BEELDPORTAAL_INGEST_PUBLIC_BASE_URL=f"http://127.0.0.1:{http_port}",
         BEELDPORTAAL_INGEST_DIMSE_PORT=str(dimse_port),
         BEELDPORTAAL_INGEST_PEERS_FILE=str(peers_file),
         BEELDPORTAAL_INGEST_SPOOL_DIR=str(workdir),

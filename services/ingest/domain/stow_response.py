@@ -21,7 +21,9 @@ class InstanceResult:
     sop_class_uid: str | None
     sop_instance_uid: str | None
     study_instance_uid: str | None
-    retrieve_url: str | None  # set when stored
+    stored: bool
+    # Where it can be retrieved (WADO-RS), when stored and a retrieve base is configured.
+    retrieve_url: str | None = None
 
 
 def _ui(value: str) -> dict[str, Any]:
@@ -44,13 +46,14 @@ def response_body(results: Sequence[InstanceResult], study_url: str | None) -> d
     failed, referenced = [], []
     for result in results:
         item = _item(result)
-        if result.retrieve_url is None:
+        if not result.stored:
             item["00081197"] = {"vr": "US", "Value": [int(result.status)]}
             item[_CREATOR_TAG] = {"vr": "LO", "Value": [PRIVATE_CREATOR]}
             item[_REASON_TAG] = {"vr": "LT", "Value": [result.reason]}
             failed.append(item)
         else:
-            item["00081190"] = {"vr": "UR", "Value": [result.retrieve_url]}
+            if result.retrieve_url is not None:
+                item["00081190"] = {"vr": "UR", "Value": [result.retrieve_url]}
             if result.status != Status.SUCCESS:
                 item["00081196"] = {"vr": "US", "Value": [int(result.status)]}
             referenced.append(item)
@@ -67,7 +70,7 @@ def http_status(results: Sequence[InstanceResult]) -> int:
     None stored only because storage or the event bus was unavailable is 503: nothing is wrong
     with the request, and STOW clients (e.g. dicomweb-client) retry a 503 by themselves.
     """
-    stored = [r for r in results if r.retrieve_url is not None]
+    stored = [r for r in results if r.stored]
     if not results:
         return 400
     if len(stored) == len(results):

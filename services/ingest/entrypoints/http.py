@@ -126,7 +126,7 @@ def build_router(ingest: Ingest) -> APIRouter:
                     None,
                     None,
                     None,
-                    None,
+                    stored=False,
                 )
             )
         elif submission.completes_study:
@@ -192,7 +192,7 @@ async def _store_parts(
                     None,
                     None,
                     None,
-                    None,
+                    stored=False,
                 )
             outcome = await ingest.store.store(
                 Received(part.file, part.size, part.sha256), submission
@@ -225,7 +225,9 @@ async def _store_parts(
         if isinstance(item, BaseException):
             log.error("storing a part failed unexpectedly", error=repr(item))
             results.append(
-                InstanceResult(Status.PROCESSING_FAILURE, "internal error", None, None, None, None)
+                InstanceResult(
+                    Status.PROCESSING_FAILURE, "internal error", None, None, None, stored=False
+                )
             )
         else:
             results.append(item)
@@ -234,7 +236,7 @@ async def _store_parts(
 
 def _result(ingest: Ingest, outcome: Outcome) -> InstanceResult:
     url = None
-    if outcome.ok:
+    if outcome.ok and ingest.retrieve_base is not None:
         url = (
             f"{ingest.retrieve_base}/studies/{outcome.study_instance_uid}"
             f"/series/{outcome.stored.series_instance_uid}"  # type: ignore[union-attr]
@@ -246,22 +248,25 @@ def _result(ingest: Ingest, outcome: Outcome) -> InstanceResult:
         outcome.sop_class_uid,
         outcome.sop_instance_uid,
         outcome.study_instance_uid,
-        url,
+        stored=outcome.ok,
+        retrieve_url=url,
     )
 
 
 def _stored_per_study(results: list[InstanceResult]) -> Counter[str]:
-    return Counter(r.study_instance_uid for r in results if r.retrieve_url and r.study_instance_uid)
+    return Counter(r.study_instance_uid for r in results if r.stored and r.study_instance_uid)
 
 
 def _study_url(ingest: Ingest, results: list[InstanceResult], study_uid: str | None) -> str | None:
-    studies = {r.study_instance_uid for r in results if r.retrieve_url}
+    if ingest.retrieve_base is None:
+        return None
+    studies = {r.study_instance_uid for r in results if r.stored}
     uid = study_uid or (next(iter(studies)) if len(studies) == 1 else None)
     return f"{ingest.retrieve_base}/studies/{uid}" if uid else None
 
 
 def _warning_headers(results: list[InstanceResult]) -> dict[str, str]:
-    reasons = sorted({f"{int(r.status):04X} {r.reason}" for r in results if r.retrieve_url is None})
+    reasons = sorted({f"{int(r.status):04X} {r.reason}" for r in results if not r.stored})
     if not reasons:
         return {}
     shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")

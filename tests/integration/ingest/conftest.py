@@ -103,7 +103,7 @@ def start_ingest(
         kafka=kafka,
         s3=s3,
         http_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
+        retrieve_base_url="http://timeline.example/dicomweb",
         spool_dir=tmp_path,
         **overrides,  # type: ignore[arg-type]
     )
