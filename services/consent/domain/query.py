@@ -4,11 +4,9 @@
 study of the patient addressed to the requester (decide reads only the study's patient,
 recipient and urgency). For a TIMELINE question the requester is concrete, so the treatment
 relationship is checked here as well (design.md: explicit consent *and* a treatment
-relationship): without an active relationship the answer is a deny on
-:data:`BASIS_NO_TREATMENT_RELATIONSHIP`, whatever the consents say, which it does not tell (an
-organisation not treating the patient has no business knowing whether they objected or
-consented). A DELIVERY question reports the relationship but is decided on presumed consent
-alone, exactly as the decision worker decides a targeted send.
+relationship): an explicit-consent permit without an active relationship is answered as a deny
+on :data:`BASIS_NO_TREATMENT_RELATIONSHIP`. A DELIVERY question reports the relationship but is
+decided on presumed consent alone, exactly as the decision worker decides a targeted send.
 """
 
 from __future__ import annotations
@@ -76,7 +74,7 @@ def answer_query(
         requester_ura=requester_ura if purpose is Purpose.TIMELINE else None,
     )
     related = registry is not None and registry.has_treatment_relationship(requester_ura, today)
-    if purpose is Purpose.TIMELINE and not related:
+    if purpose is Purpose.TIMELINE and result.decision is Decision.PERMIT and not related:
         return QueryAnswer(
             Decision.DENY,
             BASIS_NO_TREATMENT_RELATIONSHIP,

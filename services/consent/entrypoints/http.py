@@ -30,7 +30,11 @@ from services.consent.domain.commands import (
 )
 from services.consent.domain.decide import DEFAULT_DATA_CATEGORY
 from services.consent.domain.mitz import InvalidNotification, NotificationKind, parse_notification
-from services.consent.domain.query import answer_query
+from services.consent.domain.query import (
+    BASIS_NO_TREATMENT_RELATIONSHIP,
+    RULE_NO_TREATMENT_RELATIONSHIP,
+    answer_query,
+)
 from shared.auth import Principal, require_role
 from shared.events.consent import Decision, Purpose
 from shared.http import BodyLimitMiddleware, CorrelationMiddleware, add_operational_routes
@@ -421,6 +425,20 @@ def build_router(api: ConsentApi) -> APIRouter:
             today=api.today(),
         )
         api.metrics.query(body.purpose.value, answer.decision.value, answer.basis)
+        if (
+            body.purpose is Purpose.TIMELINE
+            and not answer.treatment_relationship
+            and not principal.has_role(ROLE_OPERATOR)
+        ):
+            # Whether the patient objected or consented is not for an organisation that does
+            # not treat them: told that alone (the timeline's own refusals say as little).
+            return ConsentAnswer(
+                decision=Decision.DENY,
+                basis=BASIS_NO_TREATMENT_RELATIONSHIP,
+                decided_by=RULE_NO_TREATMENT_RELATIONSHIP,
+                registry_version=answer.registry_version,
+                treatment_relationship=False,
+            )
         return ConsentAnswer(
             decision=answer.decision,
             basis=answer.basis,

@@ -177,6 +177,37 @@ async def test_an_objection_renewed_after_a_permit_applies_and_a_revoked_one_is_
     assert "revoked for good" in refused.json()["issue"][0]["diagnostics"]
 
 
+@pytest.mark.parametrize("provision", ["deny", "permit"])
+async def test_an_organisation_not_treating_the_patient_is_told_only_that(
+    harness: Harness, provision: str
+) -> None:
+    """Whether the patient objected or consented is theirs: a provider without a treatment
+    relationship learns that it has none; an operator sees the whole answer."""
+    assert (await harness.mitz(make_bundle(provision=provision))).status_code == 201
+
+    answer = (await harness.query()).json()
+    assert answer == {
+        "decision": "deny",
+        "basis": "no-treatment-relationship",
+        "decided_by": "rule:no-treatment-relationship",
+        "registry_version": answer["registry_version"],
+        "treatment_relationship": False,
+    }
+    body = {"bsn": TEST_BSN, "purpose": "timeline", "requester_ura": HOSPITAL,
+            "provider_category": "RPZAC104"}  # fmt: skip
+    operator = await harness.client.post(
+        "/consent-queries", json=body, headers=harness.auth(OTHER_HOSPITAL, ("operator",))
+    )
+    if provision == "deny":
+        assert operator.json()["basis"] == "explicit-objection"
+    await harness.relate()
+    treating = (await harness.query()).json()
+    expected = (
+        ("deny", "explicit-objection") if provision == "deny" else ("permit", "explicit-consent")
+    )
+    assert (treating["decision"], treating["basis"]) == expected
+
+
 async def test_a_malformed_bundle_is_an_operation_outcome_and_publishes_nothing(
     harness: Harness,
 ) -> None:

@@ -76,21 +76,12 @@ def test_a_relationship_without_consent_is_still_a_deny_on_no_explicit_consent()
     )
 
 
-def test_an_objection_is_reported_as_such_to_a_treating_organisation() -> None:
-    answer = ask(replay(PATIENT, [permit("c1", Provision.DENY), relationship()]))
+def test_an_objection_is_reported_as_such_not_as_a_missing_relationship() -> None:
+    answer = ask(replay(PATIENT, [permit("c1", Provision.DENY)]))
     assert (answer.decision, answer.basis, answer.decided_by) == (
         Decision.DENY,
         "explicit-objection",
         "c1",
-    )
-
-
-@pytest.mark.parametrize("provision", [Provision.DENY, Provision.PERMIT])
-def test_an_organisation_not_treating_the_patient_learns_only_that(provision: Provision) -> None:
-    # Whether the patient objected or consented is theirs, not a stranger's to read.
-    answer = ask(replay(PATIENT, [permit("c1", provision)]))
-    assert answer == QueryAnswer(
-        Decision.DENY, BASIS_NO_TREATMENT_RELATIONSHIP, RULE_NO_TREATMENT_RELATIONSHIP, 1, False
     )
 
 
