@@ -831,7 +831,9 @@ def build_router(api: TimelineApi) -> APIRouter:
                 except ExpiredCursor as exc:
                     raise Refusal(410, "expired", str(exc)) from None
                 except InvalidCursor as exc:
-                    raise Refusal(400, "invalid", str(exc)) from None
+                    # Altered, or someone else's link: an attempt at another's search, on the
+                    # record (whose patient it would have been, the token does not say).
+                    raise await _refuse(api, attempt, None, 400, "invalid", str(exc)) from None
             else:
                 assert search.bsn is not None
                 query = search.query(api.pseudonymizer.pseudonym(search.bsn))

@@ -573,9 +573,15 @@ def test_the_next_link_pages_without_a_bsn_and_only_for_whoever_searched(
     assert "someone else's" in outcome_of(stolen)["diagnostics"]
     other_user = t.get(links["next"], t.auth(uzi="900000013"))
     assert other_user.status_code == 400
-    # Each page is an access of its own: two allowed searches audited (the stolen link is
-    # refused before it names any patient).
-    assert [r["outcome"] for r in t.audit_rows()] == ["allowed", "allowed"]
+    # Each page is an access of its own: two allowed searches audited; each use of the link
+    # by someone else too, denied, naming no patient (the link does not open for them).
+    rows = t.audit_rows()
+    assert [r["outcome"] for r in rows] == ["allowed", "allowed", "denied", "denied"]
+    assert [(r["organisation_ura"], r["patient_pseudonym"]) for r in rows[2:]] == [
+        (OTHER_HOSPITAL, None),
+        (HOSPITAL, None),
+    ]
+    assert all("someone else's" in r["reason"] for r in rows[2:])
 
 
 def test_filters_reach_the_reader(timeline_api: RunningTimeline) -> None:
