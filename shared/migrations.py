@@ -123,14 +123,14 @@ def project_migrations() -> list[Migration]:
     return found
 
 
-def grant(conn: psycopg.Connection, role: str, folders: list[Path] | None = None) -> None:
+def grant(conn: psycopg.Connection, role: str) -> None:
     """Give ``role`` (the services' role) the ledger to read and each component's
     ``grants.sql``; run as the owner. Idempotent."""
     with conn.transaction():
         conn.execute(
             sql.SQL("GRANT SELECT ON schema_migrations TO {}").format(sql.Identifier(role))
         )
-        for folder in folders if folders is not None else _migration_folders():
+        for folder in _migration_folders():
             grants = folder / GRANTS_FILE
             if grants.exists():
                 conn.execute(sql.SQL(grants.read_text()).format(role=sql.Identifier(role)))
