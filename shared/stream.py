@@ -620,6 +620,10 @@ class StreamWorker:
 
         asyncio.get_running_loop().call_later(seconds, resume)
 
+    async def committed(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp`` (None: none yet); for a partitions hook."""
+        return await self._require_consumer().committed(tp)  # type: ignore[no-any-return]
+
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
             raise RuntimeError(f"worker {self.name} is not started")

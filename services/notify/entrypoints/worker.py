@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import httpx
+from aiokafka import TopicPartition
 
 from services.notify.adapters.dimse import DimseSender, DimseTimeouts
 from services.notify.adapters.stow import StowSender, StowTimeouts
@@ -132,7 +133,11 @@ def build_notify_worker(
         )
 
     def deliver(group: str, sources: list[str], *, side_by_side: bool) -> StreamWorker:
-        return stream(
+        async def recall(partitions: set[TopicPartition]) -> None:
+            # What was handled there before (a restart, another member): its copies skipped.
+            await deliverer.recall(settings.kafka, worker.committed, partitions)
+
+        worker = stream(
             group,
             sources,
             handle=deliverer.handle,
@@ -140,7 +145,9 @@ def build_notify_worker(
             transactional=True,
             max_records=settings.max_records_per_batch,
             parallel_keys=side_by_side,
+            on_assigned=recall,
         )
+        return worker
 
     # Webhooks: no redirects (the signed body must not be replayed elsewhere).
     # A batch's notifications go side by side: one connection each, so a subscriber that hangs

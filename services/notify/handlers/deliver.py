@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from services.notify.adapters.dimse import DimseSender, c_store_priority
 from services.notify.adapters.stow import StowSender
@@ -66,6 +70,7 @@ from shared.events import (
 )
 from shared.events.base import utcnow
 from shared.logging import correlation_context, get_logger
+from shared.settings import KafkaSettings
 from shared.storage.port import ObjectNotFound, ObjectStore, ObjectStoreError
 from shared.stream import NotDue, Outgoing, decode_as, position
 from shared.topic_view import ViewFailed
@@ -75,6 +80,13 @@ log = get_logger(__name__)
 # How many handled queued deliveries a deliverer remembers to recognise their copies: copies are
 # published seconds apart (a publish retried), so the last 20,000 are plenty (5.4 MB measured).
 HANDLED_REMEMBERED = 20_000
+# How long reading back a new assignment's handled deliveries may take (see ``recall``).
+RECALL_SECONDS = 10.0
+# Records read back before a partition's committed offset when it is assigned (``recall``):
+# the queued deliveries handled there before, by this process or another (a restart, a
+# rebalance), so that copies of them arriving later are recognised too. Copies come seconds
+# to a minute after their first (an upstream service restarted and published again).
+RECALLED_PER_PARTITION = 500
 # At most this many SOP Instance UIDs in one log line (a whole study may be answered 0111).
 _UIDS_LOGGED = 50
 
@@ -151,8 +163,63 @@ class Deliverer:
                 attempt = await self.attempt(delivery)
             outgoing = conclude(delivery, attempt, policy=self.policy, now=utcnow())
             self._record(record.topic, delivery, attempt, outgoing)
-        self._remember(delivery, record)
+        self._remember(delivery.event_id, record)
         return outgoing
+
+    async def recall(
+        self,
+        kafka: KafkaSettings,
+        committed: Callable[[TopicPartition], Awaitable[int | None]],
+        partitions: set[TopicPartition],
+    ) -> None:
+        """Remember the queued deliveries handled in ``partitions`` before their committed
+        offsets (the last ``RECALLED_PER_PARTITION`` of each): assigned anew (a restart, a
+        rebalance), this worker then skips copies of them as it skips copies of what it
+        handled itself. Best effort: if Kafka cannot be read now, a copy after a restart
+        makes one more attempt, as before."""
+        if not partitions:
+            return
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap_list,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=kafka.max_message_bytes,
+        )
+        recalled = 0
+        try:
+            await consumer.start()
+            ends = {tp: await committed(tp) for tp in partitions}
+            todo = {tp: end for tp, end in ends.items() if end}
+            if not todo:
+                return
+            consumer.assign(list(todo))
+            starts = await consumer.beginning_offsets(list(todo))
+            for tp, end in todo.items():
+                consumer.seek(tp, max(starts[tp], end - RECALLED_PER_PARTITION))
+            async with asyncio.timeout(RECALL_SECONDS):
+                while todo:
+                    fetched = await consumer.getmany(*todo, timeout_ms=200)
+                    for tp, records in fetched.items():
+                        for record in records:
+                            if record.offset < todo.get(tp, -1):
+                                recalled += self._recall_one(record)
+                    for tp in list(todo):
+                        if await consumer.position(tp) >= todo[tp]:
+                            del todo[tp]
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("queued deliveries handled before not recalled", error=repr(exc))
+        finally:
+            await consumer.stop()
+        if recalled:
+            log.info("queued deliveries handled before recalled", count=recalled)
+
+    def _recall_one(self, record: Any) -> int:
+        try:
+            event_id = uuid.UUID(json.loads(record.value)["event_id"])
+        except (ValueError, TypeError, KeyError):
+            return 0  # not a queued delivery the worker could have handled
+        self._remember(event_id, record)
+        return 1
 
     def _is_copy(self, delivery: DeliveryQueued, record: Any) -> bool:
         """Whether the same queued delivery (its event id: the delivery's key and attempt, and
@@ -164,8 +231,8 @@ class Deliverer:
         handled in offset order from the partition's committed offset on, so the first copy's
         outcome is either committed already or in the same transaction as this record, and a
         batch handled again (or a partition taken over) handles the first copy again before
-        it reaches this one. A copy that arrives after the worker restarted is not
-        recognised: it makes one more attempt.
+        it reaches this one. What was handled before a restart or a rebalance is learnt when
+        the partition is assigned (:meth:`recall`).
         """
         first = self._handled.get(delivery.event_id)
         return (
@@ -174,10 +241,10 @@ class Deliverer:
             and first[2] < record.offset
         )
 
-    def _remember(self, delivery: DeliveryQueued, record: Any) -> None:
+    def _remember(self, event_id: uuid.UUID, record: Any) -> None:
         handled = self._handled
-        handled[delivery.event_id] = (record.topic, record.partition, record.offset)
-        handled.move_to_end(delivery.event_id)
+        handled[event_id] = (record.topic, record.partition, record.offset)
+        handled.move_to_end(event_id)
         while len(handled) > HANDLED_REMEMBERED:
             handled.popitem(last=False)
 

@@ -26,11 +26,14 @@ from typing import Any
 import pydicom
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client import CollectorRegistry
 
 from deploy.local.orthanc import OrthancConfig, OrthancPeer, free_port
 from services.notify.adapters.webhooks import EVENT_HEADER, SIGNATURE_HEADER, verify
 from services.notify.config import NotifySettings
+from services.notify.domain.delivery import ROUTINE_QUEUE
 from services.notify.entrypoints.worker import build_notify_worker
+from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.adapters.directory_view import PROVIDER_DIRECTORY, KafkaDirectoryWriter
 from services.routing.domain.directory import Provider
 from shared import topics
@@ -425,6 +428,46 @@ async def test_a_receiver_that_comes_back_gets_the_study_on_a_later_attempt(
             assert late.lookup(ref.sop_instance_uid)
     finally:
         late.stop()
+
+
+async def test_a_copy_of_a_route_after_a_restart_is_recognised_and_not_delivered_again(
+    kafka_settings: KafkaSettings,
+    s3_settings: S3Settings,
+    names: dict[str, str],
+    objects: S3ObjectStore,
+    receiver: OrthancPeer,
+    tag: str,
+) -> None:
+    """An upstream service that restarts may publish a route again (consent and routing are
+    at-least-once, with the same event ids): its queued delivery is then a copy, which a
+    notify worker started after the first was handled must recognise too (it reads back the
+    partition it is assigned), not deliver again (seen in the resilience test: 21 of 200)."""
+    await seed(kafka_settings, names[PROVIDER_DIRECTORY], receiver)
+    _, study = stored_study(objects, 2)
+    route = route_to(study, "pacs-dicomweb", DeliveryChannel.DICOMWEB)
+    config = settings(kafka_settings, s3_settings)
+    group = f"test-notify-{tag}"
+
+    async with outputs(kafka_settings, names[Delivered.topic]) as out:
+        async with running(build_notify_worker(config, group_prefix=group, rename=names)):
+            await publish(kafka_settings, names[RouteResolved.topic], [route])
+            await out.until(lambda events: len(events) >= 1)
+        # The route again, after the worker that delivered it is gone; a new one takes over.
+        await publish(kafka_settings, names[RouteResolved.topic], [route])
+        metrics = NotifyWorkerMetrics(registry=CollectorRegistry())
+        again = build_notify_worker(config, group_prefix=group, rename=names, metrics=metrics)
+        async with running(again):
+            async with asyncio.timeout(TIMEOUT):
+                while not metrics.registry.get_sample_value(
+                    "beeldportaal_events_consumed_total",
+                    {"topic": names[ROUTINE_QUEUE], "schema": "delivery.queued.v1",
+                     "outcome": "copy"},
+                ):  # fmt: skip
+                    await asyncio.sleep(0.1)
+            await out.until(lambda events: True)
+
+    [delivered] = out.of(Delivered)
+    assert delivered.outcomes.sent == 2
 
 
 def worker_process(
