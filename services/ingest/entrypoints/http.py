@@ -62,17 +62,22 @@ def build_router(ingest: Ingest) -> APIRouter:
         # Refused before a single body byte is read or stored: a sender the portal does not
         # know (the token's organisation must be in the peers file, as a DIMSE sender's AE
         # title must), a token that is no sender's, a recipient it does not know.
+        def refused(status: int, detail: str) -> HTTPException:
+            # On the record for the operator too (a sender misconfigured, or someone probing).
+            log.info("STOW-RS request refused", status=status, reason=detail,
+                     sender=sender.organisation_ura, recipient=ura)  # fmt: skip
+            return HTTPException(status, detail)
+
         if not ingest.peers.knows(sender.organisation_ura):
-            raise HTTPException(
-                403,
-                f"organisation {sender.organisation_ura} does not send through this portal",
+            raise refused(
+                403, f"organisation {sender.organisation_ura} does not send through this portal"
             )
         if not sender.has_role(*SENDING_ROLES):
-            raise HTTPException(
+            raise refused(
                 403, f"sending needs a token with the role {' or '.join(sorted(SENDING_ROLES))}"
             )
         if not ingest.peers.knows(ura):
-            raise HTTPException(404, f"no organisation with URA {ura} receives through this portal")
+            raise refused(404, f"no organisation with URA {ura} receives through this portal")
         if sender.client_id is not None and len(sender.client_id) > MAX_SENDER_ENDPOINT:
             # Recorded with every instance (instance-stored's sender_endpoint): refused before
             # any byte is stored rather than failing each instance after its write.

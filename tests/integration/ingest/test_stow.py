@@ -15,6 +15,7 @@ from typing import Any
 import pydicom
 import pytest
 import requests
+import structlog
 from dicomweb_client.api import DICOMwebClient
 from minio import Minio
 
@@ -217,9 +218,14 @@ def test_a_sender_the_portal_does_not_know_or_a_token_of_no_sender_is_403_before
 ) -> None:
     body = multipart([make_dicom_bytes()])
     stranger = ingest_service.token(ura="99999998")  # validly signed, in no peers file
-    response = post(ingest_service, body, headers={"Authorization": f"Bearer {stranger}"})
+    with structlog.testing.capture_logs() as logs:
+        response = post(ingest_service, body, headers={"Authorization": f"Bearer {stranger}"})
     assert response.status_code == 403
     assert "organisation 99999998 does not send through this portal" in response.text
+    # The operator sees it too.
+    assert {"event": "STOW-RS request refused", "status": 403, "sender": "99999998"}.items() <= (
+        next(line for line in logs if line["event"] == "STOW-RS request refused").items()
+    )
     for role in ("patient-representative", "consent-authority", "operator"):
         token = ingest_service.token(roles=(role,))
         response = post(ingest_service, body, headers={"Authorization": f"Bearer {token}"})
