@@ -216,11 +216,15 @@ class S3ObjectStore:
         if conditional:
             headers["if-none-match"] = "*"
 
+        found: ObjectInfo | None = None
+
         async def taken() -> bool:
+            nonlocal found
             try:
-                return await asyncio.to_thread(self.stat, key) is not None
+                found = await asyncio.to_thread(self.stat, key)
             except ObjectStoreError:
                 return False  # the error goes on as the PUT's own
+            return found is not None
 
         try:
             answer = await self._put_client().put(
@@ -231,18 +235,19 @@ class S3ObjectStore:
                 taken=taken if conditional else None,
             )
         except KeyTaken:
-            answer = None  # refused as taken, the refusal lost to a reset (s3_async)
-        if answer is not None and answer.status < 300:
+            # Refused as taken, the refusal lost to a reset (s3_async); ``taken`` read it.
+            assert found is not None
+            return found, False
+        if answer.status < 300:
             etag = answer.headers.get("etag", "").replace('"', "")
             return ObjectInfo(key, len(body), etag, digest, content_type, user_metadata), True
-        code, message = _error_of(answer) if answer is not None else (None, "")
-        if conditional and (answer is None or answer.status == 412 or code in _KEY_TAKEN_CODES):
+        code, message = _error_of(answer)
+        if conditional and (answer.status == 412 or code in _KEY_TAKEN_CODES):
             existing = await asyncio.to_thread(self.stat, key)
             if existing is None:
                 # Taken a moment ago, gone now (deleted, or a 409 whose writer failed).
                 raise ObjectStoreUnavailable(f"{key!r} changed during put_if_absent")
             return existing, False
-        assert answer is not None  # None only for a conditional write, answered above
         if code == "NoSuchBucket":
             raise BucketNotFound(self.bucket)
         if code is None or code in _TRANSIENT_CODES or answer.status >= 500:
