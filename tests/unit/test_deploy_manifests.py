@@ -33,7 +33,7 @@ from services.notify.domain.delivery import ROUTINE_QUEUE, URGENT_QUEUE
 from services.notify.domain.retry import RetryPolicy, tier_topic_name
 from services.routing.config import RoutingSettings
 from services.timeline.config import TimelineSettings
-from services.timeline.entrypoints.projection import TOPICS as PROJECTED_TOPICS
+from services.timeline.entrypoints.projection import PROCESS_TOPICS as PROJECTED_TOPICS
 from shared import kafka as shared_kafka
 from shared.events import (
     ConsentChecked,

@@ -13,32 +13,35 @@ adapter only ever inserts and selects.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import psycopg
 from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from shared.audit import AuditPublisher, AuditUnavailable
 from shared.errors import TransientError
-from shared.events import AccessLogged, AuditAction, AuditOutcome, Event
+from shared.events import AccessLogged, AuditAction, AuditOutcome
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 PRODUCER: Final = "timeline-api"
-# AccessLogged needs a correlation id and a producer, which the table does not keep: a record
-# read back carries its event id as correlation id and this producer.
+# AccessLogged needs a correlation id, which the table does not keep: a record read back
+# carries its event id as correlation id. A record from before the table kept the producer
+# (migration 0004) was the timeline's own.
 READ_BACK_PRODUCER: Final = "timeline"
 
 _COLUMNS: Final = (
     "event_id, occurred_at, event_type, action, outcome, patient_pseudonym, user_uzi, "
     "user_role, on_behalf_of_uzi, organisation_ura, access_point, authorisation_basis, "
-    "consent_profile, emergency, reason, study_instance_uids, purpose_of_use"
+    "consent_profile, emergency, reason, study_instance_uids, purpose_of_use, producer"
 )
 _INSERT: Final = (
     f"INSERT INTO access_log ({_COLUMNS}) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
 # count(*) OVER (): every match in the period, counted before the LIMIT cuts the page.
@@ -48,20 +51,6 @@ _SEARCH: Final = (
     "AND occurred_at <= coalesce(%s::timestamptz, 'infinity') "
     "ORDER BY occurred_at DESC, event_id LIMIT %s"
 )
-
-
-class AuditUnavailable(RuntimeError):
-    """The record is not (known to be) in both Kafka and PostgreSQL: answer 503, reveal nothing."""
-
-
-class AuditPublisher(Protocol):
-    """Port: KafkaEventPublisher's enqueue-then-acknowledge send."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def send(self, event: Event, topic: str | None = None) -> asyncio.Future[Any]: ...
 
 
 class PostgresAuditTrail:
@@ -141,28 +130,8 @@ class PostgresAuditTrail:
             raise TransientError(f"Kafka did not acknowledge the audit record: {exc}") from exc
 
     async def _insert(self, event: AccessLogged) -> None:
-        row = (
-            event.event_id,
-            event.occurred_at,
-            event.event_type,
-            event.action.value,
-            event.outcome.value,
-            event.patient,
-            event.user_uzi,
-            event.user_role,
-            event.on_behalf_of_uzi,
-            event.organisation_ura,
-            event.access_point,
-            event.authorisation_basis,
-            event.consent_profile,
-            event.emergency,
-            event.reason,
-            list(event.study_instance_uids),
-            event.purpose_of_use,
-        )
-
         async with self._pool.connection() as conn:
-            await conn.execute(_INSERT, row)
+            await conn.execute(_INSERT, _row(event))
 
     async def search(
         self, patient: str, since: datetime | None, until: datetime | None, limit: int
@@ -183,17 +152,85 @@ class PostgresAuditTrail:
         return bool(row and row[0])
 
 
+class AccessLogArchive:
+    """Loads records from ``access-logged`` into ``access_log``: those of the other services
+    that disclose patient data (notify's portal pickup), and the timeline's own, already there.
+
+    A batch is inserted in one transaction, ``ON CONFLICT (event_id) DO NOTHING``: a record
+    loaded twice, or written by the API before, is kept once, and a record is never changed.
+    """
+
+    def __init__(self, conninfo: str, *, name: str = "timeline-access-archive") -> None:
+        self._pool = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=1,
+            open=False,
+            name=name,
+            check=AsyncConnectionPool.check_connection,
+        )
+
+    def __repr__(self) -> str:
+        return "AccessLogArchive()"  # never the DSN: it may hold a password
+
+    async def start(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def stop(self) -> None:
+        await self._pool.close()
+
+    async def add(self, events: Sequence[AccessLogged]) -> int:
+        """Insert ``events``; returns how many were new. Raises TransientError when PostgreSQL
+        is away: the caller inserts the same batch again."""
+        if not events:
+            return 0
+        try:
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cursor,
+            ):
+                # rowcount: the rows inserted over the whole executemany (psycopg >= 3.1).
+                await cursor.executemany(_INSERT, [_row(e) for e in events])
+                return max(cursor.rowcount, 0)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise TransientError(f"PostgreSQL did not take the access records: {exc}") from exc
+
+
+def _row(event: AccessLogged) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        event.occurred_at,
+        event.event_type,
+        event.action.value,
+        event.outcome.value,
+        event.patient,
+        event.user_uzi,
+        event.user_role,
+        event.on_behalf_of_uzi,
+        event.organisation_ura,
+        event.access_point,
+        event.authorisation_basis,
+        event.consent_profile,
+        event.emergency,
+        event.reason,
+        list(event.study_instance_uids),
+        event.purpose_of_use,
+        event.producer,
+    )
+
+
 def _from_row(row: tuple[Any, ...]) -> AccessLogged:
     (
         event_id, occurred_at, event_type, action, outcome, patient, user_uzi, user_role,
         on_behalf_of_uzi, organisation_ura, access_point, basis, profile, emergency, reason,
-        uids, purpose,
+        uids, purpose, producer,
     ) = row  # fmt: skip
     return AccessLogged(
         event_id=event_id,
         occurred_at=occurred_at,
         correlation_id=str(event_id),
-        producer=READ_BACK_PRODUCER,
+        producer=producer or READ_BACK_PRODUCER,
         event_type=event_type,
         action=AuditAction(action),
         outcome=AuditOutcome(outcome),

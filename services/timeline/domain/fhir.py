@@ -735,7 +735,11 @@ def audit_event(event: AccessLogged) -> dict[str, Any]:
         # 0 success; 4 minor failure: the request was refused.
         "outcome": "4" if event.outcome is AuditOutcome.DENIED else "0",
         "agent": agents,
-        "source": {"site": event.access_point, "observer": {"display": "beeldportaal timeline"}},
+        # The service that recorded it: timeline (its API), notify (portal pickup), ...
+        "source": {
+            "site": event.access_point,
+            "observer": {"display": f"beeldportaal {event.producer.split('-', 1)[0]}"},
+        },
     }
     if event.purpose_of_use:  # as the token stated it; a record from before v2 has none
         resource["purposeOfEvent"] = [

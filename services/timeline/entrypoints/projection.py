@@ -25,12 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.timeline.adapters.audit import AccessLogArchive
 from services.timeline.adapters.store import PostgresTimeline, ProjectionBatch
 from services.timeline.config import TimelineSettings
+from services.timeline.entrypoints.access_archive import build_access_archive
 from shared import migrations, runtime
 from shared.codec import Codec, header
 from shared.events import (
     PURPOSE_HEADER,
+    AccessLogged,
     ConsentChecked,
     ConsentRevoked,
     Delivered,
@@ -51,6 +54,9 @@ DELIVERY = Purpose.DELIVERY.value.encode()
 # The topics the projection reads, as declared (``rename`` maps them to test copies).
 TOPICS = (StudyReceived.topic, ConsentChecked.topic, ConsentRevoked.topic, Delivered.topic)
 PROJECTED = (StudyReceived, ConsentChecked, ConsentRevoked, Delivered)
+# What the `timeline project` process reads: the projection's topics and the access-log
+# archive's (access_archive.py).
+PROCESS_TOPICS = (*TOPICS, AccessLogged.topic)
 
 
 class ProjectionMetrics(ServiceMetrics):
@@ -161,13 +167,20 @@ def build_projection(
 
 
 def main(settings: TimelineSettings) -> None:
-    """Apply the migrations, then project until SIGTERM (``beeldportaal timeline project``)."""
+    """Apply the migrations, then project (and archive the access log) until SIGTERM
+    (``beeldportaal timeline project``)."""
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     applied = migrations.migrate(settings.postgres.conninfo)
     if applied:
         log.info("migrations applied", migrations=applied)
     metrics = ProjectionMetrics()
-    worker = build_projection(settings, metrics=metrics)
+    projection = build_projection(settings, metrics=metrics)
+    # The access-log archive runs beside it: access-logged into access_log (access_archive.py).
+    archive = AccessLogArchive(settings.postgres.conninfo)
+    worker = Worker(
+        (*projection.streams, build_access_archive(settings, archive, metrics)),
+        views=(*projection.views, archive),
+    )
     runtime.run(
         run_worker(
             worker,

@@ -341,6 +341,29 @@ def test_the_access_log_is_a_bundle_of_audit_events_without_the_patient() -> Non
     assert PATIENT not in json.dumps(bundle)
 
 
+def test_an_audit_event_names_the_service_that_recorded_it() -> None:
+    search = make_access_logged(patient=PATIENT, producer="timeline-api")
+    pickup = make_access_logged(
+        patient=PATIENT,
+        producer="notify-api",
+        event_type="portal-pickup",
+        action=AuditAction.READ,
+        access_point="GET /pickup/{token} from 127.0.0.1",
+    )
+
+    bundle = audit_bundle([pickup, search], now=NOW)
+
+    events = [e["resource"] for e in bundle["entry"]]
+    for event in events:
+        AuditEvent.model_validate(event)
+    assert [e["source"]["observer"]["display"] for e in events] == [
+        "beeldportaal notify",
+        "beeldportaal timeline",
+    ]
+    assert events[0]["subtype"][0]["code"] == "portal-pickup"
+    assert events[0]["action"] == "R"
+
+
 # --- search parameters ----------------------------------------------------------------------------
 
 

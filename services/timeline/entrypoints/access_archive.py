@@ -1,0 +1,92 @@
+"""The access-log archive: ``access-logged`` in, PostgreSQL ``access_log`` out.
+
+Services other than the timeline also disclose patient data (notify's portal pickup streams a
+whole study as a zip) and record each attempt on ``access-logged`` (``shared/audit.py``). The
+patient's access-log search reads ``access_log``, so the timeline loads the topic into it:
+
+- one :class:`~shared.stream.StreamWorker` (consumer group ``timeline-access-archive``), run
+  next to the projection in ``beeldportaal timeline project``;
+- a fetched batch is inserted in one transaction, ``ON CONFLICT (event_id) DO NOTHING``, and
+  its offsets committed only after that: a crash replays the batch, which changes nothing, and
+  the records the timeline's API wrote itself (to both) are kept once;
+- it has its own group, so ``beeldportaal timeline rebuild`` neither waits for nor moves it,
+  and it never truncates: ``access_log`` is append-only evidence. Loading the topic from the
+  start into an empty database gives back every record the topic still holds (six years).
+
+Errors as in the projection: a record that is not an ``AccessLogged`` is poison, logged and
+skipped; PostgreSQL away is transient (the batch is inserted again with backoff); anything
+else is fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.timeline.adapters.audit import AccessLogArchive
+from services.timeline.config import TimelineSettings
+from shared.codec import Codec
+from shared.events import AccessLogged
+from shared.metrics import ServiceMetrics, safe_label
+from shared.stream import Outgoing, StreamWorker, decode_as
+
+GROUP = "timeline-access-archive"
+
+
+@dataclass
+class Archiver:
+    """Collect a batch's records (``prepare``, ``handle``) and insert them at once (``tick``)."""
+
+    archive: AccessLogArchive
+    metrics: ServiceMetrics
+    codec: Codec = field(default_factory=Codec)
+    _events: list[AccessLogged] = field(default_factory=list)
+    _topics: list[str] = field(default_factory=list)
+
+    async def prepare(self) -> None:
+        self._events, self._topics = [], []
+
+    async def handle(self, record: Any) -> Sequence[Outgoing]:
+        # Anything else on the topic raises PoisonEvent: the worker logs and skips it.
+        self._events.append(decode_as(self.codec, record, AccessLogged))
+        self._topics.append(record.topic)
+        return ()
+
+    async def tick(self) -> Sequence[Outgoing]:
+        if not self._events:
+            return ()
+        new = await self.archive.add(self._events)
+        # Counted once the transaction committed: a retried batch is not counted twice.
+        topic = safe_label(self._topics[0])
+        schema = safe_label(AccessLogged.schema_name)
+        consumed = self.metrics.events_consumed
+        consumed.labels(topic, schema, "archived").inc(new)
+        consumed.labels(topic, schema, "already-kept").inc(len(self._events) - new)
+        await self.prepare()
+        return ()
+
+
+def build_access_archive(
+    settings: TimelineSettings,
+    archive: AccessLogArchive,
+    metrics: ServiceMetrics,
+    *,
+    group: str = GROUP,
+    topic: str = AccessLogged.topic,
+) -> StreamWorker:
+    """The archive's stream (consumer group ``beeldportaal-<group>``) reading ``topic``; the
+    caller opens and closes ``archive`` (a view of the :class:`~shared.stream.Worker`)."""
+    archiver = Archiver(archive=archive, metrics=metrics)
+    return StreamWorker(
+        settings.kafka,
+        name=group,
+        group=group,
+        topics=[topic],
+        prepare=archiver.prepare,
+        handle=archiver.handle,
+        tick=archiver.tick,
+        tick_interval_ms=60_000,
+        metrics=metrics,
+        max_records=settings.projection_batch,
+    )
