@@ -266,8 +266,12 @@ TOPIC_FLOW: dict[str, tuple[str, str]] = {
         "routing serve / `routing seed`",
         "routing, consent decide, notify, timeline serve (whole-topic views)",
     ),
-    # The access-log search reads the append-only access_log table, written with the event.
-    "access-logged": ("timeline serve", "NEN 7513 audit archive / SIEM subscribers"),
+    # The access-log search reads the append-only access_log table: the timeline API writes
+    # its own records there with the event, the archive in `timeline project` loads the rest.
+    "access-logged": (
+        "timeline serve, notify serve (portal pickup)",
+        "timeline project (access-log archive), SIEM subscribers",
+    ),
 }
 
 

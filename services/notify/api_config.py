@@ -37,6 +37,9 @@ class NotifyApiSettings(ServiceSettings):
     view_sync_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long a re-drive may take (the Kafka transaction and the view applying it).
     redrive_timeout_seconds: float = Field(default=30.0, gt=0)
+    # How long a pickup waits for Kafka to acknowledge its NEN 7513 record (access-logged)
+    # before refusing with 503: no download starts unaudited.
+    audit_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("pickup_key")
     @classmethod

@@ -1,14 +1,16 @@
-"""Wires the notify API from its settings: the journey view, the dead letters, S3, auth, metrics.
+"""Wires the notify API from its settings: the journey view, the dead letters, the audit log,
+S3, auth, metrics.
 
-No client connects here: the views (and the re-drive producer) start in the app's lifespan and
-read their topics' history in the background; /readyz says when they hold it.
+No client connects here: the audit producer, the views (and the re-drive producer) start in the
+app's lifespan and the views read their topics' history in the background; /readyz says when
+they hold it.
 """
 
 from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,7 +29,10 @@ from services.notify.adapters.journey_view import (
 )
 from services.notify.api_config import NotifyApiSettings
 from services.notify.metrics import NotifyApiMetrics
+from shared.audit import KafkaAccessLog
 from shared.auth import AuthSettings, TokenVerifier, bearer_principal
+from shared.events import AccessLogged
+from shared.kafka import KafkaEventPublisher
 from shared.storage.port import ObjectStore
 from shared.storage.s3 import S3ObjectStore
 
@@ -78,6 +83,16 @@ class DeadLetterQueue(_View, Protocol):
     async def redrive_all(self, timeout: float = ...) -> builtins.list[Redriven]: ...
 
 
+class AccessAudit(Protocol):
+    """Port: NEN 7513 records, each kept before anything is disclosed (KafkaAccessLog)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def record(self, event: AccessLogged) -> None: ...
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -93,19 +108,17 @@ class NotifyApi:
     metrics: NotifyApiMetrics
     principal_dependency: Callable[..., Any]
     pickup_keys: tuple[bytes, ...]
+    audit: AccessAudit
     clock: Callable[[], datetime] = utcnow
 
     @asynccontextmanager
     async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
-        await self.dead_letters.start()
-        try:
-            await self.journey.start()
-            try:
-                yield
-            finally:
-                await self.journey.stop()
-        finally:
-            await self.dead_letters.stop()
+        # The audit producer first and last: no download may start that could not be audited.
+        async with AsyncExitStack() as stack:
+            for part in (self.audit, self.dead_letters, self.journey):
+                await part.start()
+                stack.push_async_callback(part.stop)
+            yield
 
     def readiness(self) -> dict[str, bool]:
         """Ready once both views hold their topics' history and neither stopped on a record."""
@@ -125,11 +138,13 @@ def build(
     journey: JourneyReader | None = None,
     dead_letters: DeadLetterQueue | None = None,
     objects: ObjectStore | None = None,
+    audit: AccessAudit | None = None,
+    audit_topic: str = AccessLogged.topic,
     metrics: NotifyApiMetrics | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> NotifyApi:
     """``*_topics`` rename the topics (integration tests); ``journey``/``dead_letters``/
-    ``objects`` replace the adapters."""
+    ``objects``/``audit`` replace the adapters."""
     if verifier is None:
         verifier = (auth or AuthSettings()).build_verifier()  # type: ignore[call-arg]
     metrics = metrics or NotifyApiMetrics()
@@ -149,5 +164,12 @@ def build(
         metrics=metrics,
         principal_dependency=principal,
         pickup_keys=settings.pickup_keys,
+        # No linger: each record waits for its own acknowledgement before the download starts.
+        audit=audit
+        or KafkaAccessLog(
+            KafkaEventPublisher(settings.kafka, settings.service_name, linger_ms=0),
+            topic=audit_topic,
+            timeout=settings.audit_timeout_seconds,
+        ),
         clock=clock or utcnow,
     )

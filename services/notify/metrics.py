@@ -16,6 +16,7 @@ from shared.metrics import ServiceMetrics, initialise, safe_label
 
 PICKUP_OUTCOMES = (
     "ok", "malformed", "tampered", "expired", "forbidden", "not-found", "unavailable", "aborted",
+    "unaudited",
 )  # fmt: skip
 
 
@@ -47,7 +48,8 @@ class NotifyApiMetrics(ServiceMetrics):
         self.pickups = self.counter(
             "notify_pickup_downloads",
             "Pickup downloads by outcome (ok, malformed, tampered, expired, forbidden, "
-            "not-found, unavailable, aborted).",
+            "not-found, unavailable, aborted; unaudited: refused with 503 because Kafka did "
+            "not take its NEN 7513 record).",
             ["outcome"],
         )
         self.pickup_bytes = self.counter(

@@ -3,9 +3,10 @@ on a private platform, and treating providers find them in the timeline.
 
 Everything on the path is the real thing: `beeldportaal platform up` (Kafka, S3, PostgreSQL on
 free ports), the directory seeded by `beeldportaal routing seed`, and the processes `make up` runs
-(ingest, its assembler, the consent API and decision worker, the timeline projection and API).
-Consent and the treatment relationship arrive through the consent API as Mitz and the hospital
-would send them. The assertions are on what a provider, a viewer and the patient see.
+(ingest, its assembler, the consent API and decision worker, the routing worker, the notify API
+for the portal pickup, the timeline projection and API). Consent and the treatment relationship
+arrive through the consent API as Mitz and the hospital would send them. The assertions are on
+what a provider, a viewer and the patient see.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import contextlib
 import io
 import json
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +31,7 @@ from pydicom.uid import BasicTextSRStorage, generate_uid
 
 from deploy.local.config import LocalConfig
 from deploy.local.services import specs
+from services.notify.domain.pickup import sign_pickup
 from services.timeline.domain.fhir import accession_identifier
 from shared.auth import ensure_dev_keypair, mint_token
 from shared.identifiers import BSN_SYSTEM, URA_SYSTEM
@@ -46,12 +50,15 @@ PORTAL = "00000002"  # the patient portal, acting for the patient
 MITZ = "00000001"
 UZI = "900000001"
 BOUNDARY = "journey-boundary"
-# The processes of `make up` the timeline needs (routing and delivery are not on its path).
+# The processes of `make up` the timeline needs, and those of the portal pickup (routing to
+# the recipient's pickup endpoint, the notify API serving the download).
 PROCESSES = (
     "ingest",
     "ingest-assembly",
     "consent",
     "consent-decisions",
+    "routing-worker",
+    "notify",
     "timeline-projection",
     "timeline",
 )
@@ -138,6 +145,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "ingest": f"http://127.0.0.1:{ports['BEELDPORTAAL_INGEST_HTTP_PORT']}",
             "consent": f"http://127.0.0.1:{ports['BEELDPORTAAL_CONSENT_HTTP_PORT']}",
             "timeline": f"http://127.0.0.1:{ports['BEELDPORTAAL_TIMELINE_HTTP_PORT']}",
+            "notify": f"http://127.0.0.1:{ports['BEELDPORTAAL_NOTIFY_HTTP_PORT']}",
         }
         yield Stack(env, key, urls, processes)
 
@@ -321,16 +329,55 @@ def test_a_study_reaches_the_timeline_of_treating_providers_only_and_leaves_it_o
     )
     assert gone.status_code in (403, 404), gone.text
 
-    # The patient (through the portal) sees every access: allowed, refused, by whom.
-    log = requests.post(
-        f"{stack.urls['timeline']}/access-log/_search",
-        json={"bsn": TEST_BSN},
-        headers=stack.auth(PORTAL, ("patient-representative",), uzi=UZI),
-        timeout=30,
+    # West also downloads Oost's study from the portal (delivery rests on the presumed
+    # referral, not on the timeline consent), with a link signed as notify signs the one in
+    # West's webhook; Noord, handed the same link, is refused.
+    link = sign_pickup(
+        study,
+        1,
+        TREATING,
+        SENDER,
+        datetime.now(UTC) + timedelta(hours=1),
+        stack.env["BEELDPORTAAL_NOTIFY_PICKUP_KEY"].encode(),
     )
-    assert log.status_code == 200, log.text
-    Bundle.model_validate(log.json())
-    events = [e["resource"] for e in log.json().get("entry", [])]
+    pickup_url = f"{stack.urls['notify']}/pickup/{link}"
+
+    def downloaded() -> requests.Response | None:
+        response = requests.get(pickup_url, headers=stack.reader(TREATING), timeout=60)
+        return response if response.status_code == 200 else None  # 404 until routed
+
+    download = eventually(downloaded, "the study downloadable from the portal", stack)
+    archive = zipfile.ZipFile(io.BytesIO(download.content))
+    assert sorted(archive.read(name) for name in archive.namelist()) == sorted(parts)
+    stranger = requests.get(pickup_url, headers=stack.reader(STRANGER), timeout=30)
+    assert stranger.status_code == 403, stranger.text
+
+    # The patient (through the portal) sees every access: allowed, refused, by whom; the
+    # pickups too, once the timeline's archive has loaded notify's records.
+    def access_log_with_the_pickups() -> list[dict[str, Any]] | None:
+        log = requests.post(
+            f"{stack.urls['timeline']}/access-log/_search",
+            json={"bsn": TEST_BSN},
+            headers=stack.auth(PORTAL, ("patient-representative",), uzi=UZI),
+            timeout=30,
+        )
+        assert log.status_code == 200, log.text
+        Bundle.model_validate(log.json())
+        found = [e["resource"] for e in log.json().get("entry", [])]
+        pickups = {
+            (_organisation(e), e.get("outcome"))
+            for e in found
+            if any(s["code"] == "portal-pickup" for s in e.get("subtype", []))
+        }
+        return found if {(TREATING, "0"), (STRANGER, "4")} <= pickups else None
+
+    events = eventually(access_log_with_the_pickups, "the pickups in the access log", stack)
+    observers = {
+        e["source"]["observer"]["display"]
+        for e in events
+        if any(s["code"] == "portal-pickup" for s in e.get("subtype", []))
+    }
+    assert observers == {"beeldportaal notify"}
     text = json.dumps(events)
     assert TEST_BSN not in text
     outcomes = {

@@ -12,9 +12,10 @@ in-memory projection of those topics, with what that honestly implies:
   what was delivered, but a route that never delivered is simply no longer known, and neither
   is the pickup manifest of a study routed to a pickup endpoint (its links expire long before).
 - **Memory.** Every study ever received is held, so memory grows with the history. Only what
-  the status needs is kept (no snapshot, no series, no patient reference: not even the
-  pseudonym), repeated short strings are interned, and the instance manifest is kept only for
-  versions routed to a pickup endpoint (the pickup download needs it). Roughly a few hundred
+  the status needs is kept (no snapshot, no series, no patient reference), repeated short
+  strings are interned, and the instance manifest and the patient's pseudonym are kept only
+  for versions routed to a pickup endpoint (the pickup download needs the one, its NEN 7513
+  record the other). Roughly a few hundred
   bytes per study version: a projection for millions of versions belongs in PostgreSQL.
 - **Order.** The six topics are read side by side, so one study's events may be applied in any
   order across topics (a delivery before its route). Each fact is kept where it belongs and
@@ -94,10 +95,14 @@ class PickupInstance(NamedTuple):
 
 
 class Pickup(NamedTuple):
-    """A pickup zip: its instances, and when the version's last instance was received."""
+    """A pickup zip: its instances, when the version's last instance was received, and what
+    the download's audit record names: the patient's pseudonym (None when the sender's BSN was
+    not verified) and the basis of the delivery's consent decision, when known."""
 
     instances: tuple[PickupInstance, ...]
     last_received_at: datetime | None
+    patient: str | None = None
+    consent_basis: Basis | None = None
 
 
 @dataclass(slots=True)
@@ -171,8 +176,10 @@ class VersionJourney:
     consent: ConsentState | None = None
     route_failure: RouteFailure | None = None
     endpoints: dict[tuple[str, str], EndpointJourney] = field(default_factory=dict)
-    # Only for versions routed to a pickup endpoint: the zip's contents, by SOP Instance UID.
+    # Only for versions routed to a pickup endpoint: the zip's contents, by SOP Instance UID,
+    # and the patient's pseudonym for the download's audit record.
     pickup: dict[str, PickupInstance] | None = None
+    patient: str | None = None
 
     @property
     def state(self) -> State:
@@ -335,7 +342,13 @@ class JourneyFold:
         found = study.pickup(version, recipient_ura, sender_ura) if study is not None else None
         if found is None or found.pickup is None:
             return None
-        return Pickup(tuple(found.pickup.values()), found.last_received_at)
+        consent = found.consent
+        return Pickup(
+            tuple(found.pickup.values()),
+            found.last_received_at,
+            found.patient,
+            consent.basis if consent is not None else None,
+        )
 
     def apply_record(self, record: Any) -> None:
         self.apply(self._codec.decode_record(record))
@@ -453,6 +466,7 @@ class JourneyFold:
             excluded = set(event.excluded_sop_classes)
             if journey.pickup is None:
                 journey.pickup = {}
+            journey.patient = event.study.patient.pseudonym
             manifest = journey.pickup
             for ref in event.study.instances:
                 if ref.sop_class_uid not in excluded:

@@ -62,14 +62,6 @@ class TamperedPickupToken(PickupTokenError):
     """Well-formed, but no key of ours signed it: altered, forged, or signed with a retired key."""
 
 
-class ExpiredPickupToken(PickupTokenError):
-    """Genuine but past its expiry; the portal can offer to send a fresh link."""
-
-    def __init__(self, expired_at: datetime) -> None:
-        super().__init__(f"the pickup link expired at {expired_at.isoformat()}")
-        self.expired_at = expired_at
-
-
 @dataclass(frozen=True, slots=True)
 class PickupGrant:
     """What a genuine, unexpired token refers to."""
@@ -80,6 +72,19 @@ class PickupGrant:
     expires_at: datetime
     # None for a link signed before links named the sender (v1).
     sender_ura: str | None = None
+
+
+class ExpiredPickupToken(PickupTokenError):
+    """Genuine but past its expiry; the portal can offer to send a fresh link. ``grant`` is
+    what the link granted (genuine, so the refusal's audit record may name the study)."""
+
+    def __init__(self, grant: PickupGrant) -> None:
+        super().__init__(f"the pickup link expired at {grant.expires_at.isoformat()}")
+        self.grant = grant
+
+    @property
+    def expired_at(self) -> datetime:
+        return self.grant.expires_at
 
 
 def _b64encode(data: bytes) -> str:
@@ -176,7 +181,7 @@ def verify_pickup(token: str, key: bytes | Sequence[bytes], now: datetime) -> Pi
 
     grant = _parse(payload)
     if _aware(now, "now") >= grant.expires_at:
-        raise ExpiredPickupToken(grant.expires_at)
+        raise ExpiredPickupToken(grant)
     return grant
 
 

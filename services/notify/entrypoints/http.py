@@ -7,7 +7,9 @@
 - ``GET /dead-letters``, ``POST /dead-letters/{key}/redrive``, ``POST /dead-letters/redrive``
   (operator): deliveries notify gave up on, and putting them back on their queue.
 - ``GET /pickup/{token}`` (provider of the link's recipient): the study version as a zip,
-  streamed from S3, for providers without a PACS integration.
+  streamed from S3, for providers without a PACS integration. Every attempt, the download and
+  each refusal, is a NEN 7513 record on ``access-logged`` that Kafka acknowledged before the
+  answer (:class:`PickupAudit`); the timeline loads it into the patient's access log.
 
 No answer holds patient data: no BSN, no pseudonym, no name; only UIDs, URAs, endpoint ids and
 what happened. Errors are problem documents (RFC 9457) that never quote the request.
@@ -16,6 +18,7 @@ what happened. Errors are problem documents (RFC 9457) that never quote the requ
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -28,6 +31,7 @@ from pydantic import BaseModel
 from services.notify.adapters.dead_letters import KEY_PATTERN, DeadLetter, Redriven
 from services.notify.adapters.journey_view import (
     EndpointJourney,
+    Pickup,
     PickupInstance,
     State,
     VersionJourney,
@@ -37,15 +41,26 @@ from services.notify.domain.pickup import (
     MAX_TOKEN_CHARS,
     ExpiredPickupToken,
     MalformedPickupToken,
+    PickupGrant,
     TamperedPickupToken,
     ZipMember,
     dicom_entry_name,
     verify_pickup,
     zip_entries,
 )
+from shared.audit import AuditUnavailable
 from shared.auth import Principal, require_role
 from shared.errors import TransientError
-from shared.events import Basis, Decision, DeliveryChannel, InstanceOutcomes, Urgency
+from shared.events import (
+    AccessLogged,
+    AuditAction,
+    AuditOutcome,
+    Basis,
+    Decision,
+    DeliveryChannel,
+    InstanceOutcomes,
+    Urgency,
+)
 from shared.http import CorrelationMiddleware, add_operational_routes
 from shared.logging import get_logger, scrub_bsns
 from shared.storage.port import ObjectStoreError, read_verified
@@ -60,6 +75,10 @@ ZIP = "application/zip"
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
 _READ_CHUNK = 1024 * 1024
 _NOT_TAKEN = "Kafka did not take the re-drive; nothing changed, try again"
+PICKUP_ROUTE = "/pickup/{token}"
+# The NEN 7513 event type of a pickup attempt, and what an allowed download rests on.
+PICKUP_EVENT = "portal-pickup"
+PICKUP_BASIS = "pickup link for the recipient of a routed delivery"
 
 
 # --- answers --------------------------------------------------------------------------------------
@@ -372,6 +391,88 @@ def _pickup_stream(
     api.metrics.pickup("ok")
 
 
+# --- pickup audit ---------------------------------------------------------------------------------
+
+
+class PickupAudit:
+    """The NEN 7513 record of one pickup attempt, kept (Kafka acknowledged it) before the answer.
+
+    Every attempt by an authenticated caller is recorded: the download (allowed) and each
+    refusal (denied), naming the study whenever the link is genuine and the patient's
+    pseudonym whenever the journey view knows it, so the patient's access-log search shows who
+    tried. A record Kafka does not take refuses the request with 503: nothing is disclosed.
+    """
+
+    def __init__(self, api: NotifyApi, request: Request, principal: Principal) -> None:
+        self._api = api
+        self._principal = principal
+        client = request.client.host if request.client else "unknown"
+        # The route's template, never the path: the token stays out of the audit trail.
+        self._access_point = f"GET {PICKUP_ROUTE} from {client}"[:256]
+        self._correlation_id = (getattr(request.state, "correlation_id", None) or uuid.uuid4().hex)[
+            :128
+        ]
+
+    async def allowed(self, grant: PickupGrant, found: Pickup) -> None:
+        # Counted "ok" (or "aborted") when the stream ends.
+        await self._record(AuditOutcome.ALLOWED, grant, found, None)
+
+    async def denied(
+        self, outcome: str, grant: PickupGrant | None, reason: str, found: Pickup | None = None
+    ) -> None:
+        if found is None and grant is not None:
+            found = await self._known(grant)
+        await self._record(AuditOutcome.DENIED, grant, found, reason)
+        self._api.metrics.pickup(outcome)
+
+    async def _known(self, grant: PickupGrant) -> Pickup | None:
+        # A refusal names the patient when the view can tell, as the download would: what it
+        # holds, else what it holds once it has read what was published before now.
+        journey = self._api.journey
+        if journey.failed or not journey.is_caught_up:
+            return None
+        key = (grant.study_instance_uid, grant.study_version, grant.recipient_ura)
+        found = journey.pickup(*key, grant.sender_ura)
+        if found is None and await _synced(journey, self._api.settings.view_sync_timeout_seconds):
+            found = journey.pickup(*key, grant.sender_ura)
+        return found
+
+    async def _record(
+        self,
+        outcome: AuditOutcome,
+        grant: PickupGrant | None,
+        found: Pickup | None,
+        reason: str | None,
+    ) -> None:
+        principal = self._principal
+        basis = found.consent_basis if found is not None else None
+        event = AccessLogged(
+            correlation_id=self._correlation_id,
+            producer=self._api.settings.service_name,
+            event_type=PICKUP_EVENT,
+            action=AuditAction.READ,
+            outcome=outcome,
+            patient=found.patient if found is not None else None,
+            user_uzi=principal.user_uzi,
+            user_role=principal.role[:32],
+            on_behalf_of_uzi=principal.on_behalf_of_uzi,
+            organisation_ura=principal.organisation_ura,
+            access_point=self._access_point,
+            authorisation_basis=PICKUP_BASIS if outcome is AuditOutcome.ALLOWED else None,
+            consent_profile=f"delivery: {basis.value}" if basis is not None else None,
+            reason=reason,
+            study_instance_uids=(grant.study_instance_uid,) if grant is not None else (),
+            purpose_of_use=principal.purpose_of_use[:32] if principal.purpose_of_use else None,
+        )
+        try:
+            await self._api.audit.record(event)
+        except AuditUnavailable:
+            self._api.metrics.pickup("unaudited")
+            raise Problem(
+                503, "Unavailable", "the pickup could not be audited; nothing was disclosed"
+            ) from None
+
+
 # --- routes ---------------------------------------------------------------------------------------
 
 
@@ -514,7 +615,7 @@ def build_router(api: NotifyApi) -> APIRouter:
         return _redriven(item)
 
     @router.get(
-        "/pickup/{token}",
+        PICKUP_ROUTE,
         tags=["pickup"],
         summary="Download a study version from a pickup link, as a zip",
         response_class=StreamingResponse,
@@ -533,26 +634,29 @@ def build_router(api: NotifyApi) -> APIRouter:
     )
     async def pickup(
         token: Annotated[str, Path(min_length=1, max_length=MAX_TOKEN_CHARS)],
-        principal: Principal = Depends(provider),  # noqa: B008
+        request: Request,
+        principal: Principal = Depends(provider),  # noqa: B008  (see shared.auth)
     ) -> Response:
+        audit = PickupAudit(api, request, principal)
         try:
             grant = verify_pickup(token, api.pickup_keys, api.clock())
         except ExpiredPickupToken as exc:
-            api.metrics.pickup("expired")
+            await audit.denied("expired", exc.grant, "the pickup link expired")
             raise Problem(410, "Gone", f"{exc}; ask the sender for a fresh pickup link") from None
         except TamperedPickupToken:
-            api.metrics.pickup("tampered")
+            # Nothing in an unsigned payload is trusted: the record names no study.
+            await audit.denied("tampered", None, "the pickup link is not genuine")
             raise Problem(403, "Forbidden", "this pickup link is not genuine") from None
         except MalformedPickupToken:
-            api.metrics.pickup("malformed")
+            await audit.denied("malformed", None, "not a pickup link")
             raise Problem(400, "Bad Request", "this is not a pickup link") from None
         if grant.recipient_ura != principal.organisation_ura:
-            api.metrics.pickup("forbidden")
             log.warning(
                 "pickup refused: link for another organisation",
                 study_instance_uid=grant.study_instance_uid,
                 caller_ura=principal.organisation_ura,
             )
+            await audit.denied("forbidden", grant, "the pickup link is for another organisation")
             raise Problem(403, "Forbidden", "this pickup link is for another organisation")
         _require_ready(api.journey, "journey")
         uid, version, ura = grant.study_instance_uid, grant.study_version, grant.recipient_ura
@@ -561,7 +665,7 @@ def build_router(api: NotifyApi) -> APIRouter:
             # The link may have been sent a moment after the route was published.
             found = api.journey.pickup(uid, version, ura, grant.sender_ura)
         if found is None:
-            api.metrics.pickup("not-found")
+            await audit.denied("not-found", grant, "not (or no longer) available for pickup")
             raise Problem(
                 404, "Not Found", "this study version is not (or no longer) available for pickup"
             )
@@ -571,19 +675,19 @@ def build_router(api: NotifyApi) -> APIRouter:
             try:
                 info = await asyncio.to_thread(api.objects.stat, manifest[0].object_key)
             except ObjectStoreError as exc:
-                api.metrics.pickup("unavailable")
                 log.error("pickup: object store unavailable", error=str(exc))
+                await audit.denied("unavailable", grant, "the images could not be read", found)
                 raise Problem(503, "Unavailable", "the images cannot be read now") from None
             if info is None:
-                api.metrics.pickup("not-found")
                 log.error(
                     "pickup: an instance is missing from the object store",
                     study_instance_uid=uid,
                     study_version=version,
                     object_key=manifest[0].object_key,
                 )
+                await audit.denied("not-found", grant, "the images are missing", found)
                 raise Problem(404, "Not Found", "this study version's images are not available")
-        modified = found.last_received_at
+        await audit.allowed(grant, found)
         log.info(
             "pickup download",
             study_instance_uid=uid,
@@ -593,7 +697,7 @@ def build_router(api: NotifyApi) -> APIRouter:
             by=principal.subject,
         )
         return StreamingResponse(
-            _pickup_stream(api, manifest, modified, uid, version),
+            _pickup_stream(api, manifest, found.last_received_at, uid, version),
             media_type=ZIP,
             headers={
                 "Content-Disposition": f'attachment; filename="study-{uid}-v{version}.zip"',

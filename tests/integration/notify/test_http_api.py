@@ -1,5 +1,6 @@
 """The notify API against the real Kafka and S3: status for the sender only, dead letters
-re-driven through the queues, a pickup zip streamed from S3, and a fuzz of its OpenAPI."""
+re-driven through the queues, a pickup zip streamed from S3 with a NEN 7513 record of every
+attempt, and a fuzz of its OpenAPI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +39,11 @@ from services.notify.entrypoints.http import StudyStatus, create_app
 from services.notify.main import _study_status, describe
 from shared import topics
 from shared.auth import AuthSettings, generate_dev_keypair, mint_token
+from shared.codec import SCHEMA_HEADER, Codec
 from shared.events import (
+    AccessLogged,
+    AuditAction,
+    AuditOutcome,
     Basis,
     Decision,
     DeliveryChannel,
@@ -79,12 +85,14 @@ pytestmark = pytest.mark.integration
 PICKUP_KEY = "integration-pickup-key-" + "p" * 32
 OTHER_URA = "11112222"
 OPERATOR_URA = "00000001"
+ALLOWED, DENIED = AuditOutcome.ALLOWED, AuditOutcome.DENIED
 
 
 @dataclass(frozen=True)
 class NotifyTopics:
     journey: JourneyTopics
     dead: DeadLetterTopics
+    audit: str
 
 
 @pytest.fixture
@@ -102,8 +110,9 @@ async def notify_topics(declare_topics: Callable[..., Awaitable[None]], tag: str
         ),
         # Compacted, like the real one.
         TopicSpec(dead.dead_letter, 3, topics.FOREVER, compacted=True),
+        TopicSpec(f"test-access-logged-{tag}", 1, topics.DAY_MS),
     )
-    return NotifyTopics(journey, dead)
+    return NotifyTopics(journey, dead, f"test-access-logged-{tag}")
 
 
 @pytest.fixture
@@ -134,8 +143,11 @@ class RunningNotify:
     server: uvicorn.Server
     thread: threading.Thread
 
-    def auth(self, ura: str = SENDER_URA, roles: Sequence[str] = ("provider",)) -> dict[str, str]:
-        return {"Authorization": f"Bearer {mint_token(self.key_path, ura=ura, roles=roles)}"}
+    def auth(
+        self, ura: str = SENDER_URA, roles: Sequence[str] = ("provider",), **claims: str
+    ) -> dict[str, str]:
+        token = mint_token(self.key_path, ura=ura, roles=roles, **claims)  # type: ignore[arg-type]
+        return {"Authorization": f"Bearer {token}"}
 
     @property
     def operator(self) -> dict[str, str]:
@@ -162,11 +174,18 @@ class RunningNotify:
         self.thread.join(timeout=30)
 
 
-@pytest.fixture
-def notify_api(
-    kafka_settings: KafkaSettings, notify_topics: NotifyTopics, bucket: S3Settings, tmp_path: Path
+@contextmanager
+def running_notify(
+    kafka_settings: KafkaSettings,
+    notify_topics: NotifyTopics,
+    bucket: S3Settings,
+    keys: Path,
+    *,
+    audit_topic: str | None = None,
+    audit_timeout: float = 10.0,
 ) -> Iterator[RunningNotify]:
-    private, public = generate_dev_keypair(tmp_path / "keys")
+    """The notify API on a free port, once ready; ``audit_topic`` replaces the test's own."""
+    private, public = generate_dev_keypair(keys)
     port = free_port()
     api_settings = NotifyApiSettings(
         kafka=kafka_settings,
@@ -174,12 +193,14 @@ def notify_api(
         http_port=port,
         pickup_key=PICKUP_KEY,  # type: ignore[arg-type]
         view_sync_timeout_seconds=15,
+        audit_timeout_seconds=audit_timeout,
     )
     api = build(
         api_settings,
         auth=AuthSettings(public_keys=[public]),  # type: ignore[call-arg]
         journey_topics=notify_topics.journey,
         dead_letter_topics=notify_topics.dead,
+        audit_topic=audit_topic or notify_topics.audit,
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(api), host="127.0.0.1", port=port, log_config=None, lifespan="on")
@@ -205,6 +226,14 @@ def notify_api(
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def notify_api(
+    kafka_settings: KafkaSettings, notify_topics: NotifyTopics, bucket: S3Settings, tmp_path: Path
+) -> Iterator[RunningNotify]:
+    with running_notify(kafka_settings, notify_topics, bucket, tmp_path / "keys") as running:
+        yield running
 
 
 def read_records(kafka: KafkaSettings, topic: str) -> list[tuple[bytes, bytes | None]]:
@@ -475,12 +504,14 @@ def test_an_operator_re_drives_dead_letters_onto_their_priority_queue(
 class PickupStudy:
     uid: str
     contents: dict[str, bytes]  # zip member name -> the exact bytes stored
+    patient: str | None  # the pseudonym its audit records name
 
 
 def put_pickup_study(
     notify_api: RunningNotify, bucket: S3Settings, *, corrupt: bool = False
 ) -> PickupStudy:
-    """Two real DICOM instances in S3, announced and routed to the recipient's pickup portal."""
+    """Two real DICOM instances in S3, announced, permitted (presumed referral) and routed to
+    the recipient's pickup portal."""
     store = S3ObjectStore.from_settings(bucket)
     uid, series = make_uid(), make_uid()
     refs: list[InstanceRef] = []
@@ -510,9 +541,22 @@ def put_pickup_study(
     t = notify_api.topics.journey
     notify_api.publish(
         (t.study_received, make_study_received(study=study)),
+        (t.consent_checked, make_consent_checked(study=study)),
         (t.route_resolved, make_route_resolved(study=study, destination=portal)),
     )
-    return PickupStudy(uid, contents)
+    return PickupStudy(uid, contents, study.patient.pseudonym)
+
+
+def audit_records(notify_api: RunningNotify) -> list[AccessLogged]:
+    """The NEN 7513 records the API published, in order (the test's topic has one partition)."""
+    codec = Codec()
+    found = [
+        codec.decode(value, [(SCHEMA_HEADER, AccessLogged.schema_name.encode())])
+        for _key, value in read_records(notify_api.kafka, notify_api.topics.audit)
+        if value is not None
+    ]
+    assert all(isinstance(record, AccessLogged) for record in found)
+    return found  # type: ignore[return-value]
 
 
 def token_for(
@@ -530,8 +574,9 @@ def test_the_recipient_downloads_the_study_as_a_zip_of_exactly_the_stored_bytes(
 ) -> None:
     study = put_pickup_study(notify_api, bucket)
     token = token_for(study, ttl=timedelta(hours=1))
+    person = notify_api.auth(RECIPIENT_URA, uzi="900000123", purpose="TREAT")
 
-    download = notify_api.get(f"/pickup/{token}", notify_api.auth(RECIPIENT_URA))
+    download = notify_api.get(f"/pickup/{token}", person)
 
     assert download.status_code == 200, download.text
     assert download.headers["content-type"] == "application/zip"
@@ -544,6 +589,23 @@ def test_the_recipient_downloads_the_study_as_a_zip_of_exactly_the_stored_bytes(
     assert 'beeldportaal_notify_pickup_downloads_total{outcome="ok"} 1.0' in (
         notify_api.get("/metrics").text
     )
+    # Kept on access-logged before the first byte went out: who downloaded which patient's
+    # study, on what basis; the link itself is in no field.
+    [record] = audit_records(notify_api)
+    assert record.producer == "notify-api"
+    assert (record.event_type, record.action, record.outcome) == (
+        "portal-pickup",
+        AuditAction.READ,
+        AuditOutcome.ALLOWED,
+    )
+    assert study.patient is not None and record.patient == study.patient
+    assert (record.user_uzi, record.organisation_ura) == ("900000123", RECIPIENT_URA)
+    assert (record.user_role, record.purpose_of_use) == ("provider", "TREAT")
+    assert record.study_instance_uids == (study.uid,)
+    assert record.authorisation_basis == "pickup link for the recipient of a routed delivery"
+    assert record.consent_profile == "delivery: presumed-referral"
+    assert record.access_point.startswith("GET /pickup/{token} from ")
+    assert token not in record.model_dump_json()
 
 
 def test_a_pickup_link_that_expired_was_altered_or_is_for_another_organisation_is_refused(
@@ -586,6 +648,77 @@ def test_a_pickup_link_that_expired_was_altered_or_is_for_another_organisation_i
     assert notify_api.get(f"/pickup/{another_sender}", recipient).status_code == 404
     before_senders = token_for(study, sender=None, ttl=timedelta(hours=1))
     assert notify_api.get(f"/pickup/{before_senders}", recipient).status_code == 200
+
+    # Every attempt of an authenticated caller is a NEN 7513 record (the 401 is not: nobody
+    # to name). A refusal names the study when the link is genuine, and the patient when the
+    # view knows which version it was for.
+    records = audit_records(notify_api)
+    seen = [
+        (r.outcome, r.organisation_ura, r.study_instance_uids, r.patient, r.reason) for r in records
+    ]
+    assert seen == [
+        (DENIED, RECIPIENT_URA, (study.uid,), study.patient, "the pickup link expired"),
+        (
+            DENIED,
+            OTHER_URA,
+            (study.uid,),
+            study.patient,
+            "the pickup link is for another organisation",
+        ),
+        (DENIED, OTHER_URA, (), None, "the pickup link is not genuine"),
+        (DENIED, RECIPIENT_URA, (), None, "not a pickup link"),
+        (
+            DENIED,
+            RECIPIENT_URA,
+            records[4].study_instance_uids,
+            None,
+            "not (or no longer) available for pickup",
+        ),
+        (
+            DENIED,
+            RECIPIENT_URA,
+            (study.uid,),
+            None,
+            "not (or no longer) available for pickup",
+        ),
+        (ALLOWED, RECIPIENT_URA, (study.uid,), study.patient, None),
+    ]
+    assert records[4].study_instance_uids != (study.uid,)
+    assert {r.event_type for r in records} == {"portal-pickup"}
+    assert all(r.authorisation_basis is None for r in records[:-1])
+
+
+def test_no_pickup_is_answered_that_could_not_be_audited(
+    kafka_settings: KafkaSettings,
+    notify_topics: NotifyTopics,
+    bucket: S3Settings,
+    tmp_path: Path,
+    tag: str,
+) -> None:
+    # The audit topic does not exist (the brokers do not create topics): Kafka never
+    # acknowledges the record, and the download is refused before its first byte.
+    with running_notify(
+        kafka_settings,
+        notify_topics,
+        bucket,
+        tmp_path / "keys",
+        audit_topic=f"test-missing-access-logged-{tag}",
+        audit_timeout=2,
+    ) as notify_api:
+        study = put_pickup_study(notify_api, bucket)
+        token = token_for(study, ttl=timedelta(hours=1))
+
+        download = notify_api.get(f"/pickup/{token}", notify_api.auth(RECIPIENT_URA))
+        refused = notify_api.get(f"/pickup/{token}", notify_api.auth(OTHER_URA))
+        metrics = notify_api.get("/metrics").text
+
+    assert download.status_code == 503
+    assert download.headers["content-type"] == "application/problem+json"
+    assert "could not be audited" in download.json()["detail"]
+    assert refused.status_code == 503
+    assert 'beeldportaal_notify_pickup_downloads_total{outcome="unaudited"} 2.0' in metrics
+    assert 'beeldportaal_notify_pickup_downloads_total{outcome="ok"} 0.0' in metrics
+    assert 'beeldportaal_notify_pickup_downloads_total{outcome="forbidden"} 0.0' in metrics
 
 
 def test_a_download_whose_bytes_do_not_match_their_sha256_breaks_off_unreadable(

@@ -15,6 +15,7 @@ from shared.codec import Codec
 from shared.errors import PoisonEvent
 from shared.events import (
     Basis,
+    BsnStatus,
     Decision,
     DeliveryChannel,
     DeliveryQueued,
@@ -489,6 +490,26 @@ def test_a_pickup_route_keeps_the_manifest_minus_the_classes_the_receiver_exclud
     assert manifest(journeys, uid, 2, RECIPIENT_URA) is None
     assert manifest(journeys, "1.2.999", 1, RECIPIENT_URA) is None
     assert manifest(journeys, uid, 1, RECIPIENT_URA, sender=OTHER_URA) is None
+
+
+def test_a_pickup_names_the_patient_and_consent_basis_for_its_audit_record() -> None:
+    study = make_study(instances=1)
+    unverified = make_study(instances=1, bsn_status=BsnStatus.ABSENT)
+    pickup = make_destination(endpoint_id="portal", channel=DeliveryChannel.PICKUP)
+    journeys = fold(
+        make_consent_checked(study=study, basis=Basis.EMERGENCY),
+        make_route_resolved(study=study, destination=pickup),
+        make_route_resolved(study=unverified, destination=pickup),
+    )
+
+    found = journeys.pickup(study.study_instance_uid, 1, RECIPIENT_URA, SENDER_URA)
+    assert found is not None
+    assert study.patient.pseudonym is not None
+    assert (found.patient, found.consent_basis) == (study.patient.pseudonym, Basis.EMERGENCY)
+    # No verified BSN, no pseudonym; no consent decision read yet, no basis.
+    other = journeys.pickup(unverified.study_instance_uid, 1, RECIPIENT_URA, SENDER_URA)
+    assert other is not None
+    assert (other.patient, other.consent_basis) == (None, None)
 
 
 def test_a_study_uid_two_senders_sent_to_two_pickup_recipients_zips_each_only_its_own() -> None:

@@ -149,6 +149,8 @@ def test_a_token_is_expired_from_its_expiry_on() -> None:
     with pytest.raises(ExpiredPickupToken, match="expired") as caught:
         verify_pickup(token, KEY, now=EXPIRES)
     assert caught.value.expired_at == EXPIRES
+    # Genuine: the refusal's audit record may name the study the link was for.
+    assert caught.value.grant == verify_pickup(token, KEY, now=T0)
 
 
 def test_an_expiry_is_rounded_down_so_a_link_never_lives_longer_than_asked() -> None:
