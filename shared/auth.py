@@ -46,7 +46,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.types import Options
@@ -55,6 +55,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import BeeldportaalError
 from shared.identifiers import Ura, UziNumber
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -520,6 +523,20 @@ _bearer_scheme = HTTPBearer(
 Authenticate = Callable[..., Awaitable[Principal]]
 
 
+def _log_refusal(request: Request, reason: str) -> None:
+    """A 401 names nobody, so it is no NEN 7513 record (that needs an organisation); the
+    operator still sees each one: where it came from, on which route, and why. The route's
+    template, never the path (a pickup link is a path), and the reason is one of ours (it never
+    quotes the token)."""
+    route = request.scope.get("route")
+    log.warning(
+        "request refused: not authenticated",
+        reason=reason,
+        route=f"{request.method} {getattr(route, 'path', '(unmatched)')}",
+        client=request.client.host if request.client else "unknown",
+    )
+
+
 def bearer_principal(verifier: TokenVerifier) -> Authenticate:
     """A FastAPI dependency returning the verified :class:`Principal`, or answering 401.
 
@@ -530,15 +547,18 @@ def bearer_principal(verifier: TokenVerifier) -> Authenticate:
     # Dependencies as default values: with postponed annotations FastAPI resolves annotation strings
     # in module globals only, where these closures' locals do not exist.
     async def authenticate(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer_scheme),  # noqa: B008
     ) -> Principal:
         if credentials is None:
+            _log_refusal(request, "missing bearer token")
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers=_challenge()
             )
         try:
             return verifier.verify(credentials.credentials)
         except InvalidToken as exc:
+            _log_refusal(request, exc.reason)
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 exc.reason,

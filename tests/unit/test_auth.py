@@ -14,6 +14,7 @@ from typing import Any
 
 import jwt
 import pytest
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -463,6 +464,23 @@ async def test_an_invalid_token_gets_a_401_with_the_reason_in_the_challenge() ->
         'Bearer realm="beeldportaal", error="invalid_token", error_description="wrong audience"'
     )
     assert body == {"detail": "wrong audience"}
+
+
+async def test_each_401_is_logged_with_the_route_and_why_never_the_token() -> None:
+    key = make_key()
+    app = make_app(verifier_for(key))
+    expired = sign(key, make_claims(aud="other"))
+
+    with structlog.testing.capture_logs() as logs:
+        await call(app, "/whoami")
+        await call(app, "/whoami", expired)
+
+    refusals = [e for e in logs if e["event"] == "request refused: not authenticated"]
+    assert [(e["reason"], e["route"], e["log_level"]) for e in refusals] == [
+        ("missing bearer token", "GET /whoami", "warning"),
+        ("wrong audience", "GET /whoami", "warning"),
+    ]
+    assert expired not in repr(logs)
 
 
 async def test_a_principal_without_the_required_role_gets_a_403() -> None:
