@@ -134,6 +134,42 @@ def _refused_token(principal: Principal) -> AccessDecision | None:
     )
 
 
+def _before_registry(principal: Principal, emergency_reason: str | None) -> AccessDecision | None:
+    """The refusals decided before reading anything: they do not depend on the registry."""
+    refused = _refused_token(principal)
+    if refused is not None:
+        return refused
+    if principal.is_emergency and emergency_reason is None:
+        return AccessDecision(
+            AccessOutcome.DENIED,
+            authorisation_basis=None,
+            consent_profile=None,
+            reason="emergency access (purpose ETREAT) needs a stated reason in the "
+            "X-Break-The-Glass header",
+            failed_conditions=(CONDITION_EMERGENCY_REASON,),
+        )
+    return None
+
+
+def _denied(normal: _Normal, emergency_reason: str | None) -> AccessDecision:
+    """What the normal rules refused, with a hint for a break-the-glass reason sent with a
+    token that does not state the emergency purpose."""
+    why, told = normal.reason or "access refused", normal.disclosed_reason
+    if emergency_reason is not None:
+        hint = f"; break-the-glass needs a token with purpose of use {EMERGENCY_PURPOSE}"
+        why += hint
+        told = told + hint if told is not None else None
+    return AccessDecision(
+        AccessOutcome.DENIED,
+        authorisation_basis=None,
+        consent_profile=normal.consent_profile,
+        reason=why,
+        failed_conditions=normal.failed,
+        disclosed_reason=told,
+        disclosed_conditions=normal.disclosed_failed,
+    )
+
+
 class ConsentAccessGuard:
     """The :class:`~services.timeline.domain.ports.AccessGuard` on consent's registry."""
 
@@ -156,23 +192,31 @@ class ConsentAccessGuard:
         self._sync_timeout = sync_timeout
         self._today = today
 
+    async def check_requester(
+        self, principal: Principal, *, emergency_reason: str | None = None
+    ) -> AccessDecision | None:
+        """The refusal that holds whichever patient is asked about (the token, a missing
+        emergency reason, a requester of no known provider type); None when there is none.
+
+        DICOMweb asks this before it looks a study up, so that a requester refused for what
+        they are learns nothing about the study they named."""
+        reason = (emergency_reason or "").strip() or None
+        refused = _before_registry(principal, reason)
+        if refused is not None:
+            return refused
+        await self._sync()
+        unknown = self._unknown_requester(principal)
+        if unknown is None or principal.is_emergency:
+            return None  # an emergency is allowed whatever the requester's type (audited)
+        return _denied(unknown, reason)
+
     async def check(
         self, principal: Principal, patient: str, *, emergency_reason: str | None = None
     ) -> AccessDecision:
         reason = (emergency_reason or "").strip() or None
-        refused = _refused_token(principal)
+        refused = _before_registry(principal, reason)
         if refused is not None:
-            return refused  # before reading anything: the rule does not depend on the registry
-        if principal.is_emergency and reason is None:
-            # Refused before reading anything: the rule does not depend on the registry.
-            return AccessDecision(
-                AccessOutcome.DENIED,
-                authorisation_basis=None,
-                consent_profile=None,
-                reason="emergency access (purpose ETREAT) needs a stated reason in the "
-                "X-Break-The-Glass header",
-                failed_conditions=(CONDITION_EMERGENCY_REASON,),
-            )
+            return refused
         await self._sync()
         normal = self._normal(principal, patient)
         if principal.is_emergency:
@@ -191,20 +235,7 @@ class ConsentAccessGuard:
                 authorisation_basis=BASIS_TREATMENT_RELATIONSHIP,
                 consent_profile=normal.consent_profile,
             )
-        why, told = normal.reason or "access refused", normal.disclosed_reason
-        if reason is not None:
-            hint = f"; break-the-glass needs a token with purpose of use {EMERGENCY_PURPOSE}"
-            why += hint
-            told = told + hint if told is not None else None
-        return AccessDecision(
-            AccessOutcome.DENIED,
-            authorisation_basis=None,
-            consent_profile=normal.consent_profile,
-            reason=why,
-            failed_conditions=normal.failed,
-            disclosed_reason=told,
-            disclosed_conditions=normal.disclosed_failed,
-        )
+        return _denied(normal, reason)
 
     async def _sync(self) -> None:
         views = (self._registry, self._providers.view)
@@ -220,22 +251,28 @@ class ConsentAccessGuard:
                 "the consent registry could not be read up to date in time"
             ) from exc
 
+    def _unknown_requester(self, principal: Principal) -> _Normal | None:
+        """The refusal of a requester whose organisation has no Mitz provider category."""
+        type_code = self._providers.type_code(principal.organisation_ura)
+        if provider_category(type_code, self._categories) is not None:
+            return None
+        detail = (
+            "the requesting organisation is not in the provider directory"
+            if type_code is None
+            else f"the requester's provider type {type_code} has no Mitz provider category"
+        )
+        return _Normal(
+            False, None, (CONDITION_REQUESTER_TYPE,), f"unknown requester type: {detail}"
+        )
+
     def _normal(self, principal: Principal, patient: str) -> _Normal:
         ura = principal.organisation_ura
         type_code = self._providers.type_code(ura)
         category = provider_category(type_code, self._categories)
         if category is None:
-            detail = (
-                "the requesting organisation is not in the provider directory"
-                if type_code is None
-                else f"the requester's provider type {type_code} has no Mitz provider category"
-            )
-            return _Normal(
-                False,
-                None,
-                (CONDITION_REQUESTER_TYPE,),
-                f"unknown requester type: {detail}",
-            )
+            unknown = self._unknown_requester(principal)
+            assert unknown is not None
+            return unknown
         answer = answer_query(
             self._registry.get(patient),
             patient=patient,

@@ -167,6 +167,13 @@ class AccessDecision:
 
 
 class AccessGuard(Protocol):
+    async def check_requester(
+        self, principal: Principal, *, emergency_reason: str | None = None
+    ) -> AccessDecision | None:
+        """The refusal that holds for ``principal`` whichever patient they ask about (None:
+        none does), decided without a patient: DICOMweb asks it before looking a study up."""
+        ...
+
     async def check(
         self, principal: Principal, patient: str, *, emergency_reason: str | None = None
     ) -> AccessDecision:

@@ -21,7 +21,11 @@
   ``GET /dicomweb/studies/{study}[/series/{series}[/instances/{instance}]]`` (multipart/related;
   type="application/dicom", the exact stored bytes, sha256-checked while streaming: a mismatch
   breaks the response off) and ``.../metadata`` (application/dicom+json from the stored header,
-  bulk data left out). Unknown or invisible study: 404.
+  bulk data left out). Unknown or invisible study: 404. What holds for the requester
+  whichever study they name (role, token, emergency reason, provider type) is refused with 403
+  before the study is looked up; a study of a patient the requester does not treat answers
+  404 like an unknown one (left out of a QIDO-RS answer): naming a UID tells nobody whether it
+  is on someone's timeline. The audit record keeps the real reason.
 
 Every attempt on patient data (allowed, denied, emergency) is audited (NEN 7513) before the
 answer; when the record cannot be written the answer is 503 without the data. A refusal is a
@@ -58,7 +62,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.timeline.bootstrap import TimelineApi
-from services.timeline.domain.access import AccessCheckUnavailable
+from services.timeline.domain.access import (
+    CONDITION_TREATMENT_RELATIONSHIP,
+    AccessCheckUnavailable,
+)
 from services.timeline.domain.fhir import (
     FHIR_JSON,
     MAX_CURSOR_CHARS,
@@ -93,6 +100,7 @@ log = get_logger(__name__)
 ROLE_PROVIDER: Final = "provider"
 ROLE_PATIENT_REPRESENTATIVE: Final = "patient-representative"
 CONDITION_ROLE: Final = "role"
+NO_SUCH_STUDY: Final = "no such study on any timeline"
 BREAK_THE_GLASS: Final = "X-Break-The-Glass"
 MAX_REASON_CHARS: Final = 512
 FORM: Final = "application/x-www-form-urlencoded"
@@ -362,9 +370,15 @@ async def _check_access(
     patient: str,
     role: str,
     study_uids: Sequence[str] = (),
+    *,
+    unrelated_as_unknown: bool = False,
 ) -> AccessDecision:
     """The role, then the guard; a refusal is audited and raised, an allowance returned (to be
-    audited by the caller together with what it disclosed)."""
+    audited by the caller together with what it disclosed).
+
+    ``unrelated_as_unknown`` (DICOMweb, where the requester names a study): a requester who
+    does not treat the study's patient is answered as for a study on no timeline (404), so the
+    answer does not tell them the UID is on someone's timeline; the audit keeps why."""
     if not attempt.principal.has_role(role):
         raise await _refuse(
             api,
@@ -392,20 +406,66 @@ async def _check_access(
         )
         raise unavailable(str(exc)) from None
     if not decision.allowed:
+        unrelated = CONDITION_TREATMENT_RELATIONSHIP in decision.failed_conditions
+        as_unknown = unrelated_as_unknown and unrelated
         raise await _refuse(
             api,
             attempt,
             patient,
-            403,
-            "forbidden",
+            404 if as_unknown else 403,
+            "not-found" if as_unknown else "forbidden",
             decision.reason or "access refused",
             conditions=decision.failed_conditions,
             profile=decision.consent_profile,
             study_uids=study_uids,
-            told=decision.told,
+            told=(NO_SUCH_STUDY, ()) if as_unknown else decision.told,
         )
     attempt.allowed[patient] = tuple(study_uids)
     return decision
+
+
+async def _check_requester(api: TimelineApi, attempt: Attempt, study_uids: Sequence[str]) -> None:
+    """What holds for the requester whichever study they name (the role, the token, the
+    emergency reason, the provider type), refused with 403 before any study is looked up:
+    the answer is the same whether the study is on a timeline or not."""
+    if not attempt.principal.has_role(ROLE_PROVIDER):
+        raise await _refuse(
+            api,
+            attempt,
+            None,
+            403,
+            "forbidden",
+            f"the token lacks the role {ROLE_PROVIDER}",
+            conditions=(CONDITION_ROLE,),
+            study_uids=study_uids,
+        )
+    try:
+        refused = await api.guard.check_requester(
+            attempt.principal, emergency_reason=attempt.emergency_reason
+        )
+    except AccessCheckUnavailable as exc:
+        log.warning("access check unavailable", error=str(exc))
+        await _audit(
+            api,
+            attempt,
+            outcome=AuditOutcome.DENIED,
+            patient=None,
+            reason=f"not decided: {exc}",
+            study_uids=study_uids,
+        )
+        raise unavailable(str(exc)) from None
+    if refused is not None:
+        raise await _refuse(
+            api,
+            attempt,
+            None,
+            403,
+            "forbidden",
+            refused.reason or "access refused",
+            conditions=refused.failed_conditions,
+            study_uids=study_uids,
+            told=refused.told,
+        )
 
 
 async def _grant(
@@ -988,14 +1048,17 @@ def build_router(api: TimelineApi) -> APIRouter:
         )
 
     async def study_access(attempt: Attempt, study: str) -> tuple[str, AccessDecision]:
-        """The study's patient and the access decision; 404 for a study on no timeline."""
+        """The study's patient and the access decision; 404 for a study on no timeline, and
+        for one of a patient the requester does not treat (the same answer)."""
+        await _check_requester(api, attempt, (study,))
         patient = await _read("patient_of_study", api.reader.patient_of_study(study))
         if patient is None:
             raise await _refuse(
-                api, attempt, None, 404, "not-found", "no such study on any timeline",
-                study_uids=(study,),
-            )  # fmt: skip
-        decision = await _check_access(api, attempt, patient, ROLE_PROVIDER, (study,))
+                api, attempt, None, 404, "not-found", NO_SUCH_STUDY, study_uids=(study,)
+            )
+        decision = await _check_access(
+            api, attempt, patient, ROLE_PROVIDER, (study,), unrelated_as_unknown=True
+        )
         return patient, decision
 
     dicomweb_responses: dict[int | str, dict[str, Any]] = {
@@ -1027,6 +1090,7 @@ def build_router(api: TimelineApi) -> APIRouter:
         uids = _uid_list(study_uids, "StudyInstanceUID", required=True)
         attempt = _attempt(request, principal, EVENT_QIDO, AuditAction.QUERY, break_the_glass)
         async with _answered(api, attempt):
+            await _check_requester(api, attempt, uids)
             by_patient: dict[str, list[str]] = {}
             for uid in uids:
                 patient = await _read("patient_of_study", api.reader.patient_of_study(uid))
@@ -1036,27 +1100,30 @@ def build_router(api: TimelineApi) -> APIRouter:
                 # An attempt all the same: recorded, answered like an empty search.
                 await _audit(
                     api, attempt, outcome=AuditOutcome.DENIED, patient=None,
-                    reason="no such study on any timeline", study_uids=uids,
+                    reason=NO_SUCH_STUDY, study_uids=uids,
                 )  # fmt: skip
                 return _dicom_json([])
             # Every patient's access decided (and a refusal audited) before answering: one
-            # refused patient refuses the request, and the others' records say so.
+            # refused patient refuses the request, and the others' records say so. The studies
+            # of a patient the requester does not treat are left out, as unknown ones are.
             decisions: dict[str, AccessDecision] = {}
             refused: Refusal | None = None
             for patient, found in by_patient.items():
                 try:
                     decisions[patient] = await _check_access(
-                        api, attempt, patient, ROLE_PROVIDER, found
+                        api, attempt, patient, ROLE_PROVIDER, found, unrelated_as_unknown=True
                     )
                 except Refusal as refusal:
+                    if refusal.status == 404:
+                        continue
                     if refusal.status != 403:
                         raise
                     refused = refused or refusal
             if refused is not None:
                 raise refused
             results: list[dict[str, Any]] = []
-            for found in by_patient.values():
-                for uid in found:
+            for patient in decisions:
+                for uid in by_patient[patient]:
                     entry = await _read("entry", api.reader.entry(uid))
                     if entry is None:
                         continue

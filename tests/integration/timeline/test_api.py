@@ -826,7 +826,8 @@ def test_an_allowed_access_that_could_not_be_answered_is_audited_as_such(
     t.consents(CONSENTING_BSN)
     study = t.put_study(CONSENTING_BSN, series=1, per_series=1)
     other = t.put_study(CONSENTING_BSN, series=1, per_series=1)
-    refused = t.put_study(SILENT_BSN, series=1, per_series=1)  # no consent
+    t.treats(SILENT_BSN)
+    refused = t.put_study(SILENT_BSN, series=1, per_series=1)  # treated, but no consent
 
     # The read model is away (its search's table gone) when the search is allowed.
     with psycopg.connect(t.dsn, autocommit=True) as conn:
@@ -1056,44 +1057,62 @@ def test_qido_rs_answers_by_study_uid_only(timeline_api: RunningTimeline) -> Non
     assert {r["event_type"] for r in t.audit_rows()} == {"qido-rs"}
 
 
-def test_dicomweb_on_a_study_of_no_timeline_is_404_and_of_another_patient_403(
+def test_dicomweb_tells_nobody_whether_a_study_uid_is_on_a_timeline_they_may_not_see(
     timeline_api: RunningTimeline,
 ) -> None:
     t = timeline_api
     t.treats(CONSENTING_BSN)
     t.consents(CONSENTING_BSN)
-    theirs = t.put_study(SILENT_BSN, series=1, per_series=1)  # no consent for this patient
+    t.treats(OBJECTING_BSN)  # treated, but no consent
+    theirs = t.put_study(SILENT_BSN, series=1, per_series=1)  # a patient they do not treat
+    unconsented = t.put_study(OBJECTING_BSN, series=1, per_series=1)
     # Its timeline consent was revoked since: off the timeline.
     hidden = t.put_study(CONSENTING_BSN, series=1, per_series=1, revoked=True)
     row = theirs.instances[0]
 
     unknown = t.get(f"/dicomweb/studies/{new_uid()}")
     invisible = t.get(f"/dicomweb/studies/{hidden.uid}/metadata")
-    forbidden = t.get(f"/dicomweb/studies/{theirs.uid}")
-    forbidden_qido = t.get(f"/dicomweb/studies?StudyInstanceUID={theirs.uid}")
-    forbidden_instance = t.get(
+    not_theirs = t.get(f"/dicomweb/studies/{theirs.uid}")
+    not_theirs_qido = t.get(f"/dicomweb/studies?StudyInstanceUID={theirs.uid}")
+    not_theirs_instance = t.get(
         f"/dicomweb/studies/{theirs.uid}/series/{row.series_instance_uid}"
         f"/instances/{row.sop_instance_uid}"
     )
+    # Their own patient, who did not consent: told which condition failed.
+    no_consent = t.get(f"/dicomweb/studies/{unconsented.uid}/metadata")
+    # A token that may see no study at all (no person named) is refused for what it is,
+    # whether the study it names exists or not.
+    anonymous = t.auth(uzi=None)
+    token_known = t.get(f"/dicomweb/studies/{theirs.uid}", anonymous)
+    token_unknown = t.get(f"/dicomweb/studies/{new_uid()}", anonymous)
 
-    assert unknown.status_code == invisible.status_code == 404
-    assert forbidden.status_code == forbidden_qido.status_code == 403
-    assert forbidden_instance.status_code == 403
-    # Not treating that patient: told so, and nothing of the patient's consent.
-    assert conditions_of(forbidden) == ["treatment-relationship"]
-    assert "consent" not in outcome_of(forbidden)["diagnostics"]
-    assert theirs.contents[row.sop_instance_uid] not in forbidden_instance.content
+    # A study of a patient they do not treat answers as one on no timeline: the same status
+    # and the same words, and a QIDO-RS search leaves it out as it leaves out unknown UIDs.
+    assert unknown.status_code == invisible.status_code == not_theirs.status_code == 404
+    assert not_theirs_instance.status_code == 404
+    assert outcome_of(not_theirs) == outcome_of(unknown)
+    assert outcome_of(not_theirs)["diagnostics"] == "no such study on any timeline"
+    assert not_theirs_qido.status_code == 200 and not_theirs_qido.json() == []
+    assert theirs.contents[row.sop_instance_uid] not in not_theirs_instance.content
+    assert no_consent.status_code == 403
+    assert conditions_of(no_consent) == ["consent"]
+    assert token_known.status_code == token_unknown.status_code == 403
+    assert outcome_of(token_known) == outcome_of(token_unknown)
+    assert conditions_of(token_known) == ["user-identity"]
+    # The audit keeps what the requester was not told: whose study it was, and why refused.
     rows = t.audit_rows()
-    assert [(r["event_type"], r["outcome"]) for r in rows] == [
-        ("wado-rs", "denied"),
-        ("wado-rs", "denied"),
-        ("wado-rs", "denied"),
+    assert [(r["event_type"], r["outcome"]) for r in rows] == [("wado-rs", "denied")] * 3 + [
         ("qido-rs", "denied"),
         ("wado-rs", "denied"),
+        ("wado-rs", "denied"),
+        ("wado-rs", "denied"),
+        ("wado-rs", "denied"),
     ]
-    assert rows[0]["patient_pseudonym"] is None and rows[2]["patient_pseudonym"] == pseudonym(
-        SILENT_BSN
-    )
+    assert rows[0]["patient_pseudonym"] is None
+    assert rows[2]["patient_pseudonym"] == pseudonym(SILENT_BSN)
+    assert "treatment relationship" in rows[2]["reason"]
+    assert rows[5]["patient_pseudonym"] == pseudonym(OBJECTING_BSN)
+    assert rows[6]["patient_pseudonym"] is rows[7]["patient_pseudonym"] is None
 
 
 def test_a_wado_stream_whose_bytes_do_not_match_their_sha256_breaks_off(

@@ -302,6 +302,37 @@ async def test_a_requester_of_unknown_type_is_refused_naming_that(ura: str, word
     assert words in decision.reason
 
 
+@pytest.mark.parametrize(
+    ("who", "emergency_reason", "failed"),
+    [
+        (principal(uzi=None), None, (CONDITION_USER_IDENTITY,)),
+        (principal(purpose="HRESCH"), None, (CONDITION_PURPOSE_OF_USE,)),
+        (principal(purpose="ETREAT"), None, (CONDITION_EMERGENCY_REASON,)),
+        (principal(GP_PRACTICE), None, (CONDITION_REQUESTER_TYPE,)),
+        (principal(UNLISTED), "unconscious", (CONDITION_REQUESTER_TYPE,)),
+        (principal(), None, None),
+        (principal(OTHER_HOSPITAL), None, None),  # treats nobody: that is about a patient
+        (principal(GP_PRACTICE, purpose="ETREAT"), "unconscious", None),  # break the glass
+    ],
+)
+async def test_what_holds_for_the_requester_whatever_the_patient_is_decided_without_one(
+    who: Principal, emergency_reason: str | None, failed: tuple[str, ...] | None
+) -> None:
+    checked = await guard(relationship(), consent())
+
+    refused = await checked.check_requester(who, emergency_reason=emergency_reason)
+
+    assert (refused.failed_conditions if refused is not None else None) == failed
+    if refused is not None:
+        # The same refusal a check on any patient gives.
+        full = await checked.check(who, PATIENT, emergency_reason=emergency_reason)
+        assert (full.outcome, full.failed_conditions, full.reason) == (
+            refused.outcome,
+            refused.failed_conditions,
+            refused.reason,
+        )
+
+
 async def test_a_consent_registered_a_moment_ago_counts_because_the_view_is_synced_first() -> None:
     view = await published(relationship(), consent())
     assert view.get(PATIENT) is None and view.lag() == 2  # stored, not yet applied
