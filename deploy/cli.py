@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "action",
         choices=("serve", "project", "rebuild"),
         help="serve: the FHIR timeline search, access-log search and DICOMweb API; project: "
-        "the projection worker (PostgreSQL); rebuild: replay the topics into the read model "
-        "(stop the projection worker first)",
+        "the projection worker (PostgreSQL) and the access-log archive (access-logged into "
+        "access_log); rebuild: replay the topics into the read model (stop the projection "
+        "worker first)",
     )
     timeline.add_argument("--tag", help=tag_help)
     timeline.set_defaults(handler=_timeline)
@@ -191,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     dead = commands.add_parser(
         "dead-letters", help="deliveries notify gave up on: list them, re-drive one or all"
     )
-    dead.add_argument("action", choices=("list", "redrive"))
+    dead.add_argument(
+        "action",
+        choices=("list", "redrive"),
+        help="list: every dead letter, newest first; redrive: put one (KEY) or all (--all) "
+        "back on its priority queue",
+    )
     dead.add_argument(
         "key",
         nargs="?",
@@ -204,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         "study",
         help="one study's journey (received, consent, route, delivered) read from the events",
     )
-    study.add_argument("action", choices=("status",))
+    study.add_argument(
+        "action",
+        choices=("status",),
+        help="status: each version's state, consent decision, routes and deliveries",
+    )
     study.add_argument("uid", help="the Study Instance UID")
     study.add_argument("--json", action="store_true", help="print the status as JSON")
     study.set_defaults(handler=_study)
@@ -237,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         "observability",
         help="check the Prometheus rules and Grafana dashboards (promtool, then a live Prometheus)",
     )
-    observability.add_argument("action", choices=("check",))
+    observability.add_argument(
+        "action",
+        choices=("check",),
+        help="check: promtool on the rules, then every rule and panel expression on a live "
+        "Prometheus",
+    )
     observability.add_argument(
         "--prometheus",
         metavar="URL",

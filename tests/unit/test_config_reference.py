@@ -3,6 +3,7 @@ the topic table, the runbook per alert and the CLI commands it tells operators t
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -190,3 +191,19 @@ def test_every_cli_command_in_the_guide_exists() -> None:
             parser.parse_args(argv)
         except SystemExit as exc:  # argparse exits on an unknown command or option
             pytest.fail(f"`{command}` is not a valid beeldportaal command ({exc})")
+
+
+def test_every_command_argument_and_option_says_what_it_is_for() -> None:
+    """`beeldportaal <command> --help` explains every argument, choices included."""
+
+    def unexplained(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += unexplained(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{path}: {'/'.join(action.option_strings) or action.dest}")
+        return missing
+
+    assert unexplained(build_parser(), "beeldportaal") == []
