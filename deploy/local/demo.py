@@ -5,8 +5,10 @@ AE title and credentials read from the seeded provider directory, so they cannot
 demo patient gets an explicit Mitz consent for the timeline and a treatment relationship with
 Demo Ziekenhuis Oost; then Oost sends a study to West over STOW-RS and West one to Oost over
 C-STORE. Each study's journey is followed through notify's status API (received → consent →
-route → delivered), its instances are looked up in Orthanc, and Oost searches the patient's
-timeline. Exit status 1, with the reason, when any of that did not happen in time.
+route → delivered), its instances are looked up in Orthanc, Oost's webhook subscriber (served
+by the demo at the directory's webhook URL while it runs) receives the signed notification of
+the study delivered to it, and Oost searches the patient's timeline. Exit status 1, with the
+reason, when any of that did not happen in time.
 
 The patient is a published test BSN (11-proof); it travels only in request bodies and DICOM
 data sets, and is never printed: the output names the patient by its pseudonym.
@@ -17,11 +19,13 @@ from __future__ import annotations
 import io
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -160,6 +164,121 @@ def demo_orthanc_pid(config: LocalConfig) -> int | None:
 def stop_demo_orthanc(config: LocalConfig) -> bool:
     """Stop the demo Orthanc if it runs (by its recorded pid); whether it did."""
     return OrthancPeer(orthanc_dir(config)).stop()
+
+
+# -- Oost's webhook subscriber ----------------------------------------------------------------
+
+MAX_WEBHOOK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WebhookSubscription:
+    url: str
+    secret: str
+
+    @classmethod
+    def from_directory(cls, seed: Path, ura: str) -> WebhookSubscription | None:
+        """The webhook the directory gives ``ura``; None when it has none."""
+        from services.routing.domain.directory import Directory, DirectoryError
+
+        try:
+            provider = Directory.load_yaml(seed).get(ura)
+        except DirectoryError as exc:
+            raise DemoError(f"the directory seed {seed} cannot be used: {exc}") from None
+        if provider is None or provider.webhook is None:
+            return None
+        webhook = provider.webhook
+        url = urlsplit(webhook.url)
+        if url.hostname not in ("127.0.0.1", "localhost") or url.port is None:
+            raise DemoError(f"{ura}'s webhook must be http://127.0.0.1:<port>/... for the demo")
+        return cls(webhook.url, webhook.secret.get_secret_value())
+
+
+class WebhookInbox:
+    """What a hospital's webhook subscriber does, for the demo: it listens on the directory's
+    webhook URL (127.0.0.1 only) while the demo runs, checks each notification's
+    ``X-Beeldportaal-Signature`` with the shared secret (401 when it does not verify) and keeps
+    those that verify."""
+
+    def __init__(self, subscription: WebhookSubscription) -> None:
+        self.subscription = subscription
+        self.received: list[dict[str, Any]] = []
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Listen; raises OSError when the port is taken."""
+        url = urlsplit(self.subscription.url)
+        self._server = ThreadingHTTPServer(("127.0.0.1", url.port or 80), self._handler())
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="demo-webhook-inbox", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> WebhookInbox:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        from services.notify.adapters.webhooks import SIGNATURE_HEADER, verify
+
+        inbox = self
+        path = urlsplit(self.subscription.url).path or "/"
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if self.path != path or not 0 < length <= MAX_WEBHOOK_BYTES:
+                    self._answer(404 if self.path != path else 400)
+                    return
+                body = self.rfile.read(length)
+                if not verify(body, inbox.subscription.secret, self.headers.get(SIGNATURE_HEADER)):
+                    with inbox._lock:
+                        inbox.refused += 1
+                    self._answer(401)
+                    return
+                try:
+                    notification = json.loads(body)
+                except ValueError:
+                    self._answer(400)
+                    return
+                with inbox._lock:
+                    inbox.received.append(notification)
+                self._answer(204)
+
+            def _answer(self, status: int) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass  # the demo prints what it received
+
+        return Handler
+
+    def wait_for(self, study_uid: str, deadline: float) -> dict[str, Any] | None:
+        """The first verified notification about ``study_uid``, once it came; None if it did
+        not come before ``deadline`` (monotonic)."""
+        while True:
+            with self._lock:
+                for notification in self.received:
+                    if notification.get("data", {}).get("study_instance_uid") == study_uid:
+                        return notification
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
 
 
 # -- sample studies --------------------------------------------------------------------------
@@ -441,6 +560,20 @@ class Demo:
             f"({orthanc.base_url}/studies/{found[0]['ID']})"
         )
 
+    def check_webhook(self, inbox: WebhookInbox, study: DemoStudy, deadline: float) -> None:
+        """The recipient's subscriber got the signed notification that the study arrived."""
+        notification = inbox.wait_for(study.uid, deadline)
+        if notification is None:
+            raise DemoError(
+                f"{NAMES[study.recipient_ura]}'s webhook got no notification of study "
+                f"{study.uid} within {self.timeout:.0f}s ({inbox.refused} refused: bad signature)"
+            )
+        data = notification.get("data", {})
+        self.out(
+            f"webhook  {notification.get('type')} to {NAMES[study.recipient_ura]}: "
+            f"endpoint {data.get('endpoint_id')}, signature verified"
+        )
+
     # -- the timeline -------------------------------------------------------------------------
 
     def timeline(self, bsn: Bsn, studies: list[DemoStudy], deadline: float) -> list[dict[str, Any]]:
@@ -477,6 +610,24 @@ class Demo:
         orthanc = ensure_orthanc(
             self.config, ReceivingPacs.from_directory(directory_seed()), self.out
         )
+        subscription = WebhookSubscription.from_directory(directory_seed(), OOST)
+        if subscription is None:
+            self._run(orthanc, None)
+            return
+        inbox = WebhookInbox(subscription)
+        try:
+            inbox.start()
+        except OSError as exc:
+            raise DemoError(
+                f"{OOST}'s webhook subscriber cannot listen at {subscription.url}: {exc}"
+            ) from None
+        try:
+            self.out(f"{'demo-webhook:':17} {NAMES[OOST]}'s subscriber at {subscription.url}")
+            self._run(orthanc, inbox)
+        finally:
+            inbox.stop()
+
+    def _run(self, orthanc: OrthancPeer, inbox: WebhookInbox | None) -> None:
         pseudonym = Pseudonymizer(self.env["BEELDPORTAAL_PSEUDONYM_KEY"].encode()).pseudonym(
             DEMO_BSN
         )
@@ -494,6 +645,8 @@ class Demo:
             self.section(f"{study.label}: the journey of study {study.uid}")
             self.follow(study, deadline)
             self.check_orthanc(orthanc, study)
+            if inbox is not None and study.recipient_ura == OOST:
+                self.check_webhook(inbox, study, deadline)
         self.section(f"the timeline, as {NAMES[OOST]} ({OOST}) searches it (* sent just now)")
         entries = self.timeline(DEMO_BSN, studies, deadline)
         for line in timeline_lines(entries, {s.uid for s in studies}):

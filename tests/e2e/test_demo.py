@@ -47,13 +47,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _seed_for(http_port: int, dicom_port: int) -> str:
-    """The demo directory with both demo endpoints moved to the private Orthanc's ports."""
+def _seed_for(http_port: int, dicom_port: int, webhook_port: int) -> str:
+    """The demo directory with both demo endpoints moved to the private Orthanc's ports, and
+    Oost's webhook to a free port."""
     text = DEMO_DIRECTORY.read_text()
-    moved = text.replace(
-        "http://127.0.0.1:8042/dicom-web", f"http://127.0.0.1:{http_port}/dicom-web"
-    ).replace("port: 4243", f"port: {dicom_port}")
+    moved = (
+        text.replace("http://127.0.0.1:8042/dicom-web", f"http://127.0.0.1:{http_port}/dicom-web")
+        .replace("port: 4243", f"port: {dicom_port}")
+        .replace("http://127.0.0.1:9101/", f"http://127.0.0.1:{webhook_port}/")
+    )
     assert moved.count(str(http_port)) == 1 and moved.count(f"port: {dicom_port}") == 1
+    assert moved.count(f"127.0.0.1:{webhook_port}/") == 1
     return moved
 
 
@@ -73,9 +77,9 @@ def test_make_up_demo_down_delivers_both_studies_into_orthanc_and_leaves_nothing
 ) -> None:
     state = platform.state
     ports = service_ports()
-    orthanc_http, orthanc_dicom = free_ports(2)
+    orthanc_http, orthanc_dicom, webhook = free_ports(3)
     seed = tmp_path / "directory.yaml"
-    seed.write_text(_seed_for(orthanc_http, orthanc_dicom))
+    seed.write_text(_seed_for(orthanc_http, orthanc_dicom, webhook))
     env = {**platform.env, **ports, "BEELDPORTAAL_ROUTING_DIRECTORY_SEED": str(seed)}
     orthanc = f"http://127.0.0.1:{orthanc_http}"
     timings: dict[str, float] = {}
@@ -103,6 +107,10 @@ def test_make_up_demo_down_delivers_both_studies_into_orthanc_and_leaves_nothing
     assert sorted(sent.values()) == ["C-STORE", "STOW-RS"], demo.stdout
     for uid in sent:
         assert f"orthanc  study {uid}: all 3 instances present" in demo.stdout
+    # Oost's webhook subscriber got the signed notification of the study West sent it.
+    assert "webhook  delivered.v1 to Demo Ziekenhuis Oost: endpoint oost-pacs-dicomweb, " in (
+        demo.stdout
+    )
 
     # Orthanc itself holds every instance of both, behind the directory's credentials.
     assert httpx.get(f"{orthanc}/studies", timeout=30).status_code == 401

@@ -13,7 +13,13 @@ import pytest
 
 from deploy.local import orthanc, processes, prometheus
 from deploy.local.config import LocalConfig
-from deploy.local.demo import ReceivingPacs, running_as_configured
+from deploy.local.demo import (
+    OOST,
+    ReceivingPacs,
+    WebhookInbox,
+    WebhookSubscription,
+    running_as_configured,
+)
 from deploy.local.orthanc import OrthancConfig, OrthancPeer
 from deploy.local.platform import Platform
 from deploy.local.processes import PlatformError, apt_install
@@ -250,3 +256,41 @@ def test_purge_stops_the_services_before_the_platform_and_before_deleting_their_
 
     assert steps == ["services down, pid files there: True", "platform down"]
     assert not config.state_dir.exists()
+
+
+def test_the_demo_webhook_subscriber_keeps_only_notifications_signed_with_the_secret() -> None:
+    import socket
+    import time
+    import urllib.error
+
+    from services.notify.adapters.webhooks import SIGNATURE_HEADER, encode_body, sign
+
+    seeded = WebhookSubscription.from_directory(DEMO_DIRECTORY, OOST)
+    assert seeded is not None and seeded.url == "http://127.0.0.1:9101/beeldportaal/events"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subscription = WebhookSubscription(f"http://127.0.0.1:{port}/hook", seeded.secret)
+    body = encode_body({"type": "delivered.v1", "data": {"study_instance_uid": "1.2.3"}})
+
+    def post(signature: str, path: str = "/hook") -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}",
+            data=body,
+            headers={SIGNATURE_HEADER: signature, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    with WebhookInbox(subscription) as inbox:
+        assert post(sign(body, "another secret")) == 401
+        assert post(sign(body, seeded.secret), "/elsewhere") == 404
+        assert inbox.wait_for("1.2.3", time.monotonic() + 0.5) is None
+        assert post(sign(body, seeded.secret)) == 204
+        found = inbox.wait_for("1.2.3", time.monotonic() + 5)
+
+    assert found == json.loads(body)
+    assert inbox.refused == 1 and len(inbox.received) == 1
