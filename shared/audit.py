@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
 
+from shared.errors import TransientError
 from shared.events import AccessLogged, Event
 from shared.logging import get_logger
 
@@ -64,19 +65,30 @@ class KafkaAccessLog:
     async def stop(self) -> None:
         await self._publisher.stop()
 
+    async def publish(self, event: AccessLogged) -> None:
+        """Return once Kafka acknowledged ``event``; raise TransientError if it refused it."""
+        try:
+            await (await self._publisher.send(event, self._topic))
+        except KafkaError as exc:
+            raise TransientError(f"Kafka did not acknowledge the audit record: {exc}") from exc
+
     async def record(self, event: AccessLogged) -> None:
         """Return once Kafka holds ``event``; raise :class:`AuditUnavailable` if it may not."""
         try:
             async with asyncio.timeout(self._timeout):
-                await (await self._publisher.send(event, self._topic))
-        except (KafkaError, TimeoutError) as exc:
+                await self.publish(event)
+        except (TransientError, TimeoutError) as exc:
             self.failures += 1
-            log.error(
-                "audit record not written",
-                event_id=str(event.event_id),
-                event_type=event.event_type,
-                error=type(exc).__name__,
-                detail=str(exc),
-            )
+            log_unwritten(event, exc)
             raise AuditUnavailable("the access could not be audited; nothing is disclosed") from exc
         self.written += 1
+
+
+def log_unwritten(event: AccessLogged, failure: BaseException) -> None:
+    log.error(
+        "audit record not written",
+        event_id=str(event.event_id),
+        event_type=event.event_type,
+        error=type(failure).__name__,
+        detail=str(failure),
+    )

@@ -18,10 +18,9 @@ from datetime import datetime
 from typing import Any, Final
 
 import psycopg
-from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shared.audit import AuditPublisher, AuditUnavailable
+from shared.audit import AuditPublisher, AuditUnavailable, KafkaAccessLog, log_unwritten
 from shared.errors import TransientError
 from shared.events import AccessLogged, AuditAction, AuditOutcome
 from shared.logging import get_logger
@@ -78,26 +77,25 @@ class PostgresAuditTrail:
             check=AsyncConnectionPool.check_connection,
             timeout=timeout,
         )
-        self._publisher = publisher
-        self._topic = topic
+        self._kafka = KafkaAccessLog(publisher, topic=topic, timeout=timeout)
         self._timeout = timeout
         self.written = 0
         self.failures = 0
 
     def __repr__(self) -> str:
-        return f"PostgresAuditTrail(topic={self._topic!r})"  # never the DSN: it may hold a password
+        return f"PostgresAuditTrail(topic={self.topic!r})"  # never the DSN: it may hold a password
 
     @property
     def topic(self) -> str:
-        return self._topic
+        return self._kafka.topic
 
     async def start(self) -> None:
-        await self._publisher.start()
+        await self._kafka.start()
         await self._pool.open(wait=False)
 
     async def stop(self) -> None:
         try:
-            await self._publisher.stop()
+            await self._kafka.stop()
         finally:
             await self._pool.close()
 
@@ -105,7 +103,7 @@ class PostgresAuditTrail:
         try:
             async with asyncio.timeout(self._timeout):
                 results = await asyncio.gather(
-                    self._publish(event), self._insert(event), return_exceptions=True
+                    self._kafka.publish(event), self._insert(event), return_exceptions=True
                 )
         except TimeoutError:
             results = [TimeoutError("the audit record was not written in time")]
@@ -113,21 +111,9 @@ class PostgresAuditTrail:
         if failures:
             self.failures += 1
             for failure in failures:
-                log.error(
-                    "audit record not written",
-                    event_id=str(event.event_id),
-                    event_type=event.event_type,
-                    error=type(failure).__name__,
-                    detail=str(failure),
-                )
+                log_unwritten(event, failure)
             raise AuditUnavailable("the access could not be audited; nothing was disclosed")
         self.written += 1
-
-    async def _publish(self, event: AccessLogged) -> None:
-        try:
-            await (await self._publisher.send(event, self._topic))
-        except KafkaError as exc:
-            raise TransientError(f"Kafka did not acknowledge the audit record: {exc}") from exc
 
     async def _insert(self, event: AccessLogged) -> None:
         async with self._pool.connection() as conn:

@@ -48,10 +48,10 @@ import io
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import parse_qsl
 
 import pydicom
@@ -101,6 +101,7 @@ ROLE_PROVIDER: Final = "provider"
 ROLE_PATIENT_REPRESENTATIVE: Final = "patient-representative"
 CONDITION_ROLE: Final = "role"
 NO_SUCH_STUDY: Final = "no such study on any timeline"
+T = TypeVar("T")
 BREAK_THE_GLASS: Final = "X-Break-The-Glass"
 MAX_REASON_CHARS: Final = 512
 FORM: Final = "application/x-www-form-urlencoded"
@@ -379,6 +380,41 @@ async def _check_access(
     ``unrelated_as_unknown`` (DICOMweb, where the requester names a study): a requester who
     does not treat the study's patient is answered as for a study on no timeline (404), so the
     answer does not tell them the UID is on someone's timeline; the audit keeps why."""
+    await _require_role(api, attempt, patient, role, study_uids)
+    decision = await _consult(
+        api,
+        attempt,
+        patient,
+        study_uids,
+        api.guard.check(attempt.principal, patient, emergency_reason=attempt.emergency_reason),
+    )
+    if not decision.allowed:
+        unrelated = CONDITION_TREATMENT_RELATIONSHIP in decision.failed_conditions
+        as_unknown = unrelated_as_unknown and unrelated
+        raise await _refused(api, attempt, patient, decision, study_uids, as_unknown=as_unknown)
+    attempt.allowed[patient] = tuple(study_uids)
+    return decision
+
+
+async def _check_requester(api: TimelineApi, attempt: Attempt, study_uids: Sequence[str]) -> None:
+    """What holds for the requester whichever study they name (the role, the token, the
+    emergency reason, the provider type), refused with 403 before any study is looked up:
+    the answer is the same whether the study is on a timeline or not."""
+    await _require_role(api, attempt, None, ROLE_PROVIDER, study_uids)
+    refused = await _consult(
+        api,
+        attempt,
+        None,
+        study_uids,
+        api.guard.check_requester(attempt.principal, emergency_reason=attempt.emergency_reason),
+    )
+    if refused is not None:
+        raise await _refused(api, attempt, None, refused, study_uids)
+
+
+async def _require_role(
+    api: TimelineApi, attempt: Attempt, patient: str | None, role: str, study_uids: Sequence[str]
+) -> None:
     if not attempt.principal.has_role(role):
         raise await _refuse(
             api,
@@ -390,10 +426,18 @@ async def _check_access(
             conditions=(CONDITION_ROLE,),
             study_uids=study_uids,
         )
+
+
+async def _consult(
+    api: TimelineApi,
+    attempt: Attempt,
+    patient: str | None,
+    study_uids: Sequence[str],
+    check: Awaitable[T],
+) -> T:
+    """The guard's answer; when it cannot decide, the attempt is audited as such and 503."""
     try:
-        decision = await api.guard.check(
-            attempt.principal, patient, emergency_reason=attempt.emergency_reason
-        )
+        return await check
     except AccessCheckUnavailable as exc:
         log.warning("access check unavailable", error=str(exc))
         await _audit(
@@ -405,67 +449,30 @@ async def _check_access(
             study_uids=study_uids,
         )
         raise unavailable(str(exc)) from None
-    if not decision.allowed:
-        unrelated = CONDITION_TREATMENT_RELATIONSHIP in decision.failed_conditions
-        as_unknown = unrelated_as_unknown and unrelated
-        raise await _refuse(
-            api,
-            attempt,
-            patient,
-            404 if as_unknown else 403,
-            "not-found" if as_unknown else "forbidden",
-            decision.reason or "access refused",
-            conditions=decision.failed_conditions,
-            profile=decision.consent_profile,
-            study_uids=study_uids,
-            told=(NO_SUCH_STUDY, ()) if as_unknown else decision.told,
-        )
-    attempt.allowed[patient] = tuple(study_uids)
-    return decision
 
 
-async def _check_requester(api: TimelineApi, attempt: Attempt, study_uids: Sequence[str]) -> None:
-    """What holds for the requester whichever study they name (the role, the token, the
-    emergency reason, the provider type), refused with 403 before any study is looked up:
-    the answer is the same whether the study is on a timeline or not."""
-    if not attempt.principal.has_role(ROLE_PROVIDER):
-        raise await _refuse(
-            api,
-            attempt,
-            None,
-            403,
-            "forbidden",
-            f"the token lacks the role {ROLE_PROVIDER}",
-            conditions=(CONDITION_ROLE,),
-            study_uids=study_uids,
-        )
-    try:
-        refused = await api.guard.check_requester(
-            attempt.principal, emergency_reason=attempt.emergency_reason
-        )
-    except AccessCheckUnavailable as exc:
-        log.warning("access check unavailable", error=str(exc))
-        await _audit(
-            api,
-            attempt,
-            outcome=AuditOutcome.DENIED,
-            patient=None,
-            reason=f"not decided: {exc}",
-            study_uids=study_uids,
-        )
-        raise unavailable(str(exc)) from None
-    if refused is not None:
-        raise await _refuse(
-            api,
-            attempt,
-            None,
-            403,
-            "forbidden",
-            refused.reason or "access refused",
-            conditions=refused.failed_conditions,
-            study_uids=study_uids,
-            told=refused.told,
-        )
+async def _refused(
+    api: TimelineApi,
+    attempt: Attempt,
+    patient: str | None,
+    decision: AccessDecision,
+    study_uids: Sequence[str],
+    *,
+    as_unknown: bool = False,
+) -> Refusal:
+    """The guard's refusal, audited; answered 404 like an unknown study when ``as_unknown``."""
+    return await _refuse(
+        api,
+        attempt,
+        patient,
+        404 if as_unknown else 403,
+        "not-found" if as_unknown else "forbidden",
+        decision.reason or "access refused",
+        conditions=decision.failed_conditions,
+        profile=decision.consent_profile,
+        study_uids=study_uids,
+        told=(NO_SUCH_STUDY, ()) if as_unknown else decision.told,
+    )
 
 
 async def _grant(
