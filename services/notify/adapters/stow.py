@@ -294,7 +294,8 @@ def parse_store_response(body: bytes) -> StoreResponse | None:
     """The Store Instances Response Module of a DICOM JSON body; None if it is not one.
 
     Accepts the data set as an object or as a one-element array (both occur), a sequence
-    without ``Value`` (Orthanc writes empty sequences so), and codes as numbers or hex text.
+    without ``Value`` (Orthanc writes empty sequences so), and codes as numbers or text
+    (:func:`_code`).
     """
     try:
         document = json.loads(body)
@@ -343,17 +344,27 @@ def _first(item: Mapping[str, Any], tag: str) -> Any:
     return values[0] if isinstance(values, list) and values else None
 
 
+_HEX_CODE = re.compile(r"^(0[xX])?[0-9A-Fa-f]{4}$")
+_DECIMAL_CODE = re.compile(r"^[0-9]{1,5}$")
+
+
 def _code(value: Any) -> int | None:
+    """A status code as the JSON model writes a US value (a number), or as some servers write
+    it: text, then as a status code is printed (four hex digits, ``0110``, ``A700``, maybe
+    ``0x``-prefixed) or as the number in decimal (``272``, ``43264``). No status code's
+    decimal form has four digits, so the two readings never meet."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, str):
+        text = value.strip()
+        if _HEX_CODE.match(text):
+            value = int(text.removeprefix("0x").removeprefix("0X"), 16)
+        elif _DECIMAL_CODE.match(text):
+            value = int(text)
+        else:
+            return None
     if isinstance(value, int):
         return value if 0 <= value <= 0xFFFF else None
-    if isinstance(value, str):
-        try:
-            code = int(value.strip(), 16)
-        except ValueError:
-            return None
-        return code if 0 <= code <= 0xFFFF else None
     return None
 
 

@@ -389,3 +389,35 @@ async def test_a_connection_the_receiver_dropped_is_tried_once_more_with_the_who
     result = await send(handle, [sent])
     assert len(bodies) == 2 and bodies[0] == bodies[1] and bodies[1]
     assert result.all_stored
+
+
+@pytest.mark.parametrize(
+    ("written", "code"),
+    [
+        (0xA700, 0xA700),
+        ("A700", 0xA700),
+        ("0110", 0x0110),
+        ("0x0122", 0x0122),
+        ("c122", 0xC122),
+        ("272", 0x0110),  # the number in decimal text
+        ("43264", 0xA900),
+        (" 0111 ", 0x0111),
+        ("", None),
+        ("failed", None),
+        ("123456", None),
+        (0x10000, None),
+        (True, None),
+    ],
+)
+def test_a_failure_reason_is_read_as_a_number_or_as_text_in_either_spelling(
+    written: Any, code: int | None
+) -> None:
+    item = {
+        "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+        "00081155": {"vr": "UI", "Value": ["1.2"]},
+        "00081197": {"vr": "US", "Value": [written]},
+    }
+    parsed = parse_store_response(json.dumps({"00081198": {"vr": "SQ", "Value": [item]}}).encode())
+
+    assert parsed is not None
+    assert dict(parsed.failed) == {"1.2": code}
