@@ -44,6 +44,12 @@ class NotifyWorkerMetrics(ServiceMetrics):
             "Instances sent to receivers, by channel and outcome (sent, failed).",
             ["channel", "outcome"],
         )
+        self.instances_decompressed = self.counter(
+            "notify_instances_decompressed",
+            "Compressed instances C-STOREd decompressed, their receiver accepting the SOP class "
+            "only uncompressed, by outcome (sent; failed: not decodable, not sent).",
+            ["outcome"],
+        )
         self.webhooks = self.counter(
             "notify_webhooks",
             "Webhook notifications, by type and outcome (delivered, rejected, exhausted).",
@@ -75,6 +81,7 @@ class NotifyWorkerMetrics(ServiceMetrics):
         initialise(self.delivered, CHANNELS, PRIORITIES)
         initialise(self.failed_attempts, CHANNELS, ("true", "false"))
         initialise(self.instances, CHANNELS, ("sent", "failed"))
+        initialise(self.instances_decompressed, ("sent", "failed"))
         initialise(self.webhooks, WEBHOOK_TYPES, WEBHOOK_OUTCOMES)
         initialise(self.delivery_latency, PRIORITIES)
         # The time to send one batch, per channel (handlers.deliver times "send-<channel>").

@@ -4,19 +4,35 @@ Presentation contexts come from the batch itself: per SOP class, each stored tra
 exactly as stored. An uncompressed little-endian instance (Explicit/Implicit VR LE, Deflated)
 gets one context per SOP class that also offers Explicit and Implicit VR Little Endian, because
 pynetdicom can re-encode between those without touching a value; a compressed (or big-endian)
-one gets a context of its stored syntax alone: it is sent as stored or not at all, never
-decompressed.
+one gets a context of its stored syntax alone.
+
+Many PACS accept a SOP class only uncompressed, and dcm4chee and Orthanc decompress for them
+when they send; so does beeldportaal. A compressed instance whose syntax this process can
+decode (``transcode.decodable_syntaxes``: what the installed pydicom plugins decode) also has
+a fallback: its SOP class is offered in Explicit and Implicit VR Little Endian too, in a
+context apart from the stored syntax's (or in the one its SOP class has for native instances),
+so that the receiver accepts or refuses the stored syntax on its own. Accepted, the instance
+goes as stored, byte for byte as ever. Refused while a native context was accepted, the
+instance is decoded (``transcode.decompress``: same SOP Instance UID, Lossy Image Compression
+"01" when the stored syntax was lossy) and sent in the accepted syntax. A syntax nothing here
+decodes goes as stored or not at all. Fallback contexts only take the room that the stored
+ones leave of the 128, so they never make a batch too large for one association.
 
 Each instance is read with pydicom (encapsulated Pixel Data stays the stored fragments) and
 pynetdicom encodes the data set in the accepted transfer syntax: element values and Pixel Data
 go out unchanged; only the encoding around them can differ (no retired group lengths, and the
-VR encoding when the receiver chose Implicit for an Explicit instance or the reverse).
+VR encoding when the receiver chose Implicit for an Explicit instance or the reverse). A
+decompressed instance is decoded whole before its C-STORE, in the batch's worker thread; one
+that cannot be decoded fails alone, unsent.
 
 Answers:
 
 * per instance, the C-STORE Status (see ``outcomes.classify_status``); an instance whose
   presentation context the receiver rejected is FAILED with ``0122`` (SOP class not supported)
-  or ``C122`` (transfer syntax not supported, the STOW-RS code for the same refusal);
+  or ``C122`` (transfer syntax not supported, the STOW-RS code for the same refusal; also when
+  the receiver took the SOP class in another context); one whose Pixel Data could not be
+  decoded for the fallback is FAILED without a code (no DICOM status was exchanged) and
+  permanently (the same bytes fail the same way), or transiently when memory ran out;
 * for the whole batch: connection refused or timed out, association rejected-transient,
   aborted, or no C-STORE response: TransientDeliveryError; association rejected-permanent
   (e.g. an unknown called AE title): PermanentDeliveryError. An abort (or a lost connection,
@@ -38,10 +54,12 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
@@ -56,8 +74,15 @@ from services.notify.domain.outcomes import (
     TransientDeliveryError,
     outcome_for_status,
 )
+from services.notify.domain.transcode import (
+    UndecodablePixelData,
+    decodable_syntaxes,
+    decompress,
+)
+from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.domain.directory import DimseEndpoint
 from shared.events import Urgency
+from shared.logging import get_logger
 
 __all__ = [
     "MAX_PRESENTATION_CONTEXTS",
@@ -69,6 +94,8 @@ __all__ = [
     "c_store_priority",
     "presentation_contexts",
 ]
+
+log = get_logger(__name__)
 
 # PS3.8 §9.3.2.2: presentation context ids are the odd numbers 1..255.
 MAX_PRESENTATION_CONTEXTS = 128
@@ -93,6 +120,10 @@ _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 PRIORITY_MEDIUM = 0x0000
 PRIORITY_HIGH = 0x0001
 PRIORITY_LOW = 0x0002
+# How an instance is sent: in an accepted context as stored (or natively re-encoded), or
+# decompressed into an accepted native one.
+_AS_STORED = "as-stored"
+_DECOMPRESSED = "decompressed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +145,18 @@ def _convertible(syntax: UID) -> bool:
         return False
 
 
-def presentation_contexts(instances: Sequence[OutgoingInstance]) -> list[PresentationContext]:
-    """The contexts to request for a batch (see the module docstring); at most 128."""
+def presentation_contexts(
+    instances: Sequence[OutgoingInstance], decodable: Collection[str] = frozenset()
+) -> list[PresentationContext]:
+    """The contexts to request for a batch (see the module docstring); at most 128.
+
+    ``decodable``: the compressed transfer syntaxes this process can decode; their instances'
+    SOP classes are also offered uncompressed, after every stored syntax and only while fewer
+    than 128 contexts are asked for (a batch that fits without them fits with them).
+    """
     convertible: dict[str, list[str]] = {}
     exact: dict[tuple[str, str], None] = {}
+    fallback: dict[str, None] = {}
     for instance in instances:
         syntax = UID(instance.transfer_syntax_uid)
         if _convertible(syntax):
@@ -126,6 +165,8 @@ def presentation_contexts(instances: Sequence[OutgoingInstance]) -> list[Present
                 stored.append(syntax)
         else:
             exact[(instance.sop_class_uid, syntax)] = None
+            if syntax in decodable:
+                fallback[instance.sop_class_uid] = None
     contexts = [
         build_context(sop_class, [*stored, *(s for s in _NATIVE_LITTLE_ENDIAN if s not in stored)])
         for sop_class, stored in convertible.items()
@@ -136,6 +177,10 @@ def presentation_contexts(instances: Sequence[OutgoingInstance]) -> list[Present
             f"a batch needs {len(contexts)} presentation contexts, one association takes at most "
             f"{MAX_PRESENTATION_CONTEXTS}: split it"
         )
+    # A SOP class with native instances in the batch has its native context already.
+    wanted = [sop_class for sop_class in fallback if sop_class not in convertible]
+    room = MAX_PRESENTATION_CONTEXTS - len(contexts)
+    contexts += [build_context(s, list(_NATIVE_LITTLE_ENDIAN)) for s in wanted[:room]]
     return contexts
 
 
@@ -146,10 +191,25 @@ def c_store_priority(urgency: Urgency) -> int:
 
 
 class DimseSender:
-    """C-STOREs batches to receivers' SCPs, calling each as its endpoint's calling AE title."""
+    """C-STOREs batches to receivers' SCPs, calling each as its endpoint's calling AE title.
 
-    def __init__(self, *, timeouts: DimseTimeouts = DimseTimeouts()) -> None:
+    ``decodable`` (default: what the installed pydicom plugins decode) are the compressed
+    transfer syntaxes sent decompressed to a receiver that refuses them; ``metrics`` counts
+    those instances.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeouts: DimseTimeouts = DimseTimeouts(),
+        decodable: Collection[str] | None = None,
+        metrics: NotifyWorkerMetrics | None = None,
+    ) -> None:
         self._timeouts = timeouts
+        self._decodable = (
+            decodable_syntaxes() if decodable is None else frozenset(map(UID, decodable))
+        )
+        self._metrics = metrics
 
     async def send(
         self,
@@ -168,7 +228,7 @@ class DimseSender:
             raise ValueError("a C-STORE priority is 0 (medium), 1 (high) or 2 (low)")
         if not instances:
             return BatchResult(())
-        contexts = presentation_contexts(instances)
+        contexts = presentation_contexts(instances, self._decodable)
         cancelled = threading.Event()
         try:
             return await asyncio.to_thread(
@@ -187,6 +247,7 @@ class DimseSender:
         priority: int,
     ) -> BatchResult:
         assoc = self._associate(endpoint, contexts)
+        decompressed = _Decompressed()
         try:
             if not assoc.is_established:
                 return self._not_established(assoc, endpoint, instances)
@@ -198,7 +259,9 @@ class DimseSender:
                         "C-STORE batch cancelled", answered=BatchResult(tuple(outcomes))
                     )
                 try:
-                    outcomes.append(_store(assoc, instance, message_id, priority))
+                    outcomes.append(
+                        _store(assoc, instance, message_id, priority, self._decodable, decompressed)
+                    )
                 except _Aborted:
                     raise TransientDeliveryError(
                         f"association aborted or no C-STORE response after {len(outcomes)} of "
@@ -211,6 +274,24 @@ class DimseSender:
                 assoc.release()
             if assoc.is_established:  # the release went unanswered
                 assoc.abort()
+            self._report(endpoint, len(instances), decompressed)
+
+    def _report(self, endpoint: DimseEndpoint, size: int, decompressed: _Decompressed) -> None:
+        """One log line per batch that decompressed anything (never one per instance)."""
+        if not decompressed.outcomes:
+            return
+        if self._metrics is not None:
+            for outcome, count in decompressed.outcomes.items():
+                self._metrics.instances_decompressed.labels(outcome).inc(count)
+        sent, failed = decompressed.outcomes["sent"], decompressed.outcomes["failed"]
+        (log.warning if failed else log.info)(
+            "instances sent decompressed: the receiver accepts their SOP class only uncompressed",
+            endpoint=endpoint.id,
+            sent=sent,
+            failed=failed,
+            batch=size,
+            transfer_syntaxes=sorted(decompressed.syntaxes),
+        )
 
     def _associate(
         self, endpoint: DimseEndpoint, contexts: list[PresentationContext]
@@ -252,11 +333,30 @@ class _Aborted(Exception):
     """The association broke off before the instance's C-STORE response arrived."""
 
 
+class _Decompressed:
+    """A batch's instances sent decompressed: how many per metric outcome (``sent``: a C-STORE
+    response came; ``failed``: not decodable, not sent) and their stored syntaxes' keywords."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.syntaxes: set[str] = set()
+
+    def add(self, outcome: str, syntax: str) -> None:
+        self.outcomes[outcome] += 1
+        self.syntaxes.add(UID(syntax).keyword or syntax)
+
+
 def _store(
-    assoc: Association, instance: OutgoingInstance, message_id: int, priority: int
+    assoc: Association,
+    instance: OutgoingInstance,
+    message_id: int,
+    priority: int,
+    decodable: Collection[str],
+    decompressed: _Decompressed,
 ) -> InstanceOutcome:
     uid = instance.sop_instance_uid
-    if not _accepted(assoc, instance):
+    how = _how(assoc, instance, decodable)
+    if how is None:
         return _refused(assoc, instance)
     try:
         dataset = pydicom.dcmread(io.BytesIO(instance.data))
@@ -267,6 +367,11 @@ def _store(
             InstanceStatus.FAILED,
             reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
         )
+    if how == _DECOMPRESSED:
+        failed = _decompress(dataset, instance)
+        if failed is not None:
+            decompressed.add("failed", instance.transfer_syntax_uid)
+            return failed
     try:
         status = assoc.send_c_store(dataset, msg_id=message_id % 0x10000 or 1, priority=priority)
     except (ValueError, AttributeError) as exc:
@@ -281,18 +386,45 @@ def _store(
     if "Status" not in status:
         # pynetdicom's answer to an abort, a DIMSE timeout or an invalid response.
         raise _Aborted
+    if how == _DECOMPRESSED:
+        decompressed.add("sent", instance.transfer_syntax_uid)
     return outcome_for_status(uid, int(status.Status))
 
 
-def _accepted(assoc: Association, instance: OutgoingInstance) -> bool:
+def _decompress(dataset: Dataset, instance: OutgoingInstance) -> InstanceOutcome | None:
+    """Decompress ``dataset`` in place; the instance's FAILED outcome when it cannot be."""
+    try:
+        decompress(dataset)
+    except UndecodablePixelData as exc:
+        # The same bytes fail the same way every time: permanent, like an unreadable file.
+        return InstanceOutcome(
+            instance.sop_instance_uid,
+            InstanceStatus.FAILED,
+            reason=f"{exc}; the receiver accepts it only uncompressed, not sent",
+        )
+    except MemoryError:
+        return InstanceOutcome(
+            instance.sop_instance_uid,
+            InstanceStatus.FAILED,
+            reason="not enough memory to decompress it for the receiver, not sent",
+            transient=True,
+        )
+    return None
+
+
+def _how(assoc: Association, instance: OutgoingInstance, decodable: Collection[str]) -> str | None:
+    """``_AS_STORED`` when a context accepts the stored syntax (or one pynetdicom re-encodes it
+    to), ``_DECOMPRESSED`` when only a native one is accepted and the syntax is decodable."""
     syntax = UID(instance.transfer_syntax_uid)
+    native = False
     for context in assoc.accepted_contexts:
         if context.abstract_syntax != instance.sop_class_uid:
             continue
         accepted = UID(context.transfer_syntax[0])
         if accepted == syntax or (_convertible(syntax) and _convertible(accepted)):
-            return True
-    return False
+            return _AS_STORED
+        native = native or _convertible(accepted)
+    return _DECOMPRESSED if native and syntax in decodable else None
 
 
 def _refused(assoc: Association, instance: OutgoingInstance) -> InstanceOutcome:
@@ -301,11 +433,13 @@ def _refused(assoc: Association, instance: OutgoingInstance) -> InstanceOutcome:
         for context in assoc.rejected_contexts
         if context.abstract_syntax == instance.sop_class_uid
     }
-    if _ABSTRACT_SYNTAX_NOT_SUPPORTED in results:
+    # A SOP class accepted in another context (e.g. the uncompressed fallback) is supported,
+    # whatever was answered for this one: dcmtk-based SCPs such as Orthanc answer "abstract
+    # syntax not supported" for a context none of whose transfer syntaxes they take.
+    supported = any(c.abstract_syntax == instance.sop_class_uid for c in assoc.accepted_contexts)
+    if _ABSTRACT_SYNTAX_NOT_SUPPORTED in results and not supported:
         code, reason = "0122", "SOP class not supported by the receiver"
-    elif _TRANSFER_SYNTAXES_NOT_SUPPORTED in results or any(
-        c.abstract_syntax == instance.sop_class_uid for c in assoc.accepted_contexts
-    ):
+    elif supported or _TRANSFER_SYNTAXES_NOT_SUPPORTED in results:
         code, reason = "C122", "stored transfer syntax not accepted by the receiver"
     else:
         code, reason = None, "presentation context rejected by the receiver"

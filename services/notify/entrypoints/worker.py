@@ -112,7 +112,8 @@ def build_notify_worker(
                 acse=settings.receiver_timeout_seconds,
                 dimse=settings.receiver_timeout_seconds,
                 network=settings.receiver_timeout_seconds,
-            )
+            ),
+            metrics=metrics,
         ),
         policy=policy,
         metrics=metrics,

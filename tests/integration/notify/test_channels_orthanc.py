@@ -6,25 +6,31 @@ the coerced header. Refusals are Orthanc's own: an instance of another study in 
 and stores the rest), a SOP class Orthanc does not accept over DIMSE (it rejects that
 presentation context), an unknown called AE title (association rejected permanently), a
 stopped receiver, and a STOW-RS endpoint guarded by an Orthanc HTTP filter that wants a bearer
-token.
+token. A second Orthanc accepts every SOP class only uncompressed (AcceptedTransferSyntaxes), as
+many PACS do: compressed instances reach it decompressed over C-STORE.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     RLELossless,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 
@@ -47,6 +53,8 @@ from tests.factories import TEST_BSN
 pytestmark = pytest.mark.integration
 
 RECEIVER_AET = "RECEIVER"
+NATIVE_AET = "NATIVEONLY"
+NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 GOOD_TOKEN = "receiver-token-8c1f2e"
 # Orthanc runs this on every HTTP request; false means 403 Forbidden. Header names are lower case.
 TOKEN_FILTER = f"""
@@ -74,6 +82,18 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
         aet=RECEIVER_AET,
         stable_age=2,
         extra={"DicomCheckCalledAet": True},
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def native_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
+    """A PACS that accepts every SOP class only in Implicit or Explicit VR Little Endian."""
+    with OrthancPeer.running(
+        tmp_path_factory.mktemp("notify-native") / "receiver",
+        aet=NATIVE_AET,
+        stable_age=2,
+        extra={"DicomCheckCalledAet": True, "AcceptedTransferSyntaxes": list(NATIVE_SYNTAXES)},
     ) as peer:
         yield peer
 
@@ -117,6 +137,17 @@ def sample(name: str, study_uid: str) -> bytes:
     ds.SeriesInstanceUID = generate_uid()
     ds.update(patient_id_item("H1234567", "ZNOORD"))
     ds.OtherPatientIDsSequence = [bsn_item(TEST_BSN)]
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def corrupted(name: str, study_uid: str) -> bytes:
+    """:func:`sample` with its last frame's codestream cut to a third: not decodable."""
+    ds = read(sample(name, study_uid))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=ds.get("NumberOfFrames") or 1))
+    frames[-1] = frames[-1][: len(frames[-1]) // 3]
+    ds.PixelData = encapsulate(frames)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
@@ -243,6 +274,133 @@ async def test_a_coerced_instance_arrives_under_the_bsn_with_its_original_patien
     [found] = [r for r in receiver.lookup(study_uid) if r["Type"] == "Study"]
     study = receiver.rest("GET", f"/studies/{found['ID']}")
     assert study["PatientMainDicomTags"]["PatientID"] == TEST_BSN
+
+
+async def test_a_receiver_accepting_the_stored_syntax_gets_it_as_stored_fallback_or_not(
+    receiver: OrthancPeer,
+) -> None:
+    # JPEG Lossless SV1 can be decoded here, so an uncompressed fallback is offered beside it;
+    # Orthanc accepts both, and the stored syntax wins.
+    study_uid = generate_uid()
+    batch = [
+        outgoing(sample("SC_rgb_jpeg_gdcm.dcm", study_uid)),
+        outgoing(sample("SC_rgb_jpeg_dcmtk.dcm", study_uid)),
+    ]
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(dimse(receiver), batch)
+
+    assert result.all_stored
+    assert_arrived_intact(receiver, batch)
+    assert [
+        read(received(receiver, i.sop_instance_uid) or b"").file_meta.TransferSyntaxUID
+        for i in batch
+    ] == [JPEGLosslessSV1, JPEGBaseline8Bit]
+
+
+# --- a receiver that accepts its SOP classes only uncompressed -----------------------------------
+
+# What decompressing may change in a data set; every other element arrives as sent.
+DECODED_ELEMENTS = (
+    "PixelData",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "LossyImageCompression",
+)
+
+
+def without_pixel_encoding(ds: Dataset) -> Dataset:
+    ds = copy.deepcopy(ds)
+    for keyword in DECODED_ELEMENTS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+async def test_a_receiver_refusing_compressed_syntaxes_refuses_them_without_the_fallback(
+    native_receiver: OrthancPeer,
+) -> None:
+    # The configuration the next tests rely on: without a decoder, the JPEG is refused (C122:
+    # Orthanc takes its SOP class, in the native instance's context) and the native one stored.
+    study_uid = generate_uid()
+    batch = [
+        outgoing(sample("SC_rgb_jpeg_gdcm.dcm", study_uid)),
+        outgoing(
+            make_dicom_bytes(StudyInstanceUID=study_uid, sop_class_uid=SecondaryCaptureImageStorage)
+        ),
+    ]
+
+    result = await DimseSender(timeouts=FAST_DIMSE, decodable=()).send(
+        dimse(native_receiver, NATIVE_AET), batch
+    )
+
+    assert [(o.status, o.code) for o in result.outcomes] == [
+        (InstanceStatus.FAILED, "C122"),
+        (InstanceStatus.STORED, None),
+    ]
+    assert received(native_receiver, batch[0].sop_instance_uid) is None
+
+
+async def test_compressed_instances_reach_a_receiver_accepting_only_uncompressed_decoded(
+    native_receiver: OrthancPeer,
+) -> None:
+    study_uid = generate_uid()
+    lossless = outgoing(sample("SC_rgb_jpeg_gdcm.dcm", study_uid))  # JPEG Lossless SV1, RGB
+    lossy = outgoing(sample("SC_rgb_dcmtk_+eb+cy+np.dcm", study_uid))  # JPEG baseline, YBR 422
+    native = outgoing(
+        make_dicom_bytes(
+            StudyInstanceUID=study_uid,
+            patient=patient_id_item("H1234567", "ZNOORD"),
+            other_patient_ids=[bsn_item(TEST_BSN)],
+        )
+    )
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(
+        dimse(native_receiver, NATIVE_AET), [lossless, lossy, native]
+    )
+
+    assert [o.status for o in result.outcomes] == [InstanceStatus.STORED] * 3
+    assert_arrived_intact(native_receiver, [native])
+    arrived = {}
+    for instance in (lossless, lossy):
+        stored = received(native_receiver, instance.sop_instance_uid)  # the same SOP Instance UID
+        assert stored is not None, instance
+        ours, theirs = read(instance.data), read(stored)
+        arrived[instance.sop_instance_uid] = theirs
+        assert theirs.file_meta.TransferSyntaxUID in NATIVE_SYNTAXES
+        assert not theirs["PixelData"].is_undefined_length
+        assert theirs.SOPInstanceUID == instance.sop_instance_uid
+        # The image as pydicom decodes the stored codestream; every other element as sent.
+        assert np.array_equal(theirs.pixel_array, ours.pixel_array)
+        assert without_pixel_encoding(theirs) == without_pixel_encoding(ours)
+    from_lossless, from_lossy = arrived[lossless.sop_instance_uid], arrived[lossy.sop_instance_uid]
+    # Lossless is lossless: the RLE copy of the same image decodes to the very same pixels.
+    rle = read(sample("SC_rgb_rle.dcm", study_uid))
+    assert np.array_equal(from_lossless.pixel_array, rle.pixel_array)
+    assert "LossyImageCompression" not in from_lossless
+    assert from_lossy.LossyImageCompression == "01"
+    assert (from_lossy.PhotometricInterpretation, from_lossy.PlanarConfiguration) == ("RGB", 0)
+    assert read(lossy.data).PhotometricInterpretation == "YBR_FULL_422"
+
+
+async def test_an_undecodable_instance_fails_alone_and_nothing_of_it_arrives(
+    native_receiver: OrthancPeer,
+) -> None:
+    study_uid = generate_uid()
+    broken = outgoing(corrupted("SC_rgb_jpeg_gdcm.dcm", study_uid))
+    rle = outgoing(sample("MR_small_RLE.dcm", study_uid))
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(
+        dimse(native_receiver, NATIVE_AET), [broken, rle]
+    )
+
+    failed = result.outcome(broken.sop_instance_uid)
+    assert (failed.status, failed.code, failed.transient) == (InstanceStatus.FAILED, None, False)
+    assert "not decodable" in (failed.reason or "")
+    assert received(native_receiver, broken.sop_instance_uid) is None
+    assert result.outcome(rle.sop_instance_uid).status is InstanceStatus.STORED
+    theirs = read(received(native_receiver, rle.sop_instance_uid) or b"")
+    assert theirs.file_meta.TransferSyntaxUID in NATIVE_SYNTAXES
+    assert np.array_equal(theirs.pixel_array, read(rle.data).pixel_array)
 
 
 # --- refusals -----------------------------------------------------------------------------------

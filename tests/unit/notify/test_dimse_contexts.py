@@ -52,7 +52,7 @@ def test_a_deflated_instance_is_offered_as_stored_first_then_inflated() -> None:
     ]
 
 
-def test_compressed_and_big_endian_instances_are_offered_only_as_stored() -> None:
+def test_without_a_decoder_compressed_and_big_endian_instances_are_offered_only_as_stored() -> None:
     contexts = requested(
         instance(CTImageStorage, JPEGBaseline8Bit),
         instance(CTImageStorage, RLELossless),
