@@ -418,9 +418,17 @@ class PickupAudit:
         await self._record(AuditOutcome.ALLOWED, grant, found, None)
 
     async def denied(
-        self, outcome: str, grant: PickupGrant | None, reason: str, found: Pickup | None = None
+        self,
+        outcome: str,
+        grant: PickupGrant | None,
+        reason: str,
+        found: Pickup | None = None,
+        *,
+        known: bool = True,
     ) -> None:
-        if found is None and grant is not None:
+        """Record a refusal; ``known=False`` when the view has been asked already (or cannot
+        be): the record then names the patient only through ``found``."""
+        if found is None and grant is not None and known:
             found = await self._known(grant)
         await self._record(AuditOutcome.DENIED, grant, found, reason)
         self._api.metrics.pickup(outcome)
@@ -468,9 +476,34 @@ class PickupAudit:
             await self._api.audit.record(event)
         except AuditUnavailable:
             self._api.metrics.pickup("unaudited")
+            if outcome is AuditOutcome.ALLOWED:
+                # Kafka may still take the record it did not acknowledge in time: a second one
+                # says the download was not answered, so the patient's log shows no download
+                # that never happened. Best effort, in the background: the answer is 503 now.
+                follow_up = event.model_copy(
+                    update={
+                        "event_id": uuid.uuid4(),
+                        "outcome": AuditOutcome.DENIED,
+                        "authorisation_basis": None,
+                        "reason": "allowed, not answered: the record was not acknowledged in time",
+                    }
+                )
+                task = asyncio.create_task(self._api.audit.record(follow_up))
+                _FOLLOW_UPS.add(task)
+                task.add_done_callback(_settled)
             raise Problem(
                 503, "Unavailable", "the pickup could not be audited; nothing was disclosed"
             ) from None
+
+
+# Follow-up records in flight (a task is only weakly referenced by the event loop).
+_FOLLOW_UPS: set[asyncio.Task[None]] = set()
+
+
+def _settled(task: asyncio.Task[None]) -> None:
+    _FOLLOW_UPS.discard(task)
+    if not task.cancelled():
+        task.exception()  # AuditUnavailable: logged by the audit log already
 
 
 # --- routes ---------------------------------------------------------------------------------------
@@ -479,7 +512,6 @@ class PickupAudit:
 def build_router(api: NotifyApi) -> APIRouter:
     router = APIRouter()
     authenticate = api.principal_dependency
-    provider = require_role(PROVIDER, authenticate=authenticate)
     operator = require_role(OPERATOR, authenticate=authenticate)
     provider_or_operator = require_role(PROVIDER, OPERATOR, authenticate=authenticate)
     sync_timeout = api.settings.view_sync_timeout_seconds
@@ -635,7 +667,8 @@ def build_router(api: NotifyApi) -> APIRouter:
     async def pickup(
         token: Annotated[str, Path(min_length=1, max_length=MAX_TOKEN_CHARS)],
         request: Request,
-        principal: Principal = Depends(provider),  # noqa: B008  (see shared.auth)
+        # Authenticated only: a caller without the role is refused below, and recorded.
+        principal: Principal = Depends(authenticate),  # noqa: B008  (see shared.auth)
     ) -> Response:
         audit = PickupAudit(api, request, principal)
         try:
@@ -650,6 +683,9 @@ def build_router(api: NotifyApi) -> APIRouter:
         except MalformedPickupToken:
             await audit.denied("malformed", None, "not a pickup link")
             raise Problem(400, "Bad Request", "this is not a pickup link") from None
+        if not principal.has_role(PROVIDER):
+            await audit.denied("forbidden", grant, f"the token lacks the role {PROVIDER}")
+            raise Problem(403, "Forbidden", f"a pickup needs the role {PROVIDER}")
         if grant.recipient_ura != principal.organisation_ura:
             log.warning(
                 "pickup refused: link for another organisation",
@@ -658,14 +694,21 @@ def build_router(api: NotifyApi) -> APIRouter:
             )
             await audit.denied("forbidden", grant, "the pickup link is for another organisation")
             raise Problem(403, "Forbidden", "this pickup link is for another organisation")
-        _require_ready(api.journey, "journey")
+        try:
+            _require_ready(api.journey, "journey")
+        except Problem as problem:
+            await audit.denied("unavailable", grant, f"not answered: {problem.detail}", known=False)
+            raise
         uid, version, ura = grant.study_instance_uid, grant.study_version, grant.recipient_ura
         found = api.journey.pickup(uid, version, ura, grant.sender_ura)
         if found is None and await _synced(api.journey, sync_timeout):
             # The link may have been sent a moment after the route was published.
             found = api.journey.pickup(uid, version, ura, grant.sender_ura)
         if found is None:
-            await audit.denied("not-found", grant, "not (or no longer) available for pickup")
+            # Looked up (and synced) above: the record names no patient.
+            await audit.denied(
+                "not-found", grant, "not (or no longer) available for pickup", known=False
+            )
             raise Problem(
                 404, "Not Found", "this study version is not (or no longer) available for pickup"
             )

@@ -378,6 +378,7 @@ def test_the_sender_sees_each_version_of_its_study_and_nobody_else_learns_it_exi
     assert v1.patient.pseudonym not in printed
     # `beeldportaal study status UID` prints the same, read straight from the topics.
     settings = NotifySettings(kafka=notify_api.kafka)
+    capsys.readouterr()  # what the API running in this process logged so far (its 401 above)
     assert asyncio.run(_study_status(settings, uid, False, notify_api.topics.journey)) == 0
     assert capsys.readouterr().out.strip() == printed
     assert asyncio.run(_study_status(settings, make_uid(), False, notify_api.topics.journey)) == 1
@@ -648,6 +649,10 @@ def test_a_pickup_link_that_expired_was_altered_or_is_for_another_organisation_i
     assert notify_api.get(f"/pickup/{another_sender}", recipient).status_code == 404
     before_senders = token_for(study, sender=None, ttl=timedelta(hours=1))
     assert notify_api.get(f"/pickup/{before_senders}", recipient).status_code == 200
+    # An operator holds the link, but a pickup is a provider's: refused, and recorded too.
+    by_operator = notify_api.get(f"/pickup/{genuine}", notify_api.operator)
+    assert by_operator.status_code == 403
+    assert "role provider" in by_operator.json()["detail"]
 
     # Every attempt of an authenticated caller is a NEN 7513 record (the 401 is not: nobody
     # to name). A refusal names the study when the link is genuine, and the patient when the
@@ -682,10 +687,17 @@ def test_a_pickup_link_that_expired_was_altered_or_is_for_another_organisation_i
             "not (or no longer) available for pickup",
         ),
         (ALLOWED, RECIPIENT_URA, (study.uid,), study.patient, None),
+        (
+            DENIED,
+            OPERATOR_URA,
+            (study.uid,),
+            study.patient,
+            "the token lacks the role provider",
+        ),
     ]
     assert records[4].study_instance_uids != (study.uid,)
     assert {r.event_type for r in records} == {"portal-pickup"}
-    assert all(r.authorisation_basis is None for r in records[:-1])
+    assert [r.authorisation_basis is None for r in records] == [True] * 6 + [False, True]
 
 
 def test_no_pickup_is_answered_that_could_not_be_audited(
