@@ -7,8 +7,13 @@ needs only NumPy; JPEG and JPEG 2000 use Pillow or GDCM; JPEG Lossless and JPEG-
 Decompressing changes the encoding, not the image (PS3.5 §8, PS3.3 C.7.6.1.1.5): the SOP
 Instance UID stays; the Photometric Interpretation becomes that of the decoded pixels (a JPEG's
 YBR_FULL or YBR_FULL_422 is decoded to RGB); an image that went through a lossy syntax says so
-in Lossy Image Compression (0028,2110) "01", and keeps the Lossy Image Compression Ratio and
-Method (0028,2112/2114) it had. Nothing here logs, and no error names a value from the data set.
+in Lossy Image Compression (0028,2110) "01", keeps the Lossy Image Compression Ratio and Method
+(0028,2112/2114) it had, and gets the Method of that syntax when it had none (the enhanced
+IODs require it with "01"). What only encapsulated Pixel Data may have goes: the Extended
+Offset Table (7FE0,0001/0002), and an Icon Image Sequence (optional) whose icon is still
+compressed. An image whose decoded pixels would pass :data:`MAX_DECODED_BYTES` is not decoded
+at all (decoding holds them twice). Nothing here logs, and no error names a value from the data
+set.
 """
 
 from __future__ import annotations
@@ -29,7 +34,18 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-__all__ = ["LOSSY_SYNTAXES", "UndecodablePixelData", "decodable_syntaxes", "decompress"]
+# Decoded pixels above this are not decoded here: pydicom holds every decoded frame and then
+# their joined copy, and a worker killed for its memory would replay the batch forever.
+MAX_DECODED_BYTES = 1024**3
+
+__all__ = [
+    "LOSSY_SYNTAXES",
+    "MAX_DECODED_BYTES",
+    "UndecodablePixelData",
+    "decodable_syntaxes",
+    "decoded_size",
+    "decompress",
+]
 
 # The syntaxes whose encoding may lose information: JPEG's DCT processes always do, JPEG-LS
 # near-lossless, JPEG 2000 and HTJ2K (not their "Lossless Only" variants) may. The header cannot
@@ -37,11 +53,36 @@ __all__ = ["LOSSY_SYNTAXES", "UndecodablePixelData", "decodable_syntaxes", "deco
 LOSSY_SYNTAXES = frozenset(
     {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
 )
+# Lossy Image Compression Method (0028,2114) per lossy syntax (PS3.3 C.7.6.1.1.5.1).
+_METHODS = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+    JPEG2000: "ISO_15444_1",
+    HTJ2K: "ISO_15444_15",
+}
+_EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
 
 
 class UndecodablePixelData(Exception):
-    """The Pixel Data could not be decoded: corrupt fragments, or a variant no installed plugin
-    handles (e.g. 12-bit JPEG Extended). The message names the error type only."""
+    """The Pixel Data could not be decoded: corrupt fragments, a variant no installed plugin
+    handles (e.g. 12-bit JPEG Extended), or too large to decode here. The message names the
+    error type only."""
+
+
+def decoded_size(dataset: Dataset) -> int:
+    """The bytes the decoded Pixel Data takes, from the header (0 when it does not say)."""
+    try:
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        return (
+            int(dataset.Rows)
+            * int(dataset.Columns)
+            * int(dataset.get("SamplesPerPixel") or 1)
+            * max(int(dataset.BitsAllocated) // 8, 1)
+            * max(frames, 1)
+        )
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 @cache
@@ -73,6 +114,11 @@ def decompress(dataset: Dataset) -> None:
         # No image: every other element of an encapsulated syntax is Explicit VR LE already.
         dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         return
+    size = decoded_size(dataset)
+    if size > MAX_DECODED_BYTES:
+        raise UndecodablePixelData(
+            f"pixel data too large to decompress here ({size // 1024**2} MiB decoded)"
+        )
     try:
         stored = UID(dataset.file_meta.TransferSyntaxUID)
         # Whole or not at all: pydicom decodes every frame before it replaces the Pixel Data.
@@ -82,5 +128,15 @@ def decompress(dataset: Dataset) -> None:
     except Exception as exc:
         # Plugins raise RuntimeError, ValueError, NotImplementedError, ... on a bad codestream.
         raise UndecodablePixelData(f"pixel data not decodable ({type(exc).__name__})") from exc
+    for tag in _EXTENDED_OFFSET_TABLE:  # only for encapsulated Pixel Data
+        if tag in dataset:
+            del dataset[tag]
+    icons = dataset.get("IconImageSequence")
+    if icons is not None and any(
+        "PixelData" in icon and icon["PixelData"].is_undefined_length for icon in icons
+    ):
+        del dataset.IconImageSequence  # optional, and still compressed: invalid as it is now
     if stored in LOSSY_SYNTAXES:
         dataset.LossyImageCompression = "01"
+        if "LossyImageCompressionMethod" not in dataset:
+            dataset.LossyImageCompressionMethod = _METHODS[stored]

@@ -44,8 +44,10 @@ from services.notify.adapters.dimse import (
 )
 from services.notify.domain.outcomes import InstanceStatus, OutgoingInstance
 from services.notify.domain.transcode import (
+    MAX_DECODED_BYTES,
     UndecodablePixelData,
     decodable_syntaxes,
+    decoded_size,
     decompress,
 )
 from services.notify.worker_metrics import NotifyWorkerMetrics
@@ -263,6 +265,47 @@ def test_the_lossy_compression_ratio_and_method_it_had_are_kept() -> None:
     assert ds.LossyImageCompression == "01"
     assert ds.LossyImageCompressionRatio == 12.5
     assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+
+
+def test_a_lossy_instance_without_a_method_gets_the_method_of_its_syntax() -> None:
+    ds = sample("SC_rgb_jpeg_dcmtk.dcm")
+    del ds.LossyImageCompressionMethod
+
+    ds = decoded(ds)
+
+    assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+
+
+def test_what_only_encapsulated_pixel_data_may_have_is_not_sent_uncompressed() -> None:
+    ds = sample("SC_rgb_jpeg_gdcm.dcm")
+    [frame] = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.ExtendedOffsetTable = (0).to_bytes(8, "little")
+    ds.ExtendedOffsetTableLengths = len(frame).to_bytes(8, "little")
+    icon = Dataset()
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored"):
+        setattr(icon, keyword, getattr(ds, keyword))
+    icon.HighBit, icon.PixelRepresentation = ds.HighBit, ds.PixelRepresentation
+    icon.PhotometricInterpretation = ds.PhotometricInterpretation
+    icon.add(copy.deepcopy(ds["PixelData"]))  # still encapsulated
+    ds.IconImageSequence = [icon]
+    assert icon["PixelData"].is_undefined_length
+
+    ds = decoded(ds)
+
+    assert "ExtendedOffsetTable" not in ds and "ExtendedOffsetTableLengths" not in ds
+    assert "IconImageSequence" not in ds
+    assert not ds["PixelData"].is_undefined_length
+
+
+def test_an_image_too_large_to_decode_here_is_undecodable_before_any_decoding() -> None:
+    ds = sample("SC_rgb_jpeg_gdcm.dcm")
+    ds.NumberOfFrames = MAX_DECODED_BYTES // decoded_size(ds) + 1
+    pixels = ds.PixelData
+
+    with pytest.raises(UndecodablePixelData, match="too large to decompress here"):
+        decompress(ds)
+
+    assert ds.PixelData is pixels  # untouched
 
 
 @pytest.mark.parametrize(
