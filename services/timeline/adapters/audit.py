@@ -171,16 +171,37 @@ class AccessLogArchive:
         if not events:
             return 0
         try:
-            async with (
-                self._pool.connection() as conn,
-                conn.transaction(),
-                conn.cursor() as cursor,
-            ):
-                # rowcount: the rows inserted over the whole executemany (psycopg >= 3.1).
-                await cursor.executemany(_INSERT, [_row(e) for e in events])
-                return max(cursor.rowcount, 0)
+            try:
+                return await self._insert([_row(e) for e in events])
+            except (psycopg.DataError, psycopg.IntegrityError):
+                # One record PostgreSQL will never take: keep the others, one by one.
+                return await self._one_by_one(events)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise TransientError(f"PostgreSQL did not take the access records: {exc}") from exc
+
+    async def _insert(self, rows: list[tuple[Any, ...]]) -> int:
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cursor,
+        ):
+            # rowcount: the rows inserted over the whole executemany (psycopg >= 3.1).
+            await cursor.executemany(_INSERT, rows)
+            return max(cursor.rowcount, 0)
+
+    async def _one_by_one(self, events: Sequence[AccessLogged]) -> int:
+        new = 0
+        for event in events:
+            try:
+                new += await self._insert([_row(event)])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # It stays on the topic (six years); the operator learns which one.
+                log.error(
+                    "access record refused by PostgreSQL, not archived",
+                    event_id=str(event.event_id),
+                    error=type(exc).__name__,
+                )
+        return new
 
 
 def _row(event: AccessLogged) -> tuple[Any, ...]:

@@ -13,8 +13,13 @@ patient's access-log search reads ``access_log``, so the timeline loads the topi
   and it never truncates: ``access_log`` is append-only evidence. Loading the topic from the
   start into an empty database gives back every record the topic still holds (six years).
 
-Errors as in the projection: a record that is not an ``AccessLogged`` is poison, logged and
-skipped; PostgreSQL away is transient (the batch is inserted again with backoff); anything
+Errors. An audit record is evidence, so the archive waits rather than skip one it could read
+later: a record of an ``access.logged`` schema this version does not know yet (a producer
+upgraded first) is a transient error, the batch is read again with backoff until the timeline
+is upgraded (its lag grows, and BeeldportaalConsumerLagHigh says so). A record that is no
+access record at all is poison, logged and skipped. PostgreSQL away is transient; a record
+PostgreSQL refuses as data (a NUL character in a text, say) is logged with its event id and
+skipped, the rest of its batch kept (``AccessLogArchive.add``): it stays on the topic. Anything
 else is fatal.
 """
 
@@ -26,12 +31,15 @@ from typing import Any
 
 from services.timeline.adapters.audit import AccessLogArchive
 from services.timeline.config import TimelineSettings
-from shared.codec import Codec
+from shared.codec import SCHEMA_HEADER, Codec, header
+from shared.errors import PoisonEvent, TransientError
 from shared.events import AccessLogged
+from shared.events.base import registry
 from shared.metrics import ServiceMetrics, safe_label
 from shared.stream import Outgoing, StreamWorker, decode_as
 
 GROUP = "timeline-access-archive"
+ACCESS_SCHEMA_PREFIX = AccessLogged.schema_name.rsplit(".", 1)[0] + "."  # "access.logged."
 
 
 @dataclass
@@ -48,8 +56,17 @@ class Archiver:
         self._events, self._topics = [], []
 
     async def handle(self, record: Any) -> Sequence[Outgoing]:
-        # Anything else on the topic raises PoisonEvent: the worker logs and skips it.
-        self._events.append(decode_as(self.codec, record, AccessLogged))
+        try:
+            event = decode_as(self.codec, record, AccessLogged)
+        except PoisonEvent:
+            schema = (header(record, SCHEMA_HEADER) or b"").decode("utf-8", "replace")
+            if schema.startswith(ACCESS_SCHEMA_PREFIX) and schema not in registry:
+                raise TransientError(
+                    f"an access record of schema {schema[:64]!r}, which this version does not "
+                    "know: upgrade the timeline; the archive waits for it"
+                ) from None
+            raise  # not an access record: the worker logs and skips it
+        self._events.append(event)
         self._topics.append(record.topic)
         return ()
 

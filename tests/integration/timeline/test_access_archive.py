@@ -5,12 +5,13 @@ reads them; loading twice keeps each record once, and a record never changes."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 
@@ -19,6 +20,7 @@ from services.timeline.config import TimelineSettings
 from services.timeline.entrypoints.access_archive import build_access_archive
 from services.timeline.entrypoints.projection import ProjectionMetrics
 from shared import migrations, topics
+from shared.codec import SCHEMA_HEADER, Codec
 from shared.events import AccessLogged, AuditAction, AuditOutcome
 from shared.kafka import KafkaEventPublisher
 from shared.settings import KafkaSettings, PostgresSettings
@@ -178,3 +180,71 @@ async def test_other_services_records_reach_the_access_log_once_and_unchanged(
         (own.event_id, "timeline-api"),
     ]
     assert found[0] == pickups[1].model_copy(update={"correlation_id": str(pickups[1].event_id)})
+
+
+async def test_the_archive_waits_for_a_schema_it_does_not_know_and_skips_what_postgres_refuses(
+    kafka_settings: KafkaSettings,
+    scratch_database: str,
+    declare_topics: Callable[..., Awaitable[None]],
+    tag: str,
+) -> None:
+    refused_topic, waiting_topic = f"test-access-refused-{tag}", f"test-access-waiting-{tag}"
+    await declare_topics(
+        TopicSpec(refused_topic, PARTITIONS, topics.DAY_MS),
+        TopicSpec(waiting_topic, 1, topics.DAY_MS),
+    )
+    migrations.migrate(scratch_database, grant_to=SERVICE_ROLE)
+    settings = TimelineSettings(
+        kafka=kafka_settings, postgres=PostgresSettings(dsn=scratch_database)
+    )
+    patient = make_pseudonym()
+    # A NUL in a text: valid JSON and a valid event, but no PostgreSQL text holds it.
+    unstorable = make_access_logged(patient=patient, reason="refused\x00here")
+    kept = [make_access_logged(patient=patient) for _ in range(3)]
+    async with KafkaEventPublisher(kafka_settings, "test-notify-api") as publisher:
+        for event in (kept[0], unstorable, *kept[1:]):
+            await publisher.publish(event, refused_topic)  # one patient: one partition
+
+    metrics = ProjectionMetrics(registry=CollectorRegistry())
+    await archive_until_caught_up(settings, refused_topic, f"test-archive-{tag}", metrics)
+
+    with psycopg.connect(scratch_database) as conn:
+        archived_ids = {r[0] for r in conn.execute("SELECT event_id FROM access_log")}
+    assert archived_ids == {e.event_id for e in kept}
+
+    # A record of a newer access.logged schema (its producer upgraded first) is not skipped:
+    # the archive holds its offset, and archives nothing past it, until it can read it.
+    future = json.loads(Codec().encode(make_access_logged(patient=patient)).value)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_list)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            waiting_topic,
+            json.dumps({**future, "new_field": 1}).encode(),
+            headers=[(SCHEMA_HEADER, b"access.logged.v9")],
+        )
+    finally:
+        await producer.stop()
+    service = settings.model_copy(
+        update={"postgres": PostgresSettings(dsn=as_role(scratch_database, SERVICE_ROLE))}
+    )
+    archive = AccessLogArchive(service.postgres.conninfo)
+    group = f"test-archive-waiting-{tag}"
+    stream = build_access_archive(
+        service, archive, ProjectionMetrics(registry=CollectorRegistry()), group=group,
+        topic=waiting_topic,
+    )  # fmt: skip
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_list)
+    await admin.start()
+    try:
+        async with running(Worker(stream, views=(archive,))) as worker:
+            await asyncio.sleep(5)
+            assert not worker.streams[0].stopping  # waiting, not stopped
+            committed = await admin.list_consumer_group_offsets(
+                f"{kafka_settings.client_id_prefix}-{group}"
+            )
+    finally:
+        await admin.close()
+    assert all(meta.offset <= 0 for meta in committed.values())
+    with psycopg.connect(scratch_database) as conn:
+        assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (len(kept),)
