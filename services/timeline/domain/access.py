@@ -211,13 +211,22 @@ class ConsentAccessGuard:
         return _denied(unknown, reason)
 
     async def check(
-        self, principal: Principal, patient: str, *, emergency_reason: str | None = None
+        self,
+        principal: Principal,
+        patient: str,
+        *,
+        emergency_reason: str | None = None,
+        requester_checked: bool = False,
     ) -> AccessDecision:
+        """``requester_checked``: :meth:`check_requester` allowed this request a moment ago
+        (the views synced then): neither is done again, so a study of a patient the requester
+        does not treat costs no more time than an unknown one."""
         reason = (emergency_reason or "").strip() or None
-        refused = _before_registry(principal, reason)
-        if refused is not None:
-            return refused
-        await self._sync()
+        if not requester_checked:
+            refused = _before_registry(principal, reason)
+            if refused is not None:
+                return refused
+            await self._sync()
         normal = self._normal(principal, patient)
         if principal.is_emergency:
             # Break the glass: allowed, and the audit shows what the normal rules said.

@@ -175,9 +175,15 @@ class AccessGuard(Protocol):
         ...
 
     async def check(
-        self, principal: Principal, patient: str, *, emergency_reason: str | None = None
+        self,
+        principal: Principal,
+        patient: str,
+        *,
+        emergency_reason: str | None = None,
+        requester_checked: bool = False,
     ) -> AccessDecision:
-        """May ``principal`` see ``patient``'s (pseudonym) timeline now?"""
+        """May ``principal`` see ``patient``'s (pseudonym) timeline now? ``requester_checked``:
+        :meth:`check_requester` allowed this request already."""
         ...
 
 

@@ -377,16 +377,23 @@ async def _check_access(
     """The role, then the guard; a refusal is audited and raised, an allowance returned (to be
     audited by the caller together with what it disclosed).
 
-    ``unrelated_as_unknown`` (DICOMweb, where the requester names a study): a requester who
-    does not treat the study's patient is answered as for a study on no timeline (404), so the
-    answer does not tell them the UID is on someone's timeline; the audit keeps why."""
+    ``unrelated_as_unknown`` (DICOMweb, where the requester names a study, after
+    :func:`_check_requester`): a requester who does not treat the study's patient is answered
+    as for a study on no timeline (404), so the answer does not tell them the UID is on
+    someone's timeline; the audit keeps why."""
     await _require_role(api, attempt, patient, role, study_uids)
     decision = await _consult(
         api,
         attempt,
         patient,
         study_uids,
-        api.guard.check(attempt.principal, patient, emergency_reason=attempt.emergency_reason),
+        api.guard.check(
+            attempt.principal,
+            patient,
+            emergency_reason=attempt.emergency_reason,
+            # DICOMweb asked _check_requester first: the same checks, not the same time twice.
+            requester_checked=unrelated_as_unknown,
+        ),
     )
     if not decision.allowed:
         unrelated = CONDITION_TREATMENT_RELATIONSHIP in decision.failed_conditions

@@ -333,6 +333,24 @@ async def test_what_holds_for_the_requester_whatever_the_patient_is_decided_with
         )
 
 
+async def test_a_check_after_the_requester_check_reads_what_that_one_synced() -> None:
+    view = await published(relationship(), consent())
+    access = await guard(view=view)
+    publisher = FakePublisher(view)
+    await publisher.start()
+
+    assert await access.check_requester(principal()) is None  # synced the views
+    objection = consent(Provision.DENY, consent_id="c2")  # stored, not yet applied:
+    await (await publisher.send(objection, view.topics.for_event(objection)))
+    decision = await access.check(principal(), PATIENT, requester_checked=True)
+
+    # Not synced again: the objection a moment later is not applied yet, and the request is
+    # decided on the registry as the requester check read it.
+    assert decision.outcome is AccessOutcome.ALLOWED
+    assert view.lag() == 1
+    assert (await access.check(principal(), PATIENT)).outcome is AccessOutcome.DENIED
+
+
 async def test_a_consent_registered_a_moment_ago_counts_because_the_view_is_synced_first() -> None:
     view = await published(relationship(), consent())
     assert view.get(PATIENT) is None and view.lag() == 2  # stored, not yet applied
