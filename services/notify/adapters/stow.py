@@ -345,22 +345,33 @@ def _first(item: Mapping[str, Any], tag: str) -> Any:
 
 
 _HEX_CODE = re.compile(r"^(0[xX])?[0-9A-Fa-f]{4}$")
-_DECIMAL_CODE = re.compile(r"^[0-9]{1,5}$")
+_DIGITS = re.compile(r"^[0-9]{1,5}$")
+# The failure codes below 1000 hex (PS3.4 C.4.2.1.4, PS3.7 C), whose text may be unpadded:
+# "110" is 0110 in hex, "272" is 0110 in decimal. Their hex and decimal spellings never meet.
+_SHORT_CODES = frozenset(
+    {0x0107, 0x0110, 0x0111, 0x0112, 0x0116, 0x0117, 0x0122, 0x0124}
+    | {0x0210, 0x0211, 0x0212, 0x0213}
+)
 
 
 def _code(value: Any) -> int | None:
     """A status code as the JSON model writes a US value (a number), or as some servers write
     it: text, then as a status code is printed (four hex digits, ``0110``, ``A700``, maybe
-    ``0x``-prefixed) or as the number in decimal (``272``, ``43264``). No status code's
-    decimal form has four digits, so the two readings never meet."""
+    ``0x``-prefixed), unpadded hex (``110``) or the number in decimal (``272``, ``43264``).
+    No status code's decimal form has four digits, so four digits are hex; fewer are the
+    reading that is a status code of those below 1000 hex, hex when neither is."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
         text = value.strip()
         if _HEX_CODE.match(text):
             value = int(text.removeprefix("0x").removeprefix("0X"), 16)
-        elif _DECIMAL_CODE.match(text):
+        elif _DIGITS.match(text) and len(text) == 5:
             value = int(text)
+        elif _DIGITS.match(text):
+            as_hex, as_decimal = int(text, 16), int(text)
+            decimal = as_decimal in _SHORT_CODES and as_hex not in _SHORT_CODES
+            value = as_decimal if decimal else as_hex
         else:
             return None
     if isinstance(value, int):

@@ -400,6 +400,9 @@ async def test_a_connection_the_receiver_dropped_is_tried_once_more_with_the_who
         ("0x0122", 0x0122),
         ("c122", 0xC122),
         ("272", 0x0110),  # the number in decimal text
+        ("290", 0x0122),
+        ("110", 0x0110),  # unpadded hex
+        ("122", 0x0122),
         ("43264", 0xA900),
         (" 0111 ", 0x0111),
         ("", None),
