@@ -25,7 +25,9 @@ class AuditOutcome(StrEnum):
 
 @event
 class AccessLogged(Event):
-    """Emitted by timeline for every access attempt, allowed or not (append-only audit trail)."""
+    """Emitted for every access attempt to patient data, allowed or not (append-only audit
+    trail): by the timeline (its searches, DICOMweb, the access log) and by notify (portal
+    pickup downloads); the timeline archives them all in ``access_log``."""
 
     # v2 (2026-11-27) added purpose_of_use; a v1 record reads as one that did not record it.
     schema_name: ClassVar[str] = "access.logged.v2"

@@ -466,21 +466,27 @@ async def test_an_invalid_token_gets_a_401_with_the_reason_in_the_challenge() ->
     assert body == {"detail": "wrong audience"}
 
 
-async def test_each_401_is_logged_with_the_route_and_why_never_the_token() -> None:
+async def test_each_401_is_logged_with_the_route_and_why_never_the_token_or_the_path() -> None:
     key = make_key()
     app = make_app(verifier_for(key))
-    expired = sign(key, make_claims(aud="other"))
+    auth = bearer_principal(verifier_for(key))
+
+    @app.get("/links/{link}")
+    async def link(link: str, principal: Principal = Depends(auth)) -> dict[str, str]:  # noqa: B008
+        return {"ura": principal.organisation_ura}
+
+    other_audience = sign(key, make_claims(aud="other"))
 
     with structlog.testing.capture_logs() as logs:
         await call(app, "/whoami")
-        await call(app, "/whoami", expired)
+        await call(app, "/links/secret-link-token", other_audience)
 
     refusals = [e for e in logs if e["event"] == "request refused: not authenticated"]
     assert [(e["reason"], e["route"], e["log_level"]) for e in refusals] == [
         ("missing bearer token", "GET /whoami", "warning"),
-        ("wrong audience", "GET /whoami", "warning"),
+        ("wrong audience", "GET /links/{link}", "warning"),
     ]
-    assert expired not in repr(logs)
+    assert other_audience not in repr(logs) and "secret-link-token" not in repr(logs)
 
 
 async def test_a_principal_without_the_required_role_gets_a_403() -> None:
