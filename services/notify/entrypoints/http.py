@@ -345,6 +345,16 @@ async def _synced(view: Any, timeout: float) -> bool:
 # --- pickup stream --------------------------------------------------------------------------------
 
 
+async def _pickup_of(api: NotifyApi, grant: PickupGrant) -> Pickup | None:
+    """What the link grants, as the journey view holds it; else as it holds it once it has read
+    what was published before now (a link may be sent a moment after its route)."""
+    key = (grant.study_instance_uid, grant.study_version, grant.recipient_ura, grant.sender_ura)
+    found = api.journey.pickup(*key)
+    if found is None and await _synced(api.journey, api.settings.view_sync_timeout_seconds):
+        found = api.journey.pickup(*key)
+    return found
+
+
 def _verified_chunks(api: NotifyApi, instance: PickupInstance) -> Iterator[bytes]:
     """The object's bytes as stored, hashed on the way.
 
@@ -434,16 +444,11 @@ class PickupAudit:
         self._api.metrics.pickup(outcome)
 
     async def _known(self, grant: PickupGrant) -> Pickup | None:
-        # A refusal names the patient when the view can tell, as the download would: what it
-        # holds, else what it holds once it has read what was published before now.
+        # A refusal names the patient when the view can tell, as the download would.
         journey = self._api.journey
         if journey.failed or not journey.is_caught_up:
             return None
-        key = (grant.study_instance_uid, grant.study_version, grant.recipient_ura)
-        found = journey.pickup(*key, grant.sender_ura)
-        if found is None and await _synced(journey, self._api.settings.view_sync_timeout_seconds):
-            found = journey.pickup(*key, grant.sender_ura)
-        return found
+        return await _pickup_of(self._api, grant)
 
     async def _record(
         self,
@@ -699,11 +704,8 @@ def build_router(api: NotifyApi) -> APIRouter:
         except Problem as problem:
             await audit.denied("unavailable", grant, f"not answered: {problem.detail}", known=False)
             raise
-        uid, version, ura = grant.study_instance_uid, grant.study_version, grant.recipient_ura
-        found = api.journey.pickup(uid, version, ura, grant.sender_ura)
-        if found is None and await _synced(api.journey, sync_timeout):
-            # The link may have been sent a moment after the route was published.
-            found = api.journey.pickup(uid, version, ura, grant.sender_ura)
+        uid, version = grant.study_instance_uid, grant.study_version
+        found = await _pickup_of(api, grant)
         if found is None:
             # Looked up (and synced) above: the record names no patient.
             await audit.denied(

@@ -48,12 +48,12 @@ class Archiver:
 
     archive: AccessLogArchive
     metrics: ServiceMetrics
+    topic: str
     codec: Codec = field(default_factory=Codec)
     _events: list[AccessLogged] = field(default_factory=list)
-    _topics: list[str] = field(default_factory=list)
 
     async def prepare(self) -> None:
-        self._events, self._topics = [], []
+        self._events = []
 
     async def handle(self, record: Any) -> Sequence[Outgoing]:
         try:
@@ -67,7 +67,6 @@ class Archiver:
                 ) from None
             raise  # not an access record: the worker logs and skips it
         self._events.append(event)
-        self._topics.append(record.topic)
         return ()
 
     async def tick(self) -> Sequence[Outgoing]:
@@ -75,7 +74,7 @@ class Archiver:
             return ()
         new = await self.archive.add(self._events)
         # Counted once the transaction committed: a retried batch is not counted twice.
-        topic = safe_label(self._topics[0])
+        topic = safe_label(self.topic)
         schema = safe_label(AccessLogged.schema_name)
         consumed = self.metrics.events_consumed
         consumed.labels(topic, schema, "archived").inc(new)
@@ -94,7 +93,7 @@ def build_access_archive(
 ) -> StreamWorker:
     """The archive's stream (consumer group ``beeldportaal-<group>``) reading ``topic``; the
     caller opens and closes ``archive`` (a view of the :class:`~shared.stream.Worker`)."""
-    archiver = Archiver(archive=archive, metrics=metrics)
+    archiver = Archiver(archive=archive, metrics=metrics, topic=topic)
     return StreamWorker(
         settings.kafka,
         name=group,
