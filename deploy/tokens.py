@@ -81,6 +81,7 @@ def _mint(args: argparse.Namespace) -> int:
             client_id=args.client_id,
             subject=args.subject,
             on_behalf_of=args.on_behalf_of,
+            represents=args.represents or (),
         )
     except ValueError as exc:
         print(f"cannot mint a token: {exc}", file=sys.stderr)
@@ -120,6 +121,13 @@ def add_token_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "--on-behalf-of",
         type=_digits(9, "UZI number"),
         help="UZI number of the professional the acting person works for (audited)",
+    )
+    mint.add_argument(
+        "--represents",
+        action="append",
+        metavar="BSN",
+        help="repeatable; a patient the portal's person may act for (role "
+        "patient-representative): a test BSN, as the command line is no place for a real one",
     )
     mint.add_argument(
         "--ttl", type=_positive_int, default=3600, help="lifetime in seconds (default 3600)"

@@ -21,6 +21,11 @@ Claim set (anything else in a token is ignored):
   for (an assistant acting for a physician), recorded as NEN 7513's "on behalf of".
 - ``client_id``: the OAuth client that obtained the token (RFC 9068); ``azp`` (OpenID Connect)
   is read when it is absent.
+- ``represents``: for a patient portal's token (role ``patient-representative``), the BSNs
+  (strings of 9 digits passing the 11-proof) of the patients the authenticated person may act
+  for: themselves, and whom they legally represent (a parent for a child). A service shows a
+  patient's own data (the access log) only for these. The numbers never leave the principal:
+  it does not show them in its repr, and nothing logs claims.
 
 Only asymmetric algorithms are accepted (RS256, ES256, EdDSA by default). ``alg=none`` and HS*
 are refused outright, and each key only verifies the algorithms of its own type, so a token
@@ -54,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import BeeldportaalError
-from shared.identifiers import Ura, UziNumber
+from shared.identifiers import Ura, UziNumber, is_valid_bsn
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -90,6 +95,8 @@ TREATMENT_PURPOSE: Final = "TREAT"
 _URA_RE = re.compile(r"[0-9]{8}")
 _UZI_RE = re.compile(r"[0-9]{9}")
 _MAX_ROLES = 64
+# Patients one person may act for (``represents``): themselves and their wards.
+_MAX_REPRESENTED = 32
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
 
 
@@ -122,10 +129,17 @@ class Principal(BaseModel):
     token_id: str | None = None
     issuer: str | None = None
     expires_at: datetime | None = None
+    # The BSNs of the patients a portal's person may act for (the ``represents`` claim); kept
+    # out of the repr, so a logged principal shows no number.
+    represents: frozenset[str] = Field(default_factory=frozenset, repr=False)
 
     def has_role(self, *roles: str) -> bool:
         """True when the principal holds any of ``roles``."""
         return not self.roles.isdisjoint(roles)
+
+    def acts_for(self, bsn: str) -> bool:
+        """True when the token's issuer says its person may act for the patient ``bsn``."""
+        return bsn in self.represents
 
     @property
     def is_emergency(self) -> bool:
@@ -347,6 +361,17 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     if subject is None:
         raise InvalidToken("missing claim sub")
     client_id = _optional_str(claims, "client_id") or _optional_str(claims, "azp")
+    represents = claims.get("represents", [])
+    if (
+        not isinstance(represents, list)
+        or len(represents) > _MAX_REPRESENTED
+        or not all(is_valid_bsn(bsn) for bsn in represents)
+    ):
+        # Without the values: they are BSNs.
+        raise InvalidToken(
+            f"claim represents must be a list of at most {_MAX_REPRESENTED} BSNs "
+            "(strings of 9 digits passing the 11-proof)"
+        )
     try:
         return Principal(
             organisation_ura=ura,
@@ -360,6 +385,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
             token_id=claims.get("jti"),
             issuer=claims.get("iss"),
             expires_at=datetime.fromtimestamp(claims["exp"], UTC) if "exp" in claims else None,
+            represents=frozenset(represents),
         )
     except (ValidationError, TypeError, ValueError, OverflowError, OSError) as exc:
         # e.g. an exp beyond datetime's range; the message would be pydantic's, so keep ours.
@@ -659,6 +685,7 @@ def mint_token(
     client_id: str | None = None,
     subject: str | None = None,
     on_behalf_of: str | None = None,
+    represents: Sequence[str] = (),
     now: float | None = None,
 ) -> str:
     """Sign a token with a dev key. ``kid`` defaults to the key's RFC 7638 thumbprint and
@@ -671,6 +698,8 @@ def mint_token(
         raise ValueError("on_behalf_of must be 9 digits (a UZI number)")
     if not roles or not all(roles):
         raise ValueError("at least one non-empty role is required")
+    if not all(is_valid_bsn(bsn) for bsn in represents):
+        raise ValueError("represents must hold BSNs (9 digits passing the 11-proof)")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     key = serialization.load_pem_private_key(Path(private_key_path).read_bytes(), password=None)
@@ -696,5 +725,7 @@ def mint_token(
         claims["client_id"] = client_id
     if on_behalf_of is not None:
         claims["on_behalf_of"] = on_behalf_of
+    if represents:
+        claims["represents"] = list(represents)
     headers = {"kid": kid or jwk_thumbprint(key.public_key()), "typ": "JWT"}
     return jwt.encode(claims, key, algorithm=_signing_algorithm(key), headers=headers)

@@ -358,7 +358,9 @@ def test_a_study_reaches_the_timeline_of_treating_providers_only_and_leaves_it_o
         log = requests.post(
             f"{stack.urls['timeline']}/access-log/_search",
             json={"bsn": TEST_BSN},
-            headers=stack.auth(PORTAL, ("patient-representative",), uzi=UZI),
+            headers=stack.auth(
+                PORTAL, ("patient-representative",), uzi=UZI, represents=(TEST_BSN,)
+            ),
             timeout=30,
         )
         assert log.status_code == 200, log.text

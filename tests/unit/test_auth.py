@@ -310,6 +310,31 @@ def test_on_behalf_of_names_the_professional_the_acting_person_works_for() -> No
         assert reason == "claim on_behalf_of must be a string of 9 digits (a UZI number)"
 
 
+def test_represents_names_the_patients_a_portal_token_may_act_for_and_never_shows_them() -> None:
+    key = make_key()
+    verifier = verifier_for(key)
+    assert verifier.verify(sign(key)).represents == frozenset()
+    principal = verifier.verify(sign(key, make_claims(represents=["999991772", "111222333"])))
+
+    assert principal.acts_for("999991772") and principal.acts_for("111222333")
+    assert not principal.acts_for("999990019")
+    assert "999991772" not in repr(principal) and "999991772" not in str(principal)
+
+
+@pytest.mark.parametrize(
+    "represents",
+    ["999991772", ["999991773"], ["99999177"], [999991772], [None], ["999991772"] * 33],
+)
+def test_a_represents_claim_of_anything_but_bsns_is_refused_without_echoing_it(
+    represents: Any,
+) -> None:
+    key = make_key()
+    reason = refusal(verifier_for(key), sign(key, make_claims(represents=represents)))
+
+    assert reason.startswith("claim represents must be a list of at most 32 BSNs")
+    assert "99999177" not in reason
+
+
 def test_a_malformed_uzi_is_refused() -> None:
     key = make_key()
     reason = refusal(verifier_for(key), sign(key, make_claims(uzi="12345678")))
@@ -553,10 +578,12 @@ def test_minted_tokens_carry_the_requested_claims(tmp_path: Path) -> None:
         ttl_s=60,
         client_id="cli",
         on_behalf_of="123456782",
+        represents=("999991772",),
     )
     principal = TokenVerifier(load_public_keys([public_path]), ISSUER, AUDIENCE).verify(token)
 
     assert principal.on_behalf_of_uzi == "123456782"
+    assert principal.represents == frozenset({"999991772"})
     assert principal.subject == UZI
     assert principal.role == "01.015"
     assert principal.client_id == "cli"
@@ -568,6 +595,8 @@ def test_minting_refuses_a_malformed_ura(tmp_path: Path) -> None:
     private_path, _ = generate_dev_keypair(tmp_path)
     with pytest.raises(ValueError, match="ura"):
         mint_token(private_path, ura="1234567", issuer=ISSUER, audience=AUDIENCE)
+    with pytest.raises(ValueError, match="represents"):
+        mint_token(private_path, ura=URA, represents=("999991773",))
 
 
 def test_cli_keygen_then_mint_round_trips_through_the_verifier(
@@ -578,6 +607,7 @@ def test_cli_keygen_then_mint_round_trips_through_the_verifier(
 
     argv = ["token", "mint", "--key", str(tmp_path / "dev-jwt.key"), "--ura", URA, "--uzi", UZI]
     argv += ["--role", "01.015", "--role", "provider", "--purpose", "TREAT", "--ttl", "120"]
+    argv += ["--represents", "999991772"]
     assert run_cli(*argv) == 0
     token = capsys.readouterr().out.strip()
 
@@ -586,6 +616,7 @@ def test_cli_keygen_then_mint_round_trips_through_the_verifier(
     assert (principal.organisation_ura, principal.user_uzi) == (URA, UZI)
     assert principal.roles == frozenset({"01.015", "provider"})
     assert principal.purpose_of_use == "TREAT"
+    assert principal.acts_for("999991772")
 
 
 def test_cli_mint_without_key_creates_the_dev_keypair_in_the_state_dir(

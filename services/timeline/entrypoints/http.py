@@ -14,7 +14,8 @@
   (checked and audited again). ``_page`` is also accepted alone in the POST body.
 - ``POST /access-log/_search`` (role ``patient-representative``: the portal acting for the
   authenticated patient or their legal representative), JSON body ``{"bsn", "since", "until",
-  "limit"}``: who accessed the patient's data, as a FHIR Bundle of AuditEvents. Itself audited.
+  "limit"}``: who accessed the patient's data, as a FHIR Bundle of AuditEvents, only for a
+  patient the token's ``represents`` claim names (``shared.auth``). Itself audited.
 - DICOMweb on Study Instance UIDs a timeline returned, never by patient:
   QIDO-RS ``GET /dicomweb/studies?StudyInstanceUID=`` (required), ``.../studies/{study}/series``,
   ``.../series/{series}/instances``, ``.../studies/{study}/instances``; WADO-RS
@@ -100,6 +101,8 @@ log = get_logger(__name__)
 ROLE_PROVIDER: Final = "provider"
 ROLE_PATIENT_REPRESENTATIVE: Final = "patient-representative"
 CONDITION_ROLE: Final = "role"
+# The access log is the patient's: shown to a token acting for that patient only.
+CONDITION_REPRESENTED_PATIENT: Final = "represented-patient"
 NO_SUCH_STUDY: Final = "no such study on any timeline"
 T = TypeVar("T")
 BREAK_THE_GLASS: Final = "X-Break-The-Glass"
@@ -1025,6 +1028,16 @@ def build_router(api: TimelineApi) -> APIRouter:
                 "forbidden",
                 f"the token lacks the role {ROLE_PATIENT_REPRESENTATIVE}",
                 conditions=(CONDITION_ROLE,),
+            )
+        if not principal.acts_for(body.bsn.value):
+            raise await _refuse(
+                api,
+                attempt,
+                patient,
+                403,
+                "forbidden",
+                "the token does not act for this patient (its represents claim does not name them)",
+                conditions=(CONDITION_REPRESENTED_PATIENT,),
             )
         attempt.allowed[patient] = ()
         async with _answered(api, attempt):

@@ -181,6 +181,7 @@ class RunningTimeline:
         purpose: str | None = "TREAT",
         uzi: str | None = UZI,
         on_behalf_of: str | None = None,
+        represents: Sequence[str] = (),
     ) -> str:
         return mint_token(
             self.key_path,
@@ -189,6 +190,7 @@ class RunningTimeline:
             roles=roles,
             purpose=purpose,
             on_behalf_of=on_behalf_of,
+            represents=represents,
         )
 
     def auth(self, ura: str = HOSPITAL, **kw: Any) -> dict[str, str]:
@@ -893,7 +895,13 @@ def test_the_patients_representative_sees_who_accessed_their_data_and_that_is_au
     assert t.search(patient_form(CONSENTING_BSN)).status_code == 200
     assert t.search(patient_form(CONSENTING_BSN), t.auth(OTHER_HOSPITAL)).status_code == 403
     assert t.search(patient_form(SILENT_BSN)).status_code == 403  # another patient
-    portal = t.auth(PORTAL, roles=("patient-representative",), uzi=None)
+    portal = t.auth(
+        PORTAL, roles=("patient-representative",), uzi=None, represents=(CONSENTING_BSN,)
+    )
+    # The portal's token for another patient (who may well represent somebody else).
+    someone_else = t.auth(
+        PORTAL, roles=("patient-representative",), uzi=None, represents=(SILENT_BSN,)
+    )
     body = {"bsn": CONSENTING_BSN, "since": (datetime.now(UTC) - timedelta(hours=1)).isoformat()}
 
     answer = requests.post(
@@ -901,6 +909,9 @@ def test_the_patients_representative_sees_who_accessed_their_data_and_that_is_au
     )
     provider = requests.post(
         f"{t.base_url}/access-log/_search", json=body, headers=t.auth(), timeout=30
+    )
+    not_theirs = requests.post(
+        f"{t.base_url}/access-log/_search", json=body, headers=someone_else, timeout=30
     )
 
     assert answer.status_code == 200, answer.text
@@ -916,17 +927,24 @@ def test_the_patients_representative_sees_who_accessed_their_data_and_that_is_au
     assert events[1]["agent"][0]["who"]["identifier"]["value"] == UZI
     assert_no_bsn(answer)
     assert provider.status_code == 403 and conditions_of(provider) == ["role"]
+    assert not_theirs.status_code == 403, not_theirs.text
+    assert conditions_of(not_theirs) == ["represented-patient"]
+    assert_no_bsn(not_theirs)
     rows = t.audit_rows()
-    assert [(r["event_type"], r["organisation_ura"], r["outcome"]) for r in rows[-2:]] == [
+    assert [(r["event_type"], r["organisation_ura"], r["outcome"]) for r in rows[-3:]] == [
         ("access-log-search", PORTAL, "allowed"),
         ("access-log-search", HOSPITAL, "denied"),
+        ("access-log-search", PORTAL, "denied"),
     ]
-    assert rows[-2]["patient_pseudonym"] == pseudonym(CONSENTING_BSN)
+    assert rows[-3]["patient_pseudonym"] == pseudonym(CONSENTING_BSN)
+    # The refusal is on the record of the patient whose log was asked for.
+    assert rows[-1]["patient_pseudonym"] == pseudonym(CONSENTING_BSN)
+    assert "does not act for this patient" in rows[-1]["reason"]
     # A page shorter than the period: the total counts the period, not the page.
     one = requests.post(
         f"{t.base_url}/access-log/_search", json={**body, "limit": 1}, headers=portal, timeout=30
     ).json()
-    assert (len(one["entry"]), one["total"]) == (1, 4)  # two timeline, two access-log searches
+    assert (len(one["entry"]), one["total"]) == (1, 5)  # two timeline, three access-log searches
     # An invalid BSN is refused without being echoed.
     bad = requests.post(
         f"{t.base_url}/access-log/_search", json={"bsn": "123456789"}, headers=portal, timeout=30
@@ -938,7 +956,9 @@ def test_an_access_log_search_allowed_but_not_answered_is_audited_as_such(
     timeline_api: RunningTimeline,
 ) -> None:
     t = timeline_api
-    portal = t.auth(PORTAL, roles=("patient-representative",), uzi=None)
+    portal = t.auth(
+        PORTAL, roles=("patient-representative",), uzi=None, represents=(CONSENTING_BSN,)
+    )
 
     async def unavailable(*_args: Any, **_kwargs: Any) -> Any:
         raise OSError("the access log is away")
