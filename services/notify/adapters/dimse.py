@@ -23,7 +23,10 @@ pynetdicom encodes the data set in the accepted transfer syntax: element values 
 go out unchanged; only the encoding around them can differ (no retired group lengths, and the
 VR encoding when the receiver chose Implicit for an Explicit instance or the reverse). A
 decompressed instance is decoded whole before its C-STORE, in the batch's worker thread; one
-that cannot be decoded fails alone, unsent.
+that cannot be decoded fails alone, unsent. An image that decodes to more than
+:data:`DECODE_WITH_ASSOCIATION_OPEN` is sent after the rest of the batch, each on an
+association of its own: the one open is released before the decode (a receiver may close an
+association idle for long, Orthanc after 30 s), a new one with the same contexts opened after.
 
 Answers:
 
@@ -77,6 +80,7 @@ from services.notify.domain.outcomes import (
 from services.notify.domain.transcode import (
     UndecodablePixelData,
     decodable_syntaxes,
+    decoded_size,
     decompress,
 )
 from services.notify.worker_metrics import NotifyWorkerMetrics
@@ -85,6 +89,7 @@ from shared.events import Urgency
 from shared.logging import get_logger
 
 __all__ = [
+    "DECODE_WITH_ASSOCIATION_OPEN",
     "MAX_PRESENTATION_CONTEXTS",
     "PRIORITY_HIGH",
     "PRIORITY_LOW",
@@ -124,6 +129,10 @@ PRIORITY_LOW = 0x0002
 # decompressed into an accepted native one.
 _AS_STORED = "as-stored"
 _DECOMPRESSED = "decompressed"
+# An image decoding to more than this is decoded with no association open (released before,
+# a new one after): at the tens of MB/s that JPEG 2000 decodes at here, a second or two of
+# silence at most on an open association, well inside any receiver's idle timeout.
+DECODE_WITH_ASSOCIATION_OPEN = 32 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,32 +257,71 @@ class DimseSender:
     ) -> BatchResult:
         assoc = self._associate(endpoint, contexts)
         decompressed = _Decompressed()
+        # By the instance's place in the batch: what ``send`` returns keeps the batch's order,
+        # also when a large decode sent an instance after those behind it.
+        outcomes: dict[int, InstanceOutcome] = {}
+
+        def answered() -> BatchResult:
+            return BatchResult(tuple(outcomes[i] for i in sorted(outcomes)))
+
+        def aborted() -> TransientDeliveryError:
+            return TransientDeliveryError(
+                f"association aborted or no C-STORE response after {len(outcomes)} of "
+                f"{len(instances)} instances",
+                answered=answered(),
+            )
+
         try:
             if not assoc.is_established:
                 return self._not_established(assoc, endpoint, instances)
-            outcomes: list[InstanceOutcome] = []
-            for message_id, instance in enumerate(instances, start=1):
+            large: list[int] = []
+            for index, instance in enumerate(instances):
                 if cancelled.is_set():
                     assoc.abort()
-                    raise TransientDeliveryError(
-                        "C-STORE batch cancelled", answered=BatchResult(tuple(outcomes))
-                    )
+                    raise TransientDeliveryError("C-STORE batch cancelled", answered=answered())
                 try:
-                    outcomes.append(
-                        _store(assoc, instance, message_id, priority, self._decodable, decompressed)
+                    outcome = _store(
+                        assoc, instance, index + 1, priority, self._decodable, decompressed
                     )
                 except _Aborted:
+                    raise aborted() from None
+                if outcome is None:
+                    large.append(index)
+                else:
+                    outcomes[index] = outcome
+            for index in large:
+                # Decoding an image this large takes seconds: not while the receiver holds an
+                # association open and idle for us, which it may close (Orthanc after 30 s).
+                # Released, decoded, then sent over a new association with the same contexts.
+                instance = instances[index]
+                if cancelled.is_set():
+                    assoc.abort()
+                    raise TransientDeliveryError("C-STORE batch cancelled", answered=answered())
+                _release(assoc)
+                dataset, failed = _decoded(instance, decompressed)
+                if failed is not None:
+                    outcomes[index] = failed
+                    continue
+                assoc = self._associate(endpoint, contexts)
+                if not assoc.is_established:
                     raise TransientDeliveryError(
-                        f"association aborted or no C-STORE response after {len(outcomes)} of "
+                        f"no new association with {endpoint.ae_title} at {endpoint.host}:"
+                        f"{endpoint.port} for a decompressed instance, after {len(outcomes)} of "
                         f"{len(instances)} instances",
-                        answered=BatchResult(tuple(outcomes)),
-                    ) from None
-            return BatchResult(tuple(outcomes))
+                        answered=answered(),
+                    )
+                try:
+                    outcome = _store(
+                        assoc, instance, index + 1, priority, self._decodable, decompressed,
+                        decoded=dataset,
+                    )  # fmt: skip
+                except _Aborted:
+                    raise aborted() from None
+                assert outcome is not None, "an image decoded already is not left for later"
+                outcomes[index] = outcome
+            return answered()
         finally:
-            if assoc.is_established:
-                assoc.release()
-            if assoc.is_established:  # the release went unanswered
-                assoc.abort()
+            _release(assoc)
             self._report(endpoint, len(instances), decompressed)
 
     def _report(self, endpoint: DimseEndpoint, size: int, decompressed: _Decompressed) -> None:
@@ -346,6 +394,13 @@ class _Decompressed:
         self.syntaxes.add(UID(syntax).keyword or syntax)
 
 
+def _release(assoc: Association) -> None:
+    if assoc.is_established:
+        assoc.release()
+    if assoc.is_established:  # the release went unanswered
+        assoc.abort()
+
+
 def _store(
     assoc: Association,
     instance: OutgoingInstance,
@@ -353,25 +408,35 @@ def _store(
     priority: int,
     decodable: Collection[str],
     decompressed: _Decompressed,
-) -> InstanceOutcome:
+    *,
+    decoded: Dataset | None = None,
+) -> InstanceOutcome | None:
+    """C-STORE ``instance`` over ``assoc``: as stored, or decoded when the receiver accepts its
+    SOP class only uncompressed; None, unsent, for an image too large to decode with the
+    association open (``decoded``: that image, decoded since, for a new association)."""
     uid = instance.sop_instance_uid
     how = _how(assoc, instance, decodable)
     if how is None:
         return _refused(assoc, instance)
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(instance.data))
-    except Exception as exc:
-        # pydicom raises many types on a corrupt file; the message may quote header values.
-        return InstanceOutcome(
-            uid,
-            InstanceStatus.FAILED,
-            reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
-        )
-    if how == _DECOMPRESSED:
-        failed = _decompress(dataset, instance)
-        if failed is not None:
-            decompressed.add("failed", instance.transfer_syntax_uid)
-            return failed
+    if how == _DECOMPRESSED and decoded is not None:
+        dataset = decoded
+    else:
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(instance.data))
+        except Exception as exc:
+            # pydicom raises many types on a corrupt file; the message may quote header values.
+            return InstanceOutcome(
+                uid,
+                InstanceStatus.FAILED,
+                reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
+            )
+        if how == _DECOMPRESSED:
+            if decoded_size(dataset) > DECODE_WITH_ASSOCIATION_OPEN:
+                return None
+            failed = _decompress(dataset, instance)
+            if failed is not None:
+                decompressed.add("failed", instance.transfer_syntax_uid)
+                return failed
     try:
         status = assoc.send_c_store(dataset, msg_id=message_id % 0x10000 or 1, priority=priority)
     except (ValueError, AttributeError) as exc:
@@ -389,6 +454,25 @@ def _store(
     if how == _DECOMPRESSED:
         decompressed.add("sent", instance.transfer_syntax_uid)
     return outcome_for_status(uid, int(status.Status))
+
+
+def _decoded(
+    instance: OutgoingInstance, decompressed: _Decompressed
+) -> tuple[Dataset | None, InstanceOutcome | None]:
+    """``instance`` read and decoded, with no association open; or its FAILED outcome."""
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(instance.data))
+    except Exception as exc:
+        return None, InstanceOutcome(
+            instance.sop_instance_uid,
+            InstanceStatus.FAILED,
+            reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
+        )
+    failed = _decompress(dataset, instance)
+    if failed is not None:
+        decompressed.add("failed", instance.transfer_syntax_uid)
+        return None, failed
+    return dataset, None
 
 
 def _decompress(dataset: Dataset, instance: OutgoingInstance) -> InstanceOutcome | None:

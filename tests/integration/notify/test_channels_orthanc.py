@@ -7,13 +7,15 @@ and stores the rest), a SOP class Orthanc does not accept over DIMSE (it rejects
 presentation context), an unknown called AE title (association rejected permanently), a
 stopped receiver, and a STOW-RS endpoint guarded by an Orthanc HTTP filter that wants a bearer
 token. A second Orthanc accepts every SOP class only uncompressed (AcceptedTransferSyntaxes), as
-many PACS do: compressed instances reach it decompressed over C-STORE.
+many PACS do: compressed instances reach it decompressed over C-STORE. A third does too, and
+closes an association idle for a second: a long decode must not happen with one open.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from pydicom.uid import (
 )
 
 from deploy.local.orthanc import OrthancPeer
+from services.notify.adapters import dimse as dimse_adapter
 from services.notify.adapters.dimse import DimseSender, DimseTimeouts
 from services.notify.adapters.stow import StowSender, StowTimeouts
 from services.notify.domain.coercion import coerce
@@ -94,6 +97,19 @@ def native_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthan
         aet=NATIVE_AET,
         stable_age=2,
         extra={"DicomCheckCalledAet": True, "AcceptedTransferSyntaxes": list(NATIVE_SYNTAXES)},
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def impatient_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
+    """Uncompressed only, like ``native_receiver``, and it closes an association on which no
+    command came for a second (DicomScpTimeout; 30 s by default)."""
+    with OrthancPeer.running(
+        tmp_path_factory.mktemp("notify-impatient") / "receiver",
+        aet=NATIVE_AET,
+        stable_age=2,
+        extra={"AcceptedTransferSyntaxes": list(NATIVE_SYNTAXES), "DicomScpTimeout": 1},
     ) as peer:
         yield peer
 
@@ -401,6 +417,46 @@ async def test_an_undecodable_instance_fails_alone_and_nothing_of_it_arrives(
     theirs = read(received(native_receiver, rle.sop_instance_uid) or b"")
     assert theirs.file_meta.TransferSyntaxUID in NATIVE_SYNTAXES
     assert np.array_equal(theirs.pixel_array, read(rle.data).pixel_array)
+
+
+async def test_a_slow_decode_happens_with_no_association_open_so_an_impatient_pacs_gets_all(
+    impatient_receiver: OrthancPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study_uid = generate_uid()
+    batch = [
+        outgoing(sample("SC_rgb_jpeg_gdcm.dcm", study_uid)),  # JPEG Lossless: decoded
+        outgoing(make_dicom_bytes(StudyInstanceUID=study_uid)),  # native: as stored
+        outgoing(sample("MR_small_RLE.dcm", study_uid)),  # RLE: decoded
+    ]
+    decode = dimse_adapter.decompress
+
+    def slow(dataset: Dataset) -> None:  # a large image, as far as the receiver can tell
+        time.sleep(2.5)
+        decode(dataset)
+
+    monkeypatch.setattr(dimse_adapter, "decompress", slow)
+    sender = DimseSender(timeouts=FAST_DIMSE)
+    endpoint = dimse(impatient_receiver, NATIVE_AET)
+
+    # Decoded with the association open (as for an image under the limit), the receiver hangs
+    # up during the decode: the set-up does show the problem.
+    monkeypatch.setattr(dimse_adapter, "DECODE_WITH_ASSOCIATION_OPEN", 2**40)
+    with pytest.raises(TransientDeliveryError, match="aborted"):
+        await sender.send(endpoint, batch[:1])
+    assert received(impatient_receiver, batch[0].sop_instance_uid) is None
+
+    # Over the limit, each is decoded between associations: everything arrives, in order.
+    monkeypatch.setattr(dimse_adapter, "DECODE_WITH_ASSOCIATION_OPEN", 0)
+    result = await sender.send(endpoint, batch)
+
+    assert [o.sop_instance_uid for o in result.outcomes] == [i.sop_instance_uid for i in batch]
+    assert [o.status for o in result.outcomes] == [InstanceStatus.STORED] * 3
+    for instance in batch:
+        stored = received(impatient_receiver, instance.sop_instance_uid)
+        assert stored is not None, instance
+        theirs = read(stored)
+        assert theirs.file_meta.TransferSyntaxUID in NATIVE_SYNTAXES
+        assert np.array_equal(theirs.pixel_array, read(instance.data).pixel_array)
 
 
 # --- refusals -----------------------------------------------------------------------------------
