@@ -421,6 +421,55 @@ class TimelineReaderContract:
         middle = await self.search(timeline, patient, count=3, offset=1)
         assert keys(middle.entries) == newest_first[1:4]
 
+    async def test_pages_after_the_last_entry_add_up_to_the_whole_timeline_ties_included(
+        self, timeline: SeededTimeline
+    ) -> None:
+        patient = new_patient()
+        tied = [study_of(patient, reports=1) for _ in range(3)]  # same date, time, received
+        dated = [study_of(patient, study_date=date(2025, 1, day)) for day in (1, 2)]
+        undated = study_of(patient, study_date=None, study_time=None)
+        await self.seed_shuffled(timeline, *tied, *dated, undated)
+        whole = await self.search(timeline, patient)
+
+        paged: list[TimelineEntry] = []
+        offsets = []
+        page = await self.search(timeline, patient, count=3)
+        while True:
+            paged += page.entries
+            offsets.append(page.offset)
+            if page.last is None or page.offset + len(page.entries) >= page.total:
+                break
+            page = await self.search(timeline, patient, count=3, after=page.last)
+        assert paged == whole.entries and len(paged) == whole.total == 9
+        assert offsets == [0, 3, 6]
+        past = await self.search(timeline, patient, count=3, after=page.last)
+        assert (past.entries, past.total, past.offset) == ([], 9, 9)
+
+    async def test_a_page_after_an_entry_is_not_shifted_by_a_study_arriving_or_leaving_before_it(
+        self, timeline: SeededTimeline
+    ) -> None:
+        patient = new_patient()
+        studies = [study_of(patient, study_date=date(2025, 1, day)) for day in range(1, 6)]
+        await self.seed_shuffled(timeline, *studies)
+        newest_first = images(*reversed(studies))
+        first = await self.search(timeline, patient, count=2)
+        assert keys(first.entries) == newest_first[:2]
+        assert first.last is not None
+
+        newer = study_of(patient, study_date=date(2025, 2, 1))  # arrives before the page
+        await timeline.seed(newer)
+        second = await self.search(timeline, patient, count=2, after=first.last)
+        # By offset the next page would show the 2nd study again.
+        assert keys(second.entries) == newest_first[2:4]
+        assert (second.total, second.offset) == (6, 3)
+
+        # The first page's studies leave (consent revoked): the next page does not skip.
+        for study in (studies[4], studies[3]):
+            await timeline.seed(replace(study, revoked=True))
+        third = await self.search(timeline, patient, count=2, after=second.last)
+        assert keys(third.entries) == newest_first[4:]
+        assert (third.total, third.offset) == (4, 3)
+
     async def test_a_page_past_the_end_is_empty_and_still_counts_the_total(
         self, timeline: SeededTimeline
     ) -> None:

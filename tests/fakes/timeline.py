@@ -16,8 +16,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
+from typing import Any
 
 from services.timeline.domain.ports import (
+    EntryKey,
     EntryKind,
     InstanceRow,
     SeriesRow,
@@ -157,6 +159,33 @@ def _newest_first_key(entry: TimelineEntry) -> tuple[bool, date, bool, str, date
     )
 
 
+def _key_of(entry: TimelineEntry) -> EntryKey:
+    received = max((s.received_at for s in entry.sources), default=datetime.min.replace(tzinfo=UTC))
+    return EntryKey(
+        entry.study_date,
+        entry.study_time,
+        received,
+        entry.study_instance_uid,
+        entry.kind,
+        entry.report_sop_instance_uid or "",
+    )
+
+
+def _order(key: EntryKey) -> tuple[Any, ...]:
+    """``key`` as a tuple that ascends in ``_newest_first``'s order."""
+    time_digits = (key.study_time or "").replace(":", "").split(".")[0].ljust(6, "0")
+    return (
+        key.study_date is None,
+        -(key.study_date or date.min).toordinal(),
+        key.study_time is None,
+        tuple(-ord(c) for c in time_digits),
+        -key.received_at.timestamp(),
+        key.study_instance_uid,
+        key.kind is EntryKind.REPORT,
+        key.report_sop_instance_uid,
+    )
+
+
 def _newest_first(entries: list[TimelineEntry]) -> list[TimelineEntry]:
     """The reader's total order (``services/timeline/adapters/store.py``): study date, study
     time, latest received, newest first and undated last; ties by Study UID, a study's images
@@ -225,8 +254,18 @@ class InMemoryTimeline:
             if _matches(entry, query)
         ]
         matches = _newest_first(matches)
-        page = matches[query.offset : query.offset + query.count]
-        return TimelinePage(entries=page, total=len(matches))
+        offset = query.offset
+        if query.after is not None:
+            # Where the key's entry is, or would be: after every entry that sorts before it.
+            after = _order(query.after)
+            offset = sum(1 for entry in matches if _order(_key_of(entry)) <= after)
+        page = matches[offset : offset + query.count]
+        return TimelinePage(
+            entries=page,
+            total=len(matches),
+            offset=offset,
+            last=_key_of(page[-1]) if page else None,
+        )
 
     async def patient_of_study(self, study_instance_uid: str) -> str | None:
         study = self._visible(study_instance_uid)

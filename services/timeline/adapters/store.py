@@ -64,6 +64,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.timeline.domain.ports import (
+    EntryKey,
     EntryKind,
     InstanceRow,
     SeriesRow,
@@ -673,6 +674,36 @@ def _entry(row: tuple[Any, ...]) -> TimelineEntry:
     )
 
 
+# The order of ``_NEWEST_FIRST`` after the patient: column, descending, its type; each sorts
+# NULLS LAST (descending ones as written there, ascending ones by default).
+_ORDER_COLUMNS = (
+    ("study_date", True, "date"),
+    ("study_time", True, "text"),
+    ("received_at", True, "timestamptz"),
+    ("study_instance_uid", False, "text"),
+    ("kind", False, "text"),
+    ("report_sop_instance_uid", False, "text"),
+)
+
+
+def _after_sql() -> str:
+    """The rows strictly after the key ``%(after_<column>)s`` in ``_NEWEST_FIRST``'s order: a
+    greater column decides, an equal one (NULL equals NULL) hands on to the next."""
+    clause = "false"
+    for column, descending, cast in reversed(_ORDER_COLUMNS):
+        key = f"%(after_{column})s::{cast}"
+        beyond = f"{column} {'<' if descending else '>'} {key} OR {column} IS NULL"
+        clause = (
+            f"(({key} IS NOT NULL AND ({beyond})) "
+            f"OR ({column} IS NOT DISTINCT FROM {key} AND {clause}))"
+        )
+    return clause
+
+
+_AFTER = _after_sql()
+_NEWEST_FIRST_OF_PATIENT = _NEWEST_FIRST.replace("patient_pseudonym, ", "", 1)
+
+
 def _search_sql(query: TimelineQuery, *, count_only: bool = False) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {"patient": query.patient}
     where = ["patient_pseudonym = %(patient)s", "searchable"]
@@ -695,12 +726,37 @@ def _search_sql(query: TimelineQuery, *, count_only: bool = False) -> tuple[str,
     if count_only:
         return f"SELECT count(*) AS total FROM timeline_entries WHERE {condition}", params
     params["count"] = max(query.count, 0)
+    if query.after is not None:
+        # The patient's matching entries, all counted, then those after the key (counted
+        # too: where the page is now) in order. A patient has tens to hundreds of entries.
+        after = query.after
+        params.update(
+            after_study_date=after.study_date,
+            after_study_time=after.study_time,
+            after_received_at=after.received_at,
+            after_study_instance_uid=after.study_instance_uid,
+            after_kind=after.kind.value,
+            after_report_sop_instance_uid=after.report_sop_instance_uid,
+        )
+        text = (
+            f"SELECT {_ENTRY_COLUMNS}, total, received_at, count(*) OVER () AS following "
+            f"FROM (SELECT {_ENTRY_COLUMNS}, received_at, count(*) OVER () AS total "
+            f"      FROM timeline_entries WHERE {condition}) AS matched "
+            f"WHERE {_AFTER} ORDER BY {_NEWEST_FIRST_OF_PATIENT} LIMIT %(count)s"
+        )
+        return text, params
     params["offset"] = max(query.offset, 0)
     text = (
-        f"SELECT {_ENTRY_COLUMNS}, count(*) OVER () AS total FROM timeline_entries "
+        f"SELECT {_ENTRY_COLUMNS}, count(*) OVER () AS total, received_at FROM timeline_entries "
         f"WHERE {condition} ORDER BY {_NEWEST_FIRST} LIMIT %(count)s OFFSET %(offset)s"
     )
     return text, params
+
+
+def _key(row: tuple[Any, ...]) -> EntryKey:
+    """The order key of a search row (``_ENTRY_COLUMNS``, total, received_at)."""
+    kind, uid, report_uid = row[:3]
+    return EntryKey(row[5], row[6], row[17], uid, _KINDS[kind], report_uid)
 
 
 def children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[Any, ...]]]:
@@ -892,13 +948,16 @@ class PostgresTimeline:
         text, params = _search_sql(query)
         rows = await self._fetch(text, params)
         if rows:
-            return TimelinePage([_entry(r) for r in rows], int(rows[0][16]))
-        if query.offset <= 0 and query.count > 0:
+            total = int(rows[0][16])
+            offset = total - int(rows[0][18]) if query.after is not None else query.offset
+            return TimelinePage([_entry(r) for r in rows], total, offset, _key(rows[-1]))
+        if query.offset <= 0 and query.after is None and query.count > 0:
             return TimelinePage([], 0)
         # A page past the end (or of no entries: a count only) still says how many there are.
         text, params = _search_sql(query, count_only=True)
         counted = await self._fetch(text, params)
-        return TimelinePage([], int(counted[0][0]) if counted else 0)
+        total = int(counted[0][0]) if counted else 0
+        return TimelinePage([], total, total if query.after is not None else query.offset)
 
     async def patient_of_study(self, study_instance_uid: str) -> str | None:
         rows = await self._fetch(_PATIENT_OF_STUDY, (study_instance_uid,))

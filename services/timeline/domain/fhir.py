@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.timeline.domain.ports import (
+    EntryKey,
     EntryKind,
     InstanceRow,
     SeriesRow,
@@ -343,6 +344,7 @@ class PageCursors:
             "k": query.kind.value if query.kind else None,
             "c": query.count,
             "o": query.offset,
+            "a": _sealed_key(query.after),
             "x": int((now + self._ttl).timestamp()),
         }
         nonce = os.urandom(12)
@@ -376,7 +378,35 @@ class PageCursors:
             kind=EntryKind(data["k"]) if data["k"] else None,
             count=data["c"],
             offset=data["o"],
+            after=_opened_key(data.get("a")),
         )
+
+
+def _sealed_key(key: EntryKey | None) -> list[Any] | None:
+    if key is None:
+        return None
+    return [
+        key.study_date.isoformat() if key.study_date else None,
+        key.study_time,
+        key.received_at.isoformat(),
+        key.study_instance_uid,
+        key.kind.value,
+        key.report_sop_instance_uid,
+    ]
+
+
+def _opened_key(sealed: list[Any] | None) -> EntryKey | None:
+    if sealed is None:
+        return None
+    study_date, study_time, received_at, uid, kind, report_uid = sealed
+    return EntryKey(
+        date.fromisoformat(study_date) if study_date else None,
+        study_time,
+        datetime.fromisoformat(received_at),
+        uid,
+        EntryKind(kind),
+        report_uid,
+    )
 
 
 def cursor_requester(organisation_ura: str, subject: str) -> str:

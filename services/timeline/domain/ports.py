@@ -60,8 +60,27 @@ class TimelineEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class EntryKey:
+    """Where an entry sits in the timeline's order: study date, study time and latest received
+    (newest first, undated last), then Study Instance UID, kind (images before reports) and
+    report UID ("" for images). A next page starts after the last entry of the one before."""
+
+    study_date: date | None
+    study_time: str | None
+    received_at: datetime
+    study_instance_uid: str
+    kind: EntryKind
+    report_sop_instance_uid: str
+
+
+@dataclass(frozen=True, slots=True)
 class TimelineQuery:
-    """A search of one patient's timeline; newest first (study date/time, then received)."""
+    """A search of one patient's timeline; newest first (study date/time, then received).
+
+    A page is ``count`` entries from ``offset``, or, with ``after``, the ``count`` entries
+    that follow that entry's place: so a study that arrives (or leaves) before it while the
+    requester pages does not shift the next page, which would show an entry twice (or skip
+    one). ``offset`` is ignored then."""
 
     patient: str  # pseudonym
     date_from: date | None = None
@@ -71,12 +90,17 @@ class TimelineQuery:
     kind: EntryKind | None = None
     count: int = 50
     offset: int = 0
+    after: EntryKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TimelinePage:
     entries: list[TimelineEntry]
     total: int
+    # The place of the first entry among all ``total`` (``query.offset``, or where ``after``
+    # is now), and the key of the last entry, where a next page starts.
+    offset: int = 0
+    last: EntryKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +129,8 @@ class InstanceRow:
 
 class TimelineReader(Protocol):
     async def search(self, query: TimelineQuery) -> TimelinePage:
-        """Visible entries of the patient, newest first, ``count`` from ``offset``."""
+        """Visible entries of the patient, newest first, ``count`` from ``offset`` (or after
+        ``after``)."""
         ...
 
     async def patient_of_study(self, study_instance_uid: str) -> str | None:

@@ -11,7 +11,9 @@
 - ``GET /fhir/ImagingStudy?_page=<token>``: the ``self``/``next``/``previous`` links of a
   searchset. The token is an opaque AES-GCM sealed cursor (no BSN, no pseudonym) bound to the
   organisation and token subject that searched, valid 15 minutes; every page is a new access
-  (checked and audited again). ``_page`` is also accepted alone in the POST body.
+  (checked and audited again). ``_page`` is also accepted alone in the POST body. A ``next``
+  page holds the entries after the last one shown, wherever they are by then: a study that
+  arrives or leaves meanwhile neither repeats nor skips one (``previous`` goes by place).
 - ``POST /access-log/_search`` (role ``patient-representative``: the portal acting for the
   authenticated patient or their legal representative), JSON body ``{"bsn", "since", "until",
   "limit"}``: who accessed the patient's data, as a FHIR Bundle of AuditEvents, only for a
@@ -83,6 +85,7 @@ from services.timeline.domain.fhir import (
 from services.timeline.domain.ports import (
     AccessDecision,
     AccessOutcome,
+    EntryKey,
     EntryKind,
     InstanceRow,
     SeriesRow,
@@ -878,7 +881,9 @@ def build_router(api: TimelineApi) -> APIRouter:
     def requester(principal: Principal) -> str:
         return cursor_requester(principal.organisation_ura, principal.subject)
 
-    def page_link(query: TimelineQuery, principal: Principal, offset: int) -> str:
+    def page_link(
+        query: TimelineQuery, principal: Principal, offset: int, after: EntryKey | None = None
+    ) -> str:
         token = api.cursors.seal(
             TimelineQuery(
                 patient=query.patient,
@@ -889,6 +894,7 @@ def build_router(api: TimelineApi) -> APIRouter:
                 kind=query.kind,
                 count=query.count,
                 offset=offset,
+                after=after,
             ),
             requester=requester(principal),
             now=api.clock(),
@@ -929,11 +935,15 @@ def build_router(api: TimelineApi) -> APIRouter:
                     )
                     if rows:
                         reports[entry.report_sop_instance_uid] = rows[0]
-            links = {"self": page_link(query, principal, query.offset)}
-            if query.offset + query.count < page.total:
-                links["next"] = page_link(query, principal, query.offset + query.count)
-            if query.offset > 0:
-                links["previous"] = page_link(query, principal, max(query.offset - query.count, 0))
+            # Next: the entries after this page's last, wherever they are by then (a study
+            # arriving meanwhile does not shift them). Previous: by place, as FHIR allows.
+            links = {"self": page_link(query, principal, query.offset, query.after)}
+            if page.last is not None and page.offset + len(page.entries) < page.total:
+                links["next"] = page_link(
+                    query, principal, page.offset + len(page.entries), page.last
+                )
+            if page.offset > 0:
+                links["previous"] = page_link(query, principal, max(page.offset - query.count, 0))
             bundle = search_bundle(
                 page,
                 base_url=api.base_url,

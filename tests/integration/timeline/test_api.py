@@ -563,10 +563,13 @@ def test_the_next_link_pages_without_a_bsn_and_only_for_whoever_searched(
     links = {link["relation"]: link["url"] for link in first.json()["link"]}
     assert set(links) == {"self", "next"}
     assert all(CONSENTING_BSN not in url and "psn1-" not in url for url in links.values())
+    # A study arriving before the link is followed does not shift the next page: by place,
+    # it would show 2022 again.
+    t.put_study(CONSENTING_BSN, study_date=date(2024, 1, 1), series=1, per_series=1)
     second = t.get(links["next"])
     assert second.status_code == 200, second.text
     page = second.json()
-    assert page["total"] == 3 and len(page["entry"]) == 1
+    assert page["total"] == 4 and len(page["entry"]) == 1
     assert page["entry"][0]["resource"]["started"].startswith("2021-01-01")
     assert {link["relation"] for link in page["link"]} == {"self", "previous"}
     # Another organisation (or user) holding the link gets nothing.

@@ -4,6 +4,7 @@ fhir.resources models), report links, the paging cursor, and no BSN anywhere in 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -29,7 +30,7 @@ from services.timeline.domain.fhir import (
     search_bundle,
     study_started,
 )
-from services.timeline.domain.ports import EntryKind, TimelineQuery
+from services.timeline.domain.ports import EntryKey, EntryKind, TimelineQuery
 from shared.events import AuditAction, AuditOutcome
 from shared.identifiers import BSN_SYSTEM, URA_SYSTEM
 from tests.factories import TEST_BSN, make_access_logged, make_pseudonym
@@ -513,6 +514,22 @@ def test_a_cursor_opens_to_the_same_query_for_the_same_requester() -> None:
     assert len(token) < 1024
     # Another replica with the same key opens it too.
     assert PageCursors(KEY).open(token, requester="11111111|900000001", now=NOW) == QUERY
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        EntryKey(date(2024, 3, 1), "0930", NOW, "1.2.3", EntryKind.IMAGES, ""),
+        EntryKey(None, None, NOW, "1.2.3.4", EntryKind.REPORT, "1.2.3.4.5"),
+    ],
+)
+def test_a_cursor_carries_the_entry_its_page_starts_after(after: EntryKey) -> None:
+    cursors = PageCursors(KEY)
+    query = replace(QUERY, after=after)
+    token = cursors.seal(query, requester="11111111|900000001", now=NOW)
+
+    assert cursors.open(token, requester="11111111|900000001", now=NOW) == query
+    assert "1.2.3" not in token and len(token) < 1024
 
 
 def test_a_cursor_does_not_open_for_someone_else_altered_or_with_another_key() -> None:
