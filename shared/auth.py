@@ -698,8 +698,10 @@ def mint_token(
         raise ValueError("on_behalf_of must be 9 digits (a UZI number)")
     if not roles or not all(roles):
         raise ValueError("at least one non-empty role is required")
-    if not all(is_valid_bsn(bsn) for bsn in represents):
-        raise ValueError("represents must hold BSNs (9 digits passing the 11-proof)")
+    if len(represents) > _MAX_REPRESENTED or not all(is_valid_bsn(b) for b in represents):
+        raise ValueError(
+            f"represents must hold at most {_MAX_REPRESENTED} BSNs (9 digits passing the 11-proof)"
+        )
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     key = serialization.load_pem_private_key(Path(private_key_path).read_bytes(), password=None)

@@ -10,6 +10,7 @@ received), ``count`` from ``offset``. ``make_*`` build the rows with defaults th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import uuid
@@ -147,16 +148,22 @@ class _Study:
     visible: bool = True
 
 
-def _newest_first_key(entry: TimelineEntry) -> tuple[bool, date, bool, str, datetime]:
-    received = max((s.received_at for s in entry.sources), default=datetime.min.replace(tzinfo=UTC))
-    time_digits = (entry.study_time or "").replace(":", "").split(".")[0].ljust(6, "0")
-    return (
-        entry.study_date is not None,
-        entry.study_date or date.min,
-        entry.study_time is not None,
-        time_digits,
-        received,
-    )
+@functools.total_ordering
+class _Descending:
+    """Sorts its value the other way round."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and self.value == other.value
+
+    def __lt__(self, other: _Descending) -> bool:
+        return bool(self.value > other.value)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _key_of(entry: TimelineEntry) -> EntryKey:
@@ -172,14 +179,16 @@ def _key_of(entry: TimelineEntry) -> EntryKey:
 
 
 def _order(key: EntryKey) -> tuple[Any, ...]:
-    """``key`` as a tuple that ascends in ``_newest_first``'s order."""
-    time_digits = (key.study_time or "").replace(":", "").split(".")[0].ljust(6, "0")
+    """``key`` as a tuple that ascends in the reader's order (``store._NEWEST_FIRST``): study
+    date, study time (as stored, compared as text like the "C" collation) and latest received,
+    newest first and undated last; ties by Study UID, a study's images before its reports,
+    then report UID, ascending, so pages never overlap."""
     return (
         key.study_date is None,
-        -(key.study_date or date.min).toordinal(),
+        _Descending(key.study_date or date.min),
         key.study_time is None,
-        tuple(-ord(c) for c in time_digits),
-        -key.received_at.timestamp(),
+        _Descending(key.study_time or ""),
+        _Descending(key.received_at),
         key.study_instance_uid,
         key.kind is EntryKind.REPORT,
         key.report_sop_instance_uid,
@@ -187,18 +196,7 @@ def _order(key: EntryKey) -> tuple[Any, ...]:
 
 
 def _newest_first(entries: list[TimelineEntry]) -> list[TimelineEntry]:
-    """The reader's total order (``services/timeline/adapters/store.py``): study date, study
-    time, latest received, newest first and undated last; ties by Study UID, a study's images
-    before its reports, then report UID, ascending, so pages never overlap."""
-    ties = sorted(
-        entries,
-        key=lambda e: (
-            e.study_instance_uid,
-            e.kind is EntryKind.REPORT,
-            e.report_sop_instance_uid or "",
-        ),
-    )
-    return sorted(ties, key=_newest_first_key, reverse=True)  # stable: keeps the ties' order
+    return sorted(entries, key=lambda entry: _order(_key_of(entry)))
 
 
 class InMemoryTimeline:

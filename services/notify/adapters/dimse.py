@@ -78,6 +78,7 @@ from services.notify.domain.outcomes import (
     outcome_for_status,
 )
 from services.notify.domain.transcode import (
+    MAX_DECODED_BYTES,
     UndecodablePixelData,
     decodable_syntaxes,
     decoded_size,
@@ -227,7 +228,8 @@ class DimseSender:
         *,
         priority: int = PRIORITY_MEDIUM,
     ) -> BatchResult:
-        """C-STORE ``instances`` over one association, each with ``priority``; one outcome per
+        """C-STORE ``instances`` over one association (and one more for each image decoded
+        with none open, see the module docstring), each with ``priority``; one outcome per
         instance, in order.
 
         Raises TransientDeliveryError or PermanentDeliveryError when the association fails
@@ -290,39 +292,64 @@ class DimseSender:
                 else:
                     outcomes[index] = outcome
             for index in large:
-                # Decoding an image this large takes seconds: not while the receiver holds an
-                # association open and idle for us, which it may close (Orthanc after 30 s).
-                # Released, decoded, then sent over a new association with the same contexts.
-                instance = instances[index]
                 if cancelled.is_set():
                     assoc.abort()
                     raise TransientDeliveryError("C-STORE batch cancelled", answered=answered())
+                # Decoding an image this large takes seconds: not while the receiver holds an
+                # association open and idle for us, which it may close (Orthanc after 30 s).
                 _release(assoc)
-                dataset, failed = _decoded(instance, decompressed)
-                if failed is not None:
-                    outcomes[index] = failed
-                    continue
-                assoc = self._associate(endpoint, contexts)
-                if not assoc.is_established:
-                    raise TransientDeliveryError(
-                        f"no new association with {endpoint.ae_title} at {endpoint.host}:"
-                        f"{endpoint.port} for a decompressed instance, after {len(outcomes)} of "
-                        f"{len(instances)} instances",
-                        answered=answered(),
-                    )
-                try:
-                    outcome = _store(
-                        assoc, instance, index + 1, priority, self._decodable, decompressed,
-                        decoded=dataset,
-                    )  # fmt: skip
-                except _Aborted:
-                    raise aborted() from None
-                assert outcome is not None, "an image decoded already is not left for later"
+                outcome, fresh = self._send_decoded(
+                    endpoint, contexts, instances[index], index + 1, priority, decompressed,
+                    cancelled,
+                )  # fmt: skip
+                assoc = fresh or assoc  # released or aborted when the batch ends
+                if outcome is None and cancelled.is_set():
+                    raise TransientDeliveryError("C-STORE batch cancelled", answered=answered())
+                if outcome is None:
+                    raise aborted()
                 outcomes[index] = outcome
             return answered()
         finally:
             _release(assoc)
             self._report(endpoint, len(instances), decompressed)
+
+    def _send_decoded(
+        self,
+        endpoint: DimseEndpoint,
+        contexts: list[PresentationContext],
+        instance: OutgoingInstance,
+        message_id: int,
+        priority: int,
+        decompressed: _Decompressed,
+        cancelled: threading.Event,
+    ) -> tuple[InstanceOutcome | None, Association | None]:
+        """Decode ``instance`` with no association open, then C-STORE it over a new one with
+        the same contexts: its outcome and that association (to release), or None for the
+        outcome when the batch broke off (cancelled, or aborted). The decoded image lives only
+        here: the next one is not decoded while it is still held."""
+        dataset, failed = _decoded(instance, decompressed)
+        if failed is not None:
+            return failed, None
+        if cancelled.is_set():
+            return None, None
+        assoc = self._associate(endpoint, contexts)
+        if not assoc.is_established:
+            # Rejected permanently now (raised as such), or refusing the contexts (a verdict
+            # on this instance), or not there: transient, raised by the caller's ``aborted``.
+            try:
+                return self._not_established(assoc, endpoint, [instance]).outcomes[0], assoc
+            except TransientDeliveryError:
+                return None, assoc
+        try:
+            outcome = _store(
+                assoc, instance, message_id, priority, self._decodable, decompressed,
+                decoded=dataset,
+            )  # fmt: skip
+        except _Aborted:
+            return None, assoc
+        if outcome is None:  # not reached: an image decoded already is never deferred
+            raise RuntimeError("a decoded image was deferred again")
+        return outcome, assoc
 
     def _report(self, endpoint: DimseEndpoint, size: int, decompressed: _Decompressed) -> None:
         """One log line per batch that decompressed anything (never one per instance)."""
@@ -431,7 +458,8 @@ def _store(
                 reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
             )
         if how == _DECOMPRESSED:
-            if decoded_size(dataset) > DECODE_WITH_ASSOCIATION_OPEN:
+            # (One past MAX_DECODED_BYTES is refused at once, by ``_decompress``.)
+            if DECODE_WITH_ASSOCIATION_OPEN < decoded_size(dataset) <= MAX_DECODED_BYTES:
                 return None
             failed = _decompress(dataset, instance)
             if failed is not None:

@@ -5,9 +5,11 @@ tests/integration/notify/test_channels_orthanc.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import re
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,12 +39,18 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from services.notify.adapters import dimse as dimse_adapter
 from services.notify.adapters.dimse import (
     MAX_PRESENTATION_CONTEXTS,
     DimseSender,
     presentation_contexts,
 )
-from services.notify.domain.outcomes import InstanceStatus, OutgoingInstance
+from services.notify.domain.outcomes import (
+    InstanceStatus,
+    OutgoingInstance,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from services.notify.domain.transcode import (
     MAX_DECODED_BYTES,
     UndecodablePixelData,
@@ -526,3 +534,137 @@ async def test_the_stored_syntax_goes_as_stored_when_the_receiver_accepts_it(
     [ds] = sent
     assert ds.file_meta.TransferSyntaxUID == JPEGLosslessSV1
     assert ds.PixelData == pydicom.dcmread(io.BytesIO(jpeg.data)).PixelData  # the fragments
+
+
+# --- an image too large to decode with an association open --------------------------------------
+
+
+class Unestablished:
+    """A new association that did not come about: rejected permanently (an unknown called AE
+    title), or no answer at all."""
+
+    def __init__(self, *, rejected: bool) -> None:
+        self.is_established = False
+        self.is_rejected = rejected
+        self.acceptor = SimpleNamespace(
+            primitive=SimpleNamespace(result=1, result_source=1, diagnostic=7) if rejected else None
+        )
+        self.accepted_contexts: list[Any] = []
+        self.rejected_contexts: list[Any] = []
+
+    def release(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def large_batch() -> list[OutgoingInstance]:
+    """Two images decoded for the receiver (large, with the limit at 0), a native one."""
+    return [
+        outgoing(part10(sample("SC_rgb_jpeg_gdcm.dcm"))),
+        outgoing(make_dicom_bytes()),
+        outgoing(part10(sample("MR_small_RLE.dcm"))),
+    ]
+
+
+async def test_a_large_image_is_decoded_with_no_association_open_and_sent_over_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batch = large_batch()
+    sender, made = sender_against(monkeypatch)
+    monkeypatch.setattr(dimse_adapter, "DECODE_WITH_ASSOCIATION_OPEN", 0)
+    decode = dimse_adapter.decompress
+    open_while_decoding: list[list[bool]] = []
+
+    def watched(dataset: Dataset) -> None:
+        open_while_decoding.append([a.is_established for a in made])
+        decode(dataset)
+
+    monkeypatch.setattr(dimse_adapter, "decompress", watched)
+
+    result = await sender.send(ENDPOINT, batch)
+
+    # In the batch's order, though the native one went first.
+    assert [o.sop_instance_uid for o in result.outcomes] == [i.sop_instance_uid for i in batch]
+    assert result.all_stored
+    assert [[ds.SOPInstanceUID for ds in a.sent] for a in made] == [
+        [batch[1].sop_instance_uid],
+        [batch[0].sop_instance_uid],
+        [batch[2].sop_instance_uid],
+    ]
+    assert open_while_decoding == [[False], [False, False]]
+    assert not any(a.is_established for a in made)
+    for ds, original in ((made[1].sent[0], batch[0]), (made[2].sent[0], batch[2])):
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(
+            ds.pixel_array, pydicom.dcmread(io.BytesIO(original.data)).pixel_array
+        )
+
+
+async def test_an_image_under_the_limit_is_decoded_on_the_open_association(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batch = large_batch()
+    sender, made = sender_against(monkeypatch)  # the sample images are far under 32 MiB
+
+    result = await sender.send(ENDPOINT, batch)
+
+    assert result.all_stored and len(made) == 1 and len(made[0].sent) == 3
+
+
+@pytest.mark.parametrize("rejected", [True, False], ids=["rejected-permanently", "no-answer"])
+async def test_a_new_association_that_does_not_come_about_keeps_what_was_answered(
+    monkeypatch: pytest.MonkeyPatch, rejected: bool
+) -> None:
+    batch = large_batch()
+    sender = DimseSender()
+    first: list[NativeOnlyAssociation] = []
+
+    def associate(endpoint: DimseEndpoint, contexts: list[Any]) -> Any:
+        if first:
+            return Unestablished(rejected=rejected)
+        first.append(NativeOnlyAssociation(contexts))
+        return first[0]
+
+    monkeypatch.setattr(sender, "_associate", associate)
+    monkeypatch.setattr(dimse_adapter, "DECODE_WITH_ASSOCIATION_OPEN", 0)
+
+    if rejected:
+        with pytest.raises(PermanentDeliveryError, match="called AE title not recognised"):
+            await sender.send(ENDPOINT, batch)
+    else:
+        with pytest.raises(TransientDeliveryError) as caught:
+            await sender.send(ENDPOINT, batch)
+        # The native instance was answered and stays settled; the large ones are retried.
+        assert [o.sop_instance_uid for o in caught.value.answered.outcomes] == [
+            batch[1].sop_instance_uid
+        ]
+
+
+async def test_a_batch_cancelled_during_a_large_decode_opens_no_new_association(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batch = large_batch()
+    sender, made = sender_against(monkeypatch)
+    monkeypatch.setattr(dimse_adapter, "DECODE_WITH_ASSOCIATION_OPEN", 0)
+    decode = dimse_adapter.decompress
+    started = threading.Event()
+    go_on = threading.Event()
+
+    def slow(dataset: Dataset) -> None:
+        started.set()
+        go_on.wait(10)
+        decode(dataset)
+
+    monkeypatch.setattr(dimse_adapter, "decompress", slow)
+    sending = asyncio.ensure_future(sender.send(ENDPOINT, batch))
+    await asyncio.to_thread(started.wait, 10)
+    sending.cancel()
+    await asyncio.sleep(0.05)  # the cancel reaches the worker thread's flag
+    go_on.set()
+
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    await asyncio.sleep(0.2)  # the worker thread finishes its decode, then stops
+    assert len(made) == 1 and [ds.SOPInstanceUID for ds in made[0].sent] == [
+        batch[1].sop_instance_uid
+    ]
