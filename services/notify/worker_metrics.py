@@ -46,8 +46,9 @@ class NotifyWorkerMetrics(ServiceMetrics):
         )
         self.instances_decompressed = self.counter(
             "notify_instances_decompressed",
-            "Compressed instances C-STOREd decompressed, their receiver accepting the SOP class "
-            "only uncompressed, by outcome (sent; failed: not decodable, not sent).",
+            "Compressed instances sent decompressed, their receiver accepting the SOP class "
+            "only uncompressed (C-STORE) or refusing its transfer syntax (STOW-RS C122), by "
+            "outcome (sent; failed: not decodable, not sent).",
             ["outcome"],
         )
         self.webhooks = self.counter(

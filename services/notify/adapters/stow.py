@@ -28,23 +28,32 @@ How the answer is read (PS3.18 §10.5.3, and how real servers behave):
   Retry-After). 401/403 (the endpoint's credentials) and every other 4xx/3xx but 400/409:
   PermanentDeliveryError, for the whole delivery.
 
+An instance refused with FailureReason C122 (its transfer syntax is not supported) in a syntax
+this process decodes (``transcode.decodable_syntaxes``) is stowed once more, decoded into
+Explicit VR Little Endian (``transcode.decompressed_file``: same SOP Instance UID, marked lossy
+after a lossy syntax), in a request of its own; that answer is its outcome. One that cannot be
+decoded keeps the C122, permanently.
+
 Reasons name HTTP statuses and DICOM codes only, never the receiver's text or URL path (which
 may hold a token), so they can go into events and logs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from services.notify.domain.outcomes import (
     BatchResult,
@@ -56,15 +65,26 @@ from services.notify.domain.outcomes import (
     outcome_for_failure_reason,
     outcome_for_status,
 )
+from services.notify.domain.transcode import (
+    UndecodablePixelData,
+    decodable_syntaxes,
+    decompressed_file,
+)
+from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.domain.directory import BasicAuth, BearerAuth, DicomWebEndpoint, NoAuth
+from shared.logging import get_logger
 
 __all__ = ["StoreResponse", "StowSender", "StowTimeouts", "parse_store_response"]
+
+log = get_logger(__name__)
 
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 WARNING_REASON = "00081196"
 FAILURE_REASON = "00081197"
+# FailureReason of an instance whose transfer syntax the receiver does not take (PS3.18).
+REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED = "C122"
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _DICOM_PART_HEADERS = b"Content-Type: application/dicom\r\n\r\n"
@@ -111,11 +131,17 @@ class StowSender:
         timeouts: StowTimeouts = StowTimeouts(),
         chunked: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        decodable: Collection[str] | None = None,
+        metrics: NotifyWorkerMetrics | None = None,
     ) -> None:
         self._timeouts = timeouts
         self._chunked = chunked
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._decodable = (
+            decodable_syntaxes() if decodable is None else frozenset(map(UID, decodable))
+        )
+        self._metrics = metrics
 
     async def __aenter__(self) -> StowSender:
         return self
@@ -153,6 +179,21 @@ class StowSender:
             raise ValueError("the Study Instance UID is not a valid UID")
         if not instances:
             return BatchResult(())
+        result = await self._post(endpoint, study_instance_uid, instances)
+        refused = [i for i in instances if self._refused_syntax(result, i)]
+        if not refused:
+            return result
+        return await self._send_decompressed(
+            endpoint, study_instance_uid, instances, result, refused
+        )
+
+    async def _post(
+        self,
+        endpoint: DicomWebEndpoint,
+        study_instance_uid: str,
+        instances: Sequence[OutgoingInstance],
+    ) -> BatchResult:
+        """One STOW-RS request of ``instances``, read as the module docstring says."""
         boundary = uuid.uuid4().hex
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
@@ -183,6 +224,85 @@ class StowSender:
                     f"STOW-RS receiver unreachable ({type(exc).__name__})"
                 ) from None
         return _result(response, [i.sop_instance_uid for i in instances])
+
+    def _refused_syntax(self, result: BatchResult, instance: OutgoingInstance) -> bool:
+        """Whether the receiver refused ``instance``'s transfer syntax (C122), one this process
+        decodes."""
+        outcome = result.outcome(instance.sop_instance_uid)
+        return outcome.code == REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED and (
+            UID(instance.transfer_syntax_uid) in self._decodable
+        )
+
+    async def _send_decompressed(
+        self,
+        endpoint: DicomWebEndpoint,
+        study_instance_uid: str,
+        instances: Sequence[OutgoingInstance],
+        result: BatchResult,
+        refused: Sequence[OutgoingInstance],
+    ) -> BatchResult:
+        """Stow each instance whose transfer syntax the receiver refused again, decoded into
+        Explicit VR Little Endian: one request each (decoded, an image is several times its
+        stored size, which the receiver's batch limits did not foresee)."""
+        outcomes = {o.sop_instance_uid: o for o in result.outcomes}
+        pending = {i.sop_instance_uid for i in refused}
+        counts: Counter[str] = Counter()
+        try:
+            for instance in refused:
+                try:
+                    outcome, sent = await self._resend_decoded(
+                        endpoint, study_instance_uid, instance
+                    )
+                except TransientDeliveryError as exc:
+                    # What the receiver judged stays settled; the rest goes again.
+                    settled = (i for i in instances if i.sop_instance_uid not in pending)
+                    raise TransientDeliveryError(
+                        exc.reason,
+                        exc.retry_after,
+                        answered=BatchResult(tuple(outcomes[i.sop_instance_uid] for i in settled)),
+                    ) from None
+                counts["sent" if sent else "failed"] += 1
+                outcomes[instance.sop_instance_uid] = outcome
+                pending.discard(instance.sop_instance_uid)
+        finally:
+            self._report(endpoint, len(instances), counts)
+        return BatchResult(tuple(outcomes[i.sop_instance_uid] for i in instances))
+
+    async def _resend_decoded(
+        self, endpoint: DicomWebEndpoint, study_instance_uid: str, instance: OutgoingInstance
+    ) -> tuple[InstanceOutcome, bool]:
+        """``instance`` decoded and stowed alone: the receiver's outcome and True, or FAILED
+        and False when it cannot be decoded. The decoded file lives only here, so the next is
+        not decoded while it is still held."""
+        uid = instance.sop_instance_uid
+        try:
+            data = await asyncio.to_thread(decompressed_file, instance.data)
+        except UndecodablePixelData as exc:
+            return InstanceOutcome(
+                uid, InstanceStatus.FAILED, code=REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED,
+                reason=f"{exc}; the receiver refused its transfer syntax, not sent",
+            ), False  # fmt: skip
+        except MemoryError:
+            return InstanceOutcome(
+                uid, InstanceStatus.FAILED, transient=True,
+                reason="not enough memory to decompress it for the receiver, not sent",
+            ), False  # fmt: skip
+        decoded = OutgoingInstance(uid, instance.sop_class_uid, ExplicitVRLittleEndian, data)
+        return (await self._post(endpoint, study_instance_uid, [decoded])).outcome(uid), True
+
+    def _report(self, endpoint: DicomWebEndpoint, size: int, counts: Counter[str]) -> None:
+        if not counts:
+            return
+        if self._metrics is not None:
+            for outcome, count in counts.items():
+                self._metrics.instances_decompressed.labels(outcome).inc(count)
+        (log.warning if counts["failed"] else log.info)(
+            "instances stowed decompressed: the receiver refused their transfer syntax",
+            endpoint=endpoint.id,
+            sent=counts["sent"],
+            failed=counts["failed"],
+            batch=size,
+        )
 
 
 def _auth_headers(auth: NoAuth | BearerAuth | BasicAuth) -> dict[str, str]:

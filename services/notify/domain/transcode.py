@@ -19,8 +19,10 @@ set.
 from __future__ import annotations
 
 import importlib.util
+import io
 from functools import cache
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -45,6 +47,7 @@ __all__ = [
     "decodable_syntaxes",
     "decoded_size",
     "decompress",
+    "decompressed_file",
 ]
 
 # The syntaxes whose encoding may lose information: JPEG's DCT processes always do, JPEG-LS
@@ -140,3 +143,21 @@ def decompress(dataset: Dataset) -> None:
         dataset.LossyImageCompression = "01"
         if "LossyImageCompressionMethod" not in dataset:
             dataset.LossyImageCompressionMethod = _METHODS[stored]
+
+
+def decompressed_file(data: bytes) -> bytes:
+    """A DICOM file (Part 10) in a compressed transfer syntax, decoded (:func:`decompress`) into
+    a Part 10 file in Explicit VR Little Endian: for a DICOMweb receiver, which takes files.
+
+    Raises UndecodablePixelData, also for bytes pydicom cannot read; MemoryError is left to
+    the caller.
+    """
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:
+        # pydicom raises many types on a corrupt file; the message may quote header values.
+        raise UndecodablePixelData(f"not a readable DICOM file ({type(exc).__name__})") from exc
+    decompress(dataset)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()

@@ -100,7 +100,8 @@ def build_notify_worker(
             connect=settings.connect_timeout_seconds,
             write=settings.receiver_timeout_seconds,
             read=settings.receiver_timeout_seconds,
-        )
+        ),
+        metrics=metrics,
     )
     deliverer = Deliverer(
         directory=directory,

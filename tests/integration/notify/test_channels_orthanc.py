@@ -8,7 +8,9 @@ presentation context), an unknown called AE title (association rejected permanen
 stopped receiver, and a STOW-RS endpoint guarded by an Orthanc HTTP filter that wants a bearer
 token. A second Orthanc accepts every SOP class only uncompressed (AcceptedTransferSyntaxes), as
 many PACS do: compressed instances reach it decompressed over C-STORE. A third does too, and
-closes an association idle for a second: a long decode must not happen with one open.
+closes an association idle for a second: a long decode must not happen with one open. Over
+STOW-RS, a receiver refusing compressed parts with C122 (written by the test, in front of
+Orthanc) gets them again decoded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import io
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -396,6 +400,79 @@ async def test_compressed_instances_reach_a_receiver_accepting_only_uncompressed
     assert from_lossy.LossyImageCompression == "01"
     assert (from_lossy.PhotometricInterpretation, from_lossy.PlanarConfiguration) == ("RGB", 0)
     assert read(lossy.data).PhotometricInterpretation == "YBR_FULL_422"
+
+
+def refusing_compressed(requests: list[list[str]]) -> Any:
+    """A DICOMweb receiver that takes instances only uncompressed, as some do: it answers
+    FailureReason C122 for each compressed part itself and hands the others, as a STOW-RS
+    request of their own, to the Orthanc the URL names (which stores everything), whose answer
+    it merges. ``requests``: the SOP Instance UIDs of each request."""
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        boundary = request.headers["Content-Type"].split("boundary=")[1]
+        files = [
+            chunk.split(b"\r\n\r\n", 1)[1][: -len(b"\r\n")]
+            for chunk in body.split(f"--{boundary}".encode())[1:-1]
+        ]
+        datasets = [read(data) for data in files]
+        requests.append([ds.SOPInstanceUID for ds in datasets])
+        refused = [ds for ds in datasets if ds.file_meta.TransferSyntaxUID.is_compressed]
+        taken = [f for f, ds in zip(files, datasets, strict=True) if ds not in refused]
+        answer: dict[str, Any] = {"00081198": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": [ds.SOPInstanceUID]},
+             "00081197": {"vr": "US", "Value": [0xC122]}}
+            for ds in refused
+        ]}}  # fmt: skip
+        if taken:
+            forwarded = b"".join(
+                b"--x\r\nContent-Type: application/dicom\r\n\r\n" + f + b"\r\n" for f in taken
+            )
+            async with httpx.AsyncClient(timeout=60) as client:
+                stored = await client.post(
+                    str(request.url),  # the peer's own STOW-RS URL
+                    content=forwarded + b"--x--\r\n",
+                    headers={
+                        "Content-Type": 'multipart/related; type="application/dicom"; boundary=x',
+                        "Accept": "application/dicom+json",
+                    },
+                )
+            answer = {**stored.json(), "00081198": answer["00081198"]}
+        status = 409 if refused else 200
+        return httpx.Response(
+            status, json=answer, headers={"Content-Type": "application/dicom+json"}
+        )
+
+    return handle
+
+
+async def test_stow_rs_resends_decoded_what_a_receiver_refuses_for_its_transfer_syntax(
+    receiver: OrthancPeer,
+) -> None:
+    study_uid = generate_uid()
+    lossless = outgoing(sample("SC_rgb_jpeg_gdcm.dcm", study_uid))
+    native = outgoing(make_dicom_bytes(StudyInstanceUID=study_uid))
+    rle = outgoing(sample("MR_small_RLE.dcm", study_uid))
+    requests: list[list[str]] = []
+    transport = httpx.MockTransport(refusing_compressed(requests))
+
+    async with StowSender(timeouts=FAST_STOW, transport=transport) as sender:
+        result = await sender.send(dicomweb(receiver), study_uid, [lossless, native, rle])
+
+    assert [o.status for o in result.outcomes] == [InstanceStatus.STORED] * 3
+    assert requests == [
+        [lossless.sop_instance_uid, native.sop_instance_uid, rle.sop_instance_uid],
+        [lossless.sop_instance_uid],
+        [rle.sop_instance_uid],
+    ]
+    assert received(receiver, native.sop_instance_uid) == native.data
+    for instance in (lossless, rle):
+        stored = received(receiver, instance.sop_instance_uid)
+        assert stored is not None, instance
+        theirs = read(stored)
+        assert theirs.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(theirs.pixel_array, read(instance.data).pixel_array)
+        assert without_pixel_encoding(theirs) == without_pixel_encoding(read(instance.data))
 
 
 async def test_an_undecodable_instance_fails_alone_and_nothing_of_it_arrives(

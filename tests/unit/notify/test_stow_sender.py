@@ -5,6 +5,7 @@ receiver may give is produced on purpose, including those Orthanc never gives.
 """
 
 import base64
+import io
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,7 +14,12 @@ from email.utils import format_datetime
 from typing import Any
 
 import httpx
+import numpy as np
+import pydicom
 import pytest
+from prometheus_client import CollectorRegistry
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
 
 from services.notify.adapters.stow import StowSender, parse_store_response
 from services.notify.domain.outcomes import (
@@ -23,7 +29,9 @@ from services.notify.domain.outcomes import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from services.notify.worker_metrics import NotifyWorkerMetrics
 from services.routing.domain.directory import BasicAuth, BearerAuth, DicomWebEndpoint
+from tests.dicom_samples import make_dicom_bytes
 from tests.factories import CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN, make_uid
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -424,3 +432,131 @@ def test_a_failure_reason_is_read_as_a_number_or_as_text_in_either_spelling(
 
     assert parsed is not None
     assert dict(parsed.failed) == {"1.2": code}
+
+
+# --- a transfer syntax the receiver refuses (C122) ----------------------------------------------
+
+
+def compressed(name: str = "MR_small_RLE.dcm") -> OutgoingInstance:
+    """A pydicom sample with real compressed Pixel Data, as a Part 10 file."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return OutgoingInstance(
+        ds.SOPInstanceUID, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, buffer.getvalue()
+    )
+
+
+def uncompressed() -> OutgoingInstance:
+    data = make_dicom_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return OutgoingInstance(ds.SOPInstanceUID, ds.SOPClassUID, EXPLICIT_VR_LITTLE_ENDIAN, data)
+
+
+def parts(request: httpx.Request) -> list[pydicom.Dataset]:
+    """The data sets of a STOW-RS request's parts."""
+    boundary = request.headers["Content-Type"].split("boundary=")[1]
+    chunks = request.content.split(f"--{boundary}".encode())[1:-1]
+    return [
+        pydicom.dcmread(io.BytesIO(chunk.split(b"\r\n\r\n", 1)[1][: -len(b"\r\n")]))
+        for chunk in chunks
+    ]
+
+
+def only_uncompressed(seen: list[list[pydicom.Dataset]], *, down_after: int = 99) -> Handler:
+    """A receiver that stores what is uncompressed and refuses the rest with C122; from
+    request ``down_after`` on it answers 503."""
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        datasets = parts(request)
+        seen.append(datasets)
+        if len(seen) > down_after:
+            return httpx.Response(503)
+        refs, fails = [], []
+        for ds in datasets:
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                fails.append(failed(ds.SOPInstanceUID, 0xC122))
+            else:
+                refs.append(referenced(ds.SOPInstanceUID))
+        status = 409 if fails else 200
+        return httpx.Response(status, content=json.dumps(module(refs, fails)).encode())
+
+    return handle
+
+
+async def test_an_instance_refused_for_its_transfer_syntax_is_stowed_again_decoded() -> None:
+    rle, jpeg, native = compressed(), compressed("SC_rgb_jpeg_gdcm.dcm"), uncompressed()
+    seen: list[list[pydicom.Dataset]] = []
+    metrics = NotifyWorkerMetrics(registry=CollectorRegistry())
+    sender = StowSender(transport=httpx.MockTransport(only_uncompressed(seen)), metrics=metrics)
+
+    async with sender:
+        result = await sender.send(endpoint(), STUDY, [rle, native, jpeg])
+
+    assert [o.sop_instance_uid for o in result.outcomes] == [
+        rle.sop_instance_uid, native.sop_instance_uid, jpeg.sop_instance_uid
+    ]  # fmt: skip
+    assert [o.status for o in result.outcomes] == [STORED] * 3
+    # The batch as stored, then each refused instance alone, decoded; the same UID.
+    assert [[ds.SOPInstanceUID for ds in request] for request in seen] == [
+        [rle.sop_instance_uid, native.sop_instance_uid, jpeg.sop_instance_uid],
+        [rle.sop_instance_uid],
+        [jpeg.sop_instance_uid],
+    ]
+    for [ds], original in zip(seen[1:], (rle, jpeg), strict=True):
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        before = pydicom.dcmread(io.BytesIO(original.data))
+        assert np.array_equal(ds.pixel_array, before.pixel_array)
+    assert (
+        metrics.registry.get_sample_value(
+            "beeldportaal_notify_instances_decompressed_total", {"outcome": "sent"}
+        )
+        == 2
+    )
+
+
+async def test_an_undecodable_refused_instance_keeps_its_c122_and_others_are_not_resent() -> None:
+    broken = compressed()
+    ds = pydicom.dcmread(io.BytesIO(broken.data))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # RLE segments cut short
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    broken = OutgoingInstance(
+        broken.sop_instance_uid, broken.sop_class_uid, broken.transfer_syntax_uid,
+        buffer.getvalue(),
+    )  # fmt: skip
+    seen: list[list[pydicom.Dataset]] = []
+
+    result = await send(only_uncompressed(seen), [broken, uncompressed()])
+
+    outcome = result.outcome(broken.sop_instance_uid)
+    assert (outcome.status, outcome.code, outcome.transient) == (FAILED, "C122", False)
+    assert "not decodable" in (outcome.reason or "")
+    assert len(seen) == 1
+
+
+async def test_a_receiver_failing_during_the_decoded_resend_keeps_what_it_judged() -> None:
+    rle, native, jpeg = compressed(), uncompressed(), compressed("SC_rgb_jpeg_gdcm.dcm")
+    seen: list[list[pydicom.Dataset]] = []
+
+    with pytest.raises(TransientDeliveryError, match="503") as caught:
+        await send(only_uncompressed(seen, down_after=2), [rle, native, jpeg])
+
+    # The native instance was stored and the RLE one resent decoded: settled. The JPEG one,
+    # refused and not yet sent decoded, goes again with the next attempt.
+    assert [(o.sop_instance_uid, o.status) for o in caught.value.answered.outcomes] == [
+        (rle.sop_instance_uid, STORED),
+        (native.sop_instance_uid, STORED),
+    ]
+
+
+async def test_a_c122_for_a_syntax_this_process_does_not_decode_is_final() -> None:
+    rle = compressed()
+    seen: list[list[pydicom.Dataset]] = []
+    async with StowSender(
+        transport=httpx.MockTransport(only_uncompressed(seen)), decodable=()
+    ) as sender:
+        result = await sender.send(endpoint(), STUDY, [rle])
+
+    assert result.outcome(rle.sop_instance_uid).code == "C122" and len(seen) == 1
