@@ -450,6 +450,8 @@ def _store(
     else:
         try:
             dataset = pydicom.dcmread(io.BytesIO(instance.data))
+        except MemoryError:
+            return _no_memory(uid)
         except Exception as exc:
             # pydicom raises many types on a corrupt file; the message may quote header values.
             return InstanceOutcome(
@@ -484,12 +486,21 @@ def _store(
     return outcome_for_status(uid, int(status.Status))
 
 
+def _no_memory(uid: str) -> InstanceOutcome:
+    """Another attempt may have the memory this one lacked."""
+    return InstanceOutcome(
+        uid, InstanceStatus.FAILED, reason="not enough memory to read it, not sent", transient=True
+    )
+
+
 def _decoded(
     instance: OutgoingInstance, decompressed: _Decompressed
 ) -> tuple[Dataset | None, InstanceOutcome | None]:
     """``instance`` read and decoded, with no association open; or its FAILED outcome."""
     try:
         dataset = pydicom.dcmread(io.BytesIO(instance.data))
+    except MemoryError:
+        return None, _no_memory(instance.sop_instance_uid)
     except Exception as exc:
         return None, InstanceOutcome(
             instance.sop_instance_uid,

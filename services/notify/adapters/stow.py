@@ -288,7 +288,15 @@ class StowSender:
                 reason="not enough memory to decompress it for the receiver, not sent",
             ), False  # fmt: skip
         decoded = OutgoingInstance(uid, instance.sop_class_uid, ExplicitVRLittleEndian, data)
-        return (await self._post(endpoint, study_instance_uid, [decoded])).outcome(uid), True
+        try:
+            return (await self._post(endpoint, study_instance_uid, [decoded])).outcome(uid), True
+        except PermanentDeliveryError as exc:
+            # Refused outright (413: too large decoded for the receiver; 415 ...): a verdict on
+            # this instance, not on the delivery, whose other instances went as before.
+            return InstanceOutcome(
+                uid, InstanceStatus.FAILED, code=REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED,
+                reason=f"transfer syntax refused, and sent decoded: {exc.reason}",
+            ), True  # fmt: skip
 
     def _report(self, endpoint: DicomWebEndpoint, size: int, counts: Counter[str]) -> None:
         if not counts:

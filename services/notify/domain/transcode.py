@@ -154,10 +154,13 @@ def decompressed_file(data: bytes) -> bytes:
     """
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
+    except MemoryError:
+        raise
     except Exception as exc:
         # pydicom raises many types on a corrupt file; the message may quote header values.
         raise UndecodablePixelData(f"not a readable DICOM file ({type(exc).__name__})") from exc
     decompress(dataset)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    del dataset  # the decoded pixels: not held beside the file's two copies below
     return buffer.getvalue()

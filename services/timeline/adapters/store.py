@@ -572,7 +572,9 @@ def snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
         study.patient.pseudonym,
         study.accession_number,
         study.study_date,
-        study.study_time,
+        # Ordered as text: in the standard form, as ingest now writes it (events from before
+        # 2026-11-28 may carry an ACR-NEMA "10:15:00").
+        study.study_time.replace(":", "") if study.study_time else None,
         study.study_description,
         study.institution_name,
         _VM.join(study.modalities),

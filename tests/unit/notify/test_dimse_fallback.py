@@ -668,3 +668,20 @@ async def test_a_batch_cancelled_during_a_large_decode_opens_no_new_association(
     assert len(made) == 1 and [ds.SOPInstanceUID for ds in made[0].sent] == [
         batch[1].sop_instance_uid
     ]
+
+
+async def test_no_memory_to_read_an_instance_is_a_transient_failure_of_it_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_memory(*_args: Any, **_kwargs: Any) -> Dataset:
+        raise MemoryError
+
+    sender, made = sender_against(monkeypatch)
+    monkeypatch.setattr(dimse_adapter, "pydicom", SimpleNamespace(dcmread=no_memory))
+    rle = outgoing(part10(sample("MR_small_RLE.dcm")))
+
+    result = await sender.send(ENDPOINT, [rle])
+
+    outcome = result.outcome(rle.sop_instance_uid)
+    assert (outcome.status, outcome.transient) == (InstanceStatus.FAILED, True)
+    assert made[0].sent == []

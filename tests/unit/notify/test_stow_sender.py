@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
+from services.notify.adapters import stow as stow_adapter
 from services.notify.adapters.stow import StowSender, parse_store_response
 from services.notify.domain.outcomes import (
     InstanceOutcome,
@@ -463,33 +464,44 @@ def parts(request: httpx.Request) -> list[pydicom.Dataset]:
     ]
 
 
-def only_uncompressed(seen: list[list[pydicom.Dataset]], *, down_after: int = 99) -> Handler:
-    """A receiver that stores what is uncompressed and refuses the rest with C122; from
-    request ``down_after`` on it answers 503."""
+def only_uncompressed(
+    seen: list[list[pydicom.Dataset]],
+    *,
+    down_after: int = 99,
+    then: int = 503,
+    partly: int = 409,
+) -> Handler:
+    """A receiver that stores what is uncompressed and refuses the rest with C122, answering
+    ``partly`` (Orthanc's 409, or PS3.18's 202) when it refused some; after ``down_after``
+    requests it answers ``then``."""
 
     async def handle(request: httpx.Request) -> httpx.Response:
         await request.aread()
         datasets = parts(request)
         seen.append(datasets)
         if len(seen) > down_after:
-            return httpx.Response(503)
+            return httpx.Response(then)
         refs, fails = [], []
         for ds in datasets:
             if ds.file_meta.TransferSyntaxUID.is_compressed:
                 fails.append(failed(ds.SOPInstanceUID, 0xC122))
             else:
                 refs.append(referenced(ds.SOPInstanceUID))
-        status = 409 if fails else 200
+        status = partly if fails else 200
         return httpx.Response(status, content=json.dumps(module(refs, fails)).encode())
 
     return handle
 
 
-async def test_an_instance_refused_for_its_transfer_syntax_is_stowed_again_decoded() -> None:
+@pytest.mark.parametrize("partly", [409, 202])
+async def test_an_instance_refused_for_its_transfer_syntax_is_stowed_again_decoded(
+    partly: int,
+) -> None:
     rle, jpeg, native = compressed(), compressed("SC_rgb_jpeg_gdcm.dcm"), uncompressed()
     seen: list[list[pydicom.Dataset]] = []
     metrics = NotifyWorkerMetrics(registry=CollectorRegistry())
-    sender = StowSender(transport=httpx.MockTransport(only_uncompressed(seen)), metrics=metrics)
+    receiver = only_uncompressed(seen, partly=partly)
+    sender = StowSender(transport=httpx.MockTransport(receiver), metrics=metrics)
 
     async with sender:
         result = await sender.send(endpoint(), STUDY, [rle, native, jpeg])
@@ -560,3 +572,32 @@ async def test_a_c122_for_a_syntax_this_process_does_not_decode_is_final() -> No
         result = await sender.send(endpoint(), STUDY, [rle])
 
     assert result.outcome(rle.sop_instance_uid).code == "C122" and len(seen) == 1
+
+
+@pytest.mark.parametrize("status", [413, 415])
+async def test_a_decoded_resend_refused_outright_fails_that_instance_only(status: int) -> None:
+    rle, native = compressed(), uncompressed()
+    seen: list[list[pydicom.Dataset]] = []
+
+    result = await send(only_uncompressed(seen, down_after=1, then=status), [rle, native])
+
+    outcome = result.outcome(rle.sop_instance_uid)
+    assert (outcome.status, outcome.code, outcome.transient) == (FAILED, "C122", False)
+    assert f"HTTP {status}" in (outcome.reason or "")
+    assert result.outcome(native.sop_instance_uid).status is STORED
+    assert len(seen) == 2
+
+
+async def test_no_memory_to_decode_a_refused_instance_is_a_transient_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_memory(data: bytes) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(stow_adapter, "decompressed_file", no_memory)
+    rle = compressed()
+
+    result = await send(only_uncompressed([]), [rle])
+
+    outcome = result.outcome(rle.sop_instance_uid)
+    assert (outcome.status, outcome.transient) == (FAILED, True)

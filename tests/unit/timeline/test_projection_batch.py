@@ -12,6 +12,7 @@ from services.timeline.adapters.store import (
     decision_key,
     number_of_images,
     snapshot_key,
+    snapshot_row,
 )
 from shared.events import (
     Basis,
@@ -159,3 +160,17 @@ def test_an_event_the_timeline_does_not_project_is_refused() -> None:
 
     with pytest.raises(TypeError, match="does not project"):
         ProjectionBatch().add(make_route_failed())
+
+
+@pytest.mark.parametrize(
+    ("stored", "row"),
+    [("10:15:00", "101500"), ("10:15:00.5", "101500.5"), ("1015", "1015"), (None, None)],
+)
+def test_a_study_time_goes_into_the_read_model_in_its_standard_form(
+    stored: str | None, row: str | None
+) -> None:
+    # Events from before ingest normalised it may carry an ACR-NEMA time, which would sort
+    # after every standard one as text.
+    study = make_study().model_copy(update={"study_time": stored})
+
+    assert snapshot_row(study)[9] == row
