@@ -1029,16 +1029,7 @@ def build_router(api: TimelineApi) -> APIRouter:
             raise Refusal(400, "invalid", "since is after until")  # malformed: no attempt yet
         patient = api.pseudonymizer.pseudonym(body.bsn)
         attempt = _attempt(request, principal, EVENT_ACCESS_LOG, AuditAction.QUERY, None)
-        if not principal.has_role(ROLE_PATIENT_REPRESENTATIVE):
-            raise await _refuse(
-                api,
-                attempt,
-                patient,
-                403,
-                "forbidden",
-                f"the token lacks the role {ROLE_PATIENT_REPRESENTATIVE}",
-                conditions=(CONDITION_ROLE,),
-            )
+        await _require_role(api, attempt, patient, ROLE_PATIENT_REPRESENTATIVE, ())
         if not principal.acts_for(body.bsn.value):
             raise await _refuse(
                 api,
