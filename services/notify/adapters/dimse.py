@@ -327,9 +327,9 @@ class DimseSender:
         the same contexts: its outcome and that association (to release), or None for the
         outcome when the batch broke off (cancelled, or aborted). The decoded image lives only
         here: the next one is not decoded while it is still held."""
-        dataset, failed = _decoded(instance, decompressed)
-        if failed is not None:
-            return failed, None
+        dataset = _decoded(instance, decompressed)
+        if isinstance(dataset, InstanceOutcome):
+            return dataset, None
         if cancelled.is_set():
             return None, None
         assoc = self._associate(endpoint, contexts)
@@ -340,15 +340,24 @@ class DimseSender:
                 return self._not_established(assoc, endpoint, [instance]).outcomes[0], assoc
             except TransientDeliveryError:
                 return None, assoc
+        uid = instance.sop_instance_uid
+        how = _how(assoc, instance, self._decodable)
         try:
-            outcome = _store(
-                assoc, instance, message_id, priority, self._decodable, decompressed,
-                decoded=dataset,
-            )  # fmt: skip
+            if how == _DECOMPRESSED:
+                outcome = _c_store(assoc, uid, dataset, message_id, priority)
+                decompressed.add("sent", instance.transfer_syntax_uid)
+            elif how is None:
+                outcome = _refused(assoc, instance)
+            else:  # this association takes the stored syntax after all
+                del dataset
+                stored = _read(instance)
+                outcome = (
+                    stored
+                    if isinstance(stored, InstanceOutcome)
+                    else _c_store(assoc, uid, stored, message_id, priority)
+                )
         except _Aborted:
             return None, assoc
-        if outcome is None:  # not reached: an image decoded already is never deferred
-            raise RuntimeError("a decoded image was deferred again")
         return outcome, assoc
 
     def _report(self, endpoint: DimseEndpoint, size: int, decompressed: _Decompressed) -> None:
@@ -435,38 +444,34 @@ def _store(
     priority: int,
     decodable: Collection[str],
     decompressed: _Decompressed,
-    *,
-    decoded: Dataset | None = None,
 ) -> InstanceOutcome | None:
     """C-STORE ``instance`` over ``assoc``: as stored, or decoded when the receiver accepts its
     SOP class only uncompressed; None, unsent, for an image too large to decode with the
-    association open (``decoded``: that image, decoded since, for a new association)."""
-    uid = instance.sop_instance_uid
+    association open (see ``DimseSender._send_decoded``)."""
     how = _how(assoc, instance, decodable)
     if how is None:
         return _refused(assoc, instance)
-    if how == _DECOMPRESSED and decoded is not None:
-        dataset = decoded
-    else:
-        try:
-            dataset = pydicom.dcmread(io.BytesIO(instance.data))
-        except MemoryError:
-            return _no_memory(uid)
-        except Exception as exc:
-            # pydicom raises many types on a corrupt file; the message may quote header values.
-            return InstanceOutcome(
-                uid,
-                InstanceStatus.FAILED,
-                reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
-            )
-        if how == _DECOMPRESSED:
-            # (One past MAX_DECODED_BYTES is refused at once, by ``_decompress``.)
-            if DECODE_WITH_ASSOCIATION_OPEN < decoded_size(dataset) <= MAX_DECODED_BYTES:
-                return None
-            failed = _decompress(dataset, instance)
-            if failed is not None:
-                decompressed.add("failed", instance.transfer_syntax_uid)
-                return failed
+    dataset = _read(instance)
+    if isinstance(dataset, InstanceOutcome):
+        return dataset
+    if how == _DECOMPRESSED:
+        # (One past MAX_DECODED_BYTES is refused at once, by ``_decompress``.)
+        if DECODE_WITH_ASSOCIATION_OPEN < decoded_size(dataset) <= MAX_DECODED_BYTES:
+            return None
+        failed = _decompress(dataset, instance)
+        if failed is not None:
+            decompressed.add("failed", instance.transfer_syntax_uid)
+            return failed
+    outcome = _c_store(assoc, instance.sop_instance_uid, dataset, message_id, priority)
+    if how == _DECOMPRESSED:
+        decompressed.add("sent", instance.transfer_syntax_uid)
+    return outcome
+
+
+def _c_store(
+    assoc: Association, uid: str, dataset: Dataset, message_id: int, priority: int
+) -> InstanceOutcome:
+    """The C-STORE of ``dataset`` and the receiver's answer; raises _Aborted when none came."""
     try:
         status = assoc.send_c_store(dataset, msg_id=message_id % 0x10000 or 1, priority=priority)
     except (ValueError, AttributeError) as exc:
@@ -481,37 +486,40 @@ def _store(
     if "Status" not in status:
         # pynetdicom's answer to an abort, a DIMSE timeout or an invalid response.
         raise _Aborted
-    if how == _DECOMPRESSED:
-        decompressed.add("sent", instance.transfer_syntax_uid)
     return outcome_for_status(uid, int(status.Status))
 
 
-def _no_memory(uid: str) -> InstanceOutcome:
-    """Another attempt may have the memory this one lacked."""
-    return InstanceOutcome(
-        uid, InstanceStatus.FAILED, reason="not enough memory to read it, not sent", transient=True
-    )
-
-
-def _decoded(
-    instance: OutgoingInstance, decompressed: _Decompressed
-) -> tuple[Dataset | None, InstanceOutcome | None]:
-    """``instance`` read and decoded, with no association open; or its FAILED outcome."""
+def _read(instance: OutgoingInstance) -> Dataset | InstanceOutcome:
+    """The instance's data set (encapsulated Pixel Data as stored), or its FAILED outcome."""
     try:
-        dataset = pydicom.dcmread(io.BytesIO(instance.data))
+        return pydicom.dcmread(io.BytesIO(instance.data))
     except MemoryError:
-        return None, _no_memory(instance.sop_instance_uid)
+        # Another attempt may have the memory this one lacked.
+        return InstanceOutcome(
+            instance.sop_instance_uid,
+            InstanceStatus.FAILED,
+            reason="not enough memory to read it, not sent",
+            transient=True,
+        )
     except Exception as exc:
-        return None, InstanceOutcome(
+        # pydicom raises many types on a corrupt file; the message may quote header values.
+        return InstanceOutcome(
             instance.sop_instance_uid,
             InstanceStatus.FAILED,
             reason=f"not a readable DICOM file ({type(exc).__name__}), not sent",
         )
+
+
+def _decoded(instance: OutgoingInstance, decompressed: _Decompressed) -> Dataset | InstanceOutcome:
+    """``instance`` read and decoded, with no association open; or its FAILED outcome."""
+    dataset = _read(instance)
+    if isinstance(dataset, InstanceOutcome):
+        return dataset
     failed = _decompress(dataset, instance)
     if failed is not None:
         decompressed.add("failed", instance.transfer_syntax_uid)
-        return None, failed
-    return dataset, None
+        return failed
+    return dataset
 
 
 def _decompress(dataset: Dataset, instance: OutgoingInstance) -> InstanceOutcome | None:

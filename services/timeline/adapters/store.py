@@ -592,11 +592,19 @@ study_time, study_description, modalities, source_uras, source_names, source_ver
 source_received_at, source_series, source_instances, delivered_to
 """
 
-# The index's order (timeline_entries_search), so the scan needs no sort.
-_NEWEST_FIRST = """
-patient_pseudonym, study_date DESC NULLS LAST, study_time DESC NULLS LAST, received_at DESC,
-study_instance_uid, kind, report_sop_instance_uid
-"""
+# A patient's timeline, newest first: the index's order (timeline_entries_search), so the scan
+# needs no sort. After the patient, each column with its order and its type; NULLs come last in
+# each (the descending ones say so; ascending puts them last).
+_ORDER_COLUMNS = (
+    ("study_date", "DESC NULLS LAST", "date"),
+    ("study_time", "DESC NULLS LAST", "text"),
+    ("received_at", "DESC", "timestamptz"),  # NOT NULL
+    ("study_instance_uid", "", "text"),
+    ("kind", "", "text"),
+    ("report_sop_instance_uid", "", "text"),
+)
+_NEWEST_FIRST_OF_PATIENT = ", ".join(f"{c} {order}".strip() for c, order, _ in _ORDER_COLUMNS)
+_NEWEST_FIRST = f"patient_pseudonym, {_NEWEST_FIRST_OF_PATIENT}"
 
 _ENTRY = f"""
 SELECT {_ENTRY_COLUMNS} FROM timeline_entries
@@ -676,25 +684,13 @@ def _entry(row: tuple[Any, ...]) -> TimelineEntry:
     )
 
 
-# The order of ``_NEWEST_FIRST`` after the patient: column, descending, its type; each sorts
-# NULLS LAST (descending ones as written there, ascending ones by default).
-_ORDER_COLUMNS = (
-    ("study_date", True, "date"),
-    ("study_time", True, "text"),
-    ("received_at", True, "timestamptz"),
-    ("study_instance_uid", False, "text"),
-    ("kind", False, "text"),
-    ("report_sop_instance_uid", False, "text"),
-)
-
-
 def _after_sql() -> str:
     """The rows strictly after the key ``%(after_<column>)s`` in ``_NEWEST_FIRST``'s order: a
     greater column decides, an equal one (NULL equals NULL) hands on to the next."""
     clause = "false"
-    for column, descending, cast in reversed(_ORDER_COLUMNS):
+    for column, order, cast in reversed(_ORDER_COLUMNS):
         key = f"%(after_{column})s::{cast}"
-        beyond = f"{column} {'<' if descending else '>'} {key} OR {column} IS NULL"
+        beyond = f"{column} {'<' if order.startswith('DESC') else '>'} {key} OR {column} IS NULL"
         clause = (
             f"(({key} IS NOT NULL AND ({beyond})) "
             f"OR ({column} IS NOT DISTINCT FROM {key} AND {clause}))"
@@ -703,7 +699,6 @@ def _after_sql() -> str:
 
 
 _AFTER = _after_sql()
-_NEWEST_FIRST_OF_PATIENT = _NEWEST_FIRST.replace("patient_pseudonym, ", "", 1)
 
 
 def _search_sql(query: TimelineQuery, *, count_only: bool = False) -> tuple[str, dict[str, Any]]:
