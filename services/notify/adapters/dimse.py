@@ -14,7 +14,7 @@ context apart from the stored syntax's (or in the one its SOP class has for nati
 so that the receiver accepts or refuses the stored syntax on its own. Accepted, the instance
 goes as stored, byte for byte as ever. Refused while a native context was accepted, the
 instance is decoded (``transcode.decompress``: same SOP Instance UID, Lossy Image Compression
-"01" when the stored syntax was lossy) and sent in the accepted syntax. A syntax nothing here
+"01" when its stored encoding was lossy) and sent in the accepted syntax. A syntax nothing here
 decodes goes as stored or not at all. Fallback contexts only take the room that the stored
 ones leave of the 128, so they never make a batch too large for one association.
 

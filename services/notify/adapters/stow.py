@@ -31,7 +31,7 @@ How the answer is read (PS3.18 §10.5.3, and how real servers behave):
 An instance refused with FailureReason C122 (its transfer syntax is not supported) in a syntax
 this process decodes (``transcode.decodable_syntaxes``) is stowed once more, decoded into
 Explicit VR Little Endian (``transcode.decompressed_file``: same SOP Instance UID, marked lossy
-after a lossy syntax), in a request of its own; that answer is its outcome. One that cannot be
+after a lossy encoding), in a request of its own; that answer is its outcome. One that cannot be
 decoded keeps the C122, permanently.
 
 Reasons name HTTP statuses and DICOM codes only, never the receiver's text or URL path (which

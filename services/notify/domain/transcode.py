@@ -6,14 +6,16 @@ needs only NumPy; JPEG and JPEG 2000 use Pillow or GDCM; JPEG Lossless and JPEG-
 
 Decompressing changes the encoding, not the image (PS3.5 §8, PS3.3 C.7.6.1.1.5): the SOP
 Instance UID stays; the Photometric Interpretation becomes that of the decoded pixels (a JPEG's
-YBR_FULL or YBR_FULL_422 is decoded to RGB); an image that went through a lossy syntax says so
-in Lossy Image Compression (0028,2110) "01", keeps the Lossy Image Compression Ratio and Method
-(0028,2112/2114) it had, and gets the Method of that syntax when it had none (the enhanced
-IODs require it with "01"). What only encapsulated Pixel Data may have goes: the Extended
-Offset Table (7FE0,0001/0002), and an Icon Image Sequence (optional) whose icon is still
-compressed. An image whose decoded pixels would pass :data:`MAX_DECODED_BYTES` is not decoded
-at all (decoding holds them twice). Nothing here logs, and no error names a value from the data
-set.
+YBR_FULL or YBR_FULL_422 is decoded to RGB); an image that went through a lossy encoding says
+so in Lossy Image Compression (0028,2110) "01", keeps the Lossy Image Compression Ratio and
+Method (0028,2112/2114) it had, and gets the Method of that syntax when it had none (the
+enhanced IODs require it with "01"). Which encodings were lossy (:func:`went_lossy`): the JPEG
+DCT processes always; JPEG-LS near-lossless unless each scan's NEAR is 0; JPEG 2000 and HTJ2K
+unless the sender says "00" and no frame uses the irreversible wavelet (``codestream.py``).
+What only encapsulated Pixel Data may have goes: the Extended Offset Table (7FE0,0001/0002),
+and an Icon Image Sequence (optional) whose icon is still compressed. An image whose decoded
+pixels would pass :data:`MAX_DECODED_BYTES` is not decoded at all (decoding holds them twice).
+Nothing here logs, and no error names a value from the data set.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from functools import cache
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     HTJ2K,
@@ -34,6 +37,11 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
+)
+
+from services.notify.domain.codestream import (
+    jpeg2000_is_irreversible,
+    jpeg_ls_near_lossless_is_lossless,
 )
 
 # Decoded pixels above this are not decoded here: pydicom holds every decoded frame and then
@@ -48,11 +56,11 @@ __all__ = [
     "decoded_size",
     "decompress",
     "decompressed_file",
+    "went_lossy",
 ]
 
 # The syntaxes whose encoding may lose information: JPEG's DCT processes always do, JPEG-LS
-# near-lossless, JPEG 2000 and HTJ2K (not their "Lossless Only" variants) may. The header cannot
-# prove that a "may" did not, so an image decoded from one of them is marked lossy.
+# near-lossless, JPEG 2000 and HTJ2K (not their "Lossless Only" variants) may (see went_lossy).
 LOSSY_SYNTAXES = frozenset(
     {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
 )
@@ -122,8 +130,9 @@ def decompress(dataset: Dataset) -> None:
         raise UndecodablePixelData(
             f"pixel data too large to decompress here ({size // 1024**2} MiB decoded)"
         )
+    stored = UID(dataset.file_meta.TransferSyntaxUID)
+    lossy = went_lossy(dataset)  # asks the codestreams, which decoding replaces
     try:
-        stored = UID(dataset.file_meta.TransferSyntaxUID)
         # Whole or not at all: pydicom decodes every frame before it replaces the Pixel Data.
         dataset.decompress(as_rgb=True, generate_instance_uid=False)
     except MemoryError:
@@ -139,10 +148,45 @@ def decompress(dataset: Dataset) -> None:
         "PixelData" in icon and icon["PixelData"].is_undefined_length for icon in icons
     ):
         del dataset.IconImageSequence  # optional, and still compressed: invalid as it is now
-    if stored in LOSSY_SYNTAXES:
+    if lossy:
         dataset.LossyImageCompression = "01"
         if "LossyImageCompressionMethod" not in dataset:
             dataset.LossyImageCompressionMethod = _METHODS[stored]
+
+
+def went_lossy(dataset: Dataset) -> bool:
+    """Whether the image of ``dataset``, in its compressed transfer syntax, went through a
+    lossy encoding (so that, decoded, it must say Lossy Image Compression "01"):
+
+    * the JPEG DCT processes: always;
+    * JPEG-LS near-lossless: unless every scan of every frame has NEAR 0, which is lossless;
+    * JPEG 2000 and HTJ2K: unless the data set says "00" (its sender's word that it was not
+      lossy compressed) and no frame uses the irreversible 9-7 wavelet. The reversible one can
+      still have lost quality layers, so without that word it counts as lossy;
+    * every other syntax: no (whatever the data set says of its history stays as it is).
+
+    A codestream that cannot be read counts as lossy."""
+    stored = UID(dataset.file_meta.TransferSyntaxUID)
+    if stored not in LOSSY_SYNTAXES:
+        return False
+    if stored == JPEGLSNearLossless:
+        return not all(jpeg_ls_near_lossless_is_lossless(f) is True for f in _frames(dataset))
+    if stored in (JPEG2000, HTJ2K):
+        if dataset.get("LossyImageCompression") != "00":
+            return True
+        return not all(jpeg2000_is_irreversible(f) is False for f in _frames(dataset))
+    return True
+
+
+def _frames(dataset: Dataset) -> list[bytes]:
+    """The encapsulated frames' codestreams; none (judged lossy) if they cannot be told apart.
+    One frame at a time would hold less, but a list of the frames' bytes is no more than the
+    Pixel Data, which decoding holds several times over anyway."""
+    try:
+        count = int(dataset.get("NumberOfFrames") or 1)
+        return list(generate_frames(dataset.PixelData, number_of_frames=count))
+    except Exception:  # pydicom raises ValueError, KeyError, ... on odd encapsulation
+        return []
 
 
 def decompressed_file(data: bytes) -> bytes:

@@ -30,11 +30,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
+    UID,
     EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
+    JPEGLSNearLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -400,6 +402,47 @@ async def test_compressed_instances_reach_a_receiver_accepting_only_uncompressed
     assert from_lossy.LossyImageCompression == "01"
     assert (from_lossy.PhotometricInterpretation, from_lossy.PlanarConfiguration) == ("RGB", 0)
     assert read(lossy.data).PhotometricInterpretation == "YBR_FULL_422"
+
+
+def relabelled(data: bytes, syntax: UID) -> bytes:
+    """A file whose codestream is stored in ``syntax`` instead: a lossless JPEG-LS codestream
+    (NEAR 0) is valid in the syntax that also allows near-lossless ones."""
+    ds = read(data)
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+async def test_a_near_lossless_image_arrives_decoded_marked_lossy_only_if_it_was(
+    native_receiver: OrthancPeer,
+) -> None:
+    # JPEG-LS Lossy (Near-Lossless) may be lossless: NEAR 0 is, NEAR 2 is not.
+    study_uid = generate_uid()
+    exact = outgoing(
+        relabelled(sample("MR_small_jpeg_ls_lossless.dcm", study_uid), JPEGLSNearLossless)
+    )
+    near = outgoing(sample("JPEGLSNearLossless_16.dcm", study_uid))
+    assert exact.transfer_syntax_uid == near.transfer_syntax_uid == JPEGLSNearLossless
+
+    result = await DimseSender(timeouts=FAST_DIMSE).send(
+        dimse(native_receiver, NATIVE_AET), [exact, near]
+    )
+
+    assert [o.status for o in result.outcomes] == [InstanceStatus.STORED] * 2
+    from_exact, from_near = (
+        read(received(native_receiver, i.sop_instance_uid) or b"") for i in (exact, near)
+    )
+    assert from_exact.file_meta.TransferSyntaxUID in NATIVE_SYNTAXES
+    assert "LossyImageCompression" not in from_exact
+    assert np.array_equal(
+        from_exact.pixel_array, pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    )
+    assert from_near.file_meta.TransferSyntaxUID in NATIVE_SYNTAXES
+    assert (from_near.LossyImageCompression, from_near.LossyImageCompressionMethod) == (
+        "01",
+        "ISO_14495_1",
+    )
 
 
 def refusing_compressed(requests: list[list[str]]) -> Any:
