@@ -21,25 +21,29 @@ lossy by the caller, as it was before any codestream was read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 # JPEG-LS markers (ISO/IEC 14495-1 Table C.1, with ISO/IEC 10918-1 Table B.1).
-_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
+_EOI, _SOS = 0xD9, 0xDA
+_SOF55, _LSE = 0xF7, 0xF8
 _RST = range(0xD0, 0xD8)
+# The other marker segments a JPEG-LS codestream may hold: DNL, DRI, APPn, COM.
+_JPEG_LS_OTHERS = frozenset({0xDC, 0xDD, *range(0xE0, 0xF0), 0xFE, _LSE})
 # JPEG 2000 markers (ISO/IEC 15444-1 Table A.2): the second byte after 0xFF.
-_J2K_SOC, _J2K_SOT, _J2K_SOD, _J2K_EOC = 0x4F, 0x90, 0x93, 0xD9
+_J2K_SOT, _J2K_SOD, _J2K_EOC = 0x90, 0x93, 0xD9
 _J2K_COD, _J2K_COC = 0x52, 0x53
-_J2K_SIZ = 0x51
+# Rsiz (SIZ): bit 15 set, the codestream uses extensions of ISO/IEC 15444-2, whose
+# multi-component transformations may be irreversible whatever the wavelet.
+_RSIZ_PART_2 = 0x8000
 # Wavelet transformation in SPcod / SPcoc (Table A.20).
 _IRREVERSIBLE_9_7, _REVERSIBLE_5_3 = 0, 1
 
 
 def jpeg_ls_near_lossless_is_lossless(frame: bytes) -> bool | None:
-    """True when every scan of this JPEG-LS frame has NEAR 0 (lossless), False when one has
-    more (lossy), None when the codestream cannot be read that far."""
+    """True when this is a JPEG-LS frame (one SOF55) whose every scan has NEAR 0 and no point
+    transform (lossless), False when one has either (lossy), None when the codestream cannot be
+    read that far or holds a marker JPEG-LS does not (another JPEG process's frame header)."""
     if frame[:2] != b"\xff\xd8":
         return None
-    scans = 0
+    headers = scans = 0
     at = 2
     while at + 1 < len(frame):
         if frame[at] != 0xFF:
@@ -50,27 +54,31 @@ def jpeg_ls_near_lossless_is_lossless(frame: bytes) -> bool | None:
             continue
         if marker == _EOI:
             return True if scans else None
-        if marker in _RST or marker == _SOI:
-            at += 2
-            continue
         if at + 4 > len(frame):
             return None
         length = int.from_bytes(frame[at + 2 : at + 4], "big")
         if length < 2 or at + 2 + length > len(frame):
             return None
-        if marker == _SOS:
-            # Ls, Ns, Ns x (Cs, Tm), NEAR, ILV, Al/Ah
-            components = frame[at + 4] if length >= 3 else 0
-            near_at = at + 5 + 2 * components
-            if components == 0 or length != 6 + 2 * components:
+        if marker == _SOF55:
+            headers += 1
+            if headers > 1:
                 return None
-            if frame[near_at] != 0:
+        elif marker == _SOS:
+            # Ls, Ns, Ns x (Cs, Tm), NEAR, ILV, point transform (Al in the low bits)
+            components = frame[at + 4] if length >= 3 else 0
+            if headers != 1 or components == 0 or length != 6 + 2 * components:
+                return None
+            near_at = at + 5 + 2 * components
+            if frame[near_at] != 0 or frame[near_at + 2] & 0x0F:
                 return False
             scans += 1
-            at = _after_scan_data(frame, at + 2 + length)
-            if at is None:
+            after = _after_scan_data(frame, at + 2 + length)
+            if after is None:
                 return None
+            at = after
             continue
+        elif marker not in _JPEG_LS_OTHERS:
+            return None
         at += 2 + length
     return None  # no EOI: cut short
 
@@ -93,58 +101,81 @@ def jpeg2000_is_irreversible(frame: bytes) -> bool | None:
     """True when a COD or COC marker segment of this JPEG 2000 codestream (main header or a
     tile-part header) names the irreversible 9-7 wavelet (lossy), False when every one names
     the reversible 5-3 wavelet (which alone proves nothing lossless), None when the codestream
-    cannot be read that far (a JP2 file wrapped around it included)."""
-    if frame[:4] != b"\xff\x4f\xff\x51":
+    cannot be read to its end (a JP2 file wrapped around it included) or uses Part 2
+    extensions."""
+    if frame[:4] != b"\xff\x4f\xff\x51" or len(frame) < 8:
         return None
+    if int.from_bytes(frame[6:8], "big") & _RSIZ_PART_2:
+        return None
+    wide = _components(frame) > 256  # Ccoc takes two bytes
     transforms: list[int] = []
     at = 2
-    ended = False
-    while at + 1 < len(frame):
-        if frame[at] != 0xFF:
+    while True:
+        read = _j2k_segment(frame, at)
+        if read is None:
             return None
-        marker = frame[at + 1]
+        marker, body, after = read
         if marker == _J2K_EOC:
-            ended = True
             break
-        if at + 4 > len(frame):
+        if marker == _J2K_SOD:  # only after a tile-part header
             return None
-        length = int.from_bytes(frame[at + 2 : at + 4], "big")
-        if length < 2 or at + 2 + length > len(frame):
-            return None
-        segment = frame[at + 4 : at + 2 + length]
-        if marker == _J2K_COD:
-            # Scod, SGcod (progression, layers x2, MCT), SPcod (levels, width, height, style,
-            # transformation, ...)
-            if len(segment) < 10:
-                return None
-            transforms.append(segment[9])
-        elif marker == _J2K_COC:
-            # Ccoc (1 byte, or 2 with more than 256 components), Scoc, SPcoc as above
-            wide = _components(frame) > 256
-            index = (2 if wide else 1) + 1 + 4
-            if _components(frame) == 0 or len(segment) <= index:
-                return None
-            transforms.append(segment[index])
-        if marker == _J2K_SOT:
-            # Isot, Psot (tile-part length from this marker on), TPsot, TNsot
-            if len(segment) < 8:
-                return None
-            tile_part = int.from_bytes(segment[2:6], "big")
-            header_end = _tile_part_header_end(frame, at + 2 + length)
-            if header_end is None:
-                return None
-            transforms.extend(_tile_part_transforms(frame, at + 2 + length, header_end))
-            if tile_part == 0:  # the last tile-part, to the end of the codestream
-                ended = True
-                break
-            at += tile_part
+        transforms += _transform(marker, body, wide)
+        if marker != _J2K_SOT:
+            at = after
             continue
-        at += 2 + length
-    if not ended:
-        return None  # cut short: a tile-part not read may have named another wavelet
+        # Isot, Psot (the tile-part's length from its SOT on, 0: to the end), TPsot, TNsot;
+        # then the tile-part header's segments up to SOD.
+        if len(body) < 8:
+            return None
+        tile_part = int.from_bytes(body[2:6], "big")
+        header = after
+        while True:
+            read = _j2k_segment(frame, header)
+            if read is None or read[0] in (_J2K_SOT, _J2K_EOC):
+                return None
+            if read[0] == _J2K_SOD:
+                break
+            transforms += _transform(read[0], read[1], wide)
+            header = read[2]
+        if tile_part == 0:  # the last tile-part: its data runs to the EOC ending the frame
+            if not frame.rstrip(b"\0").endswith(b"\xff\xd9"):
+                return None
+            break
+        at += tile_part
     if not transforms or any(t not in (_IRREVERSIBLE_9_7, _REVERSIBLE_5_3) for t in transforms):
         return None
     return _IRREVERSIBLE_9_7 in transforms
+
+
+def _j2k_segment(frame: bytes, at: int) -> tuple[int, bytes, int] | None:
+    """The marker at ``at``, its segment's parameters (none for SOD and EOC, which have no
+    length) and where the next marker is; None if there is no whole marker segment there."""
+    if at + 1 >= len(frame) or frame[at] != 0xFF:
+        return None
+    marker = frame[at + 1]
+    if marker in (_J2K_SOD, _J2K_EOC):
+        return marker, b"", at + 2
+    if at + 4 > len(frame):
+        return None
+    length = int.from_bytes(frame[at + 2 : at + 4], "big")
+    if length < 2 or at + 2 + length > len(frame):
+        return None
+    return marker, frame[at + 4 : at + 2 + length], at + 2 + length
+
+
+def _transform(marker: int, body: bytes, wide: bool) -> list[int]:
+    """The wavelet transformation a COD or COC segment names ([-1] if it is too short to
+    say); [] for any other segment."""
+    if marker == _J2K_COD:
+        # Scod, SGcod (progression, layers x2, MCT), SPcod (levels, code-block width and
+        # height, style, transformation, ...)
+        index = 9
+    elif marker == _J2K_COC:
+        # Ccoc (1 byte, 2 with more than 256 components), Scoc, SPcoc as above
+        index = (2 if wide else 1) + 1 + 4
+    else:
+        return []
+    return [body[index] if len(body) > index else -1]
 
 
 def _components(frame: bytes) -> int:
@@ -152,35 +183,3 @@ def _components(frame: bytes) -> int:
     # SOC(2), SIZ marker(2), Lsiz(2), Rsiz(2), 8 x 4 bytes of sizes and offsets, then Csiz(2).
     csiz = frame[40:42]
     return int.from_bytes(csiz, "big") if len(csiz) == 2 else 0
-
-
-def _tile_part_header_end(frame: bytes, at: int) -> int | None:
-    """Where the SOD marker ending the tile-part header that starts at ``at`` is."""
-    while at + 1 < len(frame):
-        if frame[at] != 0xFF:
-            return None
-        if frame[at + 1] == _J2K_SOD:
-            return at
-        if at + 4 > len(frame):
-            return None
-        length = int.from_bytes(frame[at + 2 : at + 4], "big")
-        if length < 2:
-            return None
-        at += 2 + length
-    return None
-
-
-def _tile_part_transforms(frame: bytes, at: int, end: int) -> Iterable[int]:
-    """The wavelet transformations named by the COD and COC segments of a tile-part header
-    (its markers from ``at`` to ``end``, already walked by ``_tile_part_header_end``); an
-    unreadable one as -1."""
-    while at < end:
-        marker = frame[at + 1]
-        length = int.from_bytes(frame[at + 2 : at + 4], "big")
-        segment = frame[at + 4 : at + 2 + length]
-        if marker == _J2K_COD:
-            yield segment[9] if len(segment) >= 10 else -1
-        elif marker == _J2K_COC:
-            index = (2 if _components(frame) > 256 else 1) + 1 + 4
-            yield segment[index] if len(segment) > index else -1
-        at += 2 + length

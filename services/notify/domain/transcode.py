@@ -170,23 +170,35 @@ def went_lossy(dataset: Dataset) -> bool:
     if stored not in LOSSY_SYNTAXES:
         return False
     if stored == JPEGLSNearLossless:
-        return not all(jpeg_ls_near_lossless_is_lossless(f) is True for f in _frames(dataset))
+        frames = _frames(dataset)
+        return not frames or not all(jpeg_ls_near_lossless_is_lossless(f) is True for f in frames)
     if stored in (JPEG2000, HTJ2K):
         if dataset.get("LossyImageCompression") != "00":
             return True
-        return not all(jpeg2000_is_irreversible(f) is False for f in _frames(dataset))
+        frames = _frames(dataset)
+        return not frames or not all(jpeg2000_is_irreversible(f) is False for f in frames)
     return True
 
 
 def _frames(dataset: Dataset) -> list[bytes]:
-    """The encapsulated frames' codestreams; none (judged lossy) if they cannot be told apart.
-    One frame at a time would hold less, but a list of the frames' bytes is no more than the
-    Pixel Data, which decoding holds several times over anyway."""
+    """The encapsulated frames' codestreams, split as the decoder splits them (by the Extended
+    Offset Table when there is one); none, which the caller judges lossy, when they cannot be
+    told apart. A list of the frames' bytes is no more than the Pixel Data, which decoding
+    holds several times over anyway. MemoryError is left to the caller (see decompress)."""
+    offsets = None
+    if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+        offsets = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
     try:
         count = int(dataset.get("NumberOfFrames") or 1)
-        return list(generate_frames(dataset.PixelData, number_of_frames=count))
+        frames = list(
+            generate_frames(dataset.PixelData, number_of_frames=count, extended_offsets=offsets)
+        )
+    except MemoryError:
+        raise
     except Exception:  # pydicom raises ValueError, KeyError, ... on odd encapsulation
         return []
+    # (One fragment for several frames is given as one frame.)
+    return frames if len(frames) == count else []
 
 
 def decompressed_file(data: bytes) -> bytes:

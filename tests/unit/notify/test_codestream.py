@@ -9,6 +9,7 @@ headers), built marker segment by marker segment as ISO/IEC 14495-1 and 15444-1 
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pydicom
@@ -17,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEGLSNearLossless
 
 from services.notify.domain.codestream import (
@@ -92,11 +93,53 @@ def test_every_scan_counts_and_restart_markers_are_part_of_a_scan() -> None:
     assert jpeg_ls_near_lossless_is_lossless(jpeg_ls(jls_scan(0) + b"\xff")) is True
 
 
+def test_a_scan_with_a_point_transform_drops_low_bits() -> None:
+    with_point_transform = segment(0xDA, bytes([1, 1, 0, 0, 0, 1]))  # NEAR 0, Al 1
+    assert jpeg_ls_near_lossless_is_lossless(jpeg_ls(with_point_transform + b"\x12")) is False
+
+
+@pytest.mark.parametrize(
+    "name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPEG-lossy.dcm"]
+)
+def test_another_jpeg_process_is_no_jpeg_ls_codestream(name: str) -> None:
+    # A DCT or lossless JPEG's scan header has JPEG-LS's shape, with a 0 where NEAR would be.
+    assert jpeg_ls_near_lossless_is_lossless(frame_of(name)) is None
+    ds = sample(name)
+    ds.file_meta.TransferSyntaxUID = JPEGLSNearLossless
+    assert went_lossy(ds)
+
+
+def test_frames_that_cannot_be_told_apart_count_as_lossy() -> None:
+    ds = relabelled("MR_small_jpeg_ls_lossless.dcm", JPEGLSNearLossless)
+    assert not went_lossy(ds)
+    ds.NumberOfFrames = 3  # one fragment for three frames, and no offset table
+    assert went_lossy(ds)
+    [frame] = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.PixelData = encapsulate([frame[:100], frame[100:]], has_bot=False)  # two for three
+    assert went_lossy(ds)
+
+
+def test_frames_are_split_by_the_extended_offset_table_as_the_decoder_splits_them() -> None:
+    ds = relabelled("MR_small_jpeg_ls_lossless.dcm", JPEGLSNearLossless)
+    [frame] = generate_frames(ds.PixelData, number_of_frames=1)
+    # Two frames, one fragment each (as the table requires), where the table says.
+    ds.PixelData = encapsulate([frame, frame], has_bot=False)
+    ds.NumberOfFrames = 2
+    second = 8 + len(frame)
+    ds.ExtendedOffsetTable = struct.pack("<2Q", 0, second)
+    ds.ExtendedOffsetTableLengths = struct.pack("<2Q", len(frame), len(frame))
+    assert not went_lossy(ds)
+    ds.ExtendedOffsetTable = struct.pack("<2Q", 0, second + 8)  # the second frame misplaced
+    assert went_lossy(ds)
+
+
 @pytest.mark.parametrize(
     "codestream",
     [
         b"",
         b"\xff\xd8\xff\xd9",  # no scan
+        b"\xff\xd8" + jls_scan(0) + b"\xff\xd9",  # no frame header
+        jpeg_ls(segment(0xF7, bytes(9)) + jls_scan(0)),  # two frame headers
         jpeg_ls(jls_scan(0))[:-2],  # no EOI: cut short
         b"\x00\x00\x00\x0cjP  " + jpeg_ls(jls_scan(0)),  # not a bare codestream
         b"\xff\xd8" + segment(0xDA, bytes([1, 1, 0])) + b"\xff\xd9",  # SOS too short
@@ -129,12 +172,16 @@ def test_a_near_lossless_image_coded_with_near_above_0_is_marked_lossy() -> None
 # --- JPEG 2000 ----------------------------------------------------------------------------------
 
 
-def siz(components: int = 1) -> bytes:
+def siz(components: int = 1, rsiz: int = 0) -> bytes:
     # Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz, then per component
     # Ssiz, XRsiz, YRsiz.
     sizes = b"".join(n.to_bytes(4, "big") for n in (8, 8, 0, 0, 8, 8, 0, 0))
     return segment(
-        0x51, b"\x00\x00" + sizes + components.to_bytes(2, "big") + b"\x07\x01\x01" * components
+        0x51,
+        rsiz.to_bytes(2, "big")
+        + sizes
+        + components.to_bytes(2, "big")
+        + b"\x07\x01\x01" * components,
     )
 
 
@@ -163,13 +210,16 @@ def jpeg2000(*main: bytes, tiles: tuple[bytes, ...] = ()) -> bytes:
     ("name", "irreversible"),
     [
         ("JPEG2000.dcm", True),  # 9-7
-        ("JPEG2000-embedded-sequence-delimiter.dcm", True),
+        # 9-7, but its Rsiz (0xFEFF) claims Part 2 extensions, whose transforms go unread
+        ("JPEG2000-embedded-sequence-delimiter.dcm", None),
         ("693_J2KI.dcm", False),  # 5-3, three quality layers; says lossy itself
         ("SC_rgb_gdcm_KY.dcm", False),
         ("MR_small_jp2klossless.dcm", False),
     ],
 )
-def test_a_real_jpeg_2000_codestream_names_its_wavelet(name: str, irreversible: bool) -> None:
+def test_a_real_jpeg_2000_codestream_names_its_wavelet(
+    name: str, irreversible: bool | None
+) -> None:
     assert jpeg2000_is_irreversible(frame_of(name)) is irreversible
 
 
@@ -184,6 +234,8 @@ def test_a_tile_part_or_component_that_uses_the_9_7_wavelet_makes_the_codestream
         is True
     )
     assert jpeg2000_is_irreversible(jpeg2000(cod(1), tiles=(tile_part(), tile_part()))) is False
+    # The last tile-part may run to the end of the frame (Psot 0), which must then be EOC.
+    assert jpeg2000_is_irreversible(jpeg2000(cod(1), tiles=(tile_part(last=True),))) is False
 
 
 @pytest.mark.parametrize(
@@ -193,6 +245,8 @@ def test_a_tile_part_or_component_that_uses_the_9_7_wavelet_makes_the_codestream
         jpeg2000(),  # no COD
         jpeg2000(cod(2)),  # no such transformation
         jpeg2000(cod(1))[:30],  # cut inside SIZ
+        jpeg2000(cod(1), tiles=(tile_part(last=True),))[:-2],  # Psot 0, cut short
+        b"\xff\x4f" + siz(rsiz=0x8000) + cod(1) + tile_part() + b"\xff\xd9",  # Part 2
         jpeg2000(cod(1))[:-2],  # no EOC: a tile-part may be missing
         frame_of("GDCMJ2K_TextGBR.dcm"),  # a JP2 file around the codestream
     ],
@@ -232,6 +286,6 @@ def test_no_bytes_make_a_reader_fail(data: bytes) -> None:
 @pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
 def test_a_codestream_cut_anywhere_proves_nothing(name: str) -> None:
     whole = frame_of(name)
-    for end in range(0, len(whole) - 1, 7):
+    for end in range(0, len(whole) - 1):
         assert jpeg_ls_near_lossless_is_lossless(whole[:end]) is None
         assert jpeg2000_is_irreversible(whole[:end]) is None
