@@ -4,6 +4,12 @@
 -- and the read model now drop the colons (services/ingest/domain/dicom.py, store.snapshot_row);
 -- this brings the rows written before into line without a rebuild. Only rows holding a colon
 -- are rewritten; a time is the same time without its colons.
+--
+-- Under the projection's lock (store.PROJECTION_LOCK, 0x71537A11): a projection worker still
+-- running applies its batches before or after this, never interleaved with it (which could
+-- deadlock on the rows both update). Each table is read whole once; on a large timeline the
+-- entries' search index grows by the rows rewritten until vacuumed.
+SELECT pg_advisory_xact_lock(1901296145);
 UPDATE timeline_sources SET study_time = replace(study_time, ':', '') WHERE study_time LIKE '%:%';
 UPDATE timeline_studies SET study_time = replace(study_time, ':', '') WHERE study_time LIKE '%:%';
 UPDATE timeline_entries SET study_time = replace(study_time, ':', '') WHERE study_time LIKE '%:%';

@@ -8,7 +8,7 @@ import random
 import psycopg
 import pytest
 
-from services.timeline.adapters.store import DERIVE_ENTRIES, DERIVE_STUDIES
+from services.timeline.adapters.store import DERIVE_ENTRIES, DERIVE_STUDIES, PROJECTION_LOCK
 from shared import migrations
 from tests.integration.timeline.test_derive_all import fill
 
@@ -66,3 +66,16 @@ def test_study_times_written_with_colons_lose_them_and_nothing_else_changes(
             assert conn.execute(
                 f"SELECT count(*) FROM {table} WHERE study_time = '101500.5'"
             ).fetchone() != (0,), table
+        # The study rows and entries are those the migrated sources give (as a rebuild would).
+        conn.execute("TRUNCATE timeline_studies, timeline_entries")
+        conn.execute(DERIVE_STUDIES)
+        conn.execute(DERIVE_ENTRIES)
+        for table in _TABLES[1:]:
+            assert _rows(conn, table) == expected[table], table
+
+
+def test_the_migration_waits_for_the_projection_lock() -> None:
+    [migration] = [
+        m for m in migrations.project_migrations() if (m.component, m.version) == _THE_MIGRATION
+    ]
+    assert f"pg_advisory_xact_lock({PROJECTION_LOCK})" in migration.sql
