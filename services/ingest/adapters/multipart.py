@@ -441,7 +441,7 @@ class _Parser:
 def _parse_headers(block: bytes, index: int) -> dict[str, str]:
     headers: dict[str, str] = {}
     name = ""
-    for raw in block.split(_CRLF) if block else ():
+    for number, raw in enumerate(block.split(_CRLF) if block else (), start=1):
         line = raw.decode("latin-1")
         if line[:1] in (" ", "\t") and name:  # obsolete line folding (RFC 5322 §2.2.3)
             headers[name] = f"{headers[name]} {line.strip()}".strip()
@@ -449,7 +449,9 @@ def _parse_headers(block: bytes, index: int) -> dict[str, str]:
         key, sep, value = line.partition(":")
         key = key.strip().lower()
         if not sep or not key or not re.fullmatch(_TOKEN, key):
-            raise MalformedMultipart(f"part {index}: malformed header line {line[:80]!r}")
+            # Not quoted: the line is the sender's (a file name, a description), and the
+            # error goes into the log.
+            raise MalformedMultipart(f"part {index}: header line {number} is malformed")
         value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
         name = key

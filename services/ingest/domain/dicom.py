@@ -138,6 +138,7 @@ _DA = re.compile(r"([0-9]{4})\.?([0-9]{2})\.?([0-9]{2})")
 _TM = re.compile(r"[0-9]{2}(:?[0-9]{2}(:?[0-9]{2}(\.[0-9]{1,6})?)?)?")
 _IS = re.compile(r"[+-]?[0-9]{1,12}")
 _ESCAPED_FRAGMENTS = re.compile(rb"(^[^\x1b]+|\x1b[^\x1b]*)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Rejected(BeeldportaalError):
@@ -397,7 +398,9 @@ def _text(elem: RawDataElement | None, encodings: list[str]) -> str | None:
             else:
                 parts.append(fragment[size:].decode(codec, errors="replace"))
         text = "".join(parts)
-    return text.strip(" \x00") or None
+    # Control characters have no place in these VRs (PS3.5 §6.1.2.3: only ESC, consumed
+    # above); a NUL inside would stop PostgreSQL storing the text at all.
+    return _CONTROL.sub(" ", text).strip(" ") or None
 
 
 def _limit(text: str | None, length: int) -> str | None:

@@ -342,20 +342,24 @@ class StoreSCP:
             log.error("C-STORE on an association without a session")
             return _response(Status.PROCESSING_FAILURE, "association state lost")
         with correlation_context(session.correlation_id):
-            status, reason = self._store(event, session)
+            status, reason, uid = self._store(event, session)
         if status == Status.SUCCESS or is_warning(status):
             session.stored += 1
         else:
             session.failed += 1
+            # The UID as ingest read and checked it, never the request's: a UID refused for
+            # holding the patient's BSN is not named (None).
             log.info(
                 "C-STORE refused",
                 correlation_id=session.correlation_id,
                 status=f"{status:04X}",
-                affected_sop_instance_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID),
+                sop_instance_uid=uid,
             )
         return _response(status, reason)
 
-    def _store(self, event: Event, session: _Session) -> tuple[int, str]:
+    def _store(self, event: Event, session: _Session) -> tuple[int, str, str | None]:
+        """The instance's status and reason, and its SOP Instance UID once ingest read it and
+        found it fit to be named (else None)."""
         ingest = self._require_ingest()
         loop = self._loop
         request = cast(C_STORE, event.request)
@@ -370,10 +374,10 @@ class StoreSCP:
             )
         except OSError as exc:  # disk full or the spool directory is gone
             log.error("could not spool a received instance", error=str(exc))
-            return Status.OUT_OF_RESOURCES, "cannot buffer the instance; retry later"
+            return Status.OUT_OF_RESOURCES, "cannot buffer the instance; retry later", None
         except Exception as exc:
             log.exception("could not spool a received instance", error=repr(exc))
-            return Status.PROCESSING_FAILURE, "internal error"
+            return Status.PROCESSING_FAILURE, "internal error", None
         submission = Submission(
             sender_ura=session.sender_ura,
             recipient_ura=session.recipient_ura,
@@ -383,7 +387,7 @@ class StoreSCP:
         )
         try:
             if loop is None or loop.is_closed():
-                return Status.OUT_OF_RESOURCES, "ingest is shutting down; retry later"
+                return Status.OUT_OF_RESOURCES, "ingest is shutting down; retry later", None
             future = asyncio.run_coroutine_threadsafe(
                 ingest.store.store(received, submission), loop
             )
@@ -392,15 +396,11 @@ class StoreSCP:
             except FutureTimeout:
                 future.cancel()
                 log.error("storing an instance timed out", seconds=self._store_timeout)
-                return Status.OUT_OF_RESOURCES, "storing timed out; retry later"
-            return outcome.status, outcome.reason
+                return Status.OUT_OF_RESOURCES, "storing timed out; retry later", None
+            return outcome.status, outcome.reason, outcome.sop_instance_uid
         except Exception as exc:
-            log.exception(
-                "storing a received instance failed unexpectedly",
-                error=repr(exc),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-            )
-            return Status.PROCESSING_FAILURE, "internal error"
+            log.exception("storing a received instance failed unexpectedly", error=repr(exc))
+            return Status.PROCESSING_FAILURE, "internal error", None
         finally:
             received.file.close()
 

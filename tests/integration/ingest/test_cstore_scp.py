@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from cryptography.hazmat.primitives import serialization
@@ -45,8 +46,10 @@ from services.ingest.entrypoints.scp import StoreSCP
 from shared.auth import AuthSettings
 from shared.codec import Codec
 from shared.events import IngestChannel, InstanceStored
+from shared.identifiers import BSN_DICOM_ISSUER
 from shared.settings import KafkaSettings, PrivacySettings, S3Settings
 from shared.storage import S3ObjectStore
+from tests.factories import TEST_BSN
 
 pytestmark = pytest.mark.integration
 
@@ -604,6 +607,30 @@ async def test_malformed_instances_fail_alone_and_their_siblings_are_stored(
         settle=1,
     )
     assert set(stored) == {sop_instance_uid(f) for f in good}
+
+
+async def test_an_instance_whose_uid_holds_the_bsn_is_refused_and_its_uid_never_logged(
+    scp: StoreSCP, events: EventWatch, tmp_path: Path
+) -> None:
+    # A BSN inside a longer number: the log scrubber's nine-digit pattern does not see it.
+    uid = f"2.25.{TEST_BSN}001"
+    ct = make_ct(
+        tmp_path / "bsn_uid.dcm",
+        study=generate_uid(),
+        series=generate_uid(),
+        SOPInstanceUID=uid,
+        PatientID=TEST_BSN,
+        IssuerOfPatientID=BSN_DICOM_ISSUER,
+    )
+
+    with structlog.testing.capture_logs() as logs:
+        [status] = await asyncio.to_thread(send_files, scp.address[1], [ct])
+
+    assert 0xA900 <= status <= 0xA9FF, hex(status)
+    refused = [entry for entry in logs if entry["event"] == "C-STORE refused"]
+    assert refused and refused[0]["sop_instance_uid"] is None
+    assert TEST_BSN not in repr(logs)
+    assert await events.collect({uid}, timeout=3, settle=1) == {}
 
 
 async def test_associations_beyond_the_limit_are_rejected_as_transient(

@@ -53,6 +53,7 @@ from tests.dicom_samples import (
     bsn_item,
     encode_file_meta,
     is_well_formed,
+    lenient_writing,
     make_dataset,
     make_dicom_bytes,
     malformed_samples,
@@ -354,6 +355,22 @@ ACCEPTED = [
     MPEG4HP41,
     HEVCMP51,
 ]
+
+
+def test_control_characters_inside_a_text_become_spaces() -> None:
+    # Not allowed in LO or SH, and a NUL cannot be stored in a PostgreSQL text column at all.
+    with lenient_writing():
+        data = make_dicom_bytes(
+            StudyDescription="CT\x00thorax\x07",
+            InstitutionName="\x01Oost",
+            AccessionNumber="A\x7f1",
+        )
+    header = read(data)
+    assert (header.study_description, header.institution_name, header.accession_number) == (
+        "CT thorax",
+        "Oost",
+        "A 1",
+    )
 
 
 @pytest.mark.parametrize("syntax", ACCEPTED, ids=lambda uid: UID(uid).name)

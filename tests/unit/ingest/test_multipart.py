@@ -387,8 +387,16 @@ class TestMalformed:
         assert pulled <= multipart.MAX_HEADER_BYTES // 1000 + 2
 
     def test_a_header_line_without_a_colon_is_malformed(self) -> None:
-        with pytest.raises(MalformedMultipart, match="malformed header line"):
+        with pytest.raises(MalformedMultipart, match="header line 1 is malformed"):
             parse(encode([b"x"], headers=b"Content-Type application/dicom\r\n"))
+
+    def test_a_malformed_header_line_is_not_quoted(self) -> None:
+        # The sender's text (here a patient's name in a description) goes into no log.
+        headers = b"Content-Type: application/dicom\r\nDescription Jansen^Piet 19700101\r\n"
+        with pytest.raises(MalformedMultipart) as refused:
+            parse(encode([b"x"], headers=headers))
+        assert "line 2" in str(refused.value)
+        assert "Jansen" not in str(refused.value) and "1970" not in str(refused.value)
 
     def test_a_preamble_longer_than_the_limit_is_refused(self) -> None:
         data = b"junk " * (multipart.MAX_PREAMBLE_BYTES // 4) + encode([b"x"])
