@@ -88,19 +88,25 @@ def scrub_bsn_processor(
 
 # pydicom's own messages and warnings quote the values they could not read ("Invalid value for
 # VR DA: '1980-03-14'"): a patient's birth date, name or id, which no log may hold. The BSN
-# scrubber cannot tell those apart, so every quoted span of theirs is withheld.
-_PYDICOM_LOGGERS = ("pydicom", "py.warnings")
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+# scrubber cannot tell those apart, so on each line all from the first quote to the last is
+# withheld (a value's repr may hold both kinds of quote, so the quotes are not paired; a repr
+# holds no line break, and a traceback keeps its lines). pynetdicom logs pydicom's errors when
+# it encodes a data set for a peer.
+_DICOM_LOGGERS = ("pydicom", "pynetdicom", "py.warnings")
+_QUOTED = re.compile(r"['\"].*['\"]|['\"].*")
 WITHHELD_VALUE = "<value withheld>"
 
 
 def withhold_dicom_values(
     logger: WrappedLogger, method_name: str, event_dict: EventDict
 ) -> EventDict:
-    """structlog processor: in records of pydicom (and Python warnings, through which pydicom
-    warns too) every quoted span of the message is replaced by ``<value withheld>``."""
+    """structlog processor: in records of pydicom, pynetdicom (and Python warnings, through
+    which pydicom warns too) all from a line's first quote on, to its last, is replaced by
+    ``<value withheld>``."""
     name = event_dict.get("logger")
-    if isinstance(name, str) and (name in _PYDICOM_LOGGERS or name.startswith("pydicom.")):
+    if isinstance(name, str) and (
+        name in _DICOM_LOGGERS or name.startswith(("pydicom.", "pynetdicom."))
+    ):
         for key in ("event", "exception"):
             text = event_dict.get(key)
             if isinstance(text, str):

@@ -406,7 +406,12 @@ dcmread(buffer, force=True).to_json_dict()
     [
         ("pydicom", "Invalid value for VR PN: \"O'Brien^Jan\".", "Invalid value for VR PN: "
          "<value withheld>."),
-        ("pydicom.valuerep", "bad 'a' and 'b'", "bad <value withheld> and <value withheld>"),
+        ("pydicom.valuerep", "bad 'a' and 'b'", "bad <value withheld>"),
+        # A repr holding both kinds of quote, and one cut off: nothing of the value shows.
+        ("pydicom", "bad 'a\\'b\"c' here", "bad <value withheld> here"),
+        ("pydicom", "bad 'Jansen^Pie", "bad <value withheld>"),
+        ("pynetdicom.dsutils", "invalid literal for int() with base 10: '1e400'",
+         "invalid literal for int() with base 10: <value withheld>"),
         ("py.warnings", "x.py:1: UserWarning: Invalid value for VR DA: '1980-03-14'.",
          "x.py:1: UserWarning: Invalid value for VR DA: <value withheld>."),
         # Other libraries' quotes are theirs to keep (a Kafka topic, a file name).
@@ -414,7 +419,7 @@ dcmread(buffer, force=True).to_json_dict()
          "not available"),
     ],
 )  # fmt: skip
-def test_only_pydicoms_quoted_values_are_withheld(
+def test_only_the_dicom_libraries_quoted_values_are_withheld(
     configure: Configure, logger: str, message: str, logged: str
 ) -> None:
     stream = configure()
