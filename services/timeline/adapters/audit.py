@@ -20,6 +20,7 @@ from typing import Any, Final
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from services.timeline.adapters.store import database_error
 from shared.audit import AuditPublisher, AuditUnavailable, KafkaAccessLog, log_unwritten
 from shared.errors import TransientError
 from shared.events import AccessLogged, AuditAction, AuditOutcome
@@ -177,7 +178,9 @@ class AccessLogArchive:
                 # One record PostgreSQL will never take: keep the others, one by one.
                 return await self._one_by_one(events)
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise TransientError(f"PostgreSQL did not take the access records: {exc}") from exc
+            raise TransientError(
+                f"PostgreSQL did not take the access records: {database_error(exc)}"
+            ) from None
 
     async def _insert(self, rows: list[tuple[Any, ...]]) -> int:
         async with (

@@ -70,6 +70,7 @@ from services.timeline.adapters.store import (
     SourceKey,
     children_rows,
     configure_connection,
+    database_error,
     decision_row,
     decision_row_of,
     snapshot_key,
@@ -218,7 +219,9 @@ class Loader:
             self._types = await _column_types(self._conn)
         except psycopg.OperationalError as exc:
             await self.__aexit__()
-            raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
+            raise TransientError(
+                f"PostgreSQL unavailable for the rebuild: {database_error(exc)}"
+            ) from None
         except BaseException:
             await self.__aexit__()
             raise
@@ -297,7 +300,9 @@ class Loader:
                     for row in table_rows:
                         await copy.write_row(row)
         except psycopg.OperationalError as exc:
-            raise TransientError(f"loading the rebuild's rows failed: {exc}") from exc
+            raise TransientError(
+                f"loading the rebuild's rows failed: {database_error(exc)}"
+            ) from None
 
 
 class RebuildRefused(FatalError):
@@ -430,7 +435,9 @@ class Reload:
             await self._make_schema()
         except psycopg.OperationalError as exc:
             await self._close()
-            raise TransientError(f"PostgreSQL unavailable for the rebuild: {exc}") from exc
+            raise TransientError(
+                f"PostgreSQL unavailable for the rebuild: {database_error(exc)}"
+            ) from None
         except BaseException:
             await self._close()
             raise
@@ -442,7 +449,7 @@ class Reload:
                 await self._drop_schema()
                 self.dropped = True
         except psycopg.Error as exc:  # dropped by the next rebuild then
-            log.warning("the rebuild's schema was not dropped", reason=str(exc))
+            log.warning("the rebuild's schema was not dropped", reason=database_error(exc))
         finally:
             await self._close()
 
@@ -525,7 +532,9 @@ class Reload:
             finally:
                 await second.close()
         except psycopg.OperationalError as exc:
-            raise TransientError(f"building the timeline tables failed: {exc}") from exc
+            raise TransientError(
+                f"building the timeline tables failed: {database_error(exc)}"
+            ) from None
         self._built = True
 
     @staticmethod
@@ -670,13 +679,16 @@ class Reload:
             except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable) as exc:
                 if attempt == SWAP_ATTEMPTS:
                     raise TransientError(
-                        f"the live timeline tables stayed locked ({exc}); nothing was swapped"
-                    ) from exc
+                        f"the live timeline tables stayed locked ({database_error(exc)}); "
+                        "nothing was swapped"
+                    ) from None
                 log.warning("the rebuild's swap waited too long for a lock; trying again",
-                            attempt=attempt, reason=str(exc))  # fmt: skip
+                            attempt=attempt, reason=database_error(exc))  # fmt: skip
                 await asyncio.sleep(attempt)
             except psycopg.OperationalError as exc:
-                raise TransientError(f"swapping the timeline tables in failed: {exc}") from exc
+                raise TransientError(
+                    f"swapping the timeline tables in failed: {database_error(exc)}"
+                ) from None
         counts = await (
             await conn.execute(
                 sql.SQL(
@@ -704,7 +716,7 @@ class Reload:
                     sql.SQL("VACUUM (FREEZE, ANALYZE) {}").format(sql.Identifier(self._live, table))
                 )
         except psycopg.Error as exc:
-            log.warning("the new timeline tables were not vacuumed", reason=str(exc))
+            log.warning("the new timeline tables were not vacuumed", reason=database_error(exc))
             return False
         return True
 

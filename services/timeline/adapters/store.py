@@ -73,7 +73,7 @@ from services.timeline.domain.ports import (
     TimelinePage,
     TimelineQuery,
 )
-from shared.errors import TransientError
+from shared.errors import FatalError, TransientError
 from shared.events import (
     Basis,
     ConsentChecked,
@@ -560,6 +560,33 @@ LEFT JOIN delivered d ON d.study_instance_uid = g.study_instance_uid
 )
 
 
+# SQLSTATE classes of the connection's and the server's state (connection exception,
+# insufficient resources, operator intervention, system error): their messages quote no data.
+_STATE_CLASSES = frozenset({"08", "53", "57", "58"})
+
+
+def database_error(exc: psycopg.Error) -> str:
+    """What an error, a log line or an answer may say of a PostgreSQL error: its kind and
+    SQLSTATE, and its message only where that quotes no data (libpq's own, and the classes of
+    :data:`_STATE_CLASSES`). The DETAIL and CONTEXT lines, and other messages ('invalid input
+    syntax for type date: "..."', 'Failing row contains (...)'), may quote a row's values, a
+    patient's among them: raise with ``from None``, so no traceback shows them either."""
+    kind, state = type(exc).__name__, exc.sqlstate
+    if state is None:  # not the server's: no connection, a broken one, the pool's timeout
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{kind}: {first}" if first else kind
+    if state[:2] in _STATE_CLASSES and exc.diag.message_primary:
+        return f"{kind} (SQLSTATE {state}): {exc.diag.message_primary}"
+    return f"{kind} (SQLSTATE {state})"
+
+
+def _stored(text: str | None) -> str | None:
+    """``text`` as a PostgreSQL text column can hold it: a NUL character, which events from
+    before ingest replaced control characters (2026-11-28) may carry in a description, as a
+    space, as ingest now has it."""
+    return text.replace("\x00", " ") if text and "\x00" in text else text
+
+
 def snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
     """A snapshot's row of the snapshots staging table."""
     return (
@@ -570,14 +597,14 @@ def snapshot_row(study: StudySnapshot) -> tuple[Any, ...]:
         study.recipient_ura,
         study.first_received_at,
         study.patient.pseudonym,
-        study.accession_number,
+        _stored(study.accession_number),
         study.study_date,
         # Ordered as text: in the standard form, as ingest now writes it (events from before
         # 2026-11-28 may carry an ACR-NEMA "10:15:00").
-        study.study_time.replace(":", "") if study.study_time else None,
-        study.study_description,
-        study.institution_name,
-        _VM.join(study.modalities),
+        _stored(study.study_time.replace(":", "")) if study.study_time else None,
+        _stored(study.study_description),
+        _stored(study.institution_name),
+        _stored(_VM.join(study.modalities)),
         len(study.series),
         len(study.instances),
         number_of_images(study),
@@ -762,8 +789,8 @@ def children_rows(study: StudySnapshot, *extra: Any) -> dict[str, list[tuple[Any
     uid, sender = study.study_instance_uid, study.sender_ura
     return {
         "series": [
-            (uid, sender, s.series_instance_uid, s.modality, s.series_number,
-             s.series_description, s.number_of_instances, *extra)
+            (uid, sender, s.series_instance_uid, _stored(s.modality), s.series_number,
+             _stored(s.series_description), s.number_of_instances, *extra)
             for s in study.series
         ],
         "instances": [
@@ -875,7 +902,7 @@ class PostgresTimeline:
         try:
             await self._pool.open(wait=True, timeout=timeout)
         except PoolTimeout as exc:
-            raise TransientError(f"PostgreSQL unavailable: {exc}") from exc
+            raise TransientError(f"PostgreSQL unavailable: {database_error(exc)}") from None
 
     async def close(self) -> None:
         await self._pool.close()
@@ -920,7 +947,13 @@ class PostgresTimeline:
                     deliveries=bool(batch.deliveries),
                 )
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise TransientError(f"applying the timeline batch failed: {exc}") from exc
+            raise TransientError(
+                f"applying the timeline batch failed: {database_error(exc)}"
+            ) from None
+        except psycopg.Error as exc:
+            # One the server will refuse again (a constraint, a value it cannot store): the
+            # worker stops, and its log says which kind, never the row's values.
+            raise FatalError(f"the timeline batch was refused: {database_error(exc)}") from None
 
     async def truncate(self) -> None:
         """Empty the projection's tables (a rebuild); the access log is not one of them."""
@@ -999,4 +1032,6 @@ class PostgresTimeline:
                 cursor = await conn.execute(query, params)
                 return await cursor.fetchall()
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise TransientError(f"the timeline database is unavailable: {exc}") from exc
+            raise TransientError(
+                f"the timeline database is unavailable: {database_error(exc)}"
+            ) from None

@@ -312,6 +312,20 @@ async def test_a_study_from_a_second_institution_shows_once_with_both_sources(
     assert [e.study_instance_uid for e in by_institution] == [first.study_instance_uid]
 
 
+async def test_a_nul_in_an_older_events_text_is_stored_as_a_space(timeline: Timeline) -> None:
+    # Ingest replaces control characters since 2026-11-28; events from before may hold a NUL,
+    # which no PostgreSQL text column takes: the batch would fail, and the worker with it.
+    patient = make_pseudonym()
+    study = study_of(patient).model_copy(
+        update={"study_description": "CT\x00thorax", "institution_name": "Oost\x00"}
+    )
+    await project(timeline, *decided(study))
+
+    [entry] = await timeline.entries(patient)
+    assert entry.description == "CT thorax"
+    assert [s.institution_name for s in entry.sources] == ["Oost "]
+
+
 async def test_a_report_is_its_own_entry_linked_to_its_images_by_accession_number(
     timeline: Timeline,
 ) -> None:
