@@ -45,42 +45,35 @@ def jpeg_ls_near_lossless_is_lossless(frame: bytes) -> bool | None:
         return None
     headers = scans = 0
     at = 2
-    while at + 1 < len(frame):
-        if frame[at] != 0xFF:
-            return None
-        marker = frame[at + 1]
-        if marker == 0xFF:  # fill byte before a marker
+    while True:
+        if frame[at : at + 2] == b"\xff\xff":  # fill byte before a marker
             at += 1
             continue
+        read = _segment(frame, at, standalone=(_EOI,))
+        if read is None:
+            return None  # cut short, or not a marker where one must be
+        marker, body, after = read
         if marker == _EOI:
             return True if scans else None
-        if at + 4 > len(frame):
-            return None
-        length = int.from_bytes(frame[at + 2 : at + 4], "big")
-        if length < 2 or at + 2 + length > len(frame):
-            return None
         if marker == _SOF55:
             headers += 1
             if headers > 1:
                 return None
         elif marker == _SOS:
-            # Ls, Ns, Ns x (Cs, Tm), NEAR, ILV, point transform (Al in the low bits)
-            components = frame[at + 4] if length >= 3 else 0
-            if headers != 1 or components == 0 or length != 6 + 2 * components:
+            # Ns, Ns x (Cs, Tm), NEAR, ILV, point transform (Al in the low bits)
+            components = body[0] if body else 0
+            if headers != 1 or components == 0 or len(body) != 4 + 2 * components:
                 return None
-            near_at = at + 5 + 2 * components
-            if frame[near_at] != 0 or frame[near_at + 2] & 0x0F:
+            near, _, transform = body[1 + 2 * components :]
+            if near != 0 or transform & 0x0F:
                 return False
             scans += 1
-            after = _after_scan_data(frame, at + 2 + length)
+            after = _after_scan_data(frame, after)
             if after is None:
                 return None
-            at = after
-            continue
         elif marker not in _JPEG_LS_OTHERS:
             return None
-        at += 2 + length
-    return None  # no EOI: cut short
+        at = after
 
 
 def _after_scan_data(frame: bytes, at: int) -> int | None:
@@ -111,7 +104,7 @@ def jpeg2000_is_irreversible(frame: bytes) -> bool | None:
     transforms: list[int] = []
     at = 2
     while True:
-        read = _j2k_segment(frame, at)
+        read = _segment(frame, at, standalone=(_J2K_SOD, _J2K_EOC))
         if read is None:
             return None
         marker, body, after = read
@@ -130,7 +123,7 @@ def jpeg2000_is_irreversible(frame: bytes) -> bool | None:
         tile_part = int.from_bytes(body[2:6], "big")
         header = after
         while True:
-            read = _j2k_segment(frame, header)
+            read = _segment(frame, header, standalone=(_J2K_SOD, _J2K_EOC))
             if read is None or read[0] in (_J2K_SOT, _J2K_EOC):
                 return None
             if read[0] == _J2K_SOD:
@@ -147,13 +140,14 @@ def jpeg2000_is_irreversible(frame: bytes) -> bool | None:
     return _IRREVERSIBLE_9_7 in transforms
 
 
-def _j2k_segment(frame: bytes, at: int) -> tuple[int, bytes, int] | None:
-    """The marker at ``at``, its segment's parameters (none for SOD and EOC, which have no
-    length) and where the next marker is; None if there is no whole marker segment there."""
+def _segment(frame: bytes, at: int, standalone: tuple[int, ...]) -> tuple[int, bytes, int] | None:
+    """The marker at ``at``, its segment's parameters (none for the ``standalone`` markers,
+    which have no length) and where the next marker is; None if there is no whole marker
+    segment there."""
     if at + 1 >= len(frame) or frame[at] != 0xFF:
         return None
     marker = frame[at + 1]
-    if marker in (_J2K_SOD, _J2K_EOC):
+    if marker in standalone:
         return marker, b"", at + 2
     if at + 4 > len(frame):
         return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+from collections.abc import Callable
 from functools import cache
 
 import pydicom
@@ -169,15 +170,23 @@ def went_lossy(dataset: Dataset) -> bool:
     stored = UID(dataset.file_meta.TransferSyntaxUID)
     if stored not in LOSSY_SYNTAXES:
         return False
+    proves_lossless: Callable[[bytes], bool]
     if stored == JPEGLSNearLossless:
-        frames = _frames(dataset)
-        return not frames or not all(jpeg_ls_near_lossless_is_lossless(f) is True for f in frames)
-    if stored in (JPEG2000, HTJ2K):
-        if dataset.get("LossyImageCompression") != "00":
-            return True
-        frames = _frames(dataset)
-        return not frames or not all(jpeg2000_is_irreversible(f) is False for f in frames)
-    return True
+        proves_lossless = _near_0
+    elif stored in (JPEG2000, HTJ2K) and dataset.get("LossyImageCompression") == "00":
+        proves_lossless = _reversible
+    else:
+        return True
+    frames = _frames(dataset)
+    return not frames or not all(map(proves_lossless, frames))
+
+
+def _near_0(frame: bytes) -> bool:
+    return jpeg_ls_near_lossless_is_lossless(frame) is True
+
+
+def _reversible(frame: bytes) -> bool:
+    return jpeg2000_is_irreversible(frame) is False
 
 
 def _frames(dataset: Dataset) -> list[bytes]:
